@@ -1,0 +1,7 @@
+//! The BLIP image-captioning model (`BlipForConditionalGeneration`): an image encoder and a caption decoder.
+
+mod model;
+pub mod text;
+pub mod vision;
+
+pub use model::{kind_name, BlipForConditionalGeneration, BlipOutput, ForwardInputs};

@@ -1,0 +1,394 @@
+//! `BlipForConditionalGeneration`: loading, the training/scoring forward pass with its loss, the
+//! parameter walk, device/dtype moves and saving.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Reduction, Tensor};
+
+use super::text::{BlipTextLmHeadModel, DecoderMasks};
+use super::vision::BlipVisionModel;
+use crate::config::BlipConfig;
+use crate::error::{Error, Result};
+use crate::nn::attention::causal_padding_mask;
+use crate::nn::{ParamSource, RandomInit};
+use crate::repr::ReprNode;
+use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
+
+/// Inputs of one forward pass, as the caller gave them (validated by [`BlipForConditionalGeneration::forward`]).
+pub struct ForwardInputs<'a> {
+    pub pixel_values: &'a Tensor,
+    pub input_ids: &'a Tensor,
+    pub attention_mask: Option<&'a Tensor>,
+    pub labels: Option<&'a Tensor>,
+}
+
+/// What a forward pass returns: the loss when labels were given, the logits, and the image embeddings.
+pub struct BlipOutput {
+    pub loss: Option<Tensor>,
+    pub logits: Tensor,
+    pub image_embeds: Tensor,
+}
+
+/// The whole captioning model.
+#[derive(Debug)]
+pub struct BlipForConditionalGeneration {
+    pub config: BlipConfig,
+    pub vision_model: BlipVisionModel,
+    pub text_decoder: BlipTextLmHeadModel,
+    pub training: bool,
+    /// Where the checkpoint came from (`name_or_path` in transformers); written into adapter configs.
+    pub name_or_path: String,
+}
+
+impl BlipForConditionalGeneration {
+    /// Builds the model, taking every parameter from `src`.
+    pub fn build(config: BlipConfig, src: &mut dyn ParamSource) -> Result<Self> {
+        let vision_model = BlipVisionModel::load(src, "vision_model", &config.vision_config)?;
+        let text_decoder = BlipTextLmHeadModel::load(
+            src,
+            "text_decoder",
+            &config.text_config,
+            config.tie_word_embeddings(),
+        )?;
+        Ok(Self {
+            config,
+            vision_model,
+            text_decoder,
+            training: false,
+            name_or_path: String::new(),
+        })
+    }
+
+    /// A freshly initialised model (transformers' initialisation scheme), seeded.
+    pub fn random(config: BlipConfig, seed: i64, kind: Kind, device: Device) -> Result<Self> {
+        let mut src = RandomInit::new(seed, kind, device);
+        let model = Self::build(config, &mut src)?;
+        model.set_requires_grad(true)?;
+        Ok(model)
+    }
+
+    /// Loads a transformers checkpoint folder (`config.json` + safetensors weights).
+    pub fn from_pretrained(dir: &Path, kind: Option<Kind>, device: Device) -> Result<Self> {
+        if !dir.exists() {
+            return Err(Error::not_found("model folder", dir));
+        }
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "{} is a file; from_pretrained expects a checkpoint folder holding config.json and \
+                 model.safetensors",
+                dir.display()
+            )));
+        }
+        let config = BlipConfig::from_file(&dir.join("config.json"))?;
+        let files = SafetensorsFiles::open_folder(dir)?;
+        let kind = match kind {
+            Some(k) => k,
+            None => stored_kind(&files)?,
+        };
+        let mut src = CheckpointSource::new(&files, kind, device);
+        let mut model = Self::build(config, &mut src)?;
+        src.finish()?;
+        model.set_requires_grad(true)?;
+        model.name_or_path = dir.to_string_lossy().into_owned();
+        Ok(model)
+    }
+
+    /// Every parameter in transformers' `named_parameters()` order, tied ones once.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut push = |name: &str, t: &Tensor| out.push((name.to_string(), t.shallow_clone()));
+        self.vision_model.visit("vision_model", &mut push);
+        self.text_decoder.visit("text_decoder", &mut push);
+        out
+    }
+
+    /// Sets `requires_grad` on every parameter.
+    pub fn set_requires_grad(&self, flag: bool) -> Result<()> {
+        for (_, t) in self.named_parameters() {
+            let _ = t.f_set_requires_grad(flag)?;
+        }
+        Ok(())
+    }
+
+    pub fn device(&self) -> Device {
+        self.vision_model.embeddings.patch_embedding.weight.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.text_decoder.kind()
+    }
+
+    /// Moves every floating parameter to `device` and/or `kind` in place: the parameter objects stay
+    /// the same (as torch's `module.to`), so optimizers and Python references keep pointing at them.
+    pub fn to(&self, device: Option<Device>, kind: Option<Kind>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (_, t) in self.named_parameters() {
+            let mut moved = t.shallow_clone();
+            if let Some(k) = kind {
+                if crate::nn::is_float_kind(moved.kind()) && moved.kind() != k {
+                    moved = moved.f_to_kind(k)?;
+                }
+            }
+            if let Some(d) = device {
+                if moved.device() != d {
+                    moved = moved.f_to_device(d)?;
+                }
+            }
+            let mut target = t.shallow_clone();
+            target.f_set_data(&moved)?;
+        }
+        Ok(())
+    }
+
+    /// Image embeddings `[B, 1 + patches, D]` (after the vision tower's final LayerNorm).
+    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_model.forward(pixel_values, self.training)
+    }
+
+    /// Checks the inputs of [`Self::forward`] and brings them to the model's device and index type.
+    fn prepare(&self, inputs: &ForwardInputs) -> Result<(Tensor, Tensor, Option<Tensor>, Option<Tensor>)> {
+        let device = self.device();
+        let pixel_values = self.check_pixel_values(inputs.pixel_values)?;
+        let batch = pixel_values.size()[0];
+        let ids = inputs.input_ids;
+        if ids.dim() != 2 {
+            return Err(Error::invalid(format!(
+                "input_ids must have shape [batch, sequence], got {:?}",
+                ids.size()
+            )));
+        }
+        if !is_index_kind(ids.kind()) {
+            return Err(Error::type_error(format!(
+                "input_ids must hold integer token ids (torch.long), got {:?}",
+                ids.kind()
+            )));
+        }
+        let (b, t) = ids.size2()?;
+        if b != batch {
+            return Err(Error::invalid(format!(
+                "input_ids has batch size {b} but pixel_values has {batch}; they must match"
+            )));
+        }
+        if t < 1 {
+            return Err(Error::invalid("input_ids must hold at least one token"));
+        }
+        let max_pos = self.config.text_config.max_position_embeddings;
+        if t > max_pos {
+            return Err(Error::invalid(format!(
+                "input_ids has {t} tokens but the model has only {max_pos} positions \
+                 (text_config.max_position_embeddings); truncate the captions"
+            )));
+        }
+        let ids = ids.f_to_device(device)?.f_to_kind(Kind::Int64)?;
+        let vocab = self.config.text_config.vocab_size;
+        check_range(&ids, 0, vocab, "input_ids")?;
+        let mask = match inputs.attention_mask {
+            None => None,
+            Some(m) => {
+                if m.size() != [b, t] {
+                    return Err(Error::invalid(format!(
+                        "attention_mask has shape {:?} but input_ids has {:?}; they must match",
+                        m.size(),
+                        [b, t]
+                    )));
+                }
+                if m.kind() == Kind::ComplexFloat {
+                    return Err(Error::type_error("attention_mask must hold 0/1 values"));
+                }
+                Some(m.f_to_device(device)?)
+            }
+        };
+        let labels = match inputs.labels {
+            None => None,
+            Some(l) => {
+                if l.size() != [b, t] {
+                    return Err(Error::invalid(format!(
+                        "labels has shape {:?} but input_ids has {:?}; they must match",
+                        l.size(),
+                        [b, t]
+                    )));
+                }
+                if !is_index_kind(l.kind()) {
+                    return Err(Error::type_error(format!(
+                        "labels must hold integer token ids (torch.long, -100 to ignore), got {:?}",
+                        l.kind()
+                    )));
+                }
+                let l = l.f_to_device(device)?.f_to_kind(Kind::Int64)?;
+                let allowed = l
+                    .f_ge(0)?
+                    .f_logical_and(&l.f_lt(vocab)?)?
+                    .f_logical_or(&l.f_eq(-100)?)?;
+                if !bool::try_from(allowed.f_all()?)? {
+                    return Err(Error::invalid(format!(
+                        "labels must be token ids in [0, {vocab}) or -100 (ignored)"
+                    )));
+                }
+                Some(l)
+            }
+        };
+        Ok((pixel_values, ids, mask, labels))
+    }
+
+    /// Checks `pixel_values` (`[B, C, H, W]`, floating point, the configured image size) and moves it
+    /// to the model's device and kind.
+    pub fn check_pixel_values(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let vc = &self.config.vision_config;
+        let size = pixel_values.size();
+        if size.len() != 4 {
+            return Err(Error::invalid(format!(
+                "pixel_values must have shape [batch, {}, {}, {}], got {size:?}",
+                vc.num_channels, vc.image_size, vc.image_size
+            )));
+        }
+        if !crate::nn::is_float_kind(pixel_values.kind()) {
+            return Err(Error::type_error(format!(
+                "pixel_values must be a floating-point tensor (the processor's output), got {:?}",
+                pixel_values.kind()
+            )));
+        }
+        if size[0] < 1 || size[1] != vc.num_channels || size[2] != vc.image_size || size[3] != vc.image_size {
+            return Err(Error::invalid(format!(
+                "pixel_values must have shape [batch, {}, {}, {}], got {size:?}; resize images with the \
+                 model's processor",
+                vc.num_channels, vc.image_size, vc.image_size
+            )));
+        }
+        Ok(pixel_values
+            .f_to_device(self.device())?
+            .f_to_kind(self.vision_model.kind())?)
+    }
+
+    /// The forward pass transformers' `BlipForConditionalGeneration.forward` computes: logits of every
+    /// position, and (with labels) the mean cross-entropy of each position's prediction of the next label.
+    pub fn forward(&self, inputs: &ForwardInputs) -> Result<BlipOutput> {
+        let (pixel_values, ids, mask, labels) = self.prepare(inputs)?;
+        let image_embeds = self.encode_images(&pixel_values)?;
+        let (logits, loss) = self.decode_with_loss(&ids, mask.as_ref(), &image_embeds, labels.as_ref())?;
+        Ok(BlipOutput {
+            loss,
+            logits,
+            image_embeds,
+        })
+    }
+
+    /// Decoder logits for `ids` over `image_embeds` and, with `labels`, the shifted cross-entropy.
+    /// Inputs must already be on the model's device (the training loop calls this directly).
+    pub fn decode_with_loss(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        image_embeds: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let t = ids.size()[1];
+        let additive = match mask {
+            Some(m) => Some(causal_padding_mask(m, t, self.text_decoder.kind())?),
+            None => None,
+        };
+        let masks = DecoderMasks {
+            self_mask: additive.as_ref(),
+            causal: additive.is_none(),
+        };
+        let hidden = self
+            .text_decoder
+            .hidden_states(ids, image_embeds, &masks, None, self.training)?;
+        let logits = self.text_decoder.logits(&hidden)?;
+        let loss = match labels {
+            Some(labels) => Some(self.caption_loss(&logits, labels)?),
+            None => None,
+        };
+        Ok((logits, loss))
+    }
+
+    /// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` (ignoring -100), in float32, with
+    /// the configured label smoothing.
+    pub fn caption_loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.size3()?;
+        let shifted = logits
+            .f_narrow(1, 0, t - 1)?
+            .f_reshape([b * (t - 1), v])?
+            .f_to_kind(Kind::Float)?;
+        let targets = labels.f_narrow(1, 1, t - 1)?.f_reshape([b * (t - 1)])?;
+        Ok(shifted.f_cross_entropy_loss::<Tensor>(
+            &targets,
+            None,
+            Reduction::Mean,
+            -100,
+            self.config.text_config.label_smoothing,
+        )?)
+    }
+
+    /// The torch-style module tree.
+    pub fn repr(&self) -> String {
+        ReprNode::module(
+            "BlipForConditionalGeneration",
+            vec![
+                ("vision_model", self.vision_model.repr()),
+                ("text_decoder", self.text_decoder.repr()),
+            ],
+        )
+        .render()
+    }
+
+    /// Writes a checkpoint folder transformers loads: `config.json` and `model.safetensors`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let tensors = self.named_parameters();
+        let mut metadata = HashMap::new();
+        metadata.insert("format".to_string(), "pt".to_string());
+        save_safetensors(&tensors, Some(metadata), &dir.join(WEIGHTS_NAME))?;
+        let mut config = self.config.clone();
+        config.set_raw_field("dtype", serde_json::Value::from(kind_name(self.kind())));
+        let text = serde_json::to_string_pretty(&config.to_json())
+            .map_err(|e| Error::config(format!("cannot serialise config: {e}")))?;
+        crate::weights::write_atomic(&dir.join("config.json"), format!("{text}\n").as_bytes())
+    }
+}
+
+fn is_index_kind(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+    )
+}
+
+/// Fails unless every value of `t` is in `[lo, hi)`. One host read of two scalars.
+fn check_range(t: &Tensor, lo: i64, hi: i64, what: &str) -> Result<()> {
+    if t.numel() == 0 {
+        return Ok(());
+    }
+    let min = i64::try_from(t.f_min()?)?;
+    let max = i64::try_from(t.f_max()?)?;
+    if min < lo || max >= hi {
+        return Err(Error::invalid(format!(
+            "{what} must be token ids in [{lo}, {hi}), found values from {min} to {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// The kind the checkpoint's floating tensors are stored in: transformers 5 loads in the stored
+/// precision when no `dtype` is given (its default `dtype="auto"`).
+fn stored_kind(files: &SafetensorsFiles) -> Result<Kind> {
+    for name in files.names() {
+        if let Some(kind) = files.kind(name)? {
+            if crate::nn::is_float_kind(kind) {
+                return Ok(kind);
+            }
+        }
+    }
+    Ok(Kind::Float)
+}
+
+/// The torch name of a kind (`"float32"`, `"bfloat16"`, ...).
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "float32",
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Double => "float64",
+        _ => "float32",
+    }
+}

@@ -1,0 +1,289 @@
+//! BLIP's image encoder: a pre-norm ViT (`BlipVisionModel` in transformers), from pixels to the
+//! `[B, 1 + patches, D]` image embeddings that the caption decoder cross-attends to.
+
+use tch::{Kind, Tensor};
+
+use crate::config::BlipVisionConfig;
+use crate::error::Result;
+use crate::nn::attention::{merge_heads, sdpa};
+use crate::nn::{join, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource, ParamVisitor};
+use crate::repr::ReprNode;
+
+/// Class token, patch embedding (a strided Conv2d) and learned position embeddings.
+#[derive(Debug)]
+pub struct BlipVisionEmbeddings {
+    pub class_embedding: Tensor,
+    pub patch_embedding: Conv2d,
+    pub position_embedding: Tensor,
+}
+
+impl BlipVisionEmbeddings {
+    fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
+        let kind = src.kind();
+        let d = c.hidden_size;
+        let positions = (c.image_size / c.patch_size).pow(2) + 1;
+        let std = c.initializer_range;
+        let class_embedding = src.param(
+            &join(path, "class_embedding"),
+            &[1, 1, d],
+            Init::TruncNormal(std),
+            kind,
+        )?;
+        let position_embedding = src.param(
+            &join(path, "position_embedding"),
+            &[1, positions, d],
+            Init::TruncNormal(std),
+            kind,
+        )?;
+        let patch_embedding = Conv2d::load(
+            src,
+            &join(path, "patch_embedding"),
+            c.num_channels,
+            d,
+            c.patch_size,
+            c.patch_size,
+            std,
+        )?;
+        Ok(Self {
+            class_embedding,
+            patch_embedding,
+            position_embedding,
+        })
+    }
+
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let kind = self.patch_embedding.weight.kind();
+        let b = pixel_values.size()[0];
+        let patches = self.patch_embedding.forward(&pixel_values.f_to_kind(kind)?)?; // [B, D, g, g]
+        let patches = patches.f_flatten(2, -1)?.f_transpose(1, 2)?; // [B, g*g, D]
+        let class = self
+            .class_embedding
+            .f_expand([b, 1, -1], false)?
+            .f_to_kind(kind)?;
+        let x = Tensor::f_cat(&[class, patches], 1)?;
+        Ok(x.f_add(&self.position_embedding.f_to_kind(kind)?)?)
+    }
+
+    fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        f(&join(path, "class_embedding"), &self.class_embedding);
+        f(&join(path, "position_embedding"), &self.position_embedding);
+        self.patch_embedding.visit(&join(path, "patch_embedding"), f);
+    }
+
+    fn repr(&self) -> ReprNode {
+        ReprNode::module(
+            "BlipVisionEmbeddings",
+            vec![("patch_embedding", self.patch_embedding.repr())],
+        )
+    }
+}
+
+/// Multi-head self-attention with one fused `qkv` projection.
+#[derive(Debug)]
+pub struct BlipAttention {
+    pub qkv: Linear,
+    pub projection: Linear,
+    pub dropout: Dropout,
+    pub num_heads: i64,
+}
+
+impl BlipAttention {
+    fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        let std = c.initializer_range;
+        Ok(Self {
+            dropout: Dropout {
+                p: c.attention_dropout,
+            },
+            qkv: Linear::load(src, &join(path, "qkv"), d, 3 * d, std)?,
+            projection: Linear::load(src, &join(path, "projection"), d, d, std)?,
+            num_heads: c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, l, d) = x.size3()?;
+        let h = self.num_heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .f_reshape([b, l, 3, h, d / h])?
+            .f_permute([2, 0, 3, 1, 4])?;
+        let (q, k, v) = (qkv.f_select(0, 0)?, qkv.f_select(0, 1)?, qkv.f_select(0, 2)?);
+        let p = if train { self.dropout.p } else { 0.0 };
+        let ctx = sdpa(&q, &k, &v, None, p, false)?;
+        self.projection.forward(&merge_heads(&ctx)?)
+    }
+
+    fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        self.qkv.visit(&join(path, "qkv"), f);
+        self.projection.visit(&join(path, "projection"), f);
+    }
+
+    fn repr(&self) -> ReprNode {
+        ReprNode::module(
+            "BlipAttention",
+            vec![
+                ("dropout", self.dropout.repr()),
+                ("qkv", self.qkv.repr()),
+                ("projection", self.projection.repr()),
+            ],
+        )
+    }
+}
+
+/// The transformer block's two-layer MLP.
+#[derive(Debug)]
+pub struct BlipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub activation: Activation,
+}
+
+impl BlipMlp {
+    fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
+        let std = c.initializer_range;
+        Ok(Self {
+            activation: Activation::from_name(&c.hidden_act)?,
+            fc1: Linear::load(src, &join(path, "fc1"), c.hidden_size, c.intermediate_size, std)?,
+            fc2: Linear::load(src, &join(path, "fc2"), c.intermediate_size, c.hidden_size, std)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.activation.forward(&self.fc1.forward(x)?)?)
+    }
+
+    fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        self.fc1.visit(&join(path, "fc1"), f);
+        self.fc2.visit(&join(path, "fc2"), f);
+    }
+
+    fn repr(&self) -> ReprNode {
+        ReprNode::module(
+            "BlipMLP",
+            vec![
+                (
+                    "activation_fn",
+                    ReprNode::leaf(self.activation.repr().trim_end_matches("()"), ""),
+                ),
+                ("fc1", self.fc1.repr()),
+                ("fc2", self.fc2.repr()),
+            ],
+        )
+    }
+}
+
+/// One pre-norm encoder block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug)]
+pub struct BlipEncoderLayer {
+    pub self_attn: BlipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: BlipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl BlipEncoderLayer {
+    fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
+        Ok(Self {
+            self_attn: BlipAttention::load(src, &join(path, "self_attn"), c)?,
+            layer_norm1: LayerNorm::load(src, &join(path, "layer_norm1"), c.hidden_size, c.layer_norm_eps)?,
+            mlp: BlipMlp::load(src, &join(path, "mlp"), c)?,
+            layer_norm2: LayerNorm::load(src, &join(path, "layer_norm2"), c.hidden_size, c.layer_norm_eps)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, train)?
+            .f_add(x)?;
+        Ok(self.mlp.forward(&self.layer_norm2.forward(&h)?)?.f_add(&h)?)
+    }
+
+    fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        self.self_attn.visit(&join(path, "self_attn"), f);
+        self.layer_norm1.visit(&join(path, "layer_norm1"), f);
+        self.mlp.visit(&join(path, "mlp"), f);
+        self.layer_norm2.visit(&join(path, "layer_norm2"), f);
+    }
+
+    fn repr(&self) -> ReprNode {
+        ReprNode::module(
+            "BlipEncoderLayer",
+            vec![
+                ("self_attn", self.self_attn.repr()),
+                ("layer_norm1", self.layer_norm1.repr()),
+                ("mlp", self.mlp.repr()),
+                ("layer_norm2", self.layer_norm2.repr()),
+            ],
+        )
+    }
+}
+
+/// The whole image encoder. Its output (after `post_layernorm`) is the decoder's cross-attention memory.
+#[derive(Debug)]
+pub struct BlipVisionModel {
+    pub embeddings: BlipVisionEmbeddings,
+    pub layers: Vec<BlipEncoderLayer>,
+    pub post_layernorm: LayerNorm,
+    pub config: BlipVisionConfig,
+}
+
+impl BlipVisionModel {
+    pub fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
+        let embeddings = BlipVisionEmbeddings::load(src, &join(path, "embeddings"), c)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| BlipEncoderLayer::load(src, &join(path, &format!("encoder.layers.{i}")), c))
+            .collect::<Result<Vec<_>>>()?;
+        let post_layernorm = LayerNorm::load(
+            src,
+            &join(path, "post_layernorm"),
+            c.hidden_size,
+            c.layer_norm_eps,
+        )?;
+        Ok(Self {
+            embeddings,
+            layers,
+            post_layernorm,
+            config: c.clone(),
+        })
+    }
+
+    /// `[B, C, H, W]` pixels to `[B, 1 + patches, D]` image embeddings.
+    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(pixel_values)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, train)?;
+        }
+        self.post_layernorm.forward(&x)
+    }
+
+    /// The kind the tower computes in (that of its weights).
+    pub fn kind(&self) -> Kind {
+        self.embeddings.patch_embedding.weight.kind()
+    }
+
+    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        self.embeddings.visit(&join(path, "embeddings"), f);
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.visit(&join(path, &format!("encoder.layers.{i}")), f);
+        }
+        self.post_layernorm.visit(&join(path, "post_layernorm"), f);
+    }
+
+    pub fn repr(&self) -> ReprNode {
+        let layers = ReprNode::list(self.layers.iter().map(BlipEncoderLayer::repr).collect());
+        ReprNode::module(
+            "BlipVisionModel",
+            vec![
+                ("embeddings", self.embeddings.repr()),
+                (
+                    "encoder",
+                    ReprNode::module("BlipEncoder", vec![("layers", layers)]),
+                ),
+                ("post_layernorm", self.post_layernorm.repr()),
+            ],
+        )
+    }
+}

@@ -1,0 +1,380 @@
+//! The BLIP configuration, read from a transformers `config.json`. Field names are the JSON keys and
+//! defaults are transformers' defaults, so a checkpoint folder made by transformers loads as-is. The
+//! whole JSON document is kept, so that saving writes back every field we do not interpret.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Settings of the ViT image encoder (`vision_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BlipVisionConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub projection_dim: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_channels: i64,
+    pub image_size: i64,
+    pub patch_size: i64,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub attention_dropout: f64,
+    pub initializer_range: f64,
+}
+
+impl Default for BlipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 384,
+            patch_size: 16,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-5,
+            attention_dropout: 0.0,
+            initializer_range: 1e-10,
+        }
+    }
+}
+
+/// Settings of the BERT-style caption decoder (`text_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BlipTextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub encoder_hidden_size: i64,
+    pub intermediate_size: i64,
+    pub projection_dim: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub max_position_embeddings: i64,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub initializer_range: f64,
+    pub bos_token_id: i64,
+    pub eos_token_id: i64,
+    pub pad_token_id: i64,
+    pub sep_token_id: i64,
+    pub is_decoder: bool,
+    pub use_cache: bool,
+    pub label_smoothing: f64,
+    pub tie_word_embeddings: bool,
+}
+
+impl Default for BlipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30524,
+            hidden_size: 768,
+            encoder_hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 512,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-12,
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            initializer_range: 0.02,
+            bos_token_id: 30522,
+            eos_token_id: 2,
+            pad_token_id: 0,
+            sep_token_id: 102,
+            is_decoder: true,
+            use_cache: true,
+            label_smoothing: 0.0,
+            tie_word_embeddings: true,
+        }
+    }
+}
+
+/// The whole model configuration: the two towers plus the original JSON document.
+#[derive(Debug, Clone)]
+pub struct BlipConfig {
+    pub text_config: BlipTextConfig,
+    pub vision_config: BlipVisionConfig,
+    /// The parsed `config.json` as read (or as built), written back by `to_json`.
+    raw: Value,
+}
+
+/// The activations transformers' `ACT2FN` knows that BLIP configs use.
+pub const SUPPORTED_ACTIVATIONS: &[&str] = &[
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "relu",
+    "silu",
+    "swish",
+    "tanh",
+];
+
+fn parse_section<T: DeserializeOwned>(value: &Value, section: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        Error::config(format!(
+            "config.json: field `{section}.{path}` is invalid: {}",
+            e.inner()
+        ))
+    })
+}
+
+impl BlipConfig {
+    /// Parses a `config.json` document.
+    pub fn from_json(raw: Value) -> Result<Self> {
+        let Value::Object(obj) = &raw else {
+            return Err(Error::config("config.json must hold a JSON object"));
+        };
+        if let Some(model_type) = obj.get("model_type").and_then(Value::as_str) {
+            if model_type != "blip" {
+                return Err(Error::config(format!(
+                    "config.json: field `model_type` is {model_type:?}; only BLIP checkpoints (\"blip\", \
+                     e.g. Salesforce/blip-image-captioning-base) are supported"
+                )));
+            }
+        }
+        let empty = Value::Object(Default::default());
+        let text_raw = obj.get("text_config").unwrap_or(&empty);
+        let vision_raw = obj.get("vision_config").unwrap_or(&empty);
+        for (name, section) in [("text_config", text_raw), ("vision_config", vision_raw)] {
+            if !section.is_object() && !section.is_null() {
+                return Err(Error::config(format!(
+                    "config.json: field `{name}` must be an object"
+                )));
+            }
+        }
+        let mut text_config: BlipTextConfig = if text_raw.is_null() {
+            Default::default()
+        } else {
+            parse_section(text_raw, "text_config")?
+        };
+        let vision_config: BlipVisionConfig = if vision_raw.is_null() {
+            Default::default()
+        } else {
+            parse_section(vision_raw, "vision_config")?
+        };
+        // transformers' BlipConfig forces the decoder's cross-attention width to the image width.
+        text_config.encoder_hidden_size = vision_config.hidden_size;
+        let config = Self {
+            text_config,
+            vision_config,
+            raw,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses `path` (a `config.json` file).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::not_found("config.json", path),
+            _ => Error::io(format!("cannot read {}", path.display()), e),
+        })?;
+        let raw: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(format!("{} is not valid JSON: {e}", path.display())))?;
+        Self::from_json(raw)
+    }
+
+    /// Builds a configuration from the two sections (used by tests and the bundled-model script).
+    pub fn new(text_config: BlipTextConfig, vision_config: BlipVisionConfig) -> Result<Self> {
+        let raw = serde_json::json!({
+            "architectures": ["BlipForConditionalGeneration"],
+            "model_type": "blip",
+            "text_config": text_config,
+            "vision_config": vision_config,
+            "tie_word_embeddings": text_config.tie_word_embeddings,
+        });
+        Self::from_json(raw)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        let positive: [(&str, i64); 13] = [
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_channels", v.num_channels),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.max_position_embeddings", t.max_position_embeddings),
+        ];
+        for (name, value) in positive {
+            if value <= 0 {
+                return Err(Error::config(format!(
+                    "config.json: field `{name}` must be positive, got {value}"
+                )));
+            }
+        }
+        if v.hidden_size % v.num_attention_heads != 0 {
+            return Err(Error::config(format!(
+                "config.json: field `vision_config.hidden_size` ({}) must be a multiple of \
+                 `vision_config.num_attention_heads` ({})",
+                v.hidden_size, v.num_attention_heads
+            )));
+        }
+        if t.hidden_size % t.num_attention_heads != 0 {
+            return Err(Error::config(format!(
+                "config.json: field `text_config.hidden_size` ({}) must be a multiple of \
+                 `text_config.num_attention_heads` ({})",
+                t.hidden_size, t.num_attention_heads
+            )));
+        }
+        if v.image_size % v.patch_size != 0 {
+            return Err(Error::config(format!(
+                "config.json: field `vision_config.image_size` ({}) must be a multiple of \
+                 `vision_config.patch_size` ({})",
+                v.image_size, v.patch_size
+            )));
+        }
+        for (name, act) in [
+            ("vision_config.hidden_act", &v.hidden_act),
+            ("text_config.hidden_act", &t.hidden_act),
+        ] {
+            if !SUPPORTED_ACTIVATIONS.contains(&act.as_str()) {
+                return Err(Error::config(format!(
+                    "config.json: field `{name}` is {act:?}; supported: {}",
+                    SUPPORTED_ACTIVATIONS.join(", ")
+                )));
+            }
+        }
+        for (name, p) in [
+            ("vision_config.attention_dropout", v.attention_dropout),
+            ("text_config.hidden_dropout_prob", t.hidden_dropout_prob),
+            (
+                "text_config.attention_probs_dropout_prob",
+                t.attention_probs_dropout_prob,
+            ),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::config(format!(
+                    "config.json: field `{name}` must be in [0, 1), got {p}"
+                )));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.label_smoothing) {
+            return Err(Error::config(format!(
+                "config.json: field `text_config.label_smoothing` must be in [0, 1], got {}",
+                t.label_smoothing
+            )));
+        }
+        for (name, id) in [
+            ("text_config.bos_token_id", t.bos_token_id),
+            ("text_config.pad_token_id", t.pad_token_id),
+            ("text_config.sep_token_id", t.sep_token_id),
+        ] {
+            if id < 0 || id >= t.vocab_size {
+                return Err(Error::config(format!(
+                    "config.json: field `{name}` ({id}) must be a token id below `text_config.vocab_size` ({})",
+                    t.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the LM head's decoder weight is the word-embedding matrix (and its bias
+    /// `cls.predictions.bias`). As in transformers, the top-level field decides; it defaults to true.
+    pub fn tie_word_embeddings(&self) -> bool {
+        self.raw
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(true)
+    }
+
+    /// Number of image patches plus the class token: the length of the image-embedding sequence.
+    pub fn num_image_tokens(&self) -> i64 {
+        let grid = self.vision_config.image_size / self.vision_config.patch_size;
+        grid * grid + 1
+    }
+
+    /// The configuration as a JSON document: the original document with the two sections updated.
+    pub fn to_json(&self) -> Value {
+        let mut raw = self.raw.clone();
+        if let Value::Object(obj) = &mut raw {
+            merge_into(obj, "text_config", &self.text_config);
+            merge_into(obj, "vision_config", &self.vision_config);
+            obj.entry("model_type").or_insert_with(|| Value::from("blip"));
+            obj.entry("architectures")
+                .or_insert_with(|| serde_json::json!(["BlipForConditionalGeneration"]));
+        }
+        raw
+    }
+
+    /// Sets a top-level field of the JSON document (e.g. `dtype` when saving).
+    pub fn set_raw_field(&mut self, key: &str, value: Value) {
+        if let Value::Object(obj) = &mut self.raw {
+            obj.insert(key.to_string(), value);
+        }
+    }
+}
+
+/// Writes the fields of `section` over those of the same-named object in `obj`, keeping unknown keys.
+fn merge_into<T: Serialize>(obj: &mut serde_json::Map<String, Value>, key: &str, section: &T) {
+    let Ok(Value::Object(fields)) = serde_json::to_value(section) else {
+        return;
+    };
+    let target = obj
+        .entry(key.to_string())
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    if let Value::Object(target) = target {
+        for (k, v) in fields {
+            target.insert(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_transformers_defaults() {
+        let c = BlipConfig::from_json(serde_json::json!({"model_type": "blip"})).unwrap();
+        assert_eq!(c.text_config.vocab_size, 30524);
+        assert_eq!(c.text_config.num_attention_heads, 8);
+        assert_eq!(c.vision_config.image_size, 384);
+        assert_eq!(c.num_image_tokens(), 577);
+        assert!(c.tie_word_embeddings());
+    }
+
+    #[test]
+    fn bad_field_is_named() {
+        let err = BlipConfig::from_json(serde_json::json!({"text_config": {"hidden_size": "big"}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("text_config.hidden_size"), "{err}");
+        let err = BlipConfig::from_json(serde_json::json!({"vision_config": {"hidden_size": 30}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_survive_round_trip() {
+        let c = BlipConfig::from_json(serde_json::json!({"model_type": "blip", "foo": 3})).unwrap();
+        assert_eq!(c.to_json()["foo"], 3);
+    }
+}

@@ -1,0 +1,256 @@
+//! The layers BLIP is made of. Each knows how to read its parameters from a [`ParamSource`], run
+//! forward, visit its parameters by path, and print itself the way torch prints the same module.
+
+use tch::Tensor;
+
+use super::params::{join, Init, ParamSource, ParamVisitor};
+use crate::error::Result;
+use crate::repr::{py_float, ReprNode};
+
+/// A dense layer `y = x Wᵀ + b`, with `weight` of shape `[out, in]` (torch's layout).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub in_features: i64,
+    pub out_features: i64,
+}
+
+impl Linear {
+    pub fn load(
+        src: &mut dyn ParamSource,
+        path: &str,
+        in_features: i64,
+        out_features: i64,
+        init_std: f64,
+    ) -> Result<Self> {
+        let kind = src.kind();
+        let weight = src.param(
+            &join(path, "weight"),
+            &[out_features, in_features],
+            Init::Normal(init_std),
+            kind,
+        )?;
+        let bias = Some(src.param(&join(path, "bias"), &[out_features], Init::Zeros, kind)?);
+        Ok(Self {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+
+    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        f(&join(path, "weight"), &self.weight);
+        if let Some(b) = &self.bias {
+            f(&join(path, "bias"), b);
+        }
+    }
+
+    pub fn repr(&self) -> ReprNode {
+        ReprNode::leaf(
+            "Linear",
+            format!(
+                "in_features={}, out_features={}, bias={}",
+                self.in_features,
+                self.out_features,
+                if self.bias.is_some() { "True" } else { "False" }
+            ),
+        )
+    }
+}
+
+/// A 2-D convolution without padding or dilation (BLIP's patch embedding: kernel = stride = patch size).
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub kernel: i64,
+    pub stride: i64,
+}
+
+impl Conv2d {
+    pub fn load(
+        src: &mut dyn ParamSource,
+        path: &str,
+        in_channels: i64,
+        out_channels: i64,
+        kernel: i64,
+        stride: i64,
+        init_std: f64,
+    ) -> Result<Self> {
+        let kind = src.kind();
+        let weight = src.param(
+            &join(path, "weight"),
+            &[out_channels, in_channels, kernel, kernel],
+            Init::Normal(init_std),
+            kind,
+        )?;
+        let bias = Some(src.param(&join(path, "bias"), &[out_channels], Init::Zeros, kind)?);
+        Ok(Self {
+            weight,
+            bias,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride, self.stride],
+            [0, 0],
+            [1, 1],
+            1,
+        )?)
+    }
+
+    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        f(&join(path, "weight"), &self.weight);
+        if let Some(b) = &self.bias {
+            f(&join(path, "bias"), b);
+        }
+    }
+
+    pub fn repr(&self) -> ReprNode {
+        ReprNode::leaf(
+            "Conv2d",
+            format!(
+                "{}, {}, kernel_size=({k}, {k}), stride=({s}, {s}){}",
+                self.in_channels,
+                self.out_channels,
+                if self.bias.is_some() { "" } else { ", bias=False" },
+                k = self.kernel,
+                s = self.stride,
+            ),
+        )
+    }
+}
+
+/// Layer normalisation over the last dimension, with affine weight and bias.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub dim: i64,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(src: &mut dyn ParamSource, path: &str, dim: i64, eps: f64) -> Result<Self> {
+        let kind = src.kind();
+        let weight = src.param(&join(path, "weight"), &[dim], Init::Ones, kind)?;
+        let bias = src.param(&join(path, "bias"), &[dim], Init::Zeros, kind)?;
+        Ok(Self {
+            weight,
+            bias,
+            dim,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)?)
+    }
+
+    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        f(&join(path, "weight"), &self.weight);
+        f(&join(path, "bias"), &self.bias);
+    }
+
+    pub fn repr(&self) -> ReprNode {
+        ReprNode::leaf(
+            "LayerNorm",
+            format!(
+                "({},), eps={}, elementwise_affine=True",
+                self.dim,
+                py_float(self.eps)
+            ),
+        )
+    }
+}
+
+/// A lookup table of embeddings. `padding_idx` rows receive no gradient, as in torch.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+    pub num_embeddings: i64,
+    pub dim: i64,
+    pub padding_idx: Option<i64>,
+}
+
+impl Embedding {
+    pub fn load(
+        src: &mut dyn ParamSource,
+        path: &str,
+        num_embeddings: i64,
+        dim: i64,
+        padding_idx: Option<i64>,
+        init_std: f64,
+    ) -> Result<Self> {
+        let kind = src.kind();
+        let weight = src.param(
+            &join(path, "weight"),
+            &[num_embeddings, dim],
+            Init::Normal(init_std),
+            kind,
+        )?;
+        Ok(Self {
+            weight,
+            num_embeddings,
+            dim,
+            padding_idx,
+        })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(
+            &self.weight,
+            ids,
+            self.padding_idx.unwrap_or(-1),
+            false,
+            false,
+        )?)
+    }
+
+    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
+        f(&join(path, "weight"), &self.weight);
+    }
+
+    pub fn repr(&self) -> ReprNode {
+        let pad = self
+            .padding_idx
+            .map(|p| format!(", padding_idx={p}"))
+            .unwrap_or_default();
+        ReprNode::leaf("Embedding", format!("{}, {}{pad}", self.num_embeddings, self.dim))
+    }
+}
+
+/// Dropout, active only in training mode and only when `p > 0`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+}
+
+impl Dropout {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.p > 0.0 {
+            Ok(x.f_dropout(self.p, true)?)
+        } else {
+            Ok(x.shallow_clone())
+        }
+    }
+
+    pub fn repr(&self) -> ReprNode {
+        ReprNode::leaf("Dropout", format!("p={}, inplace=False", py_float(self.p)))
+    }
+}

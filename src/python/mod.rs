@@ -1,0 +1,23 @@
+//! The Python extension module `blip_peft._blip_peft`: the only code that touches pyo3. It converts
+//! arguments, releases the GIL around heavy work and maps errors; the behaviour lives in the core.
+
+mod errors;
+mod model;
+mod tensor;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<model::PyBlipModel>()?;
+    m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
+    errors::register(m)?;
+    Ok(())
+}
+
+/// Whether the native core sees a CUDA device (libtorch_cuda linked and a GPU present).
+#[pyfunction]
+fn cuda_is_available() -> bool {
+    tch::Cuda::is_available()
+}

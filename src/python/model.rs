@@ -1,0 +1,175 @@
+//! `_BlipModel`: the native handle behind `blip_peft.BlipForConditionalGeneration`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+use super::errors::IntoPyResult;
+use super::tensor;
+use crate::blip::{BlipForConditionalGeneration, ForwardInputs};
+use crate::config::BlipConfig;
+use crate::device::{device_name, parse_device, parse_dtype};
+
+/// A BLIP captioning model held by the Rust core. Use `blip_peft.BlipForConditionalGeneration`.
+#[pyclass(module = "blip_peft._blip_peft", name = "_BlipModel", frozen)]
+pub struct PyBlipModel {
+    pub inner: Arc<Mutex<BlipForConditionalGeneration>>,
+}
+
+impl PyBlipModel {
+    pub fn lock(&self) -> PyResult<MutexGuard<'_, BlipForConditionalGeneration>> {
+        self.inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("the model is unusable after an earlier crash"))
+    }
+
+    fn wrap(model: BlipForConditionalGeneration) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(model)),
+        }
+    }
+}
+
+#[pymethods]
+impl PyBlipModel {
+    /// Loads a transformers checkpoint folder. `dtype` is None (the stored precision), "float32",
+    /// "bfloat16" or "float16"; `device` is "cpu", "cuda" or "cuda:N".
+    #[staticmethod]
+    #[pyo3(signature = (path, dtype=None, device="cpu"))]
+    fn from_pretrained(py: Python<'_>, path: PathBuf, dtype: Option<&str>, device: &str) -> PyResult<Self> {
+        let kind = dtype.map(parse_dtype).transpose().py()?;
+        let device = parse_device(device).py()?;
+        let model = py
+            .detach(|| BlipForConditionalGeneration::from_pretrained(&path, kind, device))
+            .py()?;
+        Ok(Self::wrap(model))
+    }
+
+    /// A freshly initialised model from a `config.json` document (a JSON string), seeded.
+    #[staticmethod]
+    #[pyo3(signature = (config_json, seed=0, dtype=None, device="cpu"))]
+    fn from_config(config_json: &str, seed: i64, dtype: Option<&str>, device: &str) -> PyResult<Self> {
+        let raw: serde_json::Value = serde_json::from_str(config_json)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("config is not valid JSON: {e}")))?;
+        let config = BlipConfig::from_json(raw).py()?;
+        let kind = dtype
+            .map(parse_dtype)
+            .transpose()
+            .py()?
+            .unwrap_or(tch::Kind::Float);
+        let device = parse_device(device).py()?;
+        Ok(Self::wrap(
+            BlipForConditionalGeneration::random(config, seed, kind, device).py()?,
+        ))
+    }
+
+    /// Runs the model; returns `(loss or None, logits, image_embeds)` as torch tensors.
+    #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: &Bound<'py, PyAny>,
+        input_ids: &Bound<'py, PyAny>,
+        attention_mask: Option<&Bound<'py, PyAny>>,
+        labels: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
+        let input_ids = tensor::from_py(input_ids, "input_ids")?;
+        let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
+        let labels = tensor::from_py_opt(labels, "labels")?;
+        let inner = self.inner.clone();
+        let out = py
+            .detach(move || {
+                let model = inner
+                    .lock()
+                    .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))?;
+                model.forward(&ForwardInputs {
+                    pixel_values: &pixel_values,
+                    input_ids: &input_ids,
+                    attention_mask: attention_mask.as_ref(),
+                    labels: labels.as_ref(),
+                })
+            })
+            .py()?;
+        let loss = out.loss.as_ref().map(|l| tensor::to_py(py, l)).transpose()?;
+        Ok((
+            loss,
+            tensor::to_py(py, &out.logits)?,
+            tensor::to_py(py, &out.image_embeds)?,
+        ))
+    }
+
+    /// `(name, parameter)` pairs in transformers' order; the tensors are the model's own.
+    fn named_parameters<'py>(&self, py: Python<'py>) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+        let params = self.lock()?.named_parameters();
+        params
+            .into_iter()
+            .map(|(n, t)| Ok((n, tensor::to_py(py, &t)?)))
+            .collect()
+    }
+
+    /// Moves parameters in place to `device` and/or casts floating ones to `dtype`.
+    #[pyo3(signature = (device=None, dtype=None))]
+    fn to(&self, py: Python<'_>, device: Option<&str>, dtype: Option<&str>) -> PyResult<()> {
+        let device = device.map(parse_device).transpose().py()?;
+        let kind = dtype.map(parse_dtype).transpose().py()?;
+        let inner = self.inner.clone();
+        py.detach(move || {
+            let model = inner
+                .lock()
+                .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))?;
+            model.to(device, kind)
+        })
+        .py()
+    }
+
+    #[getter]
+    fn training(&self) -> PyResult<bool> {
+        Ok(self.lock()?.training)
+    }
+
+    fn set_training(&self, mode: bool) -> PyResult<()> {
+        self.lock()?.training = mode;
+        Ok(())
+    }
+
+    /// The device as torch spells it ("cpu", "cuda:0").
+    #[getter]
+    fn device(&self) -> PyResult<String> {
+        Ok(device_name(self.lock()?.device()))
+    }
+
+    /// The weights' dtype name ("float32", "bfloat16", "float16").
+    #[getter]
+    fn dtype(&self) -> PyResult<&'static str> {
+        Ok(crate::blip::kind_name(self.lock()?.kind()))
+    }
+
+    #[getter]
+    fn name_or_path(&self) -> PyResult<String> {
+        Ok(self.lock()?.name_or_path.clone())
+    }
+
+    /// The configuration as a JSON string (transformers' `config.json` layout).
+    fn config_json(&self) -> PyResult<String> {
+        Ok(self.lock()?.config.to_json().to_string())
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `path` (created if needed), atomically.
+    fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let inner = self.inner.clone();
+        py.detach(move || {
+            let model = inner
+                .lock()
+                .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))?;
+            model.save_pretrained(&path)
+        })
+        .py()
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        Ok(self.lock()?.repr())
+    }
+}

@@ -1,2 +1,29 @@
-import torch  # noqa: F401  (loads libtorch before the native module)
-from blip_peft._blip_peft import _BlipModel
+"""blip_peft: fine-tune BLIP image captioning with LoRA and generate captions, fast.
+
+The API mirrors transformers + peft; the work runs in a Rust core on libtorch.
+"""
+
+# torch must be imported first: it loads the libtorch libraries the native module links against.
+import torch  # noqa: F401, I001
+
+from blip_peft import _blip_peft
+from blip_peft._blip_peft import BlipPeftError
+from blip_peft.configuration import BlipConfig
+from blip_peft.modeling import (
+    AutoModelForImageTextToText,
+    AutoModelForVision2Seq,
+    BlipForConditionalGeneration,
+    BlipForConditionalGenerationModelOutput,
+)
+
+__version__: str = _blip_peft.__version__
+
+__all__ = [
+    "AutoModelForImageTextToText",
+    "AutoModelForVision2Seq",
+    "BlipConfig",
+    "BlipForConditionalGeneration",
+    "BlipForConditionalGenerationModelOutput",
+    "BlipPeftError",
+    "__version__",
+]

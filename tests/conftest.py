@@ -1,0 +1,99 @@
+"""Shared fixtures: BLIP checkpoints made by transformers (the oracle) from random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BlipConfig
+from transformers import BlipForConditionalGeneration as HFBlip
+
+# The tiny shape used by most tests: every code path, in milliseconds.
+TINY_TEXT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=40,
+    bos_token_id=97,
+    eos_token_id=2,
+    sep_token_id=3,
+    pad_token_id=0,
+)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+# Salesforce/blip-image-captioning-base's shapes (its config.json values).
+BASE_TEXT = dict(
+    vocab_size=30524,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+    layer_norm_eps=1e-12,
+    bos_token_id=30522,
+    eos_token_id=2,
+    sep_token_id=102,
+    pad_token_id=0,
+)
+BASE_VISION = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=384,
+    patch_size=16,
+    layer_norm_eps=1e-5,
+)
+
+
+def tiny_hf_config(**top: object) -> BlipConfig:
+    return BlipConfig(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VISION), **top)
+
+
+def make_hf_model(config: BlipConfig, seed: int = 0) -> HFBlip:
+    """A transformers model with random weights, biases and norms perturbed so every parameter matters."""
+    torch.manual_seed(seed)
+    model = HFBlip(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("tiny_blip")
+    make_hf_model(tiny_hf_config()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Random weights of the real blip-image-captioning-base shapes (about 1 GB on disk)."""
+    path = tmp_path_factory.mktemp("base_blip")
+    config = BlipConfig(text_config=dict(BASE_TEXT), vision_config=dict(BASE_VISION))
+    make_hf_model(config, seed=1).save_pretrained(path)
+    return str(path)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def tiny_batch(batch: int = 2, seq: int = 7, seed: int = 0, vocab: int = 99, image: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, image, image, generator=g)
+    input_ids = torch.randint(4, vocab - 2, (batch, seq), generator=g)
+    input_ids[:, 0] = 97 if vocab == 99 else 30522
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    return pixel_values, input_ids, attention_mask

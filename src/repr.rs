@@ -65,7 +65,7 @@ impl ReprNode {
             let lines: Vec<String> = extra_lines
                 .iter()
                 .map(|s| s.to_string())
-                .chain(child_lines.into_iter())
+                .chain(child_lines)
                 .collect();
             out.push_str("\n  ");
             out.push_str(&lines.join("\n  "));

@@ -114,7 +114,9 @@ def test_sharded_checkpoint_loads(tmp_path) -> None:
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     model = bp.BlipForConditionalGeneration.from_pretrained(tmp_path)
     px, ids, _ = tiny_batch()
-    assert rel_err(model(pixel_values=px, input_ids=ids).logits, ref_model(pixel_values=px, input_ids=ids).logits) <= 1e-5
+    assert (
+        rel_err(model(pixel_values=px, input_ids=ids).logits, ref_model(pixel_values=px, input_ids=ids).logits) <= 1e-5
+    )
 
 
 def test_save_pretrained_round_trips_through_transformers(tmp_path, tiny_checkpoint: str) -> None:
@@ -139,7 +141,7 @@ def test_torch_optimizer_updates_model_in_place(tiny_checkpoint: str) -> None:
     first.backward()
     optimizer.step()
     optimizer.zero_grad()
-    changed = sum(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    changed = sum(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     assert changed == len(params)
     second = model(pixel_values=px, input_ids=ids, labels=ids).loss
     assert second.item() < first.item()

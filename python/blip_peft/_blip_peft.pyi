@@ -1,8 +1,11 @@
 """Type stubs of the native module `blip_peft._blip_peft` (checked by mypy.stubtest in the test suite)."""
 
 import os
+from typing import final
 
 import torch
+
+__all__ = ["BlipPeftError", "_BlipModel", "__version__", "cuda_is_available"]
 
 __version__: str
 
@@ -11,11 +14,10 @@ class BlipPeftError(RuntimeError):
 
 def cuda_is_available() -> bool: ...
 
+@final
 class _BlipModel:
     @staticmethod
-    def from_pretrained(
-        path: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu"
-    ) -> _BlipModel: ...
+    def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu") -> _BlipModel: ...
     @staticmethod
     def from_config(config_json: str, seed: int = 0, dtype: str | None = None, device: str = "cpu") -> _BlipModel: ...
     def forward(

@@ -106,14 +106,16 @@ class BlipForConditionalGeneration:
         return cls(native)
 
     @classmethod
-    def from_config(cls, config: BlipConfig | dict[str, Any], *, seed: int = 0, dtype: Any = None,
-                    device: Any = "cpu") -> BlipForConditionalGeneration:
+    def from_config(
+        cls, config: BlipConfig | dict[str, Any], *, seed: int = 0, dtype: Any = None, device: Any = "cpu"
+    ) -> BlipForConditionalGeneration:
         """A randomly initialised model (transformers' initialisation) for a configuration."""
         import json
 
         data = config.to_dict() if isinstance(config, BlipConfig) else dict(config)
-        native = _blip_peft._BlipModel.from_config(json.dumps(data), seed, dtype_name(dtype),
-                                                   device_name(device) or "cpu")
+        native = _blip_peft._BlipModel.from_config(
+            json.dumps(data), seed, dtype_name(dtype), device_name(device) or "cpu"
+        )
         return cls(native)
 
     # ----------------------------------------------------------------------------------------- forward
@@ -163,8 +165,9 @@ class BlipForConditionalGeneration:
         for name, p in self.named_parameters():
             if only_trainable and not p.requires_grad:
                 continue
-            if exclude_embeddings and (name.endswith("word_embeddings.weight")
-                                       or name.endswith("position_embeddings.weight")):
+            if exclude_embeddings and (
+                name.endswith("word_embeddings.weight") or name.endswith("position_embeddings.weight")
+            ):
                 continue
             total += p.numel()
         return total
@@ -200,7 +203,11 @@ class BlipForConditionalGeneration:
                 dtype = arg
             elif isinstance(arg, (str, torch.device, int)) and not isinstance(arg, bool):
                 if isinstance(arg, str) and arg.removeprefix("torch.") in (
-                    "float32", "float16", "bfloat16", "half", "float"
+                    "float32",
+                    "float16",
+                    "bfloat16",
+                    "half",
+                    "float",
                 ):
                     dtype = arg
                 else:

@@ -18,6 +18,18 @@ pub struct PyBlipModel {
     pub inner: Arc<Mutex<BlipForConditionalGeneration>>,
 }
 
+/// `(loss or None, logits, image_embeds)` of a forward pass, as torch tensors.
+type ForwardResult<'py> = (Option<Bound<'py, PyAny>>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+/// Locks a shared model from code running without the GIL.
+pub fn locked(
+    inner: &Arc<Mutex<BlipForConditionalGeneration>>,
+) -> crate::Result<MutexGuard<'_, BlipForConditionalGeneration>> {
+    inner
+        .lock()
+        .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))
+}
+
 impl PyBlipModel {
     pub fn lock(&self) -> PyResult<MutexGuard<'_, BlipForConditionalGeneration>> {
         self.inner
@@ -74,7 +86,7 @@ impl PyBlipModel {
         input_ids: &Bound<'py, PyAny>,
         attention_mask: Option<&Bound<'py, PyAny>>,
         labels: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    ) -> PyResult<ForwardResult<'py>> {
         let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
         let input_ids = tensor::from_py(input_ids, "input_ids")?;
         let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
@@ -82,9 +94,7 @@ impl PyBlipModel {
         let inner = self.inner.clone();
         let out = py
             .detach(move || {
-                let model = inner
-                    .lock()
-                    .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))?;
+                let model = locked(&inner)?;
                 model.forward(&ForwardInputs {
                     pixel_values: &pixel_values,
                     input_ids: &input_ids,
@@ -117,9 +127,7 @@ impl PyBlipModel {
         let kind = dtype.map(parse_dtype).transpose().py()?;
         let inner = self.inner.clone();
         py.detach(move || {
-            let model = inner
-                .lock()
-                .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))?;
+            let model = locked(&inner)?;
             model.to(device, kind)
         })
         .py()
@@ -161,9 +169,7 @@ impl PyBlipModel {
     fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let inner = self.inner.clone();
         py.detach(move || {
-            let model = inner
-                .lock()
-                .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))?;
+            let model = locked(&inner)?;
             model.save_pretrained(&path)
         })
         .py()

@@ -1,0 +1,52 @@
+# blip_peft developer entry points. `make test` sets up everything on a fresh machine and runs the
+# whole suite; `make demo` sets up and runs the main job. Run `make help` for the list.
+
+VENV ?= .venv
+PYTHON ?= python3
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+# Build torch-sys against the torch wheel installed in the virtual environment.
+export LIBTORCH_USE_PYTORCH := 1
+PY := $(VIRTUAL_ENV)/bin/python
+TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+
+.PHONY: help install build test test-rs test-py lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed ## create the virtual environment with torch 2.11.0 and the test tools
+
+build: install ## build the native module (release) into python/blip_peft
+	maturin develop --release --quiet
+
+test-rs: install ## the core's Rust tests (no Python involved)
+	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --release --no-default-features
+
+test-py: build ## the Python test suite against transformers and peft
+	$(PY) -m pytest -q
+
+lint: build ## rustfmt, clippy, ruff and the stub check
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	$(PY) -m ruff check python tests
+	$(PY) -m ruff format --check python tests
+	$(PY) -m mypy.stubtest blip_peft._blip_peft
+	$(PY) -m mypy --ignore-missing-imports python/blip_peft
+
+test: lint test-rs test-py ## everything: set up, build, lint, Rust tests, Python tests
+
+format: install ## format Rust and Python sources
+	cargo fmt
+	$(PY) -m ruff format python tests
+	$(PY) -m ruff check --fix python tests
+
+clean: ## remove build outputs (keeps the virtual environment)
+	cargo clean
+	rm -f python/blip_peft/*.so

@@ -9,6 +9,7 @@ import torch  # noqa: F401, I001
 from blip_peft import _blip_peft
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
+from blip_peft.peft_model import LoraConfig, LoraModel, PeftConfig, PeftModel, get_peft_model, lora_targets
 from blip_peft.modeling import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
@@ -25,5 +26,11 @@ __all__ = [
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
     "BlipPeftError",
+    "LoraConfig",
+    "LoraModel",
+    "PeftConfig",
+    "PeftModel",
+    "get_peft_model",
+    "lora_targets",
     "__version__",
 ]

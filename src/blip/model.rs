@@ -103,6 +103,12 @@ impl BlipForConditionalGeneration {
         out
     }
 
+    /// Every Linear and Conv2d of both towers with its path (the layers LoRA can target).
+    pub fn for_each_layer(&mut self, f: &mut crate::lora::inject::LayerVisitor) -> Result<()> {
+        self.vision_model.for_each_layer("vision_model", f)?;
+        self.text_decoder.for_each_layer("text_decoder", f)
+    }
+
     /// Sets `requires_grad` on every parameter.
     pub fn set_requires_grad(&self, flag: bool) -> Result<()> {
         for (_, t) in self.named_parameters() {
@@ -294,7 +300,7 @@ impl BlipForConditionalGeneration {
         let hidden = self
             .text_decoder
             .hidden_states(ids, image_embeds, &masks, None, self.training)?;
-        let logits = self.text_decoder.logits(&hidden)?;
+        let logits = self.text_decoder.logits(&hidden, self.training)?;
         let loss = match labels {
             Some(labels) => Some(self.caption_loss(&logits, labels)?),
             None => None,

@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::BlipTextConfig;
 use crate::error::Result;
+use crate::lora::inject::{AdaptableLayer, LayerVisitor};
 use crate::nn::attention::{merge_heads, sdpa, split_heads};
 use crate::nn::{join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, ParamSource, ParamVisitor};
 use crate::repr::ReprNode;
@@ -110,10 +111,10 @@ impl BlipTextSelfAttention {
     }
 
     /// Keys and values of `states`, split into heads.
-    pub fn key_value(&self, states: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn key_value(&self, states: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         Ok((
-            split_heads(&self.key.forward(states)?, self.num_heads)?,
-            split_heads(&self.value.forward(states)?, self.num_heads)?,
+            split_heads(&self.key.forward_t(states, train)?, self.num_heads)?,
+            split_heads(&self.value.forward_t(states, train)?, self.num_heads)?,
         ))
     }
 
@@ -126,7 +127,7 @@ impl BlipTextSelfAttention {
         causal: bool,
         train: bool,
     ) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
+        let q = split_heads(&self.query.forward_t(hidden, train)?, self.num_heads)?;
         let p = if train { self.dropout.p } else { 0.0 };
         merge_heads(&sdpa(&q, &kv.0, &kv.1, mask, p, causal)?)
     }
@@ -184,7 +185,7 @@ impl BlipTextResidualOutput {
     }
 
     fn forward(&self, h: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.dropout.forward(&self.dense.forward(h)?, train)?;
+        let h = self.dropout.forward(&self.dense.forward_t(h, train)?, train)?;
         self.layer_norm.forward(&h.f_add(residual)?)
     }
 
@@ -301,7 +302,7 @@ impl BlipTextLayer {
         let attn = &self.attention.self_;
         let (self_kv, cross_kv) = match cache {
             Some(cache) => {
-                let (k, v) = attn.key_value(x)?;
+                let (k, v) = attn.key_value(x, train)?;
                 let kv = match cache.self_kv.take() {
                     Some((pk, pv)) => (Tensor::f_cat(&[pk, k], 2)?, Tensor::f_cat(&[pv, v], 2)?),
                     None => (k, v),
@@ -310,7 +311,7 @@ impl BlipTextLayer {
                 let cross = match (&self.crossattention, &cache.cross_kv) {
                     (Some(_), Some((k, v))) => Some((k.shallow_clone(), v.shallow_clone())),
                     (Some(ca), None) => {
-                        let kv = ca.self_.key_value(image)?;
+                        let kv = ca.self_.key_value(image, train)?;
                         cache.cross_kv = Some((kv.0.shallow_clone(), kv.1.shallow_clone()));
                         Some(kv)
                     }
@@ -320,10 +321,10 @@ impl BlipTextLayer {
             }
             None => {
                 let cross = match &self.crossattention {
-                    Some(ca) => Some(ca.self_.key_value(image)?),
+                    Some(ca) => Some(ca.self_.key_value(image, train)?),
                     None => None,
                 };
-                (attn.key_value(x)?, cross)
+                (attn.key_value(x, train)?, cross)
             }
         };
         let h = attn.attend(x, &self_kv, masks.self_mask, masks.causal, train)?;
@@ -332,7 +333,9 @@ impl BlipTextLayer {
             let h = ca.self_.attend(&x, &kv, None, false, train)?;
             x = ca.output.forward(&h, &x, train)?;
         }
-        let h = self.intermediate_act.forward(&self.intermediate.forward(&x)?)?;
+        let h = self
+            .intermediate_act
+            .forward(&self.intermediate.forward_t(&x, train)?)?;
         self.output.forward(&h, &x, train)
     }
 
@@ -376,8 +379,8 @@ pub struct BlipTextLmHead {
     pub transform_layer_norm: LayerNorm,
     /// `cls.predictions.bias`: the decoder's bias when tied (and an unused parameter when untied, as in transformers).
     pub bias: Tensor,
-    /// The decoder's own weight and bias when the embeddings are not tied.
-    pub untied_decoder: Option<Linear>,
+    /// `cls.predictions.decoder`: over the word embeddings and `bias` when tied, its own weights otherwise.
+    pub decoder: Linear,
 }
 
 /// The caption decoder with its LM head (`text_decoder`).
@@ -412,19 +415,19 @@ impl BlipTextLmHeadModel {
             c.hidden_size,
             c.layer_norm_eps,
         )?;
-        let untied_decoder = if tied {
+        let decoder = if tied {
             // Older checkpoints store the tied copies too; they are the same numbers.
             src.ignore(&join(&pred, "decoder.weight"));
             src.ignore(&join(&pred, "decoder.bias"));
-            None
+            Linear::tied_to(&embeddings.word_embeddings.weight, Some(&bias))
         } else {
-            Some(Linear::load(
+            Linear::load(
                 src,
                 &join(&pred, "decoder"),
                 c.hidden_size,
                 c.vocab_size,
                 c.initializer_range,
-            )?)
+            )?
         };
         src.ignore(&join(&bert, "embeddings.position_ids"));
         let head = BlipTextLmHead {
@@ -432,7 +435,7 @@ impl BlipTextLmHeadModel {
             transform_act: Activation::from_name(&c.hidden_act)?,
             transform_layer_norm,
             bias,
-            untied_decoder,
+            decoder,
         };
         Ok(Self {
             embeddings,
@@ -467,19 +470,66 @@ impl BlipTextLmHeadModel {
     }
 
     /// Vocabulary logits `[B, T, V]` of hidden states.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
         let h = &self.head;
-        let x = h.transform_act.forward(&h.transform_dense.forward(hidden)?)?;
+        let x = h
+            .transform_act
+            .forward(&h.transform_dense.forward_t(hidden, train)?)?;
         let x = h.transform_layer_norm.forward(&x)?;
-        match &h.untied_decoder {
-            Some(decoder) => decoder.forward(&x),
-            None => Ok(x.f_linear(&self.embeddings.word_embeddings.weight, Some(&h.bias))?),
-        }
+        h.decoder.forward_t(&x, train)
     }
 
     /// The kind the decoder computes in.
     pub fn kind(&self) -> Kind {
         self.embeddings.word_embeddings.weight.kind()
+    }
+
+    /// Every Linear with its path, in transformers' `named_modules()` order.
+    pub fn for_each_layer(&mut self, path: &str, f: &mut LayerVisitor) -> Result<()> {
+        let bert = join(path, "bert");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = join(&bert, &format!("encoder.layer.{i}"));
+            let mut blocks = vec![("attention", &mut layer.attention)];
+            if let Some(ca) = layer.crossattention.as_mut() {
+                blocks.push(("crossattention", ca));
+            }
+            for (name, block) in blocks {
+                let b = join(&p, name);
+                f(
+                    &join(&b, "self.query"),
+                    AdaptableLayer::Linear(&mut block.self_.query),
+                )?;
+                f(
+                    &join(&b, "self.key"),
+                    AdaptableLayer::Linear(&mut block.self_.key),
+                )?;
+                f(
+                    &join(&b, "self.value"),
+                    AdaptableLayer::Linear(&mut block.self_.value),
+                )?;
+                f(
+                    &join(&b, "output.dense"),
+                    AdaptableLayer::Linear(&mut block.output.dense),
+                )?;
+            }
+            f(
+                &join(&p, "intermediate.dense"),
+                AdaptableLayer::Linear(&mut layer.intermediate),
+            )?;
+            f(
+                &join(&p, "output.dense"),
+                AdaptableLayer::Linear(&mut layer.output.dense),
+            )?;
+        }
+        let pred = join(path, "cls.predictions");
+        f(
+            &join(&pred, "transform.dense"),
+            AdaptableLayer::Linear(&mut self.head.transform_dense),
+        )?;
+        f(
+            &join(&pred, "decoder"),
+            AdaptableLayer::Linear(&mut self.head.decoder),
+        )
     }
 
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
@@ -496,23 +546,12 @@ impl BlipTextLmHeadModel {
         self.head
             .transform_layer_norm
             .visit(&join(&pred, "transform.LayerNorm"), f);
-        if let Some(decoder) = &self.head.untied_decoder {
-            decoder.visit(&join(&pred, "decoder"), f);
-        }
+        self.head.decoder.visit(&join(&pred, "decoder"), f);
     }
 
     pub fn repr(&self) -> ReprNode {
         let h = &self.head;
-        let decoder = match &h.untied_decoder {
-            Some(d) => d.repr(),
-            None => ReprNode::leaf(
-                "Linear",
-                format!(
-                    "in_features={}, out_features={}, bias=True",
-                    self.config.hidden_size, self.config.vocab_size
-                ),
-            ),
-        };
+        let decoder = h.decoder.repr();
         let layers = ReprNode::list(self.layers.iter().map(BlipTextLayer::repr).collect());
         let bert = ReprNode::module(
             "BlipTextModel",

@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::BlipVisionConfig;
 use crate::error::Result;
+use crate::lora::inject::{AdaptableLayer, LayerVisitor};
 use crate::nn::attention::{merge_heads, sdpa};
 use crate::nn::{join, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource, ParamVisitor};
 use crate::repr::ReprNode;
@@ -51,10 +52,12 @@ impl BlipVisionEmbeddings {
         })
     }
 
-    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor> {
         let kind = self.patch_embedding.weight.kind();
         let b = pixel_values.size()[0];
-        let patches = self.patch_embedding.forward(&pixel_values.f_to_kind(kind)?)?; // [B, D, g, g]
+        let patches = self
+            .patch_embedding
+            .forward_t(&pixel_values.f_to_kind(kind)?, train)?; // [B, D, g, g]
         let patches = patches.f_flatten(2, -1)?.f_transpose(1, 2)?; // [B, g*g, D]
         let class = self
             .class_embedding
@@ -112,7 +115,7 @@ impl BlipAttention {
         let (q, k, v) = (qkv.f_select(0, 0)?, qkv.f_select(0, 1)?, qkv.f_select(0, 2)?);
         let p = if train { self.dropout.p } else { 0.0 };
         let ctx = sdpa(&q, &k, &v, None, p, false)?;
-        self.projection.forward(&merge_heads(&ctx)?)
+        self.projection.forward_t(&merge_heads(&ctx)?, train)
     }
 
     fn visit(&self, path: &str, f: &mut ParamVisitor) {
@@ -150,8 +153,9 @@ impl BlipMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.activation.forward(&self.fc1.forward(x)?)?)
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.fc2
+            .forward_t(&self.activation.forward(&self.fc1.forward_t(x, train)?)?, train)
     }
 
     fn visit(&self, path: &str, f: &mut ParamVisitor) {
@@ -198,7 +202,10 @@ impl BlipEncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, train)?
             .f_add(x)?;
-        Ok(self.mlp.forward(&self.layer_norm2.forward(&h)?)?.f_add(&h)?)
+        Ok(self
+            .mlp
+            .forward(&self.layer_norm2.forward(&h)?, train)?
+            .f_add(&h)?)
     }
 
     fn visit(&self, path: &str, f: &mut ParamVisitor) {
@@ -252,7 +259,7 @@ impl BlipVisionModel {
 
     /// `[B, C, H, W]` pixels to `[B, 1 + patches, D]` image embeddings.
     pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor> {
-        let mut x = self.embeddings.forward(pixel_values)?;
+        let mut x = self.embeddings.forward(pixel_values, train)?;
         for layer in &self.layers {
             x = layer.forward(&x, train)?;
         }
@@ -262,6 +269,28 @@ impl BlipVisionModel {
     /// The kind the tower computes in (that of its weights).
     pub fn kind(&self) -> Kind {
         self.embeddings.patch_embedding.weight.kind()
+    }
+
+    /// Every Linear and Conv2d with its path, in transformers' `named_modules()` order.
+    pub fn for_each_layer(&mut self, path: &str, f: &mut LayerVisitor) -> Result<()> {
+        f(
+            &join(path, "embeddings.patch_embedding"),
+            AdaptableLayer::Conv2d(&mut self.embeddings.patch_embedding),
+        )?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = join(path, &format!("encoder.layers.{i}"));
+            f(
+                &join(&p, "self_attn.qkv"),
+                AdaptableLayer::Linear(&mut layer.self_attn.qkv),
+            )?;
+            f(
+                &join(&p, "self_attn.projection"),
+                AdaptableLayer::Linear(&mut layer.self_attn.projection),
+            )?;
+            f(&join(&p, "mlp.fc1"), AdaptableLayer::Linear(&mut layer.mlp.fc1))?;
+            f(&join(&p, "mlp.fc2"), AdaptableLayer::Linear(&mut layer.mlp.fc2))?;
+        }
+        Ok(())
     }
 
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {

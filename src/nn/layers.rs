@@ -5,15 +5,20 @@ use tch::Tensor;
 
 use super::params::{join, Init, ParamSource, ParamVisitor};
 use crate::error::Result;
+use crate::lora::layer::{BaseKind, LoraSlot};
 use crate::repr::{py_float, ReprNode};
 
-/// A dense layer `y = x Wᵀ + b`, with `weight` of shape `[out, in]` (torch's layout).
+/// A dense layer `y = x Wᵀ + b`, with `weight` of shape `[out, in]` (torch's layout). This is the
+/// hook LoRA attaches to: with adapters, it becomes peft's `lora.Linear` around the same base weights.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub in_features: i64,
     pub out_features: i64,
+    /// The weights are another module's (the LM head tied to the word embeddings): not visited here.
+    pub tied: bool,
+    pub lora: Option<LoraSlot>,
 }
 
 impl Linear {
@@ -37,21 +42,63 @@ impl Linear {
             bias,
             in_features,
             out_features,
+            tied: false,
+            lora: None,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    /// A layer over weights owned elsewhere (shallow copies of the same tensors).
+    pub fn tied_to(weight: &Tensor, bias: Option<&Tensor>) -> Self {
+        let size = weight.size();
+        Self {
+            weight: weight.shallow_clone(),
+            bias: bias.map(Tensor::shallow_clone),
+            in_features: size[1],
+            out_features: size[0],
+            tied: true,
+            lora: None,
+        }
     }
 
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// Forward with LoRA dropout active when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(slot) => slot.apply(x, y, train),
+            None => Ok(y),
+        }
+    }
+
+    /// Parameters with their paths: transformers' names, or peft's (`base_layer`, `lora_A.<name>`) with adapters.
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        f(&join(path, "weight"), &self.weight);
-        if let Some(b) = &self.bias {
-            f(&join(path, "bias"), b);
+        let base = if self.lora.is_some() {
+            join(path, "base_layer")
+        } else {
+            path.to_string()
+        };
+        if !self.tied {
+            f(&join(&base, "weight"), &self.weight);
+            if let Some(b) = &self.bias {
+                f(&join(&base, "bias"), b);
+            }
+        }
+        if let Some(slot) = &self.lora {
+            slot.visit(path, f);
         }
     }
 
     pub fn repr(&self) -> ReprNode {
+        match &self.lora {
+            Some(slot) => slot.repr(self.base_repr(), self.in_features, self.out_features),
+            None => self.base_repr(),
+        }
+    }
+
+    fn base_repr(&self) -> ReprNode {
         ReprNode::leaf(
             "Linear",
             format!(
@@ -73,6 +120,7 @@ pub struct Conv2d {
     pub out_channels: i64,
     pub kernel: i64,
     pub stride: i64,
+    pub lora: Option<LoraSlot>,
 }
 
 impl Conv2d {
@@ -100,28 +148,51 @@ impl Conv2d {
             out_channels,
             kernel,
             stride,
+            lora: None,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_conv2d(
-            &self.weight,
-            self.bias.as_ref(),
-            [self.stride, self.stride],
-            [0, 0],
-            [1, 1],
-            1,
-        )?)
+    /// Forward with LoRA dropout active when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let stride = [self.stride, self.stride];
+        let y = x.f_conv2d(&self.weight, self.bias.as_ref(), stride, [0, 0], [1, 1], 1)?;
+        match &self.lora {
+            Some(slot) => slot.apply(x, y, train),
+            None => Ok(y),
+        }
+    }
+
+    /// The LoRA geometry of this layer.
+    pub fn base_kind(&self) -> BaseKind {
+        BaseKind::Conv2d {
+            kernel: self.kernel,
+            stride: self.stride,
+        }
     }
 
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        f(&join(path, "weight"), &self.weight);
+        let base = if self.lora.is_some() {
+            join(path, "base_layer")
+        } else {
+            path.to_string()
+        };
+        f(&join(&base, "weight"), &self.weight);
         if let Some(b) = &self.bias {
-            f(&join(path, "bias"), b);
+            f(&join(&base, "bias"), b);
+        }
+        if let Some(slot) = &self.lora {
+            slot.visit(path, f);
         }
     }
 
     pub fn repr(&self) -> ReprNode {
+        match &self.lora {
+            Some(slot) => slot.repr(self.base_repr(), self.in_channels, self.out_channels),
+            None => self.base_repr(),
+        }
+    }
+
+    fn base_repr(&self) -> ReprNode {
         ReprNode::leaf(
             "Conv2d",
             format!(

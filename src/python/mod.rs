@@ -12,6 +12,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyBlipModel>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
+    m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
     errors::register(m)?;
     Ok(())
 }

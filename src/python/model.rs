@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::errors::IntoPyResult;
@@ -11,6 +11,8 @@ use super::tensor;
 use crate::blip::{BlipForConditionalGeneration, ForwardInputs};
 use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
+use crate::lora::{self, LoraConfig};
+use crate::weights::{save_safetensors, SafetensorsFiles};
 
 /// A BLIP captioning model held by the Rust core. Use `blip_peft.BlipForConditionalGeneration`.
 #[pyclass(module = "blip_peft._blip_peft", name = "_BlipModel", frozen)]
@@ -63,8 +65,7 @@ impl PyBlipModel {
     #[staticmethod]
     #[pyo3(signature = (config_json, seed=0, dtype=None, device="cpu"))]
     fn from_config(config_json: &str, seed: i64, dtype: Option<&str>, device: &str) -> PyResult<Self> {
-        let raw: serde_json::Value = serde_json::from_str(config_json)
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("config is not valid JSON: {e}")))?;
+        let raw = parse_json(config_json)?;
         let config = BlipConfig::from_json(raw).py()?;
         let kind = dtype
             .map(parse_dtype)
@@ -178,4 +179,100 @@ impl PyBlipModel {
     fn __repr__(&self) -> PyResult<String> {
         Ok(self.lock()?.repr())
     }
+
+    // ------------------------------------------------------------------------------------------ LoRA
+
+    /// Injects adapter `adapter_name` per a LoRA config (peft's adapter_config.json fields, as JSON);
+    /// returns the paths of the layers that got it.
+    fn inject_lora(&self, config_json: &str, adapter_name: &str) -> PyResult<Vec<String>> {
+        let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
+        lora::inject(&mut *self.lock()?, &config, adapter_name).py()
+    }
+
+    /// Freezes the base and makes `adapter_name` (and the biases of `bias` mode) trainable.
+    fn mark_trainable(&self, adapter_name: &str, bias: &str) -> PyResult<()> {
+        lora::inject::mark_trainable(&mut *self.lock()?, adapter_name, bias).py()
+    }
+
+    /// `(path, layer type, in, out)` of every layer LoRA can target.
+    fn lora_targets(&self) -> PyResult<Vec<(String, String, i64, i64)>> {
+        let targets = lora::inject::targetable_layers(&mut *self.lock()?).py()?;
+        Ok(targets
+            .into_iter()
+            .map(|t| (t.path, t.layer_type.to_string(), t.in_features, t.out_features))
+            .collect())
+    }
+
+    fn set_active_adapter(&self, adapter_name: &str) -> PyResult<()> {
+        lora::inject::set_active(&mut *self.lock()?, adapter_name).py()
+    }
+
+    fn merge_adapters(&self) -> PyResult<()> {
+        lora::inject::merge(&mut *self.lock()?).py()
+    }
+
+    fn unmerge_adapters(&self) -> PyResult<()> {
+        lora::inject::unmerge(&mut *self.lock()?).py()
+    }
+
+    fn set_adapters_disabled(&self, disabled: bool) -> PyResult<()> {
+        lora::inject::set_disabled(&mut *self.lock()?, disabled).py()
+    }
+
+    /// Removes every adapter, merging the active ones first when `merge`.
+    fn unload_adapters(&self, merge: bool) -> PyResult<()> {
+        lora::inject::unload(&mut *self.lock()?, merge).py()
+    }
+
+    fn delete_adapter(&self, adapter_name: &str) -> PyResult<()> {
+        lora::inject::delete(&mut *self.lock()?, adapter_name).py()
+    }
+
+    fn adapter_names(&self) -> PyResult<Vec<String>> {
+        lora::inject::adapter_names(&mut *self.lock()?).py()
+    }
+
+    /// `(peft file key, tensor)` pairs of an adapter, as peft saves them.
+    fn adapter_state<'py>(
+        &self,
+        py: Python<'py>,
+        adapter_name: &str,
+        bias: &str,
+    ) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+        let state = lora::inject::adapter_state(&mut *self.lock()?, adapter_name, bias).py()?;
+        state
+            .into_iter()
+            .map(|(k, t)| Ok((k, tensor::to_py(py, &t)?)))
+            .collect()
+    }
+
+    /// Writes an adapter's tensors to a safetensors file (peft's keys, `{"format": "pt"}`), atomically.
+    fn save_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
+        let state = lora::inject::adapter_state(&mut *self.lock()?, adapter_name, bias).py()?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(&state, Some(metadata), &path).py()
+    }
+
+    /// Loads an adapter file (safetensors) into the injected adapter `adapter_name`; every key must fit.
+    fn load_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
+        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).py()?;
+        let mut tensors = std::collections::BTreeMap::new();
+        for name in files.names().cloned().collect::<Vec<_>>() {
+            if let Some(t) = files.read(&name).py()? {
+                tensors.insert(name, t);
+            }
+        }
+        lora::inject::load_adapter_state(&mut *self.lock()?, adapter_name, bias, &tensors).py()
+    }
+}
+
+fn parse_json(text: &str) -> PyResult<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))
+}
+
+/// Validates a LoRA config given as JSON and returns it normalised to peft's `adapter_config.json`.
+#[pyfunction]
+pub fn normalize_lora_config(config_json: &str) -> PyResult<String> {
+    let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
+    Ok(config.to_json().to_string())
 }

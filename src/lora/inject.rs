@@ -1,0 +1,480 @@
+//! Putting adapters into a model by module path (peft's `inject_adapter`), choosing what trains,
+//! and the model-wide adapter operations: merge, unmerge, disable, unload, delete, state in and out.
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use tch::{Kind, Tensor};
+
+use super::config::{InitLoraWeights, LoraConfig, TargetModules};
+use super::layer::{kaiming_uniform, BaseKind, LoraAdapter, LoraSlot};
+use crate::blip::BlipForConditionalGeneration;
+use crate::error::{Error, Result};
+use crate::nn::{Conv2d, Linear};
+
+/// A layer LoRA can wrap.
+pub enum AdaptableLayer<'a> {
+    Linear(&'a mut Linear),
+    Conv2d(&'a mut Conv2d),
+}
+
+impl AdaptableLayer<'_> {
+    fn slot(&mut self) -> &mut Option<LoraSlot> {
+        match self {
+            Self::Linear(l) => &mut l.lora,
+            Self::Conv2d(c) => &mut c.lora,
+        }
+    }
+
+    fn weight(&self) -> &Tensor {
+        match self {
+            Self::Linear(l) => &l.weight,
+            Self::Conv2d(c) => &c.weight,
+        }
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Linear(l) => l.bias.as_ref(),
+            Self::Conv2d(c) => c.bias.as_ref(),
+        }
+    }
+}
+
+/// Visits every adaptable layer with its module path.
+pub type LayerVisitor<'a> = dyn FnMut(&str, AdaptableLayer<'_>) -> Result<()> + 'a;
+
+/// A layer's path, type and shape, as `blip_peft.lora_targets(model)` lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetInfo {
+    pub path: String,
+    pub layer_type: &'static str,
+    pub in_features: i64,
+    pub out_features: i64,
+}
+
+/// Every layer LoRA can target.
+pub fn targetable_layers(model: &mut BlipForConditionalGeneration) -> Result<Vec<TargetInfo>> {
+    let mut out = Vec::new();
+    model.for_each_layer(&mut |path, layer| {
+        let (layer_type, i, o) = match &layer {
+            AdaptableLayer::Linear(l) => ("Linear", l.in_features, l.out_features),
+            AdaptableLayer::Conv2d(c) => ("Conv2d", c.in_channels, c.out_channels),
+        };
+        out.push(TargetInfo {
+            path: path.to_string(),
+            layer_type,
+            in_features: i,
+            out_features: o,
+        });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn list_matches(items: &[String], key: &str) -> bool {
+    items.iter().any(|t| key == t || key.ends_with(&format!(".{t}")))
+}
+
+fn full_match(pattern: &str, key: &str) -> bool {
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map(|re| re.is_match(key))
+        .unwrap_or(false)
+}
+
+/// peft's `check_target_module_exists` for one module path.
+pub fn is_targeted(config: &LoraConfig, key: &str, is_linear: bool) -> bool {
+    match &config.exclude_modules {
+        Some(TargetModules::Regex(p)) if full_match(p, key) => return false,
+        Some(TargetModules::List(items)) if list_matches(items, key) => return false,
+        _ => {}
+    }
+    match &config.target_modules {
+        None => false,
+        Some(TargetModules::AllLinear) => is_linear,
+        Some(TargetModules::Regex(p)) => full_match(p, key),
+        Some(TargetModules::List(items)) if items.iter().any(|t| t == key) => true,
+        Some(TargetModules::List(items)) => {
+            if !list_matches(items, key) {
+                return false;
+            }
+            let Some(indexes) = &config.layers_to_transform else {
+                return true;
+            };
+            match layer_index(key, config.layers_pattern.as_deref()) {
+                Some(i) => indexes.contains(&i),
+                None => false,
+            }
+        }
+    }
+}
+
+/// The index after a `layers`-like segment (peft: the first number following a name segment).
+fn layer_index(key: &str, patterns: Option<&[String]>) -> Option<i64> {
+    let regexes: Vec<String> = match patterns {
+        None | Some([]) => vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()],
+        Some(ps) => ps.iter().map(|p| format!(r"^(?:|.*?\.){p}\.(\d+)\.")).collect(),
+    };
+    regexes
+        .iter()
+        .find_map(|r| Regex::new(r).ok()?.captures(key)?.get(1)?.as_str().parse().ok())
+}
+
+fn new_adapter(config: &LoraConfig, path: &str, base: BaseKind, weight: &Tensor) -> Result<LoraAdapter> {
+    let (r, alpha) = config.rank_alpha(path);
+    let size = weight.size();
+    let (out, a_shape, b_shape) = match base {
+        BaseKind::Linear => (size[0], vec![r, size[1]], vec![size[0], r]),
+        BaseKind::Conv2d { kernel, .. } => {
+            (size[0], vec![r, size[1], kernel, kernel], vec![size[0], r, 1, 1])
+        }
+    };
+    let _ = out;
+    let device = weight.device();
+    let (a, b) = match config.init_lora_weights {
+        InitLoraWeights::Default => (
+            kaiming_uniform(&a_shape, device)?,
+            Tensor::f_zeros(&b_shape, (Kind::Float, device))?,
+        ),
+        InitLoraWeights::Random => (
+            kaiming_uniform(&a_shape, device)?,
+            kaiming_uniform(&b_shape, device)?,
+        ),
+        InitLoraWeights::Gaussian => (
+            Tensor::f_randn(&a_shape, (Kind::Float, device))?.f_mul_scalar(1.0 / r as f64)?,
+            Tensor::f_zeros(&b_shape, (Kind::Float, device))?,
+        ),
+    };
+    Ok(LoraAdapter {
+        a: a.f_set_requires_grad(true)?,
+        b: b.f_set_requires_grad(true)?,
+        r,
+        alpha,
+        scaling: config.scaling(r, alpha),
+        dropout: config.lora_dropout,
+    })
+}
+
+/// Adds adapter `name` to every layer `config` targets. Layers that get their first adapter make it
+/// active. Fails, listing the layer names that exist, when nothing matches.
+pub fn inject(
+    model: &mut BlipForConditionalGeneration,
+    config: &LoraConfig,
+    name: &str,
+) -> Result<Vec<String>> {
+    config.validate()?;
+    if config.target_modules.is_none() {
+        return Err(Error::invalid(
+            "target_modules is required for BLIP (peft has no default list for it); for example \
+             [\"query\", \"value\"] or \"all-linear\". blip_peft.lora_targets(model) lists the layers.",
+        ));
+    }
+    if adapter_names(model)?.iter().any(|n| n == name) {
+        return Err(Error::invalid(format!(
+            "an adapter named {name:?} already exists; choose another name"
+        )));
+    }
+    let mut targeted = Vec::new();
+    let mut all_names = Vec::new();
+    model.for_each_layer(&mut |path, mut layer| {
+        all_names.push(path.to_string());
+        let (is_linear, base) = match &layer {
+            AdaptableLayer::Linear(_) => (true, BaseKind::Linear),
+            AdaptableLayer::Conv2d(c) => (false, c.base_kind()),
+        };
+        if !is_targeted(config, path, is_linear) {
+            return Ok(());
+        }
+        let adapter = new_adapter(config, path, base, layer.weight())?;
+        let slot = layer.slot().get_or_insert_with(|| LoraSlot::new(base));
+        if slot.active.is_empty() {
+            slot.active.push(name.to_string());
+        }
+        slot.adapters.push((name.to_string(), adapter));
+        targeted.push(path.to_string());
+        Ok(())
+    })?;
+    if let Err(e) = check_targets(config, &targeted, &all_names) {
+        if !targeted.is_empty() {
+            delete(model, name)?;
+        }
+        return Err(e);
+    }
+    Ok(targeted)
+}
+
+/// The checks that need the injection's outcome: something matched, and every rank/alpha pattern did.
+fn check_targets(config: &LoraConfig, targeted: &[String], all_names: &[String]) -> Result<()> {
+    if targeted.is_empty() {
+        let mut suffixes: Vec<&str> = all_names
+            .iter()
+            .map(|n| n.rsplit('.').next().unwrap_or(n))
+            .collect();
+        suffixes.sort();
+        suffixes.dedup();
+        let wanted = match &config.target_modules {
+            Some(TargetModules::List(items)) => format!("{items:?}"),
+            Some(TargetModules::Regex(r)) => format!("{r:?}"),
+            _ => "all-linear".into(),
+        };
+        return Err(Error::invalid(format!(
+            "Target modules {wanted} not found in the base model. BLIP's Linear/Conv2d layers end in: {} \
+             (e.g. \"self_attn.qkv\" and \"mlp.fc1\" in the vision tower, \"attention.self.query\" in the \
+             text decoder); blip_peft.lora_targets(model) lists every full name.",
+            suffixes.join(", ")
+        )));
+    }
+    for (field, keys) in [
+        ("rank_pattern", config.rank_pattern.keys().collect::<Vec<_>>()),
+        ("alpha_pattern", config.alpha_pattern.keys().collect::<Vec<_>>()),
+    ] {
+        for key in keys {
+            let re = Regex::new(&format!("^(.*\\.)?({key})$"))
+                .map_err(|e| Error::invalid(format!("invalid regex {key:?} in {field}: {e}")))?;
+            if !targeted.iter().any(|p| re.is_match(p)) {
+                return Err(Error::invalid(format!(
+                    "{field} key {key:?} matches none of the targeted modules; check it against \
+                     blip_peft.lora_targets(model)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Freezes the base model and makes `adapter` (and the biases `bias` names) trainable.
+pub fn mark_trainable(model: &mut BlipForConditionalGeneration, adapter: &str, bias: &str) -> Result<()> {
+    for (_, t) in model.named_parameters() {
+        let _ = t.f_set_requires_grad(false)?;
+    }
+    let mut result = Ok(());
+    model.for_each_layer(&mut |_, mut layer| {
+        let bias_t = layer.bias().map(Tensor::shallow_clone);
+        if let Some(slot) = layer.slot() {
+            for (n, ad) in &slot.adapters {
+                let on = n == adapter;
+                let _ = ad.a.f_set_requires_grad(on)?;
+                let _ = ad.b.f_set_requires_grad(on)?;
+            }
+            if bias == "lora_only" && slot.get(adapter).is_some() {
+                if let Some(b) = bias_t {
+                    let _ = b.f_set_requires_grad(true)?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if bias == "all" {
+        for (n, t) in model.named_parameters() {
+            if n.contains("bias") {
+                if let Err(e) = t.f_set_requires_grad(true) {
+                    result = Err(e.into());
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Runs `f` on every layer that holds adapters.
+fn for_each_slot(
+    model: &mut BlipForConditionalGeneration,
+    f: &mut dyn FnMut(&str, &mut LoraSlot, &Tensor) -> Result<()>,
+) -> Result<()> {
+    model.for_each_layer(&mut |path, mut layer| {
+        let weight = layer.weight().shallow_clone();
+        if let Some(slot) = layer.slot() {
+            f(path, slot, &weight)?;
+        }
+        Ok(())
+    })
+}
+
+/// Makes `name` the active adapter of every layer that has it (and no adapter active elsewhere).
+pub fn set_active(model: &mut BlipForConditionalGeneration, name: &str) -> Result<()> {
+    for_each_slot(model, &mut |_, slot, weight| {
+        slot.unmerge(weight)?;
+        slot.active = if slot.get(name).is_some() {
+            vec![name.to_string()]
+        } else {
+            vec![]
+        };
+        Ok(())
+    })
+}
+
+/// Adds the active adapters' deltas into the base weights.
+pub fn merge(model: &mut BlipForConditionalGeneration) -> Result<()> {
+    for_each_slot(model, &mut |_, slot, weight| slot.merge(weight, None))
+}
+
+/// Takes every merged delta back out of the base weights.
+pub fn unmerge(model: &mut BlipForConditionalGeneration) -> Result<()> {
+    for_each_slot(model, &mut |_, slot, weight| slot.unmerge(weight))
+}
+
+/// Bypasses (or restores) every adapter; merged ones are unmerged first, so the base is exact.
+pub fn set_disabled(model: &mut BlipForConditionalGeneration, disabled: bool) -> Result<()> {
+    for_each_slot(model, &mut |_, slot, weight| {
+        if disabled {
+            slot.unmerge(weight)?;
+        }
+        slot.disabled = disabled;
+        Ok(())
+    })
+}
+
+/// Removes all adapters, after merging the active ones when `merge` (peft's `merge_and_unload`/`unload`).
+pub fn unload(model: &mut BlipForConditionalGeneration, merge: bool) -> Result<()> {
+    model.for_each_layer(&mut |_, mut layer| {
+        let weight = layer.weight().shallow_clone();
+        if let Some(mut slot) = layer.slot().take() {
+            slot.unmerge(&weight)?;
+            if merge && !slot.disabled {
+                slot.merge(&weight, None)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Removes adapter `name` everywhere (unmerging it first); layers left without adapters become plain.
+pub fn delete(model: &mut BlipForConditionalGeneration, name: &str) -> Result<()> {
+    let mut found = false;
+    model.for_each_layer(&mut |_, mut layer| {
+        let weight = layer.weight().shallow_clone();
+        let slot_ref = layer.slot();
+        if let Some(slot) = slot_ref.as_mut() {
+            if slot.get(name).is_some() {
+                found = true;
+                slot.unmerge(&weight)?;
+                slot.adapters.retain(|(n, _)| n != name);
+                slot.active.retain(|n| n != name);
+            }
+            if slot.adapters.is_empty() {
+                *slot_ref = None;
+            }
+        }
+        Ok(())
+    })?;
+    if !found {
+        return Err(Error::invalid(format!("no adapter named {name:?}")));
+    }
+    Ok(())
+}
+
+/// The names of the adapters present, in the order they were added.
+pub fn adapter_names(model: &mut BlipForConditionalGeneration) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for_each_slot(model, &mut |_, slot, _| {
+        for (n, _) in &slot.adapters {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(names)
+}
+
+/// The tensors peft saves for `adapter`, under peft's file keys (`base_model.model.<path>.lora_A.weight`,
+/// biases per the bias mode).
+pub fn adapter_state(
+    model: &mut BlipForConditionalGeneration,
+    adapter: &str,
+    bias: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    let mut lora_only_biases = Vec::new();
+    for_each_slot(model, &mut |path, slot, _| {
+        if let Some(ad) = slot.get(adapter) {
+            out.push((
+                format!("base_model.model.{path}.lora_A.weight"),
+                ad.a.shallow_clone(),
+            ));
+            out.push((
+                format!("base_model.model.{path}.lora_B.weight"),
+                ad.b.shallow_clone(),
+            ));
+            lora_only_biases.push(format!("{path}.base_layer.bias"));
+        }
+        Ok(())
+    })?;
+    if bias != "none" {
+        for (n, t) in model.named_parameters() {
+            let keep = match bias {
+                "all" => n.contains("bias"),
+                _ => lora_only_biases.contains(&n),
+            };
+            if keep {
+                out.push((format!("base_model.model.{n}"), t));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(format!("no adapter named {adapter:?}")));
+    }
+    Ok(out)
+}
+
+/// Loads a peft adapter's tensors into adapter `adapter` (already injected with the matching config).
+/// Every expected key must be present with its shape, and no other key may be: a mismatch names the key.
+pub fn load_adapter_state(
+    model: &mut BlipForConditionalGeneration,
+    adapter: &str,
+    bias: &str,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let expected = adapter_state(model, adapter, bias)?;
+    let mut missing = Vec::new();
+    for (key, _) in &expected {
+        if !tensors.contains_key(key) {
+            missing.push(key.clone());
+        }
+    }
+    let unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !expected.iter().any(|(e, _)| e == *k))
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        let show = |v: Vec<String>| {
+            let n = v.len();
+            let mut s: Vec<String> = v.into_iter().take(5).map(|k| format!("`{k}`")).collect();
+            if n > 5 {
+                s.push(format!("... ({n} in all)"));
+            }
+            s.join(", ")
+        };
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!("missing adapter keys: {}", show(missing)));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!(
+                "unexpected adapter keys: {}",
+                show(unexpected.into_iter().cloned().collect())
+            ));
+        }
+        return Err(Error::checkpoint(format!(
+            "the adapter does not fit this model and config ({}); was it made for another base model or \
+             target_modules?",
+            parts.join("; ")
+        )));
+    }
+    let _guard = tch::no_grad_guard();
+    for (key, target) in expected {
+        let source = &tensors[&key];
+        if source.size() != target.size() {
+            return Err(Error::checkpoint(format!(
+                "adapter tensor `{key}` has shape {:?} in the file but the model expects {:?} (an adapter made \
+                 for other shapes or another rank)",
+                source.size(),
+                target.size()
+            )));
+        }
+        let mut t = target.shallow_clone();
+        t.f_copy_(&source.f_to_kind(t.kind())?.f_to_device(t.device())?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The adapters attached to one Linear or Conv2d layer: peft's `LoraLayer` state and arithmetic.
+//! `y = base(x) + B(A(dropout(x))) · s` per active adapter, with A/B kept in float32 whatever the
+//! base precision (the input is cast to the adapter dtype, the sum cast back, as peft does).
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::repr::{py_float, ReprNode};
+
+/// One named adapter's weights.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `[r, in]` for Linear, `[r, in, k, k]` for Conv2d.
+    pub a: Tensor,
+    /// `[out, r]` for Linear, `[out, r, 1, 1]` for Conv2d.
+    pub b: Tensor,
+    pub r: i64,
+    pub alpha: f64,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// `ΔW = (B A) · s` in the adapter's precision, shaped like the base weight.
+    pub fn delta_weight(&self, base_shape: &[i64]) -> Result<Tensor> {
+        let b = self.b.f_flatten(1, -1)?;
+        let a = self.a.f_flatten(1, -1)?;
+        Ok(b.f_matmul(&a)?
+            .f_reshape(base_shape)?
+            .f_mul_scalar(self.scaling)?)
+    }
+}
+
+/// What kind of layer the adapters sit on, with the geometry the low-rank branch needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseKind {
+    Linear,
+    Conv2d { kernel: i64, stride: i64 },
+}
+
+/// The adapters of one layer and which of them are active, merged or disabled.
+#[derive(Debug)]
+pub struct LoraSlot {
+    pub adapters: Vec<(String, LoraAdapter)>,
+    pub active: Vec<String>,
+    /// Adapters whose delta is currently added into the base weight.
+    pub merged: Vec<String>,
+    /// All adapters bypassed (`with model.disable_adapter():`).
+    pub disabled: bool,
+    pub base: BaseKind,
+}
+
+impl LoraSlot {
+    pub fn new(base: BaseKind) -> Self {
+        Self {
+            adapters: Vec::new(),
+            active: Vec::new(),
+            merged: Vec::new(),
+            disabled: false,
+            base,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&LoraAdapter> {
+        self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a)
+    }
+
+    /// Adds `base`'s contribution of every active, unmerged adapter to `result` (the base output).
+    pub fn apply(&self, x: &Tensor, result: Tensor, train: bool) -> Result<Tensor> {
+        if self.disabled {
+            return Ok(result);
+        }
+        let out_kind = result.kind();
+        let mut result = result;
+        let mut touched = false;
+        for name in &self.active {
+            if self.merged.contains(name) {
+                continue;
+            }
+            let Some(ad) = self.get(name) else { continue };
+            let mut xa = x.f_to_kind(ad.a.kind())?;
+            if train && ad.dropout > 0.0 {
+                xa = xa.f_dropout(ad.dropout, true)?;
+            }
+            let low = match self.base {
+                BaseKind::Linear => xa
+                    .f_linear::<Tensor>(&ad.a, None)?
+                    .f_linear::<Tensor>(&ad.b, None)?,
+                BaseKind::Conv2d { stride, .. } => xa
+                    .f_conv2d::<Tensor>(&ad.a, None, [stride, stride], [0, 0], [1, 1], 1)?
+                    .f_conv2d::<Tensor>(&ad.b, None, [1, 1], [0, 0], [1, 1], 1)?,
+            };
+            // A float32 adapter on a half-precision base accumulates in float32, then casts back.
+            result = result.f_add(&low.f_mul_scalar(ad.scaling)?)?;
+            touched = true;
+        }
+        if touched && result.kind() != out_kind {
+            result = result.f_to_kind(out_kind)?;
+        }
+        Ok(result)
+    }
+
+    /// Adds the deltas of `names` (active adapters by default) into `weight`.
+    pub fn merge(&mut self, weight: &Tensor, names: Option<&[String]>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let names: Vec<String> = names
+            .map(<[String]>::to_vec)
+            .unwrap_or_else(|| self.active.clone());
+        for name in names {
+            if self.merged.contains(&name) {
+                continue;
+            }
+            let ad = self
+                .get(&name)
+                .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))?;
+            let delta = ad.delta_weight(&weight.size())?;
+            check_finite(&delta, &name)?;
+            let mut w = weight.shallow_clone();
+            let _ = w.f_add_(&delta.f_to_kind(weight.kind())?)?;
+            self.merged.push(name);
+        }
+        Ok(())
+    }
+
+    /// Subtracts every merged adapter's delta from `weight`.
+    pub fn unmerge(&mut self, weight: &Tensor) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        while let Some(name) = self.merged.pop() {
+            let ad = self
+                .get(&name)
+                .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))?;
+            let delta = ad.delta_weight(&weight.size())?;
+            let mut w = weight.shallow_clone();
+            let _ = w.f_sub_(&delta.f_to_kind(weight.kind())?)?;
+        }
+        Ok(())
+    }
+
+    /// Parameters with peft's names relative to the layer (`lora_A.<adapter>.weight`, ...), in peft's order.
+    pub fn visit(&self, path: &str, f: &mut crate::nn::ParamVisitor) {
+        for (name, ad) in &self.adapters {
+            f(&format!("{path}.lora_A.{name}.weight"), &ad.a);
+        }
+        for (name, ad) in &self.adapters {
+            f(&format!("{path}.lora_B.{name}.weight"), &ad.b);
+        }
+    }
+
+    /// peft's printout of a LoRA layer around `base`.
+    pub fn repr(&self, base: ReprNode, base_in: i64, base_out: i64) -> ReprNode {
+        let dropouts = self
+            .adapters
+            .iter()
+            .map(|(n, ad)| {
+                let node = if ad.dropout > 0.0 {
+                    ReprNode::leaf("Dropout", format!("p={}, inplace=False", py_float(ad.dropout)))
+                } else {
+                    ReprNode::leaf("Identity", "")
+                };
+                (n.clone(), node)
+            })
+            .collect();
+        let (a_nodes, b_nodes): (Vec<_>, Vec<_>) = self
+            .adapters
+            .iter()
+            .map(|(n, ad)| match self.base {
+                BaseKind::Linear => (
+                    (n.clone(), ReprNode::leaf("Linear", format!("in_features={base_in}, out_features={}, bias=False", ad.r))),
+                    (n.clone(), ReprNode::leaf("Linear", format!("in_features={}, out_features={base_out}, bias=False", ad.r))),
+                ),
+                BaseKind::Conv2d { kernel, stride } => (
+                    (
+                        n.clone(),
+                        ReprNode::leaf(
+                            "Conv2d",
+                            format!("{base_in}, {}, kernel_size=({kernel}, {kernel}), stride=({stride}, {stride}), bias=False", ad.r),
+                        ),
+                    ),
+                    (
+                        n.clone(),
+                        ReprNode::leaf("Conv2d", format!("{}, {base_out}, kernel_size=(1, 1), stride=(1, 1), bias=False", ad.r)),
+                    ),
+                ),
+            })
+            .unzip();
+        let dict = |children: Vec<(String, ReprNode)>| ReprNode {
+            type_name: "ModuleDict".into(),
+            extra: String::new(),
+            children,
+            is_list: false,
+        };
+        let type_name = match self.base {
+            BaseKind::Linear => "lora.Linear",
+            BaseKind::Conv2d { .. } => "lora.Conv2d",
+        };
+        ReprNode {
+            type_name: type_name.into(),
+            extra: String::new(),
+            children: vec![
+                ("base_layer".into(), base),
+                ("lora_dropout".into(), dict(dropouts)),
+                ("lora_A".into(), dict(a_nodes)),
+                ("lora_B".into(), dict(b_nodes)),
+                ("lora_embedding_A".into(), ReprNode::leaf("ParameterDict", "")),
+                ("lora_embedding_B".into(), ReprNode::leaf("ParameterDict", "")),
+                ("lora_magnitude_vector".into(), dict(vec![])),
+            ],
+            is_list: false,
+        }
+    }
+}
+
+fn check_finite(delta: &Tensor, name: &str) -> Result<()> {
+    if !bool::try_from(delta.f_isfinite()?.f_all()?)? {
+        return Err(Error::invalid(format!(
+            "adapter {name:?} holds NaN or infinite values; merging it would break the model"
+        )));
+    }
+    Ok(())
+}
+
+/// Kaiming-uniform with a = √5 (torch's default Linear/Conv init): U(-1/√fan_in, 1/√fan_in).
+pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
+    let fan_in: i64 = shape[1..].iter().product();
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Ok(Tensor::f_empty(shape, (Kind::Float, device))?.f_uniform_(-bound, bound)?)
+}

@@ -1,0 +1,10 @@
+//! LoRA with peft's semantics: the configuration (`adapter_config.json`), the adapter attached to a
+//! Linear or Conv2d layer, and injection by module path.
+
+pub mod config;
+pub mod inject;
+pub mod layer;
+
+pub use config::{LoraConfig, TargetModules};
+pub use inject::{inject, AdaptableLayer};
+pub use layer::{LoraAdapter, LoraSlot};

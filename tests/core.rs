@@ -103,3 +103,87 @@ fn bad_inputs_are_errors() {
         .unwrap();
     assert!(matches!(err, blip_peft::Error::NotFound { .. }));
 }
+
+fn logits(model: &BlipForConditionalGeneration, pixels: &Tensor, ids: &Tensor) -> Tensor {
+    model
+        .forward(&blip_peft::blip::ForwardInputs {
+            pixel_values: pixels,
+            input_ids: ids,
+            attention_mask: None,
+            labels: None,
+        })
+        .unwrap()
+        .logits
+}
+
+#[test]
+fn lora_inject_merge_unload() {
+    use blip_peft::lora::{inject, LoraConfig};
+    let mut model = BlipForConditionalGeneration::random(tiny_config(), 2, Kind::Float, Device::Cpu).unwrap();
+    let pixels = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let ids = Tensor::from_slice(&[97i64, 5, 6]).view([1, 3]);
+    let plain = logits(&model, &pixels, &ids);
+    let config = LoraConfig::from_json(&serde_json::json!({
+        "r": 2, "lora_alpha": 4, "target_modules": ["query", "patch_embedding"], "init_lora_weights": false
+    }))
+    .unwrap();
+    let targeted = inject(&mut model, &config, "default").unwrap();
+    assert_eq!(targeted.len(), 2 * 2 + 1); // self + cross query in 2 layers, and the patch conv
+    let adapted = logits(&model, &pixels, &ids);
+    let max_abs = |t: Tensor| f64::try_from(t.abs().max()).unwrap();
+    assert!(max_abs(&adapted - &plain) > 1e-4);
+    blip_peft::lora::inject::merge(&mut model).unwrap();
+    assert!(max_abs(logits(&model, &pixels, &ids) - &adapted) < 1e-4);
+    blip_peft::lora::inject::unload(&mut model, false).unwrap();
+    assert!(max_abs(logits(&model, &pixels, &ids) - &plain) < 1e-4);
+    assert!(model.named_parameters().iter().all(|(n, _)| !n.contains("lora")));
+}
+
+#[test]
+fn lora_matching_follows_peft() {
+    use blip_peft::lora::inject::is_targeted;
+    use blip_peft::lora::LoraConfig;
+    let list =
+        LoraConfig::from_json(&serde_json::json!({"target_modules": ["attention.self.query"]})).unwrap();
+    assert!(is_targeted(
+        &list,
+        "text_decoder.bert.encoder.layer.0.attention.self.query",
+        true
+    ));
+    assert!(!is_targeted(
+        &list,
+        "text_decoder.bert.encoder.layer.0.crossattention.self.query",
+        true
+    ));
+    let layers =
+        LoraConfig::from_json(&serde_json::json!({"target_modules": ["qkv"], "layers_to_transform": [1]}))
+            .unwrap();
+    assert!(is_targeted(
+        &layers,
+        "vision_model.encoder.layers.1.self_attn.qkv",
+        true
+    ));
+    assert!(!is_targeted(
+        &layers,
+        "vision_model.encoder.layers.0.self_attn.qkv",
+        true
+    ));
+    let regex = LoraConfig::from_json(&serde_json::json!({"target_modules": ".*fc[12]"})).unwrap();
+    assert!(is_targeted(&regex, "vision_model.encoder.layers.0.mlp.fc2", true));
+    assert!(!is_targeted(
+        &regex,
+        "vision_model.encoder.layers.0.mlp.fc2.x",
+        true
+    ));
+    let all = LoraConfig::from_json(
+        &serde_json::json!({"target_modules": "all-linear", "exclude_modules": ["decoder"]}),
+    )
+    .unwrap();
+    assert!(is_targeted(&all, "vision_model.encoder.layers.0.mlp.fc2", true));
+    assert!(!is_targeted(
+        &all,
+        "vision_model.embeddings.patch_embedding",
+        false
+    ));
+    assert!(!is_targeted(&all, "text_decoder.cls.predictions.decoder", true));
+}

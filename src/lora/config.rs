@@ -310,9 +310,6 @@ impl LoraConfig {
         if self.lora_bias {
             return Err(Error::invalid("lora_bias=True is not supported"));
         }
-        if self.use_dora {
-            return Err(Error::invalid("use_dora=True is not supported yet"));
-        }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(Error::invalid("modules_to_save is not supported yet"));
         }

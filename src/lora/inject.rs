@@ -7,7 +7,7 @@ use regex::Regex;
 use tch::{Kind, Tensor};
 
 use super::config::{InitLoraWeights, LoraConfig, TargetModules};
-use super::layer::{kaiming_uniform, BaseKind, LoraAdapter, LoraSlot};
+use super::layer::{kaiming_uniform, weight_norm, BaseKind, LoraAdapter, LoraSlot};
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Linear};
@@ -145,14 +145,26 @@ fn new_adapter(config: &LoraConfig, path: &str, base: BaseKind, weight: &Tensor)
             Tensor::f_zeros(&b_shape, (Kind::Float, device))?,
         ),
     };
-    Ok(LoraAdapter {
+    let scaling = config.scaling(r, alpha);
+    let mut adapter = LoraAdapter {
         a: a.f_set_requires_grad(true)?,
         b: b.f_set_requires_grad(true)?,
         r,
         alpha,
-        scaling: config.scaling(r, alpha),
+        scaling,
         dropout: config.lora_dropout,
-    })
+        magnitude: None,
+        merged_norm: None,
+    };
+    if config.use_dora {
+        // DoRA starts with the magnitude of the (adapted) base weight, so the layer is unchanged at first.
+        let _guard = tch::no_grad_guard();
+        let w = weight
+            .f_to_kind(Kind::Float)?
+            .f_add(&adapter.delta_weight(&size)?)?;
+        adapter.magnitude = Some(weight_norm(&w, base)?.f_detach()?.f_set_requires_grad(true)?);
+    }
+    Ok(adapter)
 }
 
 /// Adds adapter `name` to every layer `config` targets. Layers that get their first adapter make it
@@ -255,6 +267,9 @@ pub fn mark_trainable(model: &mut BlipForConditionalGeneration, adapter: &str, b
                 let on = n == adapter;
                 let _ = ad.a.f_set_requires_grad(on)?;
                 let _ = ad.b.f_set_requires_grad(on)?;
+                if let Some(m) = &ad.magnitude {
+                    let _ = m.f_set_requires_grad(on)?;
+                }
             }
             if bias == "lora_only" && slot.get(adapter).is_some() {
                 if let Some(b) = bias_t {
@@ -397,6 +412,12 @@ pub fn adapter_state(
                 format!("base_model.model.{path}.lora_B.weight"),
                 ad.b.shallow_clone(),
             ));
+            if let Some(m) = &ad.magnitude {
+                out.push((
+                    format!("base_model.model.{path}.lora_magnitude_vector"),
+                    m.shallow_clone(),
+                ));
+            }
             lora_only_biases.push(format!("{path}.base_layer.bias"));
         }
         Ok(())

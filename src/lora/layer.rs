@@ -18,6 +18,10 @@ pub struct LoraAdapter {
     pub alpha: f64,
     pub scaling: f64,
     pub dropout: f64,
+    /// DoRA's per-output magnitude (`[out]` for Linear, `[1, out, 1, 1]` for Conv2d); None for plain LoRA.
+    pub magnitude: Option<Tensor>,
+    /// DoRA: the weight norm the merge divided by, so unmerging restores the base exactly.
+    pub merged_norm: Option<Tensor>,
 }
 
 impl LoraAdapter {
@@ -65,8 +69,16 @@ impl LoraSlot {
         self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a)
     }
 
-    /// Adds `base`'s contribution of every active, unmerged adapter to `result` (the base output).
-    pub fn apply(&self, x: &Tensor, result: Tensor, train: bool) -> Result<Tensor> {
+    /// Adds the contribution of every active, unmerged adapter to `result`, the base layer's output for
+    /// `x` (whose weights are `weight` and `bias`).
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         if self.disabled {
             return Ok(result);
         }
@@ -79,25 +91,79 @@ impl LoraSlot {
             }
             let Some(ad) = self.get(name) else { continue };
             let mut xa = x.f_to_kind(ad.a.kind())?;
-            if train && ad.dropout > 0.0 {
+            let dropped = train && ad.dropout > 0.0;
+            if dropped {
                 xa = xa.f_dropout(ad.dropout, true)?;
             }
-            let low = match self.base {
-                BaseKind::Linear => xa
-                    .f_linear::<Tensor>(&ad.a, None)?
-                    .f_linear::<Tensor>(&ad.b, None)?,
-                BaseKind::Conv2d { stride, .. } => xa
-                    .f_conv2d::<Tensor>(&ad.a, None, [stride, stride], [0, 0], [1, 1], 1)?
-                    .f_conv2d::<Tensor>(&ad.b, None, [1, 1], [0, 0], [1, 1], 1)?,
-            };
+            let low = self.low_rank(&xa, ad)?;
             // A float32 adapter on a half-precision base accumulates in float32, then casts back.
-            result = result.f_add(&low.f_mul_scalar(ad.scaling)?)?;
+            result = match &ad.magnitude {
+                None => result.f_add(&low.f_mul_scalar(ad.scaling)?)?,
+                Some(m) => {
+                    // DoRA: rescale the base output and the low-rank update by m / ‖W + s·BA‖.
+                    let base_result = if dropped {
+                        self.base_op(&xa, &weight.f_to_kind(ad.a.kind())?)?
+                    } else {
+                        match bias {
+                            Some(b) => result.f_sub(&self.broadcast_bias(b)?)?,
+                            None => result.shallow_clone(),
+                        }
+                    };
+                    let scale = self.dora_scale(ad, m, weight)?;
+                    let dora = scale
+                        .f_sub_scalar(1.0)?
+                        .f_mul(&base_result)?
+                        .f_add(&scale.f_mul(&low)?.f_mul_scalar(ad.scaling)?)?;
+                    result.f_add(&dora)?
+                }
+            };
             touched = true;
         }
         if touched && result.kind() != out_kind {
             result = result.f_to_kind(out_kind)?;
         }
         Ok(result)
+    }
+
+    /// `B(A(x))` for this layer's geometry.
+    fn low_rank(&self, x: &Tensor, ad: &LoraAdapter) -> Result<Tensor> {
+        Ok(match self.base {
+            BaseKind::Linear => x
+                .f_linear::<Tensor>(&ad.a, None)?
+                .f_linear::<Tensor>(&ad.b, None)?,
+            BaseKind::Conv2d { stride, .. } => x
+                .f_conv2d::<Tensor>(&ad.a, None, [stride, stride], [0, 0], [1, 1], 1)?
+                .f_conv2d::<Tensor>(&ad.b, None, [1, 1], [0, 0], [1, 1], 1)?,
+        })
+    }
+
+    /// The base layer's operation without its bias.
+    fn base_op(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        Ok(match self.base {
+            BaseKind::Linear => x.f_linear::<Tensor>(weight, None)?,
+            BaseKind::Conv2d { stride, .. } => {
+                x.f_conv2d::<Tensor>(weight, None, [stride, stride], [0, 0], [1, 1], 1)?
+            }
+        })
+    }
+
+    fn broadcast_bias(&self, bias: &Tensor) -> Result<Tensor> {
+        Ok(match self.base {
+            BaseKind::Linear => bias.shallow_clone(),
+            BaseKind::Conv2d { .. } => bias.f_view([1, -1, 1, 1])?,
+        })
+    }
+
+    /// DoRA's `m / ‖W + s·BA‖` (the norm detached, as the paper and peft do), shaped to broadcast over the output.
+    fn dora_scale(&self, ad: &LoraAdapter, magnitude: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let w = weight.f_to_kind(ad.a.kind())?;
+        let delta = ad.delta_weight(&w.size())?.f_detach()?;
+        let norm = weight_norm(&w.f_add(&delta)?, self.base)?.f_detach()?;
+        let scale = magnitude.f_div(&norm)?;
+        Ok(match self.base {
+            BaseKind::Linear => scale.f_view([1, -1])?,
+            BaseKind::Conv2d { .. } => scale,
+        })
     }
 
     /// Adds the deltas of `names` (active adapters by default) into `weight`.
@@ -110,13 +176,29 @@ impl LoraSlot {
             if self.merged.contains(&name) {
                 continue;
             }
+            let base = self.base;
             let ad = self
-                .get(&name)
+                .adapters
+                .iter_mut()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| a)
                 .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))?;
             let delta = ad.delta_weight(&weight.size())?;
             check_finite(&delta, &name)?;
             let mut w = weight.shallow_clone();
-            let _ = w.f_add_(&delta.f_to_kind(weight.kind())?)?;
+            match &ad.magnitude {
+                None => {
+                    let _ = w.f_add_(&delta.f_to_kind(weight.kind())?)?;
+                }
+                Some(m) => {
+                    // W' = m / ‖W + ΔW‖ · (W + ΔW), remembering the norm for an exact unmerge.
+                    let combined = weight.f_to_kind(ad.a.kind())?.f_add(&delta)?;
+                    let norm = weight_norm(&combined, base)?;
+                    let factor = per_row(&m.f_div(&norm)?, base)?;
+                    w.f_copy_(&combined.f_mul(&factor)?.f_to_kind(weight.kind())?)?;
+                    ad.merged_norm = Some(norm);
+                }
+            }
             self.merged.push(name);
         }
         Ok(())
@@ -126,12 +208,25 @@ impl LoraSlot {
     pub fn unmerge(&mut self, weight: &Tensor) -> Result<()> {
         let _guard = tch::no_grad_guard();
         while let Some(name) = self.merged.pop() {
+            let base = self.base;
             let ad = self
-                .get(&name)
+                .adapters
+                .iter_mut()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| a)
                 .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))?;
             let delta = ad.delta_weight(&weight.size())?;
             let mut w = weight.shallow_clone();
-            let _ = w.f_sub_(&delta.f_to_kind(weight.kind())?)?;
+            match (&ad.magnitude, ad.merged_norm.take()) {
+                (Some(m), Some(norm)) => {
+                    let factor = per_row(&m.f_div(&norm)?, base)?;
+                    let restored = weight.f_to_kind(ad.a.kind())?.f_div(&factor)?.f_sub(&delta)?;
+                    w.f_copy_(&restored.f_to_kind(weight.kind())?)?;
+                }
+                _ => {
+                    let _ = w.f_sub_(&delta.f_to_kind(weight.kind())?)?;
+                }
+            }
         }
         Ok(())
     }
@@ -143,6 +238,11 @@ impl LoraSlot {
         }
         for (name, ad) in &self.adapters {
             f(&format!("{path}.lora_B.{name}.weight"), &ad.b);
+        }
+        for (name, ad) in &self.adapters {
+            if let Some(m) = &ad.magnitude {
+                f(&format!("{path}.lora_magnitude_vector.{name}.weight"), m);
+            }
         }
     }
 
@@ -189,10 +289,17 @@ impl LoraSlot {
             children,
             is_list: false,
         };
-        let type_name = match self.base {
-            BaseKind::Linear => "lora.Linear",
-            BaseKind::Conv2d { .. } => "lora.Conv2d",
+        let (type_name, dora_type) = match self.base {
+            BaseKind::Linear => ("lora.Linear", "lora.dora.DoraLinearLayer"),
+            // peft 0.21 prints the conv variant's prefix twice; we print what peft prints.
+            BaseKind::Conv2d { .. } => ("lora.Conv2d", "lora.dora.lora.dora.DoraConv2dLayer"),
         };
+        let magnitudes = self
+            .adapters
+            .iter()
+            .filter(|(_, ad)| ad.magnitude.is_some())
+            .map(|(n, _)| (n.clone(), ReprNode::leaf(dora_type, "")))
+            .collect();
         ReprNode {
             type_name: type_name.into(),
             extra: String::new(),
@@ -203,11 +310,30 @@ impl LoraSlot {
                 ("lora_B".into(), dict(b_nodes)),
                 ("lora_embedding_A".into(), ReprNode::leaf("ParameterDict", "")),
                 ("lora_embedding_B".into(), ReprNode::leaf("ParameterDict", "")),
-                ("lora_magnitude_vector".into(), dict(vec![])),
+                ("lora_magnitude_vector".into(), dict(magnitudes)),
             ],
             is_list: false,
         }
     }
+}
+
+/// DoRA's column-wise norm of a weight: per output row for Linear (`[out]`), and for Conv2d over all but
+/// the output dimension, laid out `[1, out, 1, 1]` as peft stores it.
+pub fn weight_norm(weight: &Tensor, base: BaseKind) -> Result<Tensor> {
+    Ok(match base {
+        BaseKind::Linear => weight.f_norm_scalaropt_dim(2.0, [1i64].as_slice(), false)?,
+        BaseKind::Conv2d { .. } => weight
+            .f_norm_scalaropt_dim(2.0, [1i64, 2, 3].as_slice(), true)?
+            .f_transpose(1, 0)?,
+    })
+}
+
+/// A per-output factor shaped to scale the rows of the base weight.
+fn per_row(factor: &Tensor, base: BaseKind) -> Result<Tensor> {
+    Ok(match base {
+        BaseKind::Linear => factor.f_view([-1, 1])?,
+        BaseKind::Conv2d { .. } => factor.f_view([-1, 1, 1, 1])?,
+    })
 }
 
 fn check_finite(delta: &Tensor, name: &str) -> Result<()> {

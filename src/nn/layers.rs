@@ -68,7 +68,7 @@ impl Linear {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = x.f_linear(&self.weight, self.bias.as_ref())?;
         match &self.lora {
-            Some(slot) => slot.apply(x, y, train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
             None => Ok(y),
         }
     }
@@ -157,7 +157,7 @@ impl Conv2d {
         let stride = [self.stride, self.stride];
         let y = x.f_conv2d(&self.weight, self.bias.as_ref(), stride, [0, 0], [1, 1], 1)?;
         match &self.lora {
-            Some(slot) => slot.apply(x, y, train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
             None => Ok(y),
         }
     }

@@ -39,8 +39,15 @@ pub enum Error {
     Unsupported(String),
 
     /// An error raised inside libtorch.
-    #[error("libtorch error: {0}")]
+    #[error("libtorch error: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),
+}
+
+/// libtorch's message without the C++ backtrace it appends.
+fn torch_message(e: &tch::TchError) -> String {
+    let text = e.to_string();
+    let cut = text.find("\nException raised from").unwrap_or(text.len());
+    text[..cut].trim_end().to_string()
 }
 
 /// The crate's result type.

@@ -8,6 +8,7 @@ pub mod blip;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod lora;
 pub mod nn;
 pub mod repr;

@@ -28,6 +28,31 @@ class _BlipModel:
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]: ...
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        min_new_tokens: int = 0,
+        min_length: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: str = "false",
+        num_return_sequences: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor: ...
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]: ...
     def to(self, device: str | None = None, dtype: str | None = None) -> None: ...
     @property

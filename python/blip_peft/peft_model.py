@@ -220,6 +220,11 @@ class PeftModel:
 
     __call__ = forward
 
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Captions with the active adapter (merged, unmerged or disabled as set); see
+        `BlipForConditionalGeneration.generate`."""
+        return self.base_model.model.generate(*args, **kwargs)
+
     def get_base_model(self) -> BlipForConditionalGeneration:
         return self.base_model.model
 

@@ -299,7 +299,7 @@ impl BlipForConditionalGeneration {
         };
         let hidden = self
             .text_decoder
-            .hidden_states(ids, image_embeds, &masks, None, self.training)?;
+            .hidden_states(ids, image_embeds, &masks, self.training)?;
         let logits = self.text_decoder.logits(&hidden, self.training)?;
         let loss = match labels {
             Some(labels) => Some(self.caption_loss(&logits, labels)?),

@@ -11,12 +11,35 @@ use crate::nn::{join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, P
 use crate::repr::ReprNode;
 
 /// Keys and values one decoder layer keeps between decoding steps.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LayerCache {
-    /// Self-attention keys/values of all positions so far, `[B, H, S, D]`.
-    pub self_kv: Option<(Tensor, Tensor)>,
-    /// Cross-attention keys/values of the image embeddings, computed once per image.
+    /// Self-attention keys/values, preallocated for the whole decode: `[rows, H, max_len, D]`.
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Cross-attention keys/values of the image embeddings, computed once per image: `[images, H, N, D]`.
     pub cross_kv: Option<(Tensor, Tensor)>,
+}
+
+/// The decoder's cache for one `generate` call. Rows are `images × per_image` (beams or samples of the same
+/// image next to each other); the image keys/values are shared by the rows of an image, never copied.
+#[derive(Debug)]
+pub struct DecoderCache {
+    pub layers: Vec<LayerCache>,
+    /// Positions filled so far.
+    pub len: i64,
+    /// Rows per image.
+    pub per_image: i64,
+}
+
+impl DecoderCache {
+    /// Reorders the rows (beam search): row `i` takes the keys/values of row `index[i]`.
+    pub fn reorder(&mut self, index: &Tensor) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.k = layer.k.f_index_select(0, index)?;
+            layer.v = layer.v.f_index_select(0, index)?;
+        }
+        Ok(())
+    }
 }
 
 /// Word and position embeddings, layer-normalised (no token types in BLIP).
@@ -55,13 +78,12 @@ impl BlipTextEmbeddings {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, past: i64, train: bool) -> Result<Tensor> {
-        let t = input_ids.size()[1];
-        let positions = Tensor::f_arange_start(past, past + t, (Kind::Int64, input_ids.device()))?;
+    /// `positions` is `[T]` (the same for every row) or `[B, T]` (per row, for left-padded prompts).
+    fn forward(&self, input_ids: &Tensor, positions: &Tensor, train: bool) -> Result<Tensor> {
         let x = self
             .word_embeddings
             .forward(input_ids)?
-            .f_add(&self.position_embeddings.forward(&positions)?)?;
+            .f_add(&self.position_embeddings.forward(positions)?)?;
         self.dropout.forward(&self.layer_norm.forward(&x)?, train)
     }
 
@@ -130,6 +152,35 @@ impl BlipTextSelfAttention {
         let q = split_heads(&self.query.forward_t(hidden, train)?, self.num_heads)?;
         let p = if train { self.dropout.p } else { 0.0 };
         merge_heads(&sdpa(&q, &kv.0, &kv.1, mask, p, causal)?)
+    }
+
+    /// Cross-attention where every `per_image` consecutive rows of `hidden` share one image's keys/values
+    /// (`kv` has one row per image): the rows' queries are stacked as extra query positions of that image, so
+    /// the image keys/values are never copied per beam.
+    fn attend_shared(
+        &self,
+        hidden: &Tensor,
+        kv: &(Tensor, Tensor),
+        per_image: i64,
+        train: bool,
+    ) -> Result<Tensor> {
+        if per_image == 1 {
+            return self.attend(hidden, kv, None, false, train);
+        }
+        let q = split_heads(&self.query.forward_t(hidden, train)?, self.num_heads)?; // [R, H, T, D]
+        let (rows, h, t, d) = q.size4()?;
+        let images = rows / per_image;
+        let q = q
+            .f_view([images, per_image, h, t, d])?
+            .f_permute([0, 2, 1, 3, 4])?
+            .f_reshape([images, h, per_image * t, d])?;
+        let p = if train { self.dropout.p } else { 0.0 };
+        let ctx = sdpa(&q, &kv.0, &kv.1, None, p, false)?; // [images, H, per_image*T, D]
+        let ctx = ctx
+            .f_view([images, h, per_image, t, d])?
+            .f_permute([0, 2, 1, 3, 4])?
+            .f_reshape([rows, h, t, d])?;
+        merge_heads(&ctx)
     }
 
     fn visit(&self, path: &str, f: &mut ParamVisitor) {
@@ -296,18 +347,18 @@ impl BlipTextLayer {
         x: &Tensor,
         image: &Tensor,
         masks: &DecoderMasks,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, i64, i64)>,
         train: bool,
     ) -> Result<Tensor> {
         let attn = &self.attention.self_;
-        let (self_kv, cross_kv) = match cache {
-            Some(cache) => {
+        let (self_kv, cross_kv, per_image) = match cache {
+            Some((cache, pos, per_image)) => {
+                // Write this step's keys/values into the preallocated buffers, attend over all filled positions.
                 let (k, v) = attn.key_value(x, train)?;
-                let kv = match cache.self_kv.take() {
-                    Some((pk, pv)) => (Tensor::f_cat(&[pk, k], 2)?, Tensor::f_cat(&[pv, v], 2)?),
-                    None => (k, v),
-                };
-                cache.self_kv = Some((kv.0.shallow_clone(), kv.1.shallow_clone()));
+                let t = k.size()[2];
+                cache.k.f_narrow(2, pos, t)?.f_copy_(&k)?;
+                cache.v.f_narrow(2, pos, t)?.f_copy_(&v)?;
+                let kv = (cache.k.f_narrow(2, 0, pos + t)?, cache.v.f_narrow(2, 0, pos + t)?);
                 let cross = match (&self.crossattention, &cache.cross_kv) {
                     (Some(_), Some((k, v))) => Some((k.shallow_clone(), v.shallow_clone())),
                     (Some(ca), None) => {
@@ -317,20 +368,20 @@ impl BlipTextLayer {
                     }
                     (None, _) => None,
                 };
-                (kv, cross)
+                (kv, cross, per_image)
             }
             None => {
                 let cross = match &self.crossattention {
                     Some(ca) => Some(ca.self_.key_value(image, train)?),
                     None => None,
                 };
-                (attn.key_value(x, train)?, cross)
+                (attn.key_value(x, train)?, cross, 1)
             }
         };
         let h = attn.attend(x, &self_kv, masks.self_mask, masks.causal, train)?;
         let mut x = self.attention.output.forward(&h, x, train)?;
         if let (Some(ca), Some(kv)) = (&self.crossattention, cross_kv) {
-            let h = ca.self_.attend(&x, &kv, None, false, train)?;
+            let h = ca.self_.attend_shared(&x, &kv, per_image, train)?;
             x = ca.output.forward(&h, &x, train)?;
         }
         let h = self
@@ -445,28 +496,64 @@ impl BlipTextLmHeadModel {
         })
     }
 
-    /// Decoder hidden states `[B, T, D]` for `input_ids` `[B, T]` attending to `image` `[B, N, Dv]`.
+    /// Decoder hidden states `[B, T, D]` for `input_ids` `[B, T]` attending to `image` `[B, N, Dv]`
+    /// (training and scoring: positions 0..T, no cache).
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         image: &Tensor,
         masks: &DecoderMasks,
-        mut cache: Option<&mut [LayerCache]>,
         train: bool,
     ) -> Result<Tensor> {
-        let past = match &cache {
-            Some(c) => c
-                .first()
-                .and_then(|l| l.self_kv.as_ref())
-                .map_or(0, |(k, _)| k.size()[2]),
-            None => 0,
-        };
-        let mut x = self.embeddings.forward(input_ids, past, train)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().and_then(|c| c.get_mut(i));
-            x = layer.forward(&x, image, masks, layer_cache, train)?;
+        let t = input_ids.size()[1];
+        let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
+        let mut x = self.embeddings.forward(input_ids, &positions, train)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, image, masks, None, train)?;
         }
         Ok(x)
+    }
+
+    /// One decoding step: hidden states of the new tokens `input_ids` `[R, T]` at `positions` (`[T]` or
+    /// `[R, T]`), appending their keys/values to `cache`. `image` holds one row per image.
+    pub fn decode_step(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        image: &Tensor,
+        masks: &DecoderMasks,
+        cache: &mut DecoderCache,
+    ) -> Result<Tensor> {
+        let t = input_ids.size()[1];
+        let mut x = self.embeddings.forward(input_ids, positions, false)?;
+        let (pos, per_image) = (cache.len, cache.per_image);
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, image, masks, Some((layer_cache, pos, per_image)), false)?;
+        }
+        cache.len += t;
+        Ok(x)
+    }
+
+    /// An empty cache for `rows` rows (`per_image` per image) and up to `max_len` positions.
+    pub fn new_cache(&self, rows: i64, per_image: i64, max_len: i64) -> Result<DecoderCache> {
+        let c = &self.config;
+        let heads = c.num_attention_heads;
+        let head_dim = c.hidden_size / heads;
+        let opts = (self.kind(), self.embeddings.word_embeddings.weight.device());
+        let layers = (0..self.layers.len())
+            .map(|_| {
+                Ok(LayerCache {
+                    k: Tensor::f_zeros([rows, heads, max_len, head_dim], opts)?,
+                    v: Tensor::f_zeros([rows, heads, max_len, head_dim], opts)?,
+                    cross_kv: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecoderCache {
+            layers,
+            len: 0,
+            per_image,
+        })
     }
 
     /// Vocabulary logits `[B, T, V]` of hidden states.

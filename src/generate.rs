@@ -490,7 +490,8 @@ pub fn generate(
     let max_length = match (config.max_new_tokens, config.max_length) {
         (Some(m), _) => prompt_len + m,
         (None, Some(m)) => m,
-        (None, None) => 20,
+        // transformers: by default 20 new tokens, within the position limit.
+        (None, None) => (prompt_len + 20).min(tc.max_position_embeddings),
     };
     if max_length > tc.max_position_embeddings {
         return Err(Error::invalid(format!(

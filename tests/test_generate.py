@@ -1,0 +1,218 @@
+"""Generation against transformers' `generate`: the same token ids for greedy and beam search, sampling
+that is reproducible and follows the filtered distribution, and clear errors for bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err, tiny_batch
+from transformers import BlipForConditionalGeneration as HFBlip
+
+import blip_peft as bp
+
+SETTINGS = {
+    "greedy": dict(max_new_tokens=12, min_new_tokens=12),
+    "greedy_max_length": dict(max_length=15),
+    "greedy_penalties": dict(max_new_tokens=10, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    "beam3": dict(num_beams=3, max_new_tokens=10, min_new_tokens=6),
+    "beam5_penalties": dict(num_beams=5, max_new_tokens=10, length_penalty=0.5, no_repeat_ngram_size=2),
+    "beam3_return2": dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, early_stopping=True),
+    "beam3_never": dict(num_beams=3, max_new_tokens=8, early_stopping="never", length_penalty=1.5),
+    "default_length": dict(),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint: str):
+    return HFBlip.from_pretrained(tiny_checkpoint).eval(), bp.BlipForConditionalGeneration.from_pretrained(
+        tiny_checkpoint
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_ids_equal_transformers(models, name: str, batch: int) -> None:
+    ref, ours = models
+    px, _, _ = tiny_batch(batch=batch, seed=batch)
+    expected = ref.generate(pixel_values=px, **SETTINGS[name])
+    got = ours.generate(pixel_values=px, **SETTINGS[name])
+    assert got.dtype == torch.long
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_prompt_continuation_equals_transformers(models, num_beams: int) -> None:
+    ref, ours = models
+    px, ids, mask = tiny_batch(batch=4, seq=5)
+    kwargs = dict(num_beams=num_beams, max_new_tokens=8, min_new_tokens=8)
+    expected = ref.generate(pixel_values=px, input_ids=ids.clone(), attention_mask=mask, **kwargs)
+    got = ours.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[:, 1:4], ids[:, 1:4])  # the prompt is kept, after BOS
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_prompts_of_different_lengths_decode_as_if_alone(models, num_beams: int) -> None:
+    """transformers mishandles right-padded prompts of different lengths; each row here equals its own run."""
+    _, ours = models
+    px, ids, _ = tiny_batch(batch=3, seq=6)
+    ids[:, -1] = 3  # [SEP]
+    lengths = [6, 4, 3]
+    padded = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        padded[i, :n] = torch.cat([ids[i, : n - 1], torch.tensor([3])])
+        mask[i, :n] = 1
+    kwargs = dict(num_beams=num_beams, max_new_tokens=6, min_new_tokens=6)
+    batched = ours.generate(pixel_values=px, input_ids=padded, attention_mask=mask, **kwargs)
+    for i, n in enumerate(lengths):
+        alone = ours.generate(pixel_values=px[i : i + 1], input_ids=padded[i : i + 1, :n], **kwargs)
+        row = batched[i, : alone.shape[1]]
+        assert torch.equal(row, alone[0]), i
+        assert (batched[i, alone.shape[1] :] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=10, min_new_tokens=10), dict(num_beams=3, max_new_tokens=8)])
+def test_real_shapes_equal_transformers(base_checkpoint: str, kwargs) -> None:
+    ref = HFBlip.from_pretrained(base_checkpoint).eval()
+    ours = bp.BlipForConditionalGeneration.from_pretrained(base_checkpoint)
+    px = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours.generate(pixel_values=px, **kwargs), ref.generate(pixel_values=px, **kwargs))
+
+
+@pytest.mark.parametrize("state", ["unmerged", "merged", "disabled"])
+def test_peft_model_generate_equals_peft(tiny_checkpoint: str, state: str) -> None:
+    import peft
+
+    config = dict(r=4, lora_alpha=8, target_modules=["query", "value", "qkv", "fc2"])
+    ours = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**config))
+    ref = peft.get_peft_model(HFBlip.from_pretrained(tiny_checkpoint), peft.LoraConfig(**config)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+            assert n == m
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                q.copy_(p)
+    px, _, _ = tiny_batch(batch=2)
+    kwargs = dict(num_beams=3, max_new_tokens=8, min_new_tokens=8)
+    if state == "merged":
+        ours.merge_adapter()
+        ref.merge_adapter()
+    if state == "disabled":
+        with ours.disable_adapter(), ref.disable_adapter():
+            got, expected = ours.generate(pixel_values=px, **kwargs), ref.generate(pixel_values=px, **kwargs)
+    else:
+        got, expected = ours.generate(pixel_values=px, **kwargs), ref.generate(pixel_values=px, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(models) -> None:
+    _, ours = models
+    px, _, _ = tiny_batch(batch=2)
+    kwargs = dict(do_sample=True, max_new_tokens=10, min_new_tokens=10, temperature=1.5)
+    a = ours.generate(pixel_values=px, seed=7, **kwargs)
+    b = ours.generate(pixel_values=px, seed=7, **kwargs)
+    c = ours.generate(pixel_values=px, seed=8, **kwargs)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    gen = torch.Generator().manual_seed(3)
+    d = ours.generate(pixel_values=px, seed=gen, **kwargs)
+    e = ours.generate(pixel_values=px, seed=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(d, e)
+    greedy = ours.generate(pixel_values=px, max_new_tokens=10, min_new_tokens=10)
+    assert torch.equal(
+        ours.generate(pixel_values=px, do_sample=True, top_k=1, max_new_tokens=10, min_new_tokens=10), greedy
+    )
+    many = ours.generate(pixel_values=px, seed=1, num_return_sequences=3, **kwargs)
+    assert many.shape[0] == 6
+
+
+def test_sampling_follows_the_filtered_softmax(models) -> None:
+    """The first sampled token's frequencies match the temperature/top-p filtered distribution (chi-square)."""
+    _, ours = models
+    px, _, _ = tiny_batch(batch=1)
+    temperature, top_p = 0.7, 0.8
+    bos = torch.tensor([[97]])
+    with torch.no_grad():
+        logits = ours(pixel_values=px, input_ids=bos).logits[0, -1].double()
+    logits[3] = float("-inf")  # min_new_tokens bans [SEP]
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_p, order = probs.sort()
+    keep = sorted_p.cumsum(0) > 1 - top_p
+    keep[-1] = True
+    filtered = torch.zeros_like(probs)
+    filtered[order[keep]] = probs[order[keep]]
+    filtered /= filtered.sum()
+    n = 4000
+    draws = ours.generate(
+        pixel_values=px.expand(n, -1, -1, -1).contiguous(),
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=1,
+        min_new_tokens=1,
+        seed=0,
+    )[:, 1]
+    counts = torch.bincount(draws, minlength=99).double()
+    assert counts[filtered == 0].sum() == 0  # filtered-out tokens never appear
+    expected = filtered * n
+    used = expected > 5
+    chi2 = float((((counts - expected) ** 2)[used] / expected[used]).sum())
+    dof = int(used.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(num_beams=0), "num_beams"),
+        (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(do_sample=True, top_p=0.0), "top_p"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(max_new_tokens=100), "positions"),
+        (dict(early_stopping="sometimes"), "early_stopping"),
+    ],
+)
+def test_bad_settings(models, kwargs, pattern: str) -> None:
+    _, ours = models
+    px, _, _ = tiny_batch(batch=1)
+    with pytest.raises(ValueError, match=pattern):
+        ours.generate(pixel_values=px, **kwargs)
+
+
+def test_bad_inputs(models) -> None:
+    _, ours = models
+    px, ids, _ = tiny_batch(batch=2)
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        ours.generate(pixel_values=px[0])
+    with pytest.raises(TypeError, match="floating-point"):
+        ours.generate(pixel_values=px.long())
+    with pytest.raises(ValueError, match="batch size"):
+        ours.generate(pixel_values=px, input_ids=ids[:1])
+    with pytest.raises(TypeError, match="unsupported keyword"):
+        ours.generate(pixel_values=px, beams=3)
+    with pytest.raises(ValueError, match="pixel_values"):
+        ours.generate()
+
+
+def test_generate_does_not_build_a_graph(models) -> None:
+    _, ours = models
+    px, _, _ = tiny_batch(batch=1)
+    out = ours.generate(pixel_values=px.requires_grad_(True), max_new_tokens=3)
+    assert not out.requires_grad
+
+
+def test_forward_logits_agree_with_generation_scores(models) -> None:
+    """Greedy tokens are the argmax of the model's own forward logits (cache and no-cache paths agree)."""
+    _, ours = models
+    px, _, _ = tiny_batch(batch=2)
+    ids = ours.generate(pixel_values=px, max_new_tokens=6, min_new_tokens=6)
+    logits = ours(pixel_values=px, input_ids=ids).logits
+    logits[:, :, 3] = float("-inf")
+    assert torch.equal(logits[:, :-1].argmax(-1), ids[:, 1:])
+    assert rel_err(logits[:, :-1].softmax(-1).max(-1).values, logits[:, :-1].softmax(-1).max(-1).values) == 0

@@ -684,7 +684,7 @@ fn beam_search(
             .f_unsqueeze(1)?
             .f_expand([batch, beams, prompt_len], false)?,
     )?;
-    let mut sequences = running.f_clone(&running)?;
+    let mut sequences = running.f_detach_copy()?;
     let mut running_scores = Tensor::f_zeros([batch, beams], (Kind::Float, device))?;
     let _ = running_scores.f_narrow(1, 1, beams - 1)?.f_fill_(-1e9)?;
     let mut beam_scores = Tensor::f_full([batch, beams], -1e9, (Kind::Float, device))?;
@@ -692,7 +692,7 @@ fn beam_search(
     let mut improvable = Tensor::f_ones([batch, 1], (Kind::Bool, device))?;
     let gen_cap = max_length - prompt_len;
     let mut running_idx = Tensor::f_full([batch, beams, gen_cap], -1, (Kind::Int64, device))?;
-    let mut beam_idx = running_idx.f_clone(&running_idx)?;
+    let mut beam_idx = running_idx.f_detach_copy()?;
     let mut cur_len = prompt_len;
     let neg = |mask: &Tensor| -> Result<Tensor> { Ok(mask.f_to_kind(Kind::Float)?.f_mul_scalar(-1.0e9)?) };
     let gather = |t: &Tensor, idx: &Tensor| -> Result<Tensor> {

@@ -6,12 +6,14 @@
 
 pub mod blip;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod generate;
 pub mod lora;
 pub mod nn;
 pub mod repr;
+pub mod train;
 pub mod weights;
 
 #[cfg(feature = "python")]

@@ -9,6 +9,8 @@ import torch  # noqa: F401, I001
 from blip_peft import _blip_peft
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
+from blip_peft.data import ImageCaptionDataset
+from blip_peft.training import TrainResult, train
 from blip_peft.peft_model import LoraConfig, LoraModel, PeftConfig, PeftModel, get_peft_model, lora_targets
 from blip_peft.modeling import (
     AutoModelForImageTextToText,
@@ -26,6 +28,9 @@ __all__ = [
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
     "BlipPeftError",
+    "ImageCaptionDataset",
+    "TrainResult",
+    "train",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",

@@ -1,11 +1,20 @@
 """Type stubs of the native module `blip_peft._blip_peft` (checked by mypy.stubtest in the test suite)."""
 
 import os
-from typing import final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, final
 
 import torch
 
-__all__ = ["BlipPeftError", "_BlipModel", "__version__", "cuda_is_available", "normalize_lora_config"]
+__all__ = [
+    "BlipPeftError",
+    "_BlipModel",
+    "__version__",
+    "collate_captions",
+    "cuda_is_available",
+    "normalize_lora_config",
+    "train_native",
+]
 
 __version__: str
 
@@ -14,6 +23,17 @@ class BlipPeftError(RuntimeError):
 
 def cuda_is_available() -> bool: ...
 def normalize_lora_config(config_json: str) -> str: ...
+def train_native(
+    model: _BlipModel,
+    train: Mapping[str, torch.Tensor],
+    eval: Mapping[str, torch.Tensor] | None,
+    args_json: str,
+    adapter: tuple[str, str, str] | None = None,
+    callback: Callable[[str, dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]: ...
+def collate_captions(
+    captions: Sequence[Sequence[int]], bos_token_id: int, pad_token_id: int, max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 @final
 class _BlipModel:

@@ -4,6 +4,7 @@
 mod errors;
 mod model;
 mod tensor;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -13,6 +14,8 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyBlipModel>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
+    m.add_function(wrap_pyfunction!(train::train_native, m)?)?;
+    m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
     errors::register(m)?;
     Ok(())
 }

@@ -24,20 +24,35 @@ pub struct PyBlipModel {
 /// `(loss or None, logits, image_embeds)` of a forward pass, as torch tensors.
 type ForwardResult<'py> = (Option<Bound<'py, PyAny>>, Bound<'py, PyAny>, Bound<'py, PyAny>);
 
-/// Locks a shared model from code running without the GIL.
+/// Locks a shared model from code running without the GIL. A model already busy (e.g. a training
+/// callback calling `generate` on the model being trained) is an error, never a deadlock.
 pub fn locked(
     inner: &Arc<Mutex<BlipForConditionalGeneration>>,
 ) -> crate::Result<MutexGuard<'_, BlipForConditionalGeneration>> {
-    inner
-        .lock()
-        .map_err(|_| crate::Error::invalid("the model is unusable after an earlier crash"))
+    match inner.try_lock() {
+        Ok(guard) => Ok(guard),
+        Err(std::sync::TryLockError::WouldBlock) => Err(crate::Error::invalid(
+            "the model is busy in another call (training or generating); call it after that returns",
+        )),
+        Err(std::sync::TryLockError::Poisoned(_)) => Err(crate::Error::invalid(
+            "the model is unusable after an earlier crash",
+        )),
+    }
 }
 
 impl PyBlipModel {
+    /// Locks the model for a call made with the GIL held. A model busy in a long call (training in this
+    /// thread's callback, or another thread) gives an error instead of a deadlock.
     pub fn lock(&self) -> PyResult<MutexGuard<'_, BlipForConditionalGeneration>> {
-        self.inner
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("the model is unusable after an earlier crash"))
+        match self.inner.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(std::sync::TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
+                "the model is busy in another call (training or generating); call it after that returns",
+            )),
+            Err(std::sync::TryLockError::Poisoned(_)) => Err(PyRuntimeError::new_err(
+                "the model is unusable after an earlier crash",
+            )),
+        }
     }
 
     fn wrap(model: BlipForConditionalGeneration) -> Self {

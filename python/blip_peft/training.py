@@ -1,0 +1,306 @@
+"""`blip_peft.train`: a complete fine-tuning loop run by the Rust core, and its `TrainResult`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blip_peft import _blip_peft
+from blip_peft._convert import fspath
+from blip_peft.data import as_items
+from blip_peft.modeling import BlipForConditionalGeneration
+from blip_peft.peft_model import PeftModel
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: per-step history, evaluation losses and where the result was saved."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    global_step: int = 0
+    total_steps: int = 0
+    interrupted: bool = False
+    last_checkpoint: str | None = None
+    adapter_path: str | None = None
+    skipped_samples: list[int] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Draws the training (and evaluation) loss curves with matplotlib; saves a PNG when `path` is given."""
+        try:
+            import matplotlib
+
+            if path is not None:
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("TrainResult.plot needs matplotlib: pip install matplotlib") from None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([h["step"] for h in self.history], self.losses, label="train loss")
+        if self.eval_history:
+            ax.plot([s for s, _ in self.eval_history], [v for _, v in self.eval_history], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(fspath(path, "path"), dpi=100)
+            plt.close(fig)
+        return fig
+
+
+class _Progress:
+    """tqdm when installed (terminals and notebooks), a plain line log otherwise."""
+
+    def __init__(self, enabled: bool, user_callback: Callable[[dict[str, Any]], Any] | None) -> None:
+        self.enabled = enabled
+        self.user_callback = user_callback
+        self.bar: Any = None
+
+    def __call__(self, event: str, payload: dict[str, Any]) -> bool:
+        stop = False
+        if event == "log":
+            for log in payload["logs"]:
+                if self.user_callback is not None and self.user_callback(dict(log)) is True:
+                    stop = True
+            if self.enabled:
+                self._show(payload["logs"][-1], payload["total_steps"])
+        elif event == "eval":
+            if self.user_callback is not None and self.user_callback(dict(payload)) is True:
+                stop = True
+            if self.enabled:
+                self._write(f"step {payload['step']}: eval loss {payload['eval_loss']:.4f}")
+        return stop
+
+    def _show(self, log: dict[str, Any], total: int) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        text = f"loss={log['loss']:.4f} lr={log['learning_rate']:.2e} {log['samples_per_second']:.1f} samples/s"
+        if tqdm is None:
+            print(f"step {log['step']}/{total} {text}", file=sys.stderr, flush=True)
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="training", leave=True)
+        self.bar.n = log["step"]
+        self.bar.set_postfix_str(text)
+        self.bar.refresh()
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _encode(
+    dataset: Any,
+    processor: Any,
+    image_column: str,
+    text_column: str,
+    max_length: int | None,
+    bos: int,
+    pad: int,
+    on_bad_sample: str,
+    what: str,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A dataset as the tensors the core trains on, with the training collation (BOS first, pads -100)."""
+    if isinstance(dataset, Mapping):
+        if "pixel_values" not in dataset or "input_ids" not in dataset:
+            raise ValueError(f"{what} as a mapping of tensors needs 'pixel_values' and 'input_ids'")
+        ids = dataset["input_ids"].clone()
+        mask = dataset.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        ids[:, 0] = bos
+        labels = dataset.get("labels")
+        labels = ids.masked_fill(mask == 0, -100) if labels is None else labels
+        return {
+            "pixel_values": dataset["pixel_values"],
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+        }, []
+    if processor is None:
+        raise TypeError(f"{what} holds images and captions: pass the processor (e.g. BlipProcessor.from_pretrained)")
+    pairs = as_items(dataset, image_column, text_column)
+    if len(pairs) == 0:
+        raise ValueError(f"the {what} is empty")
+    pixels: list[torch.Tensor] = []
+    captions: list[list[int]] = []
+    skipped: list[int] = []
+    for i in range(len(pairs)):
+        image, text = pairs[i]
+        if not isinstance(text, str):
+            raise TypeError(f"{what} item {i}: the caption must be a string, got {type(text).__name__}")
+        try:
+            pv = processor(images=image, return_tensors="pt")["pixel_values"]
+        except Exception as e:  # noqa: BLE001  (reported with the item's index, or skipped on request)
+            if on_bad_sample == "skip":
+                skipped.append(i)
+                continue
+            raise ValueError(f"{what} item {i}: cannot read the image ({e})") from e
+        pixels.append(pv[0])
+        captions.append(list(processor.tokenizer(text)["input_ids"]))
+    if not pixels:
+        raise ValueError(f"every item of the {what} was skipped as unreadable")
+    ids, mask, labels = _blip_peft.collate_captions(captions, bos, pad, max_length)
+    return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
+
+
+def train(
+    model: BlipForConditionalGeneration | PeftModel,
+    processor: Any,
+    train_dataset: Any,
+    *,
+    eval_dataset: Any = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    lr_scheduler: str = "linear",
+    warmup_steps: int = 0,
+    warmup_ratio: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    max_grad_norm: float = 1.0,
+    mixed_precision: str = "auto",
+    max_length: int | None = 64,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    seed: int = 0,
+    output_dir: str | os.PathLike[str] | None = None,
+    save_steps: int | None = None,
+    save_total_limit: int | None = None,
+    resume_from_checkpoint: str | os.PathLike[str] | bool | None = None,
+    eval_steps: int | None = None,
+    logging_steps: int = 10,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    image_column: str = "image",
+    text_column: str = "text",
+    on_bad_sample: str = "raise",
+) -> TrainResult:
+    """Fine-tunes `model` (a `PeftModel`: only its adapters train; a plain model: every parameter trains).
+
+    The loop runs in Rust with the GIL released: batching, forward, backward, AdamW (torch's numerics,
+    decoupled weight decay), the learning-rate schedule, gradient accumulation and clipping, and fp16 loss
+    scaling. Captions start with the BOS token generation uses and padding is excluded from the loss.
+
+    `callback(dict)` is called at every logging step with that step's record (and after each evaluation);
+    returning True stops training. Ctrl-C stops after the current step, saves a checkpoint when `output_dir`
+    is set, and returns the result so far. Checkpoints go to `output_dir/checkpoint-<step>/`; with a
+    `PeftModel` the final adapter is saved into `output_dir` itself.
+    """
+    if isinstance(model, PeftModel):
+        native = model._native
+        config = model.peft_config[model.active_adapter]
+        adapter: tuple[str, str, str] | None = (
+            model.active_adapter,
+            config.bias,
+            json.dumps(config.to_dict(), indent=2, sort_keys=True),
+        )
+    elif isinstance(model, BlipForConditionalGeneration):
+        native = model._native
+        adapter = None
+    else:
+        raise TypeError(
+            f"model must be a blip_peft BlipForConditionalGeneration or PeftModel, got {type(model).__name__}"
+        )
+    if on_bad_sample not in ("raise", "skip"):
+        raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("logging_steps", logging_steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if learning_rate < 0 or not math.isfinite(learning_rate):
+        raise ValueError(f"learning_rate must be a non-negative number, got {learning_rate}")
+    text_config = model.config.text_config
+    bos, pad = text_config.bos_token_id, text_config.pad_token_id
+    train_tensors, skipped = _encode(
+        train_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, "train_dataset"
+    )
+    eval_tensors = None
+    if eval_dataset is not None:
+        eval_tensors, _ = _encode(
+            eval_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, "eval_dataset"
+        )
+    out = fspath(output_dir, "output_dir") if output_dir is not None else None
+    resume: str | None = None
+    if resume_from_checkpoint is True:
+        if out is None:
+            raise ValueError("resume_from_checkpoint=True needs output_dir (where the checkpoints are)")
+        found = sorted(
+            (int(d.split("-")[-1]), d)
+            for d in (os.listdir(out) if os.path.isdir(out) else [])
+            if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()
+        )
+        if not found:
+            raise FileNotFoundError(f"no checkpoint-<step> folder to resume from in {out!r}")
+        resume = os.path.join(out, found[-1][1])
+    elif resume_from_checkpoint not in (None, False):
+        resume = fspath(resume_from_checkpoint, "resume_from_checkpoint")
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"checkpoint to resume from not found: {resume!r}")
+    args = {
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "learning_rate": float(learning_rate),
+        "weight_decay": float(weight_decay),
+        "adam_betas": [float(adam_betas[0]), float(adam_betas[1])],
+        "adam_eps": float(adam_eps),
+        "lr_scheduler": lr_scheduler,
+        "warmup_steps": warmup_steps,
+        "warmup_ratio": float(warmup_ratio),
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "max_grad_norm": float(max_grad_norm),
+        "mixed_precision": mixed_precision,
+        "shuffle": shuffle,
+        "drop_last": drop_last,
+        "seed": seed,
+        "logging_steps": logging_steps,
+        "output_dir": out,
+        "save_steps": save_steps,
+        "save_total_limit": save_total_limit,
+        "eval_steps": eval_steps,
+        "resume_from_checkpoint": resume,
+    }
+    reporter = _Progress(progress, callback)
+    try:
+        result = _blip_peft.train_native(native, train_tensors, eval_tensors, json.dumps(args), adapter, reporter)
+    finally:
+        reporter.close()
+    train_result = TrainResult(
+        history=result["history"],
+        eval_history=[tuple(e) for e in result["eval_history"]],  # type: ignore[misc]
+        global_step=result["global_step"],
+        total_steps=result["total_steps"],
+        interrupted=result["interrupted"],
+        last_checkpoint=result["last_checkpoint"],
+        skipped_samples=skipped,
+    )
+    if skipped and progress:
+        print(f"skipped {len(skipped)} unreadable sample(s): {skipped[:10]}", file=sys.stderr)
+    if out is not None and isinstance(model, PeftModel):
+        model.save_pretrained(out)
+        train_result.adapter_path = out
+    return train_result

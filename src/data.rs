@@ -1,0 +1,165 @@
+//! Training data: collation that avoids the HF recipe's traps (captions start with the BOS generation uses,
+//! padding is excluded from the loss, captions truncate), and batch sources for the trainer.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::train::{Batch, BatchSource};
+
+/// Collates tokenised captions (`[CLS] ... [SEP]` from the tokenizer) into a padded batch: the first token
+/// becomes `bos` (BLIP's `[DEC]`, what `generate` starts from), captions longer than `max_length` are cut
+/// (keeping the final `[SEP]`), and labels are the ids with padding set to -100.
+pub fn collate_captions(
+    captions: &[Vec<i64>],
+    bos: i64,
+    pad: i64,
+    max_length: Option<usize>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if captions.is_empty() {
+        return Err(Error::invalid("cannot collate an empty batch"));
+    }
+    let rows: Vec<Vec<i64>> = captions
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if let Some(max) = max_length {
+                if c.len() > max && max >= 2 {
+                    let last = *c.last().unwrap_or(&pad);
+                    c.truncate(max);
+                    if let Some(end) = c.last_mut() {
+                        *end = last;
+                    }
+                }
+            }
+            if c.is_empty() {
+                c.push(bos);
+            } else {
+                c[0] = bos;
+            }
+            c
+        })
+        .collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    let mut mask = Vec::with_capacity(rows.len() * width);
+    let mut labels = Vec::with_capacity(rows.len() * width);
+    for r in &rows {
+        for i in 0..width {
+            let real = i < r.len();
+            ids.push(if real { r[i] } else { pad });
+            mask.push(i64::from(real));
+            labels.push(if real { r[i] } else { -100 });
+        }
+    }
+    let shape = [rows.len() as i64, width as i64];
+    Ok((
+        Tensor::f_from_slice(&ids)?.f_view(shape)?,
+        Tensor::f_from_slice(&mask)?.f_view(shape)?,
+        Tensor::f_from_slice(&labels)?.f_view(shape)?,
+    ))
+}
+
+/// A dataset already encoded as tensors (rows of pixel values, ids, mask and labels), kept on the host.
+pub struct TensorDataset {
+    pub pixel_values: Tensor,
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub labels: Tensor,
+}
+
+impl TensorDataset {
+    pub fn new(
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Option<Tensor>,
+        labels: Option<Tensor>,
+    ) -> Result<Self> {
+        let n = pixel_values.size().first().copied().unwrap_or(0);
+        if input_ids.dim() != 2 || input_ids.size()[0] != n {
+            return Err(Error::invalid(format!(
+                "input_ids must have shape [{n}, length] to match pixel_values, got {:?}",
+                input_ids.size()
+            )));
+        }
+        let input_ids = input_ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
+        let attention_mask = match attention_mask {
+            Some(m) => m.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?,
+            None => input_ids.f_ones_like()?,
+        };
+        if attention_mask.size() != input_ids.size() {
+            return Err(Error::invalid("attention_mask must have the shape of input_ids"));
+        }
+        let labels = match labels {
+            Some(l) => l.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?,
+            None => input_ids.f_masked_fill(&attention_mask.f_eq(0)?, -100)?,
+        };
+        if labels.size() != input_ids.size() {
+            return Err(Error::invalid("labels must have the shape of input_ids"));
+        }
+        Ok(Self {
+            pixel_values: pixel_values.f_to_device(Device::Cpu)?,
+            input_ids,
+            attention_mask,
+            labels,
+        })
+    }
+}
+
+impl BatchSource for TensorDataset {
+    fn len(&self) -> usize {
+        self.input_ids.size()[0] as usize
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let idx = Tensor::f_from_slice(&idx)?;
+        let mask = self.attention_mask.f_index_select(0, &idx)?;
+        // Trim the columns every row pads: the loss and the real positions' logits do not change.
+        let width = i64::try_from(
+            mask.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)?
+                .f_max()?,
+        )?
+        .max(1);
+        let trim = |t: &Tensor| -> Result<Tensor> { Ok(t.f_index_select(0, &idx)?.f_narrow(1, 0, width)?) };
+        Ok(Batch {
+            pixel_values: self.pixel_values.f_index_select(0, &idx)?,
+            input_ids: trim(&self.input_ids)?,
+            attention_mask: mask.f_narrow(1, 0, width)?,
+            labels: trim(&self.labels)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collation_sets_bos_masks_pads_and_truncates() {
+        let (ids, mask, labels) = collate_captions(
+            &[
+                vec![101, 5, 6, 102],
+                vec![101, 7, 102],
+                vec![101, 1, 2, 3, 4, 102],
+            ],
+            30522,
+            0,
+            Some(5),
+        )
+        .unwrap();
+        assert_eq!(ids.size(), [3, 5]);
+        assert_eq!(
+            Vec::<i64>::try_from(ids.get(0)).unwrap(),
+            vec![30522, 5, 6, 102, 0]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(labels.get(1)).unwrap(),
+            vec![30522, 7, 102, -100, -100]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(ids.get(2)).unwrap(),
+            vec![30522, 1, 2, 3, 102]
+        );
+        assert_eq!(Vec::<i64>::try_from(mask.get(1)).unwrap(), vec![1, 1, 1, 0, 0]);
+    }
+}

@@ -1,0 +1,256 @@
+//! `train_native`: runs the core trainer with the GIL released, calling back into Python at logging steps
+//! (progress, the user's callback, Ctrl-C).
+
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use serde::Deserialize;
+
+use super::errors::IntoPyResult;
+use super::model::{locked, PyBlipModel};
+use super::tensor;
+use crate::data::TensorDataset;
+use crate::train::checkpoint::WeightsFormat;
+use crate::train::trainer::{Control, Observer, Precision, TrainConfig};
+use crate::train::{BatchSource, Schedule, StepLog, Trainer};
+
+/// The training arguments as Python passes them (JSON), with `blip_peft.train`'s names.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainArgs {
+    epochs: i64,
+    max_steps: Option<i64>,
+    batch_size: i64,
+    learning_rate: f64,
+    weight_decay: f64,
+    adam_betas: (f64, f64),
+    adam_eps: f64,
+    lr_scheduler: String,
+    warmup_steps: i64,
+    warmup_ratio: f64,
+    gradient_accumulation_steps: i64,
+    max_grad_norm: f64,
+    mixed_precision: String,
+    shuffle: bool,
+    drop_last: bool,
+    seed: i64,
+    logging_steps: i64,
+    output_dir: Option<PathBuf>,
+    save_steps: Option<i64>,
+    save_total_limit: Option<i64>,
+    eval_steps: Option<i64>,
+    resume_from_checkpoint: Option<PathBuf>,
+}
+
+/// Calls the Python callback at logging steps; Ctrl-C and a callback returning True stop training.
+struct PyObserver {
+    callback: Option<Py<PyAny>>,
+    interrupted: bool,
+    error: Option<PyErr>,
+}
+
+impl PyObserver {
+    fn call(
+        &mut self,
+        event: &str,
+        payload: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
+    ) -> crate::Result<Control> {
+        Python::attach(|py| {
+            if let Err(e) = py.check_signals() {
+                if e.is_instance_of::<PyKeyboardInterrupt>(py) {
+                    self.interrupted = true;
+                    return Ok(Control::Stop);
+                }
+                self.error = Some(e);
+                return Err(crate::Error::invalid("interrupted by a Python exception"));
+            }
+            let Some(cb) = &self.callback else {
+                return Ok(Control::Continue);
+            };
+            let result = payload(py).and_then(|p| cb.call1(py, (event, p)));
+            match result {
+                Ok(r) => Ok(if r.bind(py).is_truthy().unwrap_or(false) {
+                    Control::Stop
+                } else {
+                    Control::Continue
+                }),
+                Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
+                    self.interrupted = true;
+                    Ok(Control::Stop)
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    Err(crate::Error::invalid("the training callback raised an exception"))
+                }
+            }
+        })
+    }
+}
+
+fn log_dict<'py>(py: Python<'py>, log: &StepLog) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("step", log.step)?;
+    d.set_item("epoch", log.epoch)?;
+    d.set_item("loss", log.loss)?;
+    d.set_item("learning_rate", log.learning_rate)?;
+    d.set_item("grad_norm", log.grad_norm)?;
+    d.set_item("samples_per_second", log.samples_per_second)?;
+    d.set_item("skipped", log.skipped)?;
+    Ok(d)
+}
+
+impl Observer for PyObserver {
+    fn on_log(&mut self, logs: &[StepLog], total_steps: i64) -> crate::Result<Control> {
+        self.call("log", |py| {
+            let list = PyList::empty(py);
+            for l in logs {
+                list.append(log_dict(py, l)?)?;
+            }
+            let d = PyDict::new(py);
+            d.set_item("logs", list)?;
+            d.set_item("total_steps", total_steps)?;
+            Ok(d.into_any().unbind())
+        })
+    }
+
+    fn on_eval(&mut self, step: i64, loss: f64) -> crate::Result<Control> {
+        self.call("eval", |py| {
+            let d = PyDict::new(py);
+            d.set_item("step", step)?;
+            d.set_item("eval_loss", loss)?;
+            Ok(d.into_any().unbind())
+        })
+    }
+}
+
+fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str) -> PyResult<TensorDataset> {
+    let get = |k: &str| -> PyResult<Option<tch::Tensor>> {
+        match parts.get_item(k) {
+            Ok(v) if !v.is_none() => Ok(Some(tensor::from_py(&v, &format!("{what}[{k:?}]"))?)),
+            _ => Ok(None),
+        }
+    };
+    let pixel_values =
+        get("pixel_values")?.ok_or_else(|| PyValueError::new_err(format!("{what} has no pixel_values")))?;
+    let input_ids =
+        get("input_ids")?.ok_or_else(|| PyValueError::new_err(format!("{what} has no input_ids")))?;
+    TensorDataset::new(pixel_values, input_ids, get("attention_mask")?, get("labels")?).py()
+}
+
+/// Trains `model` on encoded tensors (a mapping with pixel_values, input_ids, attention_mask, labels).
+/// `adapter` is `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning.
+#[pyfunction]
+#[pyo3(signature = (model, train, eval, args_json, adapter=None, callback=None))]
+pub fn train_native<'py>(
+    py: Python<'py>,
+    model: &PyBlipModel,
+    train: &Bound<'py, PyAny>,
+    eval: Option<&Bound<'py, PyAny>>,
+    args_json: &str,
+    adapter: Option<(String, String, String)>,
+    callback: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let args: TrainArgs = serde_json::from_str(args_json)
+        .map_err(|e| PyValueError::new_err(format!("invalid training arguments: {e}")))?;
+    let device = model.lock()?.device();
+    let config = TrainConfig {
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        batch_size: usize::try_from(args.batch_size)
+            .ok()
+            .filter(|&b| b >= 1)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!("batch_size must be at least 1, got {}", args.batch_size))
+            })?,
+        learning_rate: args.learning_rate,
+        weight_decay: args.weight_decay,
+        betas: args.adam_betas,
+        eps: args.adam_eps,
+        schedule: Schedule::parse(&args.lr_scheduler).py()?,
+        warmup_steps: args.warmup_steps,
+        warmup_ratio: args.warmup_ratio,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        max_grad_norm: args.max_grad_norm,
+        precision: Precision::parse(&args.mixed_precision, device).py()?,
+        shuffle: args.shuffle,
+        drop_last: args.drop_last,
+        seed: args.seed,
+        logging_steps: args.logging_steps,
+        output_dir: args.output_dir,
+        save_steps: args.save_steps,
+        save_total_limit: match args.save_total_limit {
+            None => None,
+            Some(n) if n >= 1 => Some(n as usize),
+            Some(n) => {
+                return Err(PyValueError::new_err(format!(
+                    "save_total_limit must be at least 1, got {n}"
+                )))
+            }
+        },
+        eval_steps: args.eval_steps,
+        resume_from: args.resume_from_checkpoint,
+    };
+    let train_source: Box<dyn BatchSource> = Box::new(tensor_dataset(train, "train_dataset")?);
+    let eval_source: Option<Box<dyn BatchSource>> = match eval {
+        Some(e) if !e.is_none() => Some(Box::new(tensor_dataset(e, "eval_dataset")?)),
+        _ => None,
+    };
+    let mut observer = PyObserver {
+        callback,
+        interrupted: false,
+        error: None,
+    };
+    let inner = model.inner.clone();
+    let outcome = py.detach(|| {
+        let mut m = locked(&inner)?;
+        let format = match &adapter {
+            Some((name, bias, config_json)) => WeightsFormat::Adapter {
+                name,
+                bias,
+                config_json,
+            },
+            None => WeightsFormat::Full,
+        };
+        Trainer::run(&mut m, train_source, eval_source, &config, &format, &mut observer)
+    });
+    if let Some(e) = observer.error.take() {
+        return Err(e);
+    }
+    let outcome = outcome.py()?;
+    let d = PyDict::new(py);
+    let history = PyList::empty(py);
+    for l in &outcome.history {
+        history.append(log_dict(py, l)?)?;
+    }
+    d.set_item("history", history)?;
+    d.set_item("eval_history", outcome.eval_history.clone())?;
+    d.set_item("global_step", outcome.global_step)?;
+    d.set_item("total_steps", outcome.total_steps)?;
+    d.set_item("interrupted", outcome.interrupted || observer.interrupted)?;
+    d.set_item(
+        "last_checkpoint",
+        outcome.last_checkpoint.map(|p| p.to_string_lossy().into_owned()),
+    )?;
+    Ok(d)
+}
+
+/// Collates tokenised captions the way training does: `(input_ids, attention_mask, labels)` tensors.
+#[pyfunction]
+#[pyo3(signature = (captions, bos_token_id, pad_token_id, max_length=None))]
+pub fn collate_captions<'py>(
+    py: Python<'py>,
+    captions: Vec<Vec<i64>>,
+    bos_token_id: i64,
+    pad_token_id: i64,
+    max_length: Option<usize>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let (ids, mask, labels) =
+        crate::data::collate_captions(&captions, bos_token_id, pad_token_id, max_length).py()?;
+    Ok((
+        tensor::to_py(py, &ids)?,
+        tensor::to_py(py, &mask)?,
+        tensor::to_py(py, &labels)?,
+    ))
+}

@@ -1,0 +1,190 @@
+//! Training checkpoints: `output_dir/checkpoint-<step>/` holding the trained weights (a PEFT adapter, or the
+//! whole model for full fine-tuning), the optimizer moments and `trainer_state.json`. A checkpoint is written
+//! into a temporary folder and renamed into place, so a crash never leaves a half-written one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::optim::AdamW;
+use crate::blip::BlipForConditionalGeneration;
+use crate::error::{Error, Result};
+use crate::weights::{save_safetensors, write_atomic, SafetensorsFiles};
+
+pub const STATE_NAME: &str = "trainer_state.json";
+pub const OPTIMIZER_NAME: &str = "optimizer.safetensors";
+
+/// What `trainer_state.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub global_step: i64,
+    pub total_steps: i64,
+    pub seed: i64,
+    pub loss_scale: Option<f64>,
+    pub growth_tracker: Option<i64>,
+    /// Names of the trained parameters, in optimizer order (checked on resume).
+    pub trainable: Vec<String>,
+    pub history: Vec<super::trainer::StepLog>,
+    pub eval_history: Vec<(i64, f64)>,
+}
+
+/// How the trained weights are stored in a checkpoint.
+pub enum WeightsFormat<'a> {
+    /// A PEFT adapter: `adapter_model.safetensors` + `adapter_config.json` (given as JSON text).
+    Adapter {
+        name: &'a str,
+        bias: &'a str,
+        config_json: &'a str,
+    },
+    /// The whole model: `model.safetensors` + `config.json`.
+    Full,
+}
+
+pub fn checkpoint_dir(output_dir: &Path, step: i64) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Writes a complete checkpoint for `state.global_step`, then enforces `save_total_limit`.
+pub fn save(
+    output_dir: &Path,
+    model: &mut BlipForConditionalGeneration,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    format: &WeightsFormat,
+    save_total_limit: Option<usize>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir)
+        .map_err(|e| Error::io(format!("cannot create output_dir {}", output_dir.display()), e))?;
+    let final_dir = checkpoint_dir(output_dir, state.global_step);
+    let tmp = output_dir.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        state.global_step,
+        std::process::id()
+    ));
+    if tmp.exists() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+    let result = (|| -> Result<()> {
+        let metadata = Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )]));
+        match format {
+            WeightsFormat::Adapter {
+                name,
+                bias,
+                config_json,
+            } => {
+                let tensors = crate::lora::inject::adapter_state(model, name, bias)?;
+                save_safetensors(&tensors, metadata.clone(), &tmp.join("adapter_model.safetensors"))?;
+                write_atomic(&tmp.join("adapter_config.json"), config_json.as_bytes())?;
+            }
+            WeightsFormat::Full => model.save_pretrained(&tmp)?,
+        }
+        let mut moments = Vec::with_capacity(2 * optimizer.states.len());
+        for s in &optimizer.states {
+            moments.push((format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()));
+            moments.push((format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.shallow_clone()));
+        }
+        save_safetensors(&moments, metadata, &tmp.join(OPTIMIZER_NAME))?;
+        let text = serde_json::to_string_pretty(state)
+            .map_err(|e| Error::invalid(format!("cannot serialise state: {e}")))?;
+        write_atomic(&tmp.join(STATE_NAME), text.as_bytes())?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)
+                .map_err(|e| Error::io(format!("cannot replace {}", final_dir.display()), e))?;
+        }
+        std::fs::rename(&tmp, &final_dir)
+            .map_err(|e| Error::io(format!("cannot move checkpoint into {}", final_dir.display()), e))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if let Some(limit) = save_total_limit {
+        let mut all = list(output_dir)?;
+        while all.len() > limit.max(1) {
+            let (_, oldest) = all.remove(0);
+            let _ = std::fs::remove_dir_all(oldest);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints in `output_dir`, oldest first.
+pub fn list(output_dir: &Path) -> Result<Vec<(i64, PathBuf)>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(out);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            if entry.path().join(STATE_NAME).is_file() {
+                out.push((step, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads a checkpoint's state and loads its optimizer moments into `optimizer` (names must match).
+pub fn load_state(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState> {
+    let state_path = dir.join(STATE_NAME);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::not_found("checkpoint (trainer_state.json)", &state_path),
+        _ => Error::io(format!("cannot read {}", state_path.display()), e),
+    })?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| {
+        Error::checkpoint(format!(
+            "{} is not a valid trainer state: {e}",
+            state_path.display()
+        ))
+    })?;
+    let names: Vec<&String> = optimizer.states.iter().map(|s| &s.name).collect();
+    if state.trainable.iter().collect::<Vec<_>>() != names {
+        return Err(Error::checkpoint(format!(
+            "checkpoint {} was made for other trainable parameters ({} in the checkpoint, {} now); resume with \
+             the same model and LoRA config",
+            dir.display(),
+            state.trainable.len(),
+            names.len()
+        )));
+    }
+    let files = SafetensorsFiles::open(&[dir.join(OPTIMIZER_NAME)])?;
+    let mut loaded: BTreeMap<String, Tensor> = BTreeMap::new();
+    for name in files.names() {
+        if let Some(t) = files.read(name)? {
+            loaded.insert(name.clone(), t);
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    for s in &mut optimizer.states {
+        for (suffix, target) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+            let key = format!("{}.{suffix}", s.name);
+            let src = loaded.get(&key).ok_or_else(|| {
+                Error::checkpoint(format!(
+                    "optimizer state `{key}` is missing from {}",
+                    dir.display()
+                ))
+            })?;
+            if src.size() != target.size() {
+                return Err(Error::checkpoint(format!(
+                    "optimizer state `{key}` has shape {:?} but the parameter has {:?}",
+                    src.size(),
+                    target.size()
+                )));
+            }
+            target.f_copy_(&src.f_to_kind(target.kind())?.f_to_device(target.device())?)?;
+        }
+    }
+    optimizer.step = state.global_step;
+    Ok(state)
+}

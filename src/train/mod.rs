@@ -1,0 +1,9 @@
+//! Fine-tuning: the optimizer (AdamW with torch's numerics), learning-rate schedules, gradient clipping and
+//! fp16 loss scaling, checkpoints, and the training loop itself.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod trainer;
+
+pub use optim::{AdamW, LossScaler, Schedule};
+pub use trainer::{Batch, BatchSource, StepLog, TrainConfig, TrainOutcome, Trainer};

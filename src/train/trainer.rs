@@ -1,0 +1,760 @@
+//! The training loop: batches prepared on a background thread, forward/backward, AdamW with schedule,
+//! accumulation, clipping and (fp16) loss scaling, logging without per-step host reads, evaluation and
+//! checkpoints. Everything here runs without Python; the bindings add a Python observer.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::checkpoint::{self, TrainerState, WeightsFormat};
+use super::optim::{clip_grad_norm, AdamW, LossScaler, Schedule};
+use crate::blip::BlipForConditionalGeneration;
+use crate::error::{Error, Result};
+
+/// One collated batch, on the host or the model's device.
+pub struct Batch {
+    pub pixel_values: Tensor,
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    /// `input_ids` with padding (and anything else not to be learned) set to -100.
+    pub labels: Tensor,
+}
+
+/// Something that can produce the batch of given sample indices (decoding and preprocessing as needed).
+/// The training source moves to a background thread that prepares batches ahead of the model.
+pub trait BatchSource: Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn batch(&self, indices: &[usize]) -> Result<Batch>;
+}
+
+/// Numeric precision of the frozen base during training. Trainable weights always stay float32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Float32,
+    BFloat16,
+    Float16,
+}
+
+impl Precision {
+    /// `"auto" | "no" | "bf16" | "fp16"` for `device`: auto is bf16 on CUDA, float32 on CPU.
+    pub fn parse(name: &str, device: Device) -> Result<Self> {
+        Ok(match name {
+            "no" | "fp32" | "float32" => Self::Float32,
+            "bf16" | "bfloat16" => Self::BFloat16,
+            "fp16" | "float16" => Self::Float16,
+            "auto" => {
+                if device.is_cuda() {
+                    Self::BFloat16
+                } else {
+                    Self::Float32
+                }
+            }
+            other => {
+                return Err(Error::invalid(format!(
+                    "mixed_precision must be \"auto\", \"no\", \"bf16\" or \"fp16\", got {other:?}"
+                )))
+            }
+        })
+    }
+
+    fn kind(&self) -> Option<Kind> {
+        match self {
+            Self::Float32 => None,
+            Self::BFloat16 => Some(Kind::BFloat16),
+            Self::Float16 => Some(Kind::Half),
+        }
+    }
+}
+
+/// Settings of one training run (transformers' `TrainingArguments` names where they exist).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub epochs: i64,
+    pub max_steps: Option<i64>,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: i64,
+    pub warmup_ratio: f64,
+    pub gradient_accumulation_steps: i64,
+    pub max_grad_norm: f64,
+    pub precision: Precision,
+    pub shuffle: bool,
+    pub drop_last: bool,
+    pub seed: i64,
+    pub logging_steps: i64,
+    pub output_dir: Option<PathBuf>,
+    pub save_steps: Option<i64>,
+    pub save_total_limit: Option<usize>,
+    pub eval_steps: Option<i64>,
+    pub resume_from: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 8,
+            learning_rate: 1e-4,
+            weight_decay: 0.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            precision: Precision::Float32,
+            shuffle: true,
+            drop_last: false,
+            seed: 0,
+            logging_steps: 10,
+            output_dir: None,
+            save_steps: None,
+            save_total_limit: None,
+            eval_steps: None,
+            resume_from: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size < 1 {
+            return Err(Error::invalid("batch_size must be at least 1"));
+        }
+        if self.learning_rate < 0.0 || !self.learning_rate.is_finite() {
+            return Err(Error::invalid(format!(
+                "learning_rate must be a non-negative number, got {}",
+                self.learning_rate
+            )));
+        }
+        if self.weight_decay < 0.0 {
+            return Err(Error::invalid(format!(
+                "weight_decay must not be negative, got {}",
+                self.weight_decay
+            )));
+        }
+        if self.epochs < 1 && self.max_steps.is_none() {
+            return Err(Error::invalid("epochs must be at least 1 (or give max_steps)"));
+        }
+        if self.max_steps.is_some_and(|m| m < 1) {
+            return Err(Error::invalid("max_steps must be at least 1"));
+        }
+        if self.gradient_accumulation_steps < 1 {
+            return Err(Error::invalid("gradient_accumulation_steps must be at least 1"));
+        }
+        if self.logging_steps < 1 {
+            return Err(Error::invalid("logging_steps must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) || self.warmup_steps < 0 {
+            return Err(Error::invalid(
+                "warmup_ratio must be in [0, 1) and warmup_steps not negative",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.betas.0) || !(0.0..1.0).contains(&self.betas.1) || self.eps <= 0.0 {
+            return Err(Error::invalid(
+                "adam_betas must be in [0, 1) and adam_eps positive",
+            ));
+        }
+        for (name, v) in [("save_steps", self.save_steps), ("eval_steps", self.eval_steps)] {
+            if v.is_some_and(|v| v < 1) {
+                return Err(Error::invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.save_steps.is_some() && self.output_dir.is_none() {
+            return Err(Error::invalid("save_steps needs output_dir"));
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step's record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: i64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub samples_per_second: f64,
+    /// fp16 only: the step was skipped because its gradients overflowed.
+    pub skipped: bool,
+}
+
+/// Whether training should go on after an observer was told something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Receives progress at every logging step and evaluation (the Python bindings call back into Python here).
+pub trait Observer {
+    fn on_log(&mut self, logs: &[StepLog], total_steps: i64) -> Result<Control>;
+    fn on_eval(&mut self, step: i64, loss: f64) -> Result<Control>;
+}
+
+/// An observer that does nothing (Rust callers and tests).
+pub struct Silent;
+
+impl Observer for Silent {
+    fn on_log(&mut self, _: &[StepLog], _: i64) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+    fn on_eval(&mut self, _: i64, _: f64) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+}
+
+/// What a run returns.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub history: Vec<StepLog>,
+    pub eval_history: Vec<(i64, f64)>,
+    pub global_step: i64,
+    pub total_steps: i64,
+    /// Stopped by the observer (e.g. Ctrl-C) before the planned end.
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// A deterministic permutation of `0..n` for (`seed`, `epoch`): splitmix64 driving Fisher-Yates.
+pub fn epoch_order(n: usize, seed: i64, epoch: i64, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if !shuffle {
+        return order;
+    }
+    let mut state =
+        (seed as u64) ^ ((epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// The geometry of a run: micro-batches per epoch and optimizer steps.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub samples: usize,
+    pub micro_per_epoch: i64,
+    pub steps_per_epoch: i64,
+    pub total_steps: i64,
+    pub warmup: i64,
+}
+
+impl Plan {
+    pub fn new(samples: usize, config: &TrainConfig) -> Result<Self> {
+        if samples == 0 {
+            return Err(Error::invalid("the training dataset is empty"));
+        }
+        let bs = config.batch_size;
+        let micro = if config.drop_last {
+            samples / bs
+        } else {
+            samples.div_ceil(bs)
+        } as i64;
+        if micro == 0 {
+            return Err(Error::invalid(format!(
+                "the dataset has {samples} samples, fewer than one batch of {bs} with drop_last"
+            )));
+        }
+        let accum = config.gradient_accumulation_steps;
+        let steps_per_epoch = (micro + accum - 1) / accum;
+        let total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+        let warmup = if config.warmup_steps > 0 {
+            config.warmup_steps
+        } else {
+            (config.warmup_ratio * total_steps as f64).ceil() as i64
+        };
+        Ok(Self {
+            samples,
+            micro_per_epoch: micro,
+            steps_per_epoch,
+            total_steps,
+            warmup,
+        })
+    }
+
+    /// The micro-batches (sample indices) of optimizer step `step`, with the epoch they belong to.
+    fn micro_batches(
+        &self,
+        step: i64,
+        config: &TrainConfig,
+        order_cache: &mut Option<(i64, Vec<usize>)>,
+    ) -> (i64, Vec<Vec<usize>>) {
+        let epoch = step / self.steps_per_epoch;
+        let within = step % self.steps_per_epoch;
+        if order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            *order_cache = Some((
+                epoch,
+                epoch_order(self.samples, config.seed, epoch, config.shuffle),
+            ));
+        }
+        let order = &order_cache.as_ref().map(|(_, o)| o.clone()).unwrap_or_default();
+        let accum = config.gradient_accumulation_steps;
+        let bs = config.batch_size;
+        let first = within * accum;
+        let last = (first + accum).min(self.micro_per_epoch);
+        let batches = (first..last)
+            .map(|m| {
+                let start = m as usize * bs;
+                order[start..(start + bs).min(order.len())].to_vec()
+            })
+            .collect();
+        (epoch, batches)
+    }
+}
+
+/// Prepares the planned micro-batches on a background thread, two steps ahead of the model.
+fn prefetch(
+    source: Box<dyn BatchSource>,
+    plan: Plan,
+    config: TrainConfig,
+    first_step: i64,
+) -> Receiver<(i64, i64, Vec<Result<Batch>>)> {
+    let (tx, rx) = sync_channel(2);
+    std::thread::spawn(move || {
+        let mut cache = None;
+        for step in first_step..plan.total_steps {
+            let (epoch, micro) = plan.micro_batches(step, &config, &mut cache);
+            let batches = micro.iter().map(|idx| source.batch(idx)).collect();
+            if tx.send((step, epoch, batches)).is_err() {
+                return; // the trainer stopped early
+            }
+        }
+    });
+    rx
+}
+
+/// Holds the base weights' original values while training runs them in lower precision.
+struct PrecisionGuard {
+    originals: Vec<(Tensor, Tensor)>,
+}
+
+impl PrecisionGuard {
+    fn lower(model: &BlipForConditionalGeneration, kind: Option<Kind>) -> Result<Self> {
+        let Some(kind) = kind else {
+            return Ok(Self { originals: vec![] });
+        };
+        let params = model.named_parameters();
+        if params
+            .iter()
+            .any(|(n, t)| t.requires_grad() && !n.contains("lora_"))
+        {
+            return Err(Error::invalid(
+                "mixed precision here keeps the frozen base in half precision and needs every trained weight to be \
+                 a LoRA adapter; use mixed_precision=\"no\" for full fine-tuning or bias=\"all\"/\"lora_only\"",
+            ));
+        }
+        let _guard = tch::no_grad_guard();
+        let mut originals = Vec::new();
+        for (name, t) in params {
+            if name.contains("lora_") || t.kind() == kind || !crate::nn::is_float_kind(t.kind()) {
+                continue;
+            }
+            // The original values wait in host memory and come back when training ends.
+            let original = t.f_to_device(Device::Cpu)?.f_detach_copy()?;
+            let mut target = t.shallow_clone();
+            target.f_set_data(&t.f_to_kind(kind)?)?;
+            originals.push((t, original));
+        }
+        Ok(Self { originals })
+    }
+
+    fn restore(self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (t, original) in self.originals {
+            let mut target = t.shallow_clone();
+            target.f_set_data(&original.f_to_device(t.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs training.
+pub struct Trainer;
+
+impl Trainer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        model: &mut BlipForConditionalGeneration,
+        train: Box<dyn BatchSource>,
+        eval: Option<Box<dyn BatchSource>>,
+        config: &TrainConfig,
+        format: &WeightsFormat,
+        observer: &mut dyn Observer,
+    ) -> Result<TrainOutcome> {
+        config.validate()?;
+        let plan = Plan::new(train.len(), config)?;
+        let trainable: Vec<(String, Tensor)> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        if trainable.is_empty() {
+            return Err(Error::invalid(
+                "the model has no trainable parameters (an adapter loaded with is_trainable=False, or everything \
+                 frozen); load the adapter with is_trainable=True or unfreeze parameters",
+            ));
+        }
+        if let Some(dir) = &config.output_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("output_dir {} is not writable", dir.display()), e))?;
+            let probe = dir.join(format!(".write-test-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .map_err(|e| Error::io(format!("output_dir {} is not writable", dir.display()), e))?;
+            let _ = std::fs::remove_file(probe);
+        }
+        let device = model.device();
+        let mut optimizer = AdamW::new(trainable, config.betas, config.eps, config.weight_decay)?;
+        let mut scaler = match config.precision {
+            Precision::Float16 => Some(LossScaler::new(65536.0, device)?),
+            _ => None,
+        };
+        let mut state = TrainerState {
+            global_step: 0,
+            total_steps: plan.total_steps,
+            seed: config.seed,
+            loss_scale: None,
+            growth_tracker: None,
+            trainable: optimizer.states.iter().map(|s| s.name.clone()).collect(),
+            history: Vec::new(),
+            eval_history: Vec::new(),
+        };
+        if let Some(dir) = &config.resume_from {
+            state = resume(dir, model, &mut optimizer, format)?;
+            if let (Some(s), Some(scale)) = (&mut scaler, state.loss_scale) {
+                let _ = s.scale.f_fill_(scale)?;
+                let _ = s.growth_tracker.f_fill_(state.growth_tracker.unwrap_or(0))?;
+            }
+            state.total_steps = plan.total_steps;
+        }
+        let guard = PrecisionGuard::lower(model, config.precision.kind())?;
+        let was_training = model.training;
+        model.training = true;
+        let result = Self::run_loop(
+            model,
+            train,
+            eval,
+            config,
+            format,
+            observer,
+            plan,
+            &mut optimizer,
+            &mut scaler,
+            &mut state,
+        );
+        model.training = was_training;
+        guard.restore()?;
+        let _ = optimizer.zero_grad();
+        let (interrupted, last_checkpoint) = result?;
+        Ok(TrainOutcome {
+            history: state.history,
+            eval_history: state.eval_history,
+            global_step: state.global_step,
+            total_steps: plan.total_steps,
+            interrupted,
+            last_checkpoint,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_loop(
+        model: &mut BlipForConditionalGeneration,
+        train: Box<dyn BatchSource>,
+        eval: Option<Box<dyn BatchSource>>,
+        config: &TrainConfig,
+        format: &WeightsFormat,
+        observer: &mut dyn Observer,
+        plan: Plan,
+        optimizer: &mut AdamW,
+        scaler: &mut Option<LossScaler>,
+        state: &mut TrainerState,
+    ) -> Result<(bool, Option<PathBuf>)> {
+        let device = model.device();
+        let batches = prefetch(train, plan, config.clone(), state.global_step);
+        // Per-step values stay on the device until a logging step reads them all at once.
+        let mut pending: Vec<(i64, f64, f64, Tensor, Tensor, Tensor, usize, f64)> = Vec::new();
+        let mut last_checkpoint = None;
+        let mut window_start = Instant::now();
+        let mut window_samples = 0usize;
+        while state.global_step < plan.total_steps {
+            let Ok((step, epoch, micro)) = batches.recv() else {
+                return Err(Error::invalid("the data loader stopped unexpectedly"));
+            };
+            debug_assert_eq!(step, state.global_step);
+            let group = micro.len() as f64;
+            let mut step_loss = Tensor::f_zeros([], (Kind::Float, device))?;
+            let mut step_samples = 0;
+            for (m, batch) in micro.into_iter().enumerate() {
+                let batch = batch?;
+                step_samples += batch.input_ids.size()[0] as usize;
+                // Dropout draws depend only on (seed, step, micro-batch), so a resumed run repeats them.
+                tch::manual_seed(
+                    config
+                        .seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add(step * 64 + m as i64),
+                );
+                let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
+                let ids = batch.input_ids.f_to_device(device)?;
+                let mask = batch.attention_mask.f_to_device(device)?;
+                let labels = batch.labels.f_to_device(device)?;
+                let image = model.encode_images(&pixel_values)?;
+                let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
+                let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
+                let mut scaled = loss.f_div_scalar(group)?;
+                if let Some(s) = scaler.as_ref() {
+                    scaled = scaled.f_mul(&s.scale.f_squeeze()?)?;
+                }
+                scaled.f_backward()?;
+                step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
+            }
+            let grads = optimizer.grads();
+            let found_inf = match scaler.as_ref() {
+                Some(s) => Some(s.unscale(&grads)?),
+                None => None,
+            };
+            let grad_norm = clip_grad_norm(&grads, config.max_grad_norm)?;
+            let lr = config.learning_rate * config.schedule.factor(step, plan.warmup, plan.total_steps);
+            let skipped = match (&found_inf, scaler.as_mut()) {
+                (Some(inf), Some(s)) => {
+                    // A step with overflowed gradients is skipped (this reads one flag back, as torch's GradScaler does).
+                    let overflow = f64::try_from(inf.f_sum(Kind::Float)?)? > 0.0;
+                    if !overflow {
+                        optimizer.step(lr)?;
+                    }
+                    s.update(inf)?;
+                    overflow
+                }
+                _ => {
+                    optimizer.step(lr)?;
+                    false
+                }
+            };
+            optimizer.zero_grad()?;
+            state.global_step += 1;
+            window_samples += step_samples;
+            let epoch_f =
+                epoch as f64 + ((step % plan.steps_per_epoch) + 1) as f64 / plan.steps_per_epoch as f64;
+            pending.push((
+                state.global_step,
+                epoch_f,
+                lr,
+                step_loss,
+                grad_norm,
+                Tensor::from(skipped),
+                step_samples,
+                0.0,
+            ));
+            let at_end = state.global_step >= plan.total_steps;
+            let log_now = state.global_step % config.logging_steps == 0 || at_end;
+            let save_now = config.save_steps.is_some_and(|s| state.global_step % s == 0)
+                || (at_end && config.output_dir.is_some());
+            let eval_now =
+                eval.is_some() && (config.eval_steps.is_some_and(|s| state.global_step % s == 0) || at_end);
+            let mut control = Control::Continue;
+            if log_now || save_now || eval_now {
+                let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+                let rate = window_samples as f64 / elapsed;
+                let logs = read_pending(&mut pending, rate)?;
+                window_start = Instant::now();
+                window_samples = 0;
+                state.history.extend(logs.iter().cloned());
+                control = observer.on_log(&logs, plan.total_steps)?;
+            }
+            if eval_now {
+                if let Some(source) = &eval {
+                    let loss = evaluate(model, source.as_ref(), config.batch_size)?;
+                    state.eval_history.push((state.global_step, loss));
+                    if observer.on_eval(state.global_step, loss)? == Control::Stop {
+                        control = Control::Stop;
+                    }
+                }
+            }
+            let stop = control == Control::Stop;
+            if let Some(dir) = &config.output_dir {
+                if save_now || stop {
+                    if let Some(s) = scaler.as_ref() {
+                        state.loss_scale = Some(f64::try_from(s.scale.f_squeeze()?)?);
+                        state.growth_tracker = Some(i64::try_from(s.growth_tracker.f_squeeze()?)?);
+                    }
+                    last_checkpoint = Some(checkpoint::save(
+                        dir,
+                        model,
+                        optimizer,
+                        state,
+                        format,
+                        config.save_total_limit,
+                    )?);
+                }
+            }
+            if stop {
+                return Ok((true, last_checkpoint));
+            }
+        }
+        Ok((false, last_checkpoint))
+    }
+}
+
+/// Reads the pending steps' values back in one go; fails naming the first step whose loss is not finite.
+fn read_pending(
+    pending: &mut Vec<(i64, f64, f64, Tensor, Tensor, Tensor, usize, f64)>,
+    rate: f64,
+) -> Result<Vec<StepLog>> {
+    if pending.is_empty() {
+        return Ok(vec![]);
+    }
+    let losses = Tensor::f_stack(
+        &pending.iter().map(|p| p.3.shallow_clone()).collect::<Vec<_>>(),
+        0,
+    )?;
+    let norms = Tensor::f_stack(
+        &pending
+            .iter()
+            .map(|p| p.4.f_to_kind(Kind::Float).map_err(Error::from))
+            .collect::<Result<Vec<_>>>()?,
+        0,
+    )?;
+    let losses = Vec::<f64>::try_from(losses.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+    let norms = Vec::<f64>::try_from(norms.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+    let mut logs = Vec::with_capacity(pending.len());
+    for (i, (step, epoch, lr, _, _, skipped, _, _)) in pending.drain(..).enumerate() {
+        let skipped = bool::try_from(skipped)?;
+        if !losses[i].is_finite() && !skipped {
+            return Err(Error::invalid(format!(
+                "the loss became {} at step {step}; training stopped (lower the learning rate, or use bf16/fp32). \
+                 Checkpoints written before this step are intact.",
+                losses[i]
+            )));
+        }
+        logs.push(StepLog {
+            step,
+            epoch,
+            loss: losses[i],
+            learning_rate: lr,
+            grad_norm: norms[i],
+            samples_per_second: rate,
+            skipped,
+        });
+    }
+    Ok(logs)
+}
+
+/// Mean loss over an evaluation source, without gradients or dropout.
+pub fn evaluate(
+    model: &mut BlipForConditionalGeneration,
+    source: &dyn BatchSource,
+    batch_size: usize,
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let was = model.training;
+    model.training = false;
+    let device = model.device();
+    let n = source.len();
+    let mut total = Tensor::f_zeros([], (Kind::Double, device))?;
+    let mut batches = 0;
+    let result = (|| -> Result<()> {
+        for start in (0..n).step_by(batch_size.max(1)) {
+            let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+            let b = source.batch(&idx)?;
+            let pv = model.check_pixel_values(&b.pixel_values)?;
+            let image = model.encode_images(&pv)?;
+            let (_, loss) = model.decode_with_loss(
+                &b.input_ids.f_to_device(device)?,
+                Some(&b.attention_mask.f_to_device(device)?),
+                &image,
+                Some(&b.labels.f_to_device(device)?),
+            )?;
+            if let Some(l) = loss {
+                total = total.f_add(&l.f_to_kind(Kind::Double)?)?;
+                batches += 1;
+            }
+        }
+        Ok(())
+    })();
+    model.training = was;
+    result?;
+    if batches == 0 {
+        return Err(Error::invalid("the evaluation dataset is empty"));
+    }
+    Ok(f64::try_from(total)? / batches as f64)
+}
+
+/// Loads a checkpoint's weights and optimizer state into the run.
+fn resume(
+    dir: &std::path::Path,
+    model: &mut BlipForConditionalGeneration,
+    optimizer: &mut AdamW,
+    format: &WeightsFormat,
+) -> Result<TrainerState> {
+    if !dir.is_dir() {
+        return Err(Error::not_found("checkpoint to resume from", dir));
+    }
+    match format {
+        WeightsFormat::Adapter { name, bias, .. } => {
+            let files = crate::weights::SafetensorsFiles::open(&[dir.join("adapter_model.safetensors")])?;
+            let mut tensors = std::collections::BTreeMap::new();
+            for n in files.names() {
+                if let Some(t) = files.read(n)? {
+                    tensors.insert(n.clone(), t);
+                }
+            }
+            crate::lora::inject::load_adapter_state(model, name, bias, &tensors)?;
+        }
+        WeightsFormat::Full => {
+            let files = crate::weights::SafetensorsFiles::open_folder(dir)?;
+            let _guard = tch::no_grad_guard();
+            for (name, t) in model.named_parameters() {
+                let src = files.read(&name)?.ok_or_else(|| {
+                    Error::checkpoint(format!("tensor `{name}` is missing from {}", dir.display()))
+                })?;
+                if src.size() != t.size() {
+                    return Err(Error::checkpoint(format!(
+                        "tensor `{name}` has shape {:?} in the checkpoint but {:?} in the model",
+                        src.size(),
+                        t.size()
+                    )));
+                }
+                let mut t = t.shallow_clone();
+                t.f_copy_(&src.f_to_kind(t.kind())?.f_to_device(t.device())?)?;
+            }
+        }
+    }
+    checkpoint::load_state(dir, optimizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_orders_are_permutations_and_reproducible() {
+        let a = epoch_order(10, 3, 0, true);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(10, 3, 0, true));
+        assert_ne!(a, epoch_order(10, 3, 1, true));
+        assert_eq!(epoch_order(4, 3, 0, false), vec![0, 1, 2, 3]);
+    }
+}

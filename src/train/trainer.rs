@@ -493,7 +493,7 @@ impl Trainer {
         let device = model.device();
         let batches = prefetch(train, plan, config.clone(), state.global_step);
         // Per-step values stay on the device until a logging step reads them all at once.
-        let mut pending: Vec<(i64, f64, f64, Tensor, Tensor, Tensor, usize, f64)> = Vec::new();
+        let mut pending: Vec<PendingStep> = Vec::new();
         let mut last_checkpoint = None;
         let mut window_start = Instant::now();
         let mut window_samples = 0usize;
@@ -556,16 +556,14 @@ impl Trainer {
             window_samples += step_samples;
             let epoch_f =
                 epoch as f64 + ((step % plan.steps_per_epoch) + 1) as f64 / plan.steps_per_epoch as f64;
-            pending.push((
-                state.global_step,
-                epoch_f,
+            pending.push(PendingStep {
+                step: state.global_step,
+                epoch: epoch_f,
                 lr,
-                step_loss,
+                loss: step_loss,
                 grad_norm,
-                Tensor::from(skipped),
-                step_samples,
-                0.0,
-            ));
+                skipped,
+            });
             let at_end = state.global_step >= plan.total_steps;
             let log_now = state.global_step % config.logging_steps == 0 || at_end;
             let save_now = config.save_steps.is_some_and(|s| state.global_step % s == 0)
@@ -616,30 +614,46 @@ impl Trainer {
     }
 }
 
+/// A finished step whose loss and gradient norm are still on the device.
+struct PendingStep {
+    step: i64,
+    epoch: f64,
+    lr: f64,
+    loss: Tensor,
+    grad_norm: Tensor,
+    skipped: bool,
+}
+
 /// Reads the pending steps' values back in one go; fails naming the first step whose loss is not finite.
-fn read_pending(
-    pending: &mut Vec<(i64, f64, f64, Tensor, Tensor, Tensor, usize, f64)>,
-    rate: f64,
-) -> Result<Vec<StepLog>> {
+fn read_pending(pending: &mut Vec<PendingStep>, rate: f64) -> Result<Vec<StepLog>> {
     if pending.is_empty() {
         return Ok(vec![]);
     }
     let losses = Tensor::f_stack(
-        &pending.iter().map(|p| p.3.shallow_clone()).collect::<Vec<_>>(),
+        &pending.iter().map(|p| p.loss.shallow_clone()).collect::<Vec<_>>(),
         0,
     )?;
     let norms = Tensor::f_stack(
         &pending
             .iter()
-            .map(|p| p.4.f_to_kind(Kind::Float).map_err(Error::from))
+            .map(|p| p.grad_norm.f_to_kind(Kind::Float).map_err(Error::from))
             .collect::<Result<Vec<_>>>()?,
         0,
     )?;
     let losses = Vec::<f64>::try_from(losses.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
     let norms = Vec::<f64>::try_from(norms.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
     let mut logs = Vec::with_capacity(pending.len());
-    for (i, (step, epoch, lr, _, _, skipped, _, _)) in pending.drain(..).enumerate() {
-        let skipped = bool::try_from(skipped)?;
+    for (
+        i,
+        PendingStep {
+            step,
+            epoch,
+            lr,
+            skipped,
+            ..
+        },
+    ) in pending.drain(..).enumerate()
+    {
         if !losses[i].is_finite() && !skipped {
             return Err(Error::invalid(format!(
                 "the loss became {} at step {step}; training stopped (lower the learning rate, or use bf16/fp32). \

@@ -1,0 +1,417 @@
+"""`blip_peft.train` against transformers + peft + torch.optim.AdamW, learning, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import peft
+import pytest
+import torch
+from conftest import make_hf_model, rel_err, tiny_hf_config
+from transformers import BlipForConditionalGeneration as HFBlip
+
+import blip_peft as bp
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value", "qkv", "fc1", "patch_embedding"])
+
+
+def _data(n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Encoded samples of different caption lengths ([SEP]=3 ends each caption, padding after it)."""
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(n, 3, 32, 32, generator=g)
+    ids = torch.randint(4, 90, (n, 8), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        length = 4 + i % 5
+        ids[i, length - 1] = 3
+        ids[i, length:] = 0
+        mask[i, length:] = 0
+    return {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
+
+
+def _peft_pair(checkpoint: str, tmp_path, **lora):
+    """Our PeftModel and peft's, starting from the same (non-zero) adapter."""
+    ours = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(checkpoint), bp.LoraConfig(**lora))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours.save_pretrained(tmp_path / "start")
+    ref = peft.PeftModel.from_pretrained(HFBlip.from_pretrained(checkpoint), tmp_path / "start", is_trainable=True)
+    return ours, ref
+
+
+def _reference_run(ref, data, steps, batch, lr, wd, accum=1, bos=97):
+    """The transformers + peft recipe done right: BOS first, pads -100, AdamW, clipping, linear decay."""
+    ref.train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (steps - s) / steps))
+    ids = data["input_ids"].clone()
+    ids[:, 0] = bos
+    mask = data["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    n = ids.shape[0]
+    micro_per_epoch = -(-n // batch)
+    losses = []
+    micro = 0
+    for _ in range(steps):
+        total = 0.0
+        group = min(accum, micro_per_epoch - (micro % micro_per_epoch))
+        for _ in range(group):
+            s = (micro % micro_per_epoch) * batch
+            sl = slice(s, s + batch)
+            out = ref(
+                pixel_values=data["pixel_values"][sl], input_ids=ids[sl], attention_mask=mask[sl], labels=labels[sl]
+            )
+            (out.loss / group).backward()
+            total += out.loss.item() / group
+            micro += 1
+        losses.append(total)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return losses
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str, accum: int) -> None:
+    ours, ref = _peft_pair(tiny_checkpoint, tmp_path, **LORA)
+    data = _data()
+    steps = 10
+    result = bp.train(
+        ours,
+        None,
+        data,
+        max_steps=steps,
+        batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.01,
+        shuffle=False,
+        mixed_precision="no",
+        logging_steps=3,
+        progress=False,
+        gradient_accumulation_steps=accum,
+    )
+    expected = _reference_run(ref, data, steps, 4, 1e-2, 0.01, accum=accum)
+    assert [h["step"] for h in result.history] == list(range(1, steps + 1))
+    for got, want in zip(result.losses, expected, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    theirs = {n: p for n, p in ref.named_parameters() if "lora_" in n}
+    mine = dict(ours.named_parameters())
+    for name, p in theirs.items():
+        assert rel_err(mine[name], p) <= 1e-4, name
+
+
+def test_full_fine_tuning_equals_adamw(tiny_checkpoint: str) -> None:
+    ours = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    ref = HFBlip.from_pretrained(tiny_checkpoint)
+    data = _data(8, seed=1)
+    result = bp.train(
+        ours,
+        None,
+        data,
+        max_steps=4,
+        batch_size=4,
+        learning_rate=1e-3,
+        shuffle=False,
+        mixed_precision="no",
+        logging_steps=1,
+        progress=False,
+    )
+    expected = _reference_run(ref, data, 4, 4, 1e-3, 0.0)
+    assert max(abs(a - b) / abs(b) for a, b in zip(result.losses, expected, strict=True)) <= 1e-4
+    assert (
+        rel_err(
+            dict(ours.named_parameters())["vision_model.post_layernorm.weight"], ref.vision_model.post_layernorm.weight
+        )
+        <= 1e-4
+    )
+
+
+def test_training_learns_and_generate_reproduces_captions(tiny_checkpoint: str) -> None:
+    """Four flat-colour images with four captions: the loss falls and greedy decoding returns the captions."""
+    model = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
+    px = colours[:, :, None, None].expand(4, 3, 32, 32).contiguous()
+    captions = torch.tensor([[97, 10, 11, 12, 3], [97, 20, 21, 3, 0], [97, 30, 31, 32, 3], [97, 40, 3, 0, 0]])
+    mask = (captions != 0).long()
+    result = bp.train(
+        model,
+        None,
+        {"pixel_values": px, "input_ids": captions, "attention_mask": mask},
+        epochs=100,
+        batch_size=4,
+        learning_rate=1e-2,
+        mixed_precision="no",
+        progress=False,
+        logging_steps=20,
+    )
+    assert result.losses[-1] < 0.1 * result.losses[0]
+    out = model.generate(pixel_values=px, max_new_tokens=6)
+    for row, caption, m in zip(out, captions, mask, strict=True):
+        n = int(m.sum())
+        assert row[:n].tolist() == caption[:n].tolist()
+
+
+def test_lora_training_lowers_the_loss(tiny_checkpoint: str) -> None:
+    model = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint),
+        bp.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+    )
+    result = bp.train(model, None, _data(8), epochs=15, batch_size=4, learning_rate=5e-3, progress=False)
+    assert result.losses[-1] < result.losses[0] - 0.5
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, tiny_checkpoint: str) -> None:
+    lora = dict(LORA, lora_dropout=0.1)
+    data = _data(12)
+    kwargs = dict(
+        max_steps=6, batch_size=4, learning_rate=5e-3, mixed_precision="no", logging_steps=1, progress=False, seed=3
+    )
+    base = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    torch.manual_seed(0)
+    full = bp.train(bp.get_peft_model(base, bp.LoraConfig(**lora)), None, data, **kwargs)
+
+    def stop_at_three(log):
+        return log.get("step") == 3
+
+    torch.manual_seed(0)
+    first = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**lora))
+    part = bp.train(first, None, data, output_dir=tmp_path, callback=stop_at_three, **kwargs)
+    assert part.interrupted and part.global_step == 3
+    assert os.path.isdir(tmp_path / "checkpoint-3")
+    torch.manual_seed(1)  # a different fresh adapter: resuming must overwrite it
+    second = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**lora))
+    rest = bp.train(second, None, data, output_dir=tmp_path, resume_from_checkpoint=True, **kwargs)
+    # The history carries on from the checkpoint's; the resumed steps repeat the uninterrupted run's losses.
+    assert [h["step"] for h in rest.history] == [1, 2, 3, 4, 5, 6]
+    assert rest.losses[:3] == part.losses
+    for got, want in zip(rest.losses[3:], full.losses[3:], strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want)
+
+
+def test_checkpoints_load_in_peft_and_respect_the_limit(tmp_path, tiny_checkpoint: str) -> None:
+    model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
+    result = bp.train(
+        model,
+        None,
+        _data(8),
+        max_steps=6,
+        batch_size=4,
+        output_dir=tmp_path,
+        save_steps=2,
+        save_total_limit=2,
+        progress=False,
+    )
+    names = sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    assert result.last_checkpoint.endswith("checkpoint-6") and result.adapter_path == str(tmp_path)
+    with open(tmp_path / "checkpoint-6" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 6
+    ref = peft.PeftModel.from_pretrained(HFBlip.from_pretrained(tiny_checkpoint), tmp_path / "checkpoint-6")
+    px = _data(2)["pixel_values"]
+    ids = torch.tensor([[97, 5, 6], [97, 7, 8]])
+    with torch.no_grad():
+        assert (
+            rel_err(model(pixel_values=px, input_ids=ids).logits, ref(pixel_values=px, input_ids=ids).logits) <= 1e-5
+        )
+    reloaded = bp.BlipForConditionalGeneration.from_pretrained(tmp_path)  # the final adapter in output_dir
+    assert isinstance(reloaded, bp.PeftModel)
+
+
+def test_killed_while_checkpointing_leaves_loadable_checkpoints(tmp_path, tiny_checkpoint: str) -> None:
+    script = textwrap.dedent(f"""
+        import torch, blip_peft as bp
+        g = torch.Generator().manual_seed(0)
+        data = {{"pixel_values": torch.randn(16, 3, 32, 32, generator=g),
+                 "input_ids": torch.randint(4, 90, (16, 8), generator=g)}}
+        model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained({tiny_checkpoint!r}),
+                                  bp.LoraConfig(r=4, target_modules="all-linear"))
+        bp.train(model, None, data, max_steps=100000, batch_size=2, output_dir={str(tmp_path)!r}, save_steps=1,
+                 save_total_limit=3, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if len([d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")]) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    complete = [d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")]
+    assert complete
+    for d in complete:
+        with open(tmp_path / d / "trainer_state.json") as f:
+            json.load(f)
+        bp.PeftModel.from_pretrained(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), tmp_path / d)
+
+
+def test_eval_dataset_reports_eval_loss(tiny_checkpoint: str) -> None:
+    model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
+    seen = []
+    result = bp.train(
+        model,
+        None,
+        _data(8),
+        eval_dataset=_data(4, seed=9),
+        max_steps=4,
+        batch_size=4,
+        eval_steps=2,
+        progress=False,
+        callback=seen.append,
+    )
+    assert [s for s, _ in result.eval_history] == [2, 4]
+    assert any("eval_loss" in e for e in seen) and any("loss" in e for e in seen)
+    data = _data(4, seed=9)
+    ids = data["input_ids"].clone()
+    ids[:, 0] = 97
+    labels = ids.masked_fill(data["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        loss = model(
+            pixel_values=data["pixel_values"], input_ids=ids, attention_mask=data["attention_mask"], labels=labels
+        ).loss
+    assert abs(result.eval_history[-1][1] - loss.item()) <= 1e-5 * loss.item()
+
+
+def test_bf16_base_trains_and_is_restored(tiny_checkpoint: str) -> None:
+    model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    result = bp.train(model, None, _data(8), max_steps=3, batch_size=4, mixed_precision="bf16", progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    after = dict(model.named_parameters())
+    for name, p in before.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], p), name
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps(tiny_checkpoint: str) -> None:
+    model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
+    with torch.no_grad():  # large logits: a 65536 loss scale overflows float16 gradients at first
+        for n, p in model.named_parameters():
+            if n.endswith("cls.predictions.transform.LayerNorm.weight"):
+                p.mul_(200.0)
+    result = bp.train(
+        model, None, _data(8), max_steps=10, batch_size=4, mixed_precision="fp16", progress=False, logging_steps=1
+    )
+    skipped = [h["skipped"] for h in result.history]
+    assert skipped[0] and not all(skipped)  # skipped while the scale is too high, then training proceeds
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "lora_" in n)
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in result.history if not h["skipped"]])))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def peft_model(tiny_checkpoint: str):
+    return bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
+
+
+def test_bad_arguments(peft_model, tmp_path) -> None:
+    data = _data(4)
+    with pytest.raises(ValueError, match="batch_size"):
+        bp.train(peft_model, None, data, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="learning_rate"):
+        bp.train(peft_model, None, data, learning_rate=-1.0, progress=False)
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        bp.train(peft_model, None, data, lr_scheduler="exotic", progress=False)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        bp.train(peft_model, None, data, mixed_precision="fp8", progress=False)
+    with pytest.raises(TypeError, match="processor"):
+        bp.train(peft_model, None, [{"image": "x.png", "text": "a caption"}], progress=False)
+    with pytest.raises(TypeError, match="model must be"):
+        bp.train("a model", None, data, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="output_dir"):
+        bp.train(peft_model, None, data, output_dir=blocker / "sub", progress=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        bp.train(peft_model, None, data, resume_from_checkpoint=tmp_path / "missing", progress=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        bp.train(peft_model, None, data, output_dir=tmp_path / "empty", resume_from_checkpoint=True, progress=False)
+
+
+def test_empty_dataset(peft_model) -> None:
+    empty = {"pixel_values": torch.zeros(0, 3, 32, 32), "input_ids": torch.zeros(0, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="empty"):
+        bp.train(peft_model, None, empty, progress=False)
+
+
+def test_no_trainable_parameters(tmp_path, tiny_checkpoint: str, peft_model) -> None:
+    peft_model.save_pretrained(tmp_path)
+    frozen = bp.PeftModel.from_pretrained(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), tmp_path)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        bp.train(frozen, None, _data(4), progress=False)
+
+
+def test_mismatched_checkpoint(tmp_path, tiny_checkpoint: str, peft_model) -> None:
+    bp.train(peft_model, None, _data(4), max_steps=1, batch_size=4, output_dir=tmp_path, progress=False)
+    other = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(r=2, target_modules=["key"])
+    )
+    with pytest.raises(ValueError, match="adapter"):
+        bp.train(other, None, _data(4), output_dir=tmp_path, resume_from_checkpoint=True, progress=False)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, peft_model) -> None:
+    bp.train(peft_model, None, _data(4), max_steps=2, batch_size=4, output_dir=tmp_path, save_steps=1, progress=False)
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(ValueError, match="loss became NaN at step 1"):
+        bp.train(
+            peft_model,
+            None,
+            _data(4),
+            max_steps=3,
+            batch_size=4,
+            output_dir=tmp_path / "second",
+            save_steps=1,
+            progress=False,
+            logging_steps=1,
+        )
+    assert not os.path.exists(tmp_path / "second" / "checkpoint-1")
+    assert os.path.isdir(tmp_path / "checkpoint-2")
+
+
+def test_callback_errors_propagate(peft_model) -> None:
+    def broken(log):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        bp.train(peft_model, None, _data(4), max_steps=2, batch_size=4, callback=broken, progress=False)
+
+
+def test_model_usable_during_callback_errors_cleanly(peft_model) -> None:
+    calls = []
+
+    def uses_model(log):
+        with pytest.raises(Exception, match="busy"):
+            peft_model.generate(pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=2)
+        calls.append(log)
+
+    bp.train(peft_model, None, _data(4), max_steps=1, batch_size=4, callback=uses_model, progress=False)
+    assert calls
+
+
+def test_plot_writes_png(tmp_path, peft_model) -> None:
+    pytest.importorskip("matplotlib")
+    result = bp.train(peft_model, None, _data(4), max_steps=2, batch_size=4, logging_steps=1, progress=False)
+    result.plot(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_make_hf_model_is_random_enough() -> None:
+    assert not torch.equal(
+        next(make_hf_model(tiny_hf_config(), 1).parameters()), next(make_hf_model(tiny_hf_config(), 2).parameters())
+    )

@@ -258,6 +258,33 @@ def test_killed_while_checkpointing_leaves_loadable_checkpoints(tmp_path, tiny_c
         bp.PeftModel.from_pretrained(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), tmp_path / d)
 
 
+def test_ctrl_c_stops_after_the_step_saves_and_returns(tmp_path, tiny_checkpoint: str) -> None:
+    script = textwrap.dedent(f"""
+        import torch, blip_peft as bp
+        g = torch.Generator().manual_seed(0)
+        data = {{"pixel_values": torch.randn(8, 3, 32, 32, generator=g),
+                 "input_ids": torch.randint(4, 90, (8, 8), generator=g)}}
+        model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained({tiny_checkpoint!r}),
+                                  bp.LoraConfig(r=4, target_modules="all-linear"))
+        print("ready", flush=True)
+        result = bp.train(model, None, data, max_steps=10**6, batch_size=2, output_dir={str(tmp_path)!r},
+                          progress=False, logging_steps=10**5)
+        print("returned", result.interrupted, result.global_step, result.last_checkpoint, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    _, interrupted, step, checkpoint = out.split()[-4:]
+    assert interrupted == "True" and int(step) > 0
+    assert checkpoint.endswith(f"checkpoint-{step}") and os.path.isdir(checkpoint)
+
+
 def test_eval_dataset_reports_eval_loss(tiny_checkpoint: str) -> None:
     model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
     seen = []

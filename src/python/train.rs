@@ -115,6 +115,20 @@ impl Observer for PyObserver {
         })
     }
 
+    fn on_step_end(&mut self) -> crate::Result<Control> {
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => Ok(Control::Continue),
+            Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
+                self.interrupted = true;
+                Ok(Control::Stop)
+            }
+            Err(e) => {
+                self.error = Some(e);
+                Err(crate::Error::invalid("interrupted by a Python exception"))
+            }
+        })
+    }
+
     fn on_eval(&mut self, step: i64, loss: f64) -> crate::Result<Control> {
         self.call("eval", |py| {
             let d = PyDict::new(py);

@@ -203,6 +203,10 @@ pub enum Control {
 pub trait Observer {
     fn on_log(&mut self, logs: &[StepLog], total_steps: i64) -> Result<Control>;
     fn on_eval(&mut self, step: i64, loss: f64) -> Result<Control>;
+    /// Called after every optimizer step (cheap: e.g. a check for Ctrl-C).
+    fn on_step_end(&mut self) -> Result<Control> {
+        Ok(Control::Continue)
+    }
 }
 
 /// An observer that does nothing (Rust callers and tests).
@@ -588,6 +592,9 @@ impl Trainer {
                         control = Control::Stop;
                     }
                 }
+            }
+            if observer.on_step_end()? == Control::Stop {
+                control = Control::Stop;
             }
             let stop = control == Control::Stop;
             if let Some(dir) = &config.output_dir {

@@ -6,7 +6,7 @@ The API mirrors transformers + peft; the work runs in a Rust core on libtorch.
 # torch must be imported first: it loads the libtorch libraries the native module links against.
 import torch  # noqa: F401, I001
 
-from blip_peft import _blip_peft
+from blip_peft import _blip_peft, distributed
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
 from blip_peft.data import ImageCaptionDataset
@@ -38,4 +38,5 @@ __all__ = [
     "get_peft_model",
     "lora_targets",
     "__version__",
+    "distributed",
 ]

@@ -30,6 +30,7 @@ def train_native(
     args_json: str,
     adapter: tuple[str, str, str] | None = None,
     callback: Callable[[str, dict[str, Any]], Any] | None = None,
+    distributed: Any = None,
 ) -> dict[str, Any]: ...
 def collate_captions(
     captions: Sequence[Sequence[int]], bos_token_id: int, pad_token_id: int, max_length: int | None = None

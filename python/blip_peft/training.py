@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from blip_peft import _blip_peft
+from blip_peft import _blip_peft, distributed
 from blip_peft._convert import fspath
 from blip_peft.data import as_items
 from blip_peft.modeling import BlipForConditionalGeneration
@@ -204,6 +204,10 @@ def train(
     decoupled weight decay), the learning-rate schedule, gradient accumulation and clipping, and fp16 loss
     scaling. Captions start with the BOS token generation uses and padding is excluded from the loss.
 
+    Under `torchrun` (or with a `torch.distributed` process group initialised) training is data-parallel:
+    each process takes a disjoint shard of every epoch (`batch_size` is per process), gradients are averaged
+    once per optimizer step as one flat bucket, and only rank 0 logs and writes checkpoints.
+
     `callback(dict)` is called at every logging step with that step's record (and after each evaluation);
     returning True stops training. Ctrl-C stops after the current step, saves a checkpoint when `output_dir`
     is set, and returns the result so far. Checkpoints go to `output_dir/checkpoint-<step>/`; with a
@@ -284,9 +288,13 @@ def train(
         "eval_steps": eval_steps,
         "resume_from_checkpoint": resume,
     }
-    reporter = _Progress(progress, callback)
+    group = distributed.collective()
+    main_process = group is None or group.rank == 0
+    reporter = _Progress(progress and main_process, callback)
     try:
-        result = _blip_peft.train_native(native, train_tensors, eval_tensors, json.dumps(args), adapter, reporter)
+        result = _blip_peft.train_native(
+            native, train_tensors, eval_tensors, json.dumps(args), adapter, reporter, group
+        )
     finally:
         reporter.close()
     train_result = TrainResult(
@@ -298,9 +306,10 @@ def train(
         last_checkpoint=result["last_checkpoint"],
         skipped_samples=skipped,
     )
-    if skipped and progress:
+    if skipped and progress and main_process:
         print(f"skipped {len(skipped)} unreadable sample(s): {skipped[:10]}", file=sys.stderr)
     if out is not None and isinstance(model, PeftModel):
-        model.save_pretrained(out)
+        if main_process:
+            model.save_pretrained(out)
         train_result.adapter_path = out
     return train_result

@@ -13,7 +13,7 @@ use super::model::{locked, PyBlipModel};
 use super::tensor;
 use crate::data::TensorDataset;
 use crate::train::checkpoint::WeightsFormat;
-use crate::train::trainer::{Control, Observer, Precision, TrainConfig};
+use crate::train::trainer::{Collective, Control, Observer, Precision, TrainConfig};
 use crate::train::{BatchSource, Schedule, StepLog, Trainer};
 
 /// The training arguments as Python passes them (JSON), with `blip_peft.train`'s names.
@@ -139,6 +139,42 @@ impl Observer for PyObserver {
     }
 }
 
+/// `torch.distributed` collectives, called through the Python helper object `blip_peft.distributed._Collective`.
+struct PyCollective {
+    handle: Py<PyAny>,
+    error: Option<PyErr>,
+}
+
+impl PyCollective {
+    fn call<T>(&mut self, f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>) -> PyResult<T>) -> crate::Result<T> {
+        Python::attach(|py| match f(py, self.handle.bind(py)) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let msg = format!("a distributed collective failed: {e}");
+                self.error = Some(e);
+                Err(crate::Error::invalid(msg))
+            }
+        })
+    }
+}
+
+impl Collective for PyCollective {
+    fn all_reduce_mean(&mut self, t: &tch::Tensor) -> crate::Result<()> {
+        self.call(|py, h| {
+            h.call_method1("all_reduce_mean", (tensor::to_py(py, t)?,))?;
+            Ok(())
+        })
+    }
+
+    fn all_reduce_max(&mut self, value: f64) -> crate::Result<f64> {
+        self.call(|_, h| h.call_method1("all_reduce_max", (value,))?.extract::<f64>())
+    }
+
+    fn all_equal(&mut self, value: f64) -> crate::Result<bool> {
+        self.call(|_, h| h.call_method1("all_equal", (value,))?.extract::<bool>())
+    }
+}
+
 fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str) -> PyResult<TensorDataset> {
     let get = |k: &str| -> PyResult<Option<tch::Tensor>> {
         match parts.get_item(k) {
@@ -156,7 +192,8 @@ fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str) -> PyResult<TensorDatase
 /// Trains `model` on encoded tensors (a mapping with pixel_values, input_ids, attention_mask, labels).
 /// `adapter` is `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning.
 #[pyfunction]
-#[pyo3(signature = (model, train, eval, args_json, adapter=None, callback=None))]
+#[pyo3(signature = (model, train, eval, args_json, adapter=None, callback=None, distributed=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn train_native<'py>(
     py: Python<'py>,
     model: &PyBlipModel,
@@ -165,7 +202,16 @@ pub fn train_native<'py>(
     args_json: &str,
     adapter: Option<(String, String, String)>,
     callback: Option<Py<PyAny>>,
+    distributed: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let (rank, world_size) = match &distributed {
+        Some(d) => (
+            d.bind(py).getattr("rank")?.extract::<usize>()?,
+            d.bind(py).getattr("world_size")?.extract::<usize>()?,
+        ),
+        None => (0, 1),
+    };
+    let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
     let args: TrainArgs = serde_json::from_str(args_json)
         .map_err(|e| PyValueError::new_err(format!("invalid training arguments: {e}")))?;
     let device = model.lock()?.device();
@@ -205,6 +251,8 @@ pub fn train_native<'py>(
         },
         eval_steps: args.eval_steps,
         resume_from: args.resume_from_checkpoint,
+        rank,
+        world_size,
     };
     let train_source: Box<dyn BatchSource> = Box::new(tensor_dataset(train, "train_dataset")?);
     let eval_source: Option<Box<dyn BatchSource>> = match eval {
@@ -227,9 +275,21 @@ pub fn train_native<'py>(
             },
             None => WeightsFormat::Full,
         };
-        Trainer::run(&mut m, train_source, eval_source, &config, &format, &mut observer)
+        let collective = collective.as_mut().map(|c| c as &mut dyn Collective);
+        Trainer::run(
+            &mut m,
+            train_source,
+            eval_source,
+            &config,
+            &format,
+            &mut observer,
+            collective,
+        )
     });
     if let Some(e) = observer.error.take() {
+        return Err(e);
+    }
+    if let Some(e) = collective.as_mut().and_then(|c| c.error.take()) {
         return Err(e);
     }
     let outcome = outcome.py()?;

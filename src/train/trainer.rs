@@ -97,6 +97,9 @@ pub struct TrainConfig {
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<i64>,
     pub resume_from: Option<PathBuf>,
+    /// This process's rank and the number of processes (data parallelism; 0 and 1 when alone).
+    pub rank: usize,
+    pub world_size: usize,
 }
 
 impl Default for TrainConfig {
@@ -124,6 +127,8 @@ impl Default for TrainConfig {
             save_total_limit: None,
             eval_steps: None,
             resume_from: None,
+            rank: 0,
+            world_size: 1,
         }
     }
 }
@@ -221,6 +226,17 @@ impl Observer for Silent {
     }
 }
 
+/// The collectives data-parallel training needs (implemented over `torch.distributed` by the bindings).
+/// Every process calls them in the same order.
+pub trait Collective {
+    /// Replaces `t` (a flat buffer) by its mean over all processes, in place.
+    fn all_reduce_mean(&mut self, t: &Tensor) -> Result<()>;
+    /// The largest of every process's `value`.
+    fn all_reduce_max(&mut self, value: f64) -> Result<f64>;
+    /// Whether every process passed the same `value`.
+    fn all_equal(&mut self, value: f64) -> Result<bool>;
+}
+
 /// What a run returns.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
@@ -255,6 +271,21 @@ pub fn epoch_order(n: usize, seed: i64, epoch: i64, shuffle: bool) -> Vec<usize>
     order
 }
 
+/// This process's share of an epoch's order: `DistributedSampler`'s interleaved split.
+pub fn shard(order: &[usize], rank: usize, world: usize, drop_last: bool) -> Vec<usize> {
+    let world = world.max(1);
+    if world == 1 {
+        return order.to_vec();
+    }
+    let n = order.len();
+    let total = if drop_last {
+        n / world * world
+    } else {
+        n.div_ceil(world) * world
+    };
+    (rank..total).step_by(world).map(|i| order[i % n]).collect()
+}
+
 /// The geometry of a run: micro-batches per epoch and optimizer steps.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
@@ -270,11 +301,24 @@ impl Plan {
         if samples == 0 {
             return Err(Error::invalid("the training dataset is empty"));
         }
+        let world = config.world_size.max(1);
+        if config.drop_last && samples < world {
+            return Err(Error::invalid(format!(
+                "the dataset has {samples} samples, fewer than the {world} processes (drop_last)"
+            )));
+        }
+        // Each process sees its shard of every epoch (DistributedSampler's split: padded by repeating the
+        // order's start, or truncated with drop_last), so `batch_size` is per process.
+        let per_rank = if config.drop_last {
+            samples / world
+        } else {
+            samples.div_ceil(world)
+        };
         let bs = config.batch_size;
         let micro = if config.drop_last {
-            samples / bs
+            per_rank / bs
         } else {
-            samples.div_ceil(bs)
+            per_rank.div_ceil(bs)
         } as i64;
         if micro == 0 {
             return Err(Error::invalid(format!(
@@ -314,6 +358,7 @@ impl Plan {
             ));
         }
         let order = &order_cache.as_ref().map(|(_, o)| o.clone()).unwrap_or_default();
+        let order = &shard(order, config.rank, config.world_size, config.drop_last);
         let accum = config.gradient_accumulation_steps;
         let bs = config.batch_size;
         let first = within * accum;
@@ -406,6 +451,7 @@ impl Trainer {
         config: &TrainConfig,
         format: &WeightsFormat,
         observer: &mut dyn Observer,
+        collective: Option<&mut dyn Collective>,
     ) -> Result<TrainOutcome> {
         config.validate()?;
         let plan = Plan::new(train.len(), config)?;
@@ -462,6 +508,7 @@ impl Trainer {
             config,
             format,
             observer,
+            collective,
             plan,
             &mut optimizer,
             &mut scaler,
@@ -489,12 +536,16 @@ impl Trainer {
         config: &TrainConfig,
         format: &WeightsFormat,
         observer: &mut dyn Observer,
+        mut collective: Option<&mut dyn Collective>,
         plan: Plan,
         optimizer: &mut AdamW,
         scaler: &mut Option<LossScaler>,
         state: &mut TrainerState,
     ) -> Result<(bool, Option<PathBuf>)> {
         let device = model.device();
+        if let Some(c) = collective.as_deref_mut() {
+            check_ranks_agree(c, optimizer, train.len(), plan.total_steps)?;
+        }
         let batches = prefetch(train, plan, config.clone(), state.global_step);
         // Per-step values stay on the device until a logging step reads them all at once.
         let mut pending: Vec<PendingStep> = Vec::new();
@@ -534,6 +585,25 @@ impl Trainer {
                 step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
             }
             let grads = optimizer.grads();
+            if let Some(c) = collective.as_deref_mut() {
+                // One flat bucket per optimizer step: every gradient plus the step's loss, averaged.
+                let mut parts = grads
+                    .iter()
+                    .map(|g| g.f_flatten(0, -1).map_err(Error::from))
+                    .collect::<Result<Vec<_>>>()?;
+                parts.push(step_loss.f_view([1])?.f_to_kind(Kind::Float)?);
+                let flat = Tensor::f_cat(&parts, 0)?;
+                c.all_reduce_mean(&flat)?;
+                let _guard = tch::no_grad_guard();
+                let mut offset = 0;
+                for g in &grads {
+                    let n = g.numel() as i64;
+                    let mut g = g.shallow_clone();
+                    g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&g)?)?;
+                    offset += n;
+                }
+                step_loss = flat.f_narrow(0, offset, 1)?.f_squeeze()?;
+            }
             let found_inf = match scaler.as_ref() {
                 Some(s) => Some(s.unscale(&grads)?),
                 None => None,
@@ -577,24 +647,38 @@ impl Trainer {
             let mut control = Control::Continue;
             if log_now || save_now || eval_now {
                 let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
-                let rate = window_samples as f64 / elapsed;
+                let rate = (window_samples * config.world_size.max(1)) as f64 / elapsed;
                 let logs = read_pending(&mut pending, rate)?;
                 window_start = Instant::now();
                 window_samples = 0;
                 state.history.extend(logs.iter().cloned());
-                control = observer.on_log(&logs, plan.total_steps)?;
+                if config.rank == 0 {
+                    control = observer.on_log(&logs, plan.total_steps)?;
+                }
+                if let Some(c) = collective.as_deref_mut() {
+                    check_in_sync(c, optimizer, state.global_step)?;
+                }
             }
             if eval_now {
                 if let Some(source) = &eval {
-                    let loss = evaluate(model, source.as_ref(), config.batch_size)?;
+                    let loss = evaluate_sharded(model, source.as_ref(), config, collective.as_deref_mut())?;
                     state.eval_history.push((state.global_step, loss));
-                    if observer.on_eval(state.global_step, loss)? == Control::Stop {
+                    if config.rank == 0 && observer.on_eval(state.global_step, loss)? == Control::Stop {
                         control = Control::Stop;
                     }
                 }
             }
             if observer.on_step_end()? == Control::Stop {
                 control = Control::Stop;
+            }
+            if let Some(c) = collective.as_deref_mut() {
+                // Every process stops together, or the others would wait forever at the next all-reduce.
+                let any = c.all_reduce_max(if control == Control::Stop { 1.0 } else { 0.0 })?;
+                control = if any > 0.0 {
+                    Control::Stop
+                } else {
+                    Control::Continue
+                };
             }
             let stop = control == Control::Stop;
             if let Some(dir) = &config.output_dir {
@@ -603,14 +687,18 @@ impl Trainer {
                         state.loss_scale = Some(f64::try_from(s.scale.f_squeeze()?)?);
                         state.growth_tracker = Some(i64::try_from(s.growth_tracker.f_squeeze()?)?);
                     }
-                    last_checkpoint = Some(checkpoint::save(
-                        dir,
-                        model,
-                        optimizer,
-                        state,
-                        format,
-                        config.save_total_limit,
-                    )?);
+                    last_checkpoint = if config.rank == 0 {
+                        Some(checkpoint::save(
+                            dir,
+                            model,
+                            optimizer,
+                            state,
+                            format,
+                            config.save_total_limit,
+                        )?)
+                    } else {
+                        Some(checkpoint::checkpoint_dir(dir, state.global_step))
+                    };
                 }
             }
             if stop {
@@ -681,23 +769,100 @@ fn read_pending(pending: &mut Vec<PendingStep>, rate: f64) -> Result<Vec<StepLog
     Ok(logs)
 }
 
+/// Fails naming the step when the trained weights differ between processes (a cheap checksum).
+fn check_in_sync(c: &mut dyn Collective, optimizer: &AdamW, step: i64) -> Result<()> {
+    let mut sum = 0.0;
+    for s in &optimizer.states {
+        sum += f64::try_from(s.param.f_to_kind(Kind::Double)?.f_sum(Kind::Double)?)?;
+    }
+    if !c.all_equal(sum)? {
+        return Err(Error::invalid(format!(
+            "the trained weights differ between processes at step {step}; data-parallel training went out of sync"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks before training that every process has the same trainable parameters and data size.
+fn check_ranks_agree(
+    c: &mut dyn Collective,
+    optimizer: &AdamW,
+    samples: usize,
+    total_steps: i64,
+) -> Result<()> {
+    let mut signature: u64 = 1469598103934665603;
+    for s in &optimizer.states {
+        for b in s.name.bytes().chain(format!("{:?}", s.param.size()).bytes()) {
+            signature = (signature ^ u64::from(b)).wrapping_mul(1099511628211);
+        }
+    }
+    if !c.all_equal((signature >> 11) as f64)? {
+        return Err(Error::invalid(
+            "the processes disagree on the model's trainable parameters (shapes or LoRA config); every process \
+             must build the same model and adapter",
+        ));
+    }
+    if !c.all_equal(samples as f64)? || !c.all_equal(total_steps as f64)? {
+        return Err(Error::invalid(
+            "the processes disagree on the dataset size or the number of steps; give every process the same data",
+        ));
+    }
+    Ok(())
+}
+
+/// The evaluation loss, each process taking its share of the evaluation set and the means averaged.
+fn evaluate_sharded(
+    model: &mut BlipForConditionalGeneration,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+    collective: Option<&mut (dyn Collective + '_)>,
+) -> Result<f64> {
+    let Some(c) = collective else {
+        return evaluate(model, source, config.batch_size);
+    };
+    let shard: Vec<usize> = (config.rank..source.len())
+        .step_by(config.world_size.max(1))
+        .collect();
+    let (sum, count) = evaluate_indices(model, source, &shard, config.batch_size)?;
+    let totals = Tensor::f_from_slice(&[sum, count as f64])?;
+    c.all_reduce_mean(&totals)?;
+    let totals = Vec::<f64>::try_from(totals)?;
+    if totals[1] == 0.0 {
+        return Err(Error::invalid("the evaluation dataset is empty"));
+    }
+    Ok(totals[0] / totals[1])
+}
+
 /// Mean loss over an evaluation source, without gradients or dropout.
 pub fn evaluate(
     model: &mut BlipForConditionalGeneration,
     source: &dyn BatchSource,
     batch_size: usize,
 ) -> Result<f64> {
+    let all: Vec<usize> = (0..source.len()).collect();
+    let (sum, batches) = evaluate_indices(model, source, &all, batch_size)?;
+    if batches == 0 {
+        return Err(Error::invalid("the evaluation dataset is empty"));
+    }
+    Ok(sum / batches as f64)
+}
+
+/// The sum of per-batch mean losses over `indices`, and the number of batches.
+fn evaluate_indices(
+    model: &mut BlipForConditionalGeneration,
+    source: &dyn BatchSource,
+    indices: &[usize],
+    batch_size: usize,
+) -> Result<(f64, usize)> {
     let _guard = tch::no_grad_guard();
     let was = model.training;
     model.training = false;
     let device = model.device();
-    let n = source.len();
     let mut total = Tensor::f_zeros([], (Kind::Double, device))?;
     let mut batches = 0;
     let result = (|| -> Result<()> {
-        for start in (0..n).step_by(batch_size.max(1)) {
-            let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
-            let b = source.batch(&idx)?;
+        for idx in indices.chunks(batch_size.max(1)) {
+            let b = source.batch(idx)?;
             let pv = model.check_pixel_values(&b.pixel_values)?;
             let image = model.encode_images(&pv)?;
             let (_, loss) = model.decode_with_loss(
@@ -715,10 +880,7 @@ pub fn evaluate(
     })();
     model.training = was;
     result?;
-    if batches == 0 {
-        return Err(Error::invalid("the evaluation dataset is empty"));
-    }
-    Ok(f64::try_from(total)? / batches as f64)
+    Ok((f64::try_from(total)?, batches))
 }
 
 /// Loads a checkpoint's weights and optimizer state into the run.

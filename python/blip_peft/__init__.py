@@ -9,6 +9,7 @@ import torch  # noqa: F401, I001
 from blip_peft import _blip_peft, distributed
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
+from blip_peft.captioning import generate
 from blip_peft.data import ImageCaptionDataset
 from blip_peft.training import TrainResult, train
 from blip_peft.peft_model import LoraConfig, LoraModel, PeftConfig, PeftModel, get_peft_model, lora_targets
@@ -39,4 +40,5 @@ __all__ = [
     "lora_targets",
     "__version__",
     "distributed",
+    "generate",
 ]

@@ -1,0 +1,242 @@
+"""The `blip-peft` command (also `python -m blip_peft`): train, caption, merge, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _hub_cache_dirs() -> list[str]:
+    """Where a Hugging Face cache may hold downloaded models, in the order huggingface_hub looks."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [os.environ["HF_HUB_CACHE"]]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return [os.path.join(home, "hub")]
+
+
+def resolve_model(name: str) -> str:
+    """A local checkpoint folder, or a hub id (`owner/name`) found in the local Hugging Face cache. Nothing is
+    downloaded: a model that is not on disk is an error that says where it was looked for."""
+    if os.path.isdir(name):
+        return name
+    looked = [os.path.abspath(name)]
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        for cache in _hub_cache_dirs():
+            repo = os.path.join(cache, "models--" + name.replace("/", "--"))
+            looked.append(repo)
+            snapshots = os.path.join(repo, "snapshots")
+            ref = os.path.join(repo, "refs", "main")
+            if os.path.isfile(ref):
+                with open(ref) as f:
+                    candidate = os.path.join(snapshots, f.read().strip())
+                if os.path.isdir(candidate):
+                    return candidate
+            if os.path.isdir(snapshots):
+                found = sorted(os.listdir(snapshots))
+                if found:
+                    return os.path.join(snapshots, found[-1])
+    raise FileNotFoundError(
+        f"model {name!r} not found; looked in: {', '.join(looked)}. blip-peft does not download anything: pass a "
+        "local checkpoint folder, or download the model once (e.g. `huggingface-cli download "
+        "Salesforce/blip-image-captioning-base`) so it is in the Hugging Face cache."
+    )
+
+
+def _load_dataset(path: str) -> Any:
+    import blip_peft as bp
+
+    if os.path.isdir(path):
+        return bp.ImageCaptionDataset.from_folder(path)
+    if path.endswith(".jsonl"):
+        return bp.ImageCaptionDataset.from_jsonl(path)
+    if path.endswith(".csv"):
+        return bp.ImageCaptionDataset.from_csv(path)
+    raise ValueError(f"--data must be an imagefolder, a .jsonl or a .csv file, got {path!r}")
+
+
+def _images(paths: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            out.extend(os.path.join(p, f) for f in sorted(os.listdir(p)) if f.lower().endswith(IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import blip_peft as bp
+
+    model_path = resolve_model(args.model)
+    processor = bp.AutoProcessor.from_pretrained(model_path)
+    model = bp.BlipForConditionalGeneration.from_pretrained(model_path, device=args.device)
+    if not args.full:
+        targets: Any = args.target_modules
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        config = bp.LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets
+        )
+        model = bp.get_peft_model(model, config)
+        model.print_trainable_parameters()
+    result = bp.train(
+        model,
+        processor,
+        _load_dataset(args.data),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler=args.lr_scheduler,
+        warmup_ratio=args.warmup_ratio,
+        mixed_precision=args.mixed_precision,
+        output_dir=args.output_dir,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        resume_from_checkpoint=True if args.resume else None,
+    )
+    if args.full:
+        model.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
+    print(f"trained {result.global_step} steps, final loss {result.losses[-1]:.4f}; saved to {args.output_dir}")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import blip_peft as bp
+
+    model_path = resolve_model(args.model)
+    processor = bp.AutoProcessor.from_pretrained(model_path)
+    model: Any = bp.BlipForConditionalGeneration.from_pretrained(model_path, device=args.device)
+    if args.adapter:
+        model = bp.PeftModel.from_pretrained(model, args.adapter)
+    images = _images(args.images)
+    if not images:
+        raise ValueError("no images given (pass files or folders holding images)")
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    if args.do_sample:
+        kwargs.update(do_sample=True, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+    captions = bp.generate(model, processor, images, prompt=args.prompt, batch_size=args.batch_size, **kwargs)
+    out = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    try:
+        for image, caption in zip(images, captions, strict=True):
+            if out is not None:
+                out.write(json.dumps({"file_name": image, "text": caption}) + "\n")
+            else:
+                print(f"{image}\t{caption}")
+    finally:
+        if out is not None:
+            out.close()
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import blip_peft as bp
+
+    model_path = resolve_model(args.model)
+    base = bp.BlipForConditionalGeneration.from_pretrained(model_path)
+    merged = bp.PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
+    merged.save_pretrained(args.output)
+    try:
+        bp.AutoProcessor.from_pretrained(model_path).save_pretrained(args.output)
+    except (FileNotFoundError, ValueError):
+        pass  # a checkpoint without processor files: the merged weights are still complete
+    print(f"merged {args.adapter} into {model_path}; saved to {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blip_peft import demo
+
+    demo.run(output_dir=args.output_dir, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip-peft", description="Fine-tune BLIP with LoRA and caption images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a model (LoRA by default) on an image-caption dataset")
+    train.add_argument("--model", required=True, help="checkpoint folder or a hub id in the local HF cache")
+    train.add_argument("--data", required=True, help="imagefolder (metadata.jsonl), or a .jsonl / .csv file")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--full", action="store_true", help="train every parameter instead of LoRA adapters")
+    train.add_argument("--lora-r", type=int, default=16)
+    train.add_argument("--lora-alpha", type=float, default=32)
+    train.add_argument("--lora-dropout", type=float, default=0.05)
+    train.add_argument(
+        "--target-modules",
+        default="self.query,self.value,self_attn.qkv",
+        help="comma-separated module names, or all-linear",
+    )
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    train.add_argument("--warmup-ratio", type=float, default=0.0)
+    train.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto")
+    train.add_argument("--save-steps", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --output-dir")
+    train.add_argument("--device", default="cpu")
+    train.set_defaults(func=cmd_train)
+
+    caption = sub.add_parser("caption", help="caption images (files or folders)")
+    caption.add_argument("images", nargs="+")
+    caption.add_argument("--model", required=True)
+    caption.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    caption.add_argument("--prompt", default=None, help='a text to continue, e.g. "a photography of"')
+    caption.add_argument("--max-new-tokens", type=int, default=30)
+    caption.add_argument("--num-beams", type=int, default=1)
+    caption.add_argument("--do-sample", action="store_true")
+    caption.add_argument("--top-p", type=float, default=0.9)
+    caption.add_argument("--temperature", type=float, default=1.0)
+    caption.add_argument("--seed", type=int, default=0)
+    caption.add_argument("--batch-size", type=int, default=32)
+    caption.add_argument("--output", default=None, help="write JSONL here instead of printing")
+    caption.add_argument("--device", default="cpu")
+    caption.set_defaults(func=cmd_caption)
+
+    merge = sub.add_parser("merge", help="merge an adapter into its base model and save a full checkpoint")
+    merge.add_argument("--model", required=True)
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.set_defaults(func=cmd_merge)
+
+    demo = sub.add_parser("demo", help="the whole workflow on the bundled model and world, offline")
+    demo.add_argument("--output-dir", default="./blip-peft-demo")
+    demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "epochs", "max_new_tokens", "num_beams", "lora_r"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "data", None) and not os.path.exists(args.data):
+        parser.error(f"--data {args.data!r} does not exist")
+    if getattr(args, "adapter", None) and not os.path.isdir(args.adapter):
+        parser.error(f"--adapter {args.adapter!r} is not a folder")
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"blip-peft {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

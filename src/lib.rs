@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod lora;
 pub mod nn;
+pub mod processor;
 pub mod repr;
 pub mod weights;
 

@@ -9,6 +9,13 @@ import torch  # noqa: F401, I001
 from blip_peft import _blip_peft
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
+from blip_peft.processing import (
+    AutoProcessor,
+    BatchEncoding,
+    BlipImageProcessor,
+    BlipProcessor,
+    BlipTokenizer,
+)
 from blip_peft.peft_model import LoraConfig, LoraModel, PeftConfig, PeftModel, get_peft_model, lora_targets
 from blip_peft.modeling import (
     AutoModelForImageTextToText,
@@ -22,10 +29,15 @@ __version__: str = _blip_peft.__version__
 __all__ = [
     "AutoModelForImageTextToText",
     "AutoModelForVision2Seq",
+    "AutoProcessor",
+    "BatchEncoding",
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
+    "BlipImageProcessor",
     "BlipPeftError",
+    "BlipProcessor",
+    "BlipTokenizer",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",

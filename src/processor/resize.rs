@@ -184,48 +184,65 @@ pub fn resize_rgb(src: &[u8], width: usize, height: usize, out_w: usize, out_h: 
     }
     let need_h = out_w != width;
     let need_v = out_h != height;
-    let vert = Kernel::new(height, out_h, filter);
-    // The horizontal pass only produces the source rows the vertical pass reads.
-    let first_row = vert.bounds.first().map_or(0, |b| b.0);
-    let last_row = vert.bounds.last().map_or(0, |b| b.0 + b.1);
-
-    let (mid, mid_w, row_offset) = if need_h {
-        let horiz = Kernel::new(width, out_w, filter);
-        let rows = last_row.saturating_sub(first_row);
-        let mut out = vec![0u8; out_w * rows * 3];
-        for (r, out_row) in out.chunks_exact_mut(out_w * 3).enumerate() {
-            let in_row = &src[(r + first_row) * width * 3..(r + first_row + 1) * width * 3];
-            for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
-                let (start, taps) = horiz.taps(xx);
-                let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
-                for (&k, p) in taps.iter().zip(in_row[start * 3..].chunks_exact(3)) {
-                    s0 += p[0] as i32 * k;
-                    s1 += p[1] as i32 * k;
-                    s2 += p[2] as i32 * k;
-                }
-                px[0] = clip8(s0);
-                px[1] = clip8(s1);
-                px[2] = clip8(s2);
+    match (need_h, need_v) {
+        (false, false) => src.to_vec(),
+        (true, false) => horizontal(src, width, 0..height, &Kernel::new(width, out_w, filter), out_w),
+        (false, true) => vertical(src, width, 0, &Kernel::new(height, out_h, filter)),
+        (true, true) => {
+            let horiz = Kernel::new(width, out_w, filter);
+            let vert = Kernel::new(height, out_h, filter);
+            // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+            // pixels as the width does; the order changes the intermediate rounding, so we follow it.
+            let shrink_h = height as i64 - out_h as i64;
+            let shrink_w = width as i64 - out_w as i64;
+            if shrink_h > 0 && shrink_h > 2 * shrink_w {
+                let mid = vertical(src, width, 0, &vert);
+                horizontal(&mid, width, 0..out_h, &horiz, out_w)
+            } else {
+                // The horizontal pass only produces the source rows the vertical pass reads.
+                let first = vert.bounds.first().map_or(0, |b| b.0);
+                let last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
+                let mid = horizontal(src, width, first..last, &horiz, out_w);
+                vertical(&mid, out_w, first, &vert)
             }
         }
-        (std::borrow::Cow::Owned(out), out_w, first_row)
-    } else {
-        (std::borrow::Cow::Borrowed(src), width, 0)
-    };
-
-    if !need_v {
-        return mid.into_owned();
     }
-    let stride = mid_w * 3;
+}
+
+/// Horizontal pass over the given source rows.
+fn horizontal(src: &[u8], width: usize, rows: std::ops::Range<usize>, kernel: &Kernel, out_w: usize) -> Vec<u8> {
+    let mut out = vec![0u8; out_w * rows.len() * 3];
+    for (r, out_row) in rows.zip(out.chunks_exact_mut(out_w * 3)) {
+        let in_row = &src[r * width * 3..(r + 1) * width * 3];
+        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let (start, taps) = kernel.taps(xx);
+            let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
+            for (&k, p) in taps.iter().zip(in_row[start * 3..].chunks_exact(3)) {
+                s0 += p[0] as i32 * k;
+                s1 += p[1] as i32 * k;
+                s2 += p[2] as i32 * k;
+            }
+            px[0] = clip8(s0);
+            px[1] = clip8(s1);
+            px[2] = clip8(s2);
+        }
+    }
+    out
+}
+
+/// Vertical pass; `src` holds source rows from `row_offset` on.
+fn vertical(src: &[u8], width: usize, row_offset: usize, kernel: &Kernel) -> Vec<u8> {
+    let stride = width * 3;
+    let out_h = kernel.bounds.len();
     let mut out = vec![0u8; out_h * stride];
     let mut acc = vec![0i32; stride];
     for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
-        let (start, taps) = vert.taps(yy);
+        let (start, taps) = kernel.taps(yy);
         acc.fill(HALF);
         // Row-major accumulation: the same integer sums as PIL's column loop, in cache-friendly order.
         for (y, &k) in taps.iter().enumerate() {
-            let row = &mid[(start + y - row_offset) * stride..(start + y - row_offset + 1) * stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
+            let r = start + y - row_offset;
+            for (a, &p) in acc.iter_mut().zip(&src[r * stride..(r + 1) * stride]) {
                 *a += p as i32 * k;
             }
         }

@@ -120,13 +120,21 @@ fn at(index: usize, source: &ImageSource, err: image::LoadError) -> Error {
     }
 }
 
-/// Decode/convert/resize one image to RGB at the output size.
+/// Decode/convert/resize one image to RGB (4-byte pixels) at the output size.
 fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Result<RgbImage> {
-    let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb).map_err(|e| at(index, source, e))?;
+    let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
+        .map_err(|e| at(index, source, e))?;
     if !cfg.do_resize || (rgb.width == cfg.width && rgb.height == cfg.height) {
         return Ok(rgb);
     }
-    let data = resize::resize_rgb(&rgb.data, rgb.width, rgb.height, cfg.width, cfg.height, cfg.resample);
+    let data = resize::resize_rgbx(
+        &rgb.data,
+        rgb.width,
+        rgb.height,
+        cfg.width,
+        cfg.height,
+        cfg.resample,
+    );
     Ok(RgbImage {
         width: cfg.width,
         height: cfg.height,
@@ -134,12 +142,12 @@ fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Re
     })
 }
 
-/// Writes an HWC uint8 image into a CHW float buffer through the per-channel table.
+/// Writes a 4-byte-pixel image into a CHW float buffer through the per-channel table.
 fn write_chw(rgb: &RgbImage, lut: &[[f32; 256]; 3], out: &mut [f32]) {
     let plane = rgb.width * rgb.height;
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    for (i, px) in rgb.data.chunks_exact(3).enumerate() {
+    for (i, px) in rgb.data.chunks_exact(4).enumerate() {
         r[i] = lut[0][px[0] as usize];
         g[i] = lut[1][px[1] as usize];
         b[i] = lut[2][px[2] as usize];
@@ -225,7 +233,13 @@ mod tests {
     fn batch_shape_and_values() {
         let cfg = ImageProcessorConfig::default();
         let out = preprocess_images(&cfg, &[raw(10, 20, 255), raw(500, 300, 0)]).unwrap();
-        let PixelValues::Batch { n, height, width, data } = out else {
+        let PixelValues::Batch {
+            n,
+            height,
+            width,
+            data,
+        } = out
+        else {
             panic!("expected a batch")
         };
         assert_eq!((n, height, width, data.len()), (2, 384, 384, 2 * 3 * 384 * 384));

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use rayon::prelude::*;
 use tokenizers::utils::padding::{pad_encodings, PaddingDirection, PaddingParams, PaddingStrategy};
-use tokenizers::utils::truncation::{truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::utils::truncation::{
+    truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 use tokenizers::{PostProcessor, Tokenizer};
 
 use crate::error::{Error, Result};
@@ -80,7 +82,9 @@ impl BlipTokenizer {
 
     /// The `tokenizer.json` text.
     pub fn to_json(&self, pretty: bool) -> Result<String> {
-        self.inner.to_string(pretty).map_err(tk_err("cannot serialise tokenizer"))
+        self.inner
+            .to_string(pretty)
+            .map_err(tk_err("cannot serialise tokenizer"))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -97,11 +101,17 @@ impl BlipTokenizer {
 
     /// Number of special tokens the post-processor adds to a single sequence ([CLS] and [SEP]: 2).
     pub fn num_special_tokens(&self) -> usize {
-        self.inner.get_post_processor().map_or(0, |p| p.added_tokens(false))
+        self.inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false))
     }
 
     /// Tokenises a batch of texts (in parallel).
-    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S], opts: &TokenizeOptions) -> Result<Encoding> {
+    pub fn encode_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        opts: &TokenizeOptions,
+    ) -> Result<Encoding> {
         let added = if opts.add_special_tokens {
             self.num_special_tokens()
         } else {
@@ -130,7 +140,10 @@ impl BlipTokenizer {
             .enumerate()
             .map(|(i, text)| {
                 let context = format!("cannot tokenize text {i}");
-                let enc = self.inner.encode(text.as_ref(), false).map_err(tk_err(&context))?;
+                let enc = self
+                    .inner
+                    .encode(text.as_ref(), false)
+                    .map_err(tk_err(&context))?;
                 let enc = match &truncation {
                     Some(params) => truncate_encodings(enc, None, params).map_err(tk_err(&context))?.0,
                     None => enc,
@@ -172,7 +185,12 @@ impl BlipTokenizer {
 
     /// Decodes rows of ids to text, as transformers' `batch_decode` does. Ids outside the vocabulary
     /// are skipped, as the tokenizers library skips them.
-    pub fn decode_batch(&self, rows: &[Vec<u32>], skip_special_tokens: bool, clean_up_spaces: bool) -> Result<Vec<String>> {
+    pub fn decode_batch(
+        &self,
+        rows: &[Vec<u32>],
+        skip_special_tokens: bool,
+        clean_up_spaces: bool,
+    ) -> Result<Vec<String>> {
         let texts: Vec<Result<String>> = rows
             .par_iter()
             .enumerate()
@@ -218,7 +236,13 @@ mod tests {
 
     #[test]
     fn clean_up_matches_transformers_rules() {
-        assert_eq!(clean_up_tokenization("it ' s a dog , isn 't it ?"), "it's a dog, isn't it?");
-        assert_eq!(clean_up_tokenization("we 're here . you 've won !"), "we're here. you've won!");
+        assert_eq!(
+            clean_up_tokenization("it ' s a dog , isn 't it ?"),
+            "it's a dog, isn't it?"
+        );
+        assert_eq!(
+            clean_up_tokenization("we 're here . you 've won !"),
+            "we're here. you've won!"
+        );
     }
 }

@@ -11,8 +11,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 
 use super::errors::IntoPyResult;
 use crate::processor::{
-    preprocess_images, BlipTokenizer, ImageProcessorConfig, ImageSource, Padding, PixelMode, PixelValues, Resample,
-    TokenizeOptions,
+    preprocess_images, BlipTokenizer, ImageProcessorConfig, ImageSource, Padding, PixelMode, PixelValues,
+    Resample, TokenizeOptions,
 };
 
 /// The image half of the processor: decode, convert to RGB, resize, rescale, normalise.
@@ -129,7 +129,8 @@ fn to_source(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
             Ok(slice) => slice.to_vec(),
             Err(_) => array.readonly().as_array().iter().copied().collect(),
         };
-        return ImageSource::from_hwc(&shape, data).map_err(|e| PyValueError::new_err(format!("image {i}: {e}")));
+        return ImageSource::from_hwc(&shape, data)
+            .map_err(|e| PyValueError::new_err(format!("image {i}: {e}")));
     }
     if let Ok(array) = obj.cast::<PyUntypedArray>() {
         return Err(PyTypeError::new_err(format!(
@@ -213,13 +214,21 @@ impl PyTokenizer {
             ("none", _) => Padding::None,
             ("longest", _) => Padding::Longest,
             ("max_length", Some(n)) => Padding::MaxLength(n),
-            ("max_length", None) => return Err(PyValueError::new_err("padding='max_length' needs max_length")),
-            (other, _) => return Err(PyValueError::new_err(format!("unknown padding strategy {other:?}"))),
+            ("max_length", None) => {
+                return Err(PyValueError::new_err("padding='max_length' needs max_length"))
+            }
+            (other, _) => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown padding strategy {other:?}"
+                )))
+            }
         };
         let side = |name: &str, value: &str| match value {
             "left" => Ok(true),
             "right" => Ok(false),
-            _ => Err(PyValueError::new_err(format!("{name} must be 'left' or 'right', got {value:?}"))),
+            _ => Err(PyValueError::new_err(format!(
+                "{name} must be 'left' or 'right', got {value:?}"
+            ))),
         };
         let opts = TokenizeOptions {
             add_special_tokens,

@@ -78,7 +78,18 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-SIZES = [(384, 384), (640, 480), (480, 640), (1000, 999), (385, 383), (100, 50), (50, 700), (2000, 300), (17, 3), (1, 1)]
+SIZES = [
+    (384, 384),
+    (640, 480),
+    (480, 640),
+    (1000, 999),
+    (385, 383),
+    (100, 50),
+    (50, 700),
+    (2000, 300),
+    (17, 3),
+    (1, 1),
+]
 MODES = ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I;16"]
 
 
@@ -105,7 +116,9 @@ class Stats:
         self.max_levels = max(self.max_levels, float((diff * 255 * STD.reshape(1, 3, 1, 1)).max()))
 
     def report(self, what: str) -> str:
-        return f"{what}: {self.exact / self.values:.6f} of {self.values} values exact, max {self.max_levels:.3f} levels"
+        return (
+            f"{what}: {self.exact / self.values:.6f} of {self.values} values exact, max {self.max_levels:.3f} levels"
+        )
 
 
 def assert_within_one_level(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -318,7 +331,9 @@ def test_token_tensors_and_single_text(theirs: HFProcessor, ours: bp.BlipProcess
         assert np.array_equal(ours(text=texts, return_tensors="np", **kwargs)["input_ids"], b["input_ids"].numpy())
     single = "a photography of"
     assert ours(text=single)["input_ids"] == theirs(text=single)["input_ids"]
-    assert torch.equal(ours(text=single, return_tensors="pt").input_ids, theirs(text=single, return_tensors="pt").input_ids)
+    assert torch.equal(
+        ours(text=single, return_tensors="pt").input_ids, theirs(text=single, return_tensors="pt").input_ids
+    )
     with pytest.raises(ValueError, match="different lengths"):
         ours(text=["a", "a b c d"], return_tensors="pt")
 

@@ -280,7 +280,7 @@ class BlipImageProcessor:
         unknown = set(overrides) - _IMAGE_KWARGS
         if unknown:
             raise TypeError(f"unexpected image processor arguments: {sorted(unknown)}")
-        settings = {
+        settings: dict[str, Any] = {
             "do_resize": self.do_resize,
             "size": self.size,
             "resample": self.resample,
@@ -638,7 +638,9 @@ class BlipTokenizer:
         if isinstance(rows, Mapping):
             rows = rows["input_ids"]
         rows = [[int(i) for i in _ids_list(row)] for row in rows]
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = (
+            self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        )
         return list(
             self._native.decode_batch(
                 rows, skip_special_tokens=bool(skip_special_tokens), clean_up_tokenization_spaces=bool(clean)

@@ -12,6 +12,8 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
+use super::buffers;
+
 /// PIL's `Image.MAX_IMAGE_PIXELS`: PIL warns above it and refuses above twice as many pixels
 /// (`DecompressionBombError`). Our default limit is PIL's refusal threshold.
 pub const PIL_MAX_IMAGE_PIXELS: u64 = 89_478_485;
@@ -236,7 +238,7 @@ pub fn raw_to_rgb(mode: &PixelMode, width: usize, height: usize, data: &[u8]) ->
             data.len()
         ));
     }
-    let mut out = vec![0u8; width * height * 4];
+    let mut out = buffers::take(width * height * 4);
     let px = out.chunks_exact_mut(4);
     let grey = |o: &mut [u8], v: u8| o[..3].fill(v);
     match mode {
@@ -356,7 +358,12 @@ fn decode_jpeg(bytes: &[u8], max_pixels: Option<u64>, convert_rgb: bool) -> Resu
     }
     let mut decoder =
         JpegDecoder::new_with_options(ZCursor::new(bytes), options.jpeg_set_out_colorspace(out_space));
-    let mut data = decoder.decode().map_err(bad)?;
+    decoder.decode_headers().map_err(bad)?;
+    let size = decoder
+        .output_buffer_size()
+        .ok_or("cannot decode JPEG: unknown output size")?;
+    let mut data = buffers::take(size);
+    decoder.decode_into(&mut data).map_err(bad)?;
     match mode {
         PixelMode::RGBX => {
             if data.len() != width * height * 4 {
@@ -367,7 +374,9 @@ fn decode_jpeg(bytes: &[u8], max_pixels: Option<u64>, convert_rgb: bool) -> Resu
         PixelMode::CMYK => data.iter_mut().for_each(|v| *v = 255 - *v),
         _ => {}
     }
-    raw_to_rgb(&mode, width, height, &data)
+    let rgb = raw_to_rgb(&mode, width, height, &data);
+    buffers::give(data);
+    rgb
 }
 
 fn decode_other(

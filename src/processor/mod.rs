@@ -9,6 +9,7 @@
 //! This module holds the image settings and the batch pipeline (decode → RGB → resize → rescale →
 //! normalise → float32 NCHW), one image per rayon task.
 
+mod buffers;
 pub mod image;
 pub mod resize;
 pub mod tokenizer;
@@ -194,6 +195,7 @@ pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) ->
             .map(|(i, (out, src))| {
                 let rgb = prepare(cfg, i, src)?;
                 write_chw(&rgb, &lut, out);
+                buffers::give(rgb.data);
                 Ok(())
             })
             .collect();
@@ -212,6 +214,7 @@ pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) ->
             let rgb = prepare(cfg, i, src)?;
             let mut out = vec![0f32; 3 * rgb.width * rgb.height];
             write_chw(&rgb, &lut, &mut out);
+            buffers::give(rgb.data);
             Ok((rgb.height, rgb.width, out))
         })
         .collect();

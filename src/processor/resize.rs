@@ -7,6 +7,8 @@
 //! point, sums started at half a unit and clipped to 0..=255. NEAREST is not a convolution in PIL: it is
 //! an affine scale whose source coordinate is accumulated in f64 step by step, reproduced here step by step.
 
+use super::buffers;
+
 /// PIL's resampling filters, numbered as `PIL.Image.Resampling` numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resample {
@@ -222,13 +224,17 @@ fn convolve(
             // pixels as the width does; the order changes the intermediate rounding, so we follow it.
             if shrink_h > 0 && shrink_h > 2 * shrink_w {
                 let mid = vertical(src, width, 0, &vert);
-                horizontal(&mid, width, 0..out_h, &horiz, out_w)
+                let out = horizontal(&mid, width, 0..out_h, &horiz, out_w);
+                buffers::give(mid);
+                out
             } else {
                 // The horizontal pass only produces the source rows the vertical pass reads.
                 let first = vert.bounds.first().map_or(0, |b| b.0);
                 let last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
                 let mid = horizontal(src, width, first..last, &horiz, out_w);
-                vertical(&mid, out_w, first, &vert)
+                let out = vertical(&mid, out_w, first, &vert);
+                buffers::give(mid);
+                out
             }
         }
     }
@@ -247,7 +253,7 @@ fn horizontal_impl(
     let row_in = width * 4;
     let row_out = out_w * 4;
     let first = rows.start;
-    let mut out = vec![0u8; row_out * rows.len()];
+    let mut out = buffers::take(row_out * rows.len());
     let mut pairs = out.chunks_exact_mut(2 * row_out);
     for (p, out_rows) in pairs.by_ref().enumerate() {
         let r = first + 2 * p;
@@ -297,7 +303,7 @@ fn horizontal_impl(
 fn vertical_impl(src: &[u8], width: usize, row_offset: usize, kernel: &Kernel) -> Vec<u8> {
     let stride = width * 4;
     let out_h = kernel.bounds.len();
-    let mut out = vec![0u8; out_h * stride];
+    let mut out = buffers::take(out_h * stride);
     let mut acc = vec![0i32; stride];
     for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (start, taps) = kernel.taps(yy);
@@ -375,7 +381,7 @@ fn nearest(src: &[u8], width: usize, height: usize, out_w: usize, out_h: usize) 
     }
     let xs = table(width, out_w);
     let ys = table(height, out_h);
-    let mut out = vec![0u8; out_w * out_h * 4];
+    let mut out = buffers::take(out_w * out_h * 4);
     for (row, y) in out.chunks_exact_mut(out_w * 4).zip(ys) {
         let Some(y) = y else { continue };
         let in_row = &src[y * width * 4..(y + 1) * width * 4];

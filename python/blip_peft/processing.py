@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from blip_peft import _blip_peft
 
@@ -133,11 +134,7 @@ def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
         return image.tobytes()
     if isinstance(image, np.ndarray):
         return image
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        Image = None  # type: ignore[assignment]
-    if Image is not None and isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):
         mode = image.mode
         if mode not in _NATIVE_MODES:
             if not convert_rgb:
@@ -379,13 +376,9 @@ class BlipTokenizer:
     model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
 
     def __init__(self, tokenizer_file: str | os.PathLike[str] | None = None, **config: Any) -> None:
-        tokenizer_object = config.pop("tokenizer_object", None)
-        if tokenizer_object is not None:
-            self._native = tokenizer_object
-        elif tokenizer_file is not None:
-            self._native = _blip_peft._Tokenizer.from_file(os.fspath(tokenizer_file))
-        else:
+        if tokenizer_file is None:
             raise ValueError("BlipTokenizer needs a tokenizer.json (use BlipTokenizer.from_pretrained(folder))")
+        self._native = _blip_peft._Tokenizer.from_file(os.fspath(tokenizer_file))
         self.init_kwargs = dict(config)
         self.model_max_length = int(config.get("model_max_length") or VERY_LARGE_INTEGER)
         self.padding_side = str(config.get("padding_side", "right"))
@@ -581,7 +574,8 @@ class BlipTokenizer:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
         kind = _check_return_tensors(return_tensors)
         single = isinstance(text, str)
-        if single:
+        texts: list[str]
+        if isinstance(text, str):
             texts = [text]
         elif isinstance(text, (list, tuple)):
             texts = list(text)
@@ -752,5 +746,3 @@ class BlipProcessor:
 
 
 AutoProcessor = BlipProcessor
-BlipImageProcessorPil = BlipImageProcessor
-BlipTokenizerFast = BlipTokenizer

@@ -313,11 +313,10 @@ pub fn decode(bytes: &[u8], max_pixels: Option<u64>, convert_rgb: bool) -> Resul
     if bytes.is_empty() {
         return Err("cannot identify image file: no data".into());
     }
-    let format = image::guess_format(bytes).ok();
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return decode_jpeg(bytes, max_pixels, convert_rgb);
     }
-    let Some(format) = format else {
+    let Ok(format) = image::guess_format(bytes) else {
         return Err(
             "cannot identify image file: not a supported image format (JPEG, PNG, GIF, BMP, WebP, TIFF)"
                 .into(),

@@ -11,7 +11,15 @@ from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate
 from blip_peft.data import ImageCaptionDataset
+from blip_peft.demo import bundled_model_path
 from blip_peft.training import TrainResult, train
+from blip_peft.processing import (
+    AutoProcessor,
+    BatchEncoding,
+    BlipImageProcessor,
+    BlipProcessor,
+    BlipTokenizer,
+)
 from blip_peft.peft_model import LoraConfig, LoraModel, PeftConfig, PeftModel, get_peft_model, lora_targets
 from blip_peft.modeling import (
     AutoModelForImageTextToText,
@@ -25,13 +33,18 @@ __version__: str = _blip_peft.__version__
 __all__ = [
     "AutoModelForImageTextToText",
     "AutoModelForVision2Seq",
+    "AutoProcessor",
+    "BatchEncoding",
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
+    "BlipImageProcessor",
     "BlipPeftError",
     "ImageCaptionDataset",
     "TrainResult",
     "train",
+    "BlipProcessor",
+    "BlipTokenizer",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",
@@ -39,6 +52,7 @@ __all__ = [
     "get_peft_model",
     "lora_targets",
     "__version__",
+    "bundled_model_path",
     "distributed",
     "generate",
 ]

@@ -4,11 +4,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, final
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 __all__ = [
     "BlipPeftError",
     "_BlipModel",
+    "_ImageProcessor",
+    "_Tokenizer",
     "__version__",
     "collate_captions",
     "cuda_is_available",
@@ -100,3 +104,53 @@ class _BlipModel:
     def adapter_state(self, adapter_name: str, bias: str) -> list[tuple[str, torch.Tensor]]: ...
     def save_adapter(self, path: str | os.PathLike[str], adapter_name: str, bias: str) -> None: ...
     def load_adapter(self, path: str | os.PathLike[str], adapter_name: str, bias: str) -> None: ...
+
+@final
+class _ImageProcessor:
+    def __new__(
+        cls,
+        *,
+        do_convert_rgb: bool,
+        do_resize: bool,
+        height: int,
+        width: int,
+        resample: int,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        max_image_pixels: int | None,
+    ) -> _ImageProcessor: ...
+    def __call__(
+        self,
+        images: list[str | bytes | bytearray | npt.NDArray[np.uint8] | tuple[str, int, int, bytes, bytes | None]],
+    ) -> npt.NDArray[np.float32] | list[npt.NDArray[np.float32]]: ...
+
+@final
+class _Tokenizer:
+    @staticmethod
+    def from_file(path: str | os.PathLike[str]) -> _Tokenizer: ...
+    @staticmethod
+    def from_str(json: str) -> _Tokenizer: ...
+    def to_str(self, pretty: bool = True) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, id: int) -> str | None: ...
+    def vocab_size(self, with_added_tokens: bool = True) -> int: ...
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool,
+        padding: str,
+        max_length: int | None,
+        truncation: int | None,
+        pad_to_multiple_of: int | None,
+        pad_id: int,
+        pad_token: str,
+        padding_side: str = "right",
+        truncation_side: str = "right",
+    ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]: ...
+    def decode_batch(
+        self, rows: Sequence[Sequence[int]], *, skip_special_tokens: bool, clean_up_tokenization_spaces: bool
+    ) -> list[str]: ...

@@ -38,6 +38,7 @@ def generate(
     items = _as_list(images)
     if not items:
         return []
+    prompts: list[str] | None
     if prompt is not None and not isinstance(prompt, str):
         prompts = list(prompt)
         if len(prompts) != len(items) or not all(isinstance(p, str) for p in prompts):

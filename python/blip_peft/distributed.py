@@ -6,6 +6,7 @@ variables are set. The tutorial-style manual loop uses `all_reduce_gradients(mod
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any
@@ -30,6 +31,13 @@ def init_process_group(timeout_seconds: float = 300.0) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    # A group left up at exit tears down its worker threads mid-flight (an abort in gloo); close it cleanly.
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -3,6 +3,7 @@
 
 mod errors;
 mod model;
+mod processor;
 mod tensor;
 mod train;
 
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyBlipModel>()?;
+    m.add_class::<processor::PyImageProcessor>()?;
+    m.add_class::<processor::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
     m.add_function(wrap_pyfunction!(train::train_native, m)?)?;

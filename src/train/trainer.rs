@@ -373,25 +373,47 @@ impl Plan {
     }
 }
 
-/// Prepares the planned micro-batches on a background thread, two steps ahead of the model.
-fn prefetch(
-    source: Box<dyn BatchSource>,
-    plan: Plan,
-    config: TrainConfig,
-    first_step: i64,
-) -> Receiver<(i64, i64, Vec<Result<Batch>>)> {
-    let (tx, rx) = sync_channel(2);
-    std::thread::spawn(move || {
-        let mut cache = None;
-        for step in first_step..plan.total_steps {
-            let (epoch, micro) = plan.micro_batches(step, &config, &mut cache);
-            let batches = micro.iter().map(|idx| source.batch(idx)).collect();
-            if tx.send((step, epoch, batches)).is_err() {
-                return; // the trainer stopped early
+/// The micro-batches of one optimizer step, with the step and epoch they belong to.
+type PlannedStep = (i64, i64, Vec<Result<Batch>>);
+
+/// Prepares the planned micro-batches on a background thread, two steps ahead of the model. Dropping it
+/// stops the thread and waits for it, so no batch is being built while the process shuts down.
+struct Prefetcher {
+    batches: Option<Receiver<PlannedStep>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    fn start(source: Box<dyn BatchSource>, plan: Plan, config: TrainConfig, first_step: i64) -> Self {
+        let (tx, rx) = sync_channel(2);
+        let thread = std::thread::spawn(move || {
+            let mut cache = None;
+            for step in first_step..plan.total_steps {
+                let (epoch, micro) = plan.micro_batches(step, &config, &mut cache);
+                let batches = micro.iter().map(|idx| source.batch(idx)).collect();
+                if tx.send((step, epoch, batches)).is_err() {
+                    return; // the trainer stopped early
+                }
             }
+        });
+        Self {
+            batches: Some(rx),
+            thread: Some(thread),
         }
-    });
-    rx
+    }
+
+    fn next(&self) -> Option<PlannedStep> {
+        self.batches.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.batches.take(); // a pending send fails now, and the thread returns
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Holds the base weights' original values while training runs them in lower precision.
@@ -546,14 +568,14 @@ impl Trainer {
         if let Some(c) = collective.as_deref_mut() {
             check_ranks_agree(c, optimizer, train.len(), plan.total_steps)?;
         }
-        let batches = prefetch(train, plan, config.clone(), state.global_step);
+        let batches = Prefetcher::start(train, plan, config.clone(), state.global_step);
         // Per-step values stay on the device until a logging step reads them all at once.
         let mut pending: Vec<PendingStep> = Vec::new();
         let mut last_checkpoint = None;
         let mut window_start = Instant::now();
         let mut window_samples = 0usize;
         while state.global_step < plan.total_steps {
-            let Ok((step, epoch, micro)) = batches.recv() else {
+            let Some((step, epoch, micro)) = batches.next() else {
                 return Err(Error::invalid("the data loader stopped unexpectedly"));
             };
             debug_assert_eq!(step, state.global_step);

@@ -1,0 +1,748 @@
+"""`BlipProcessor`: images and captions to model inputs, with transformers' API and numbers.
+
+`BlipImageProcessor` (decode, convert to RGB, PIL-exact resize, rescale, normalise) and `BlipTokenizer`
+(BERT WordPiece from `tokenizer.json`) run in the Rust core on all cores with the GIL released;
+`BlipProcessor` combines them as transformers' `BlipProcessor` does. Folders are read and written in
+transformers' layout, so either library loads what the other saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip_peft import _blip_peft
+
+PROCESSOR_CONFIG = "processor_config.json"
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# PIL raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS; so do we, by default.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+# transformers' "no limit" for model_max_length.
+VERY_LARGE_INTEGER = int(1e30)
+LARGE_INTEGER = int(1e20)
+
+# PIL modes the core converts itself; other modes go through PIL's own convert("RGB").
+_NATIVE_MODES = {"L", "LA", "RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "I;16", "I;16L", "I;16B", "1"}
+
+_IMAGE_KWARGS = {
+    "do_resize",
+    "size",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "max_image_pixels",
+}
+
+
+class BatchEncoding(dict):
+    """A dict of model inputs whose keys also read as attributes (`batch.pixel_values`), like
+    transformers' `BatchEncoding` / `BatchFeature`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(self)
+
+    def to(self, *args: Any, **kwargs: Any) -> BatchEncoding:
+        """Moves tensors to a device; a dtype applies to floating-point tensors only (ids stay integers)."""
+        dtype = kwargs.pop("dtype", None)
+        device = kwargs.pop("device", None)
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                device = a
+        out = BatchEncoding()
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor):
+                if dtype is not None and v.is_floating_point():
+                    v = v.to(device=device, dtype=dtype, **kwargs)
+                elif device is not None:
+                    v = v.to(device=device, **kwargs)
+            out[k] = v
+        return out
+
+
+def _check_return_tensors(return_tensors: Any) -> str | None:
+    if return_tensors is None:
+        return None
+    value = getattr(return_tensors, "value", return_tensors)
+    if value not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+    return str(value)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _write_json(path: str, data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _size_dict(size: Any) -> dict[str, int]:
+    if size is None:
+        return {"height": 384, "width": 384}
+    if isinstance(size, int):
+        return {"height": size, "width": size}
+    if isinstance(size, Mapping) and "height" in size and "width" in size:
+        return {"height": int(size["height"]), "width": int(size["width"])}
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return {"height": int(size[0]), "width": int(size[1])}
+    raise ValueError(f"size must be an int or a dict with 'height' and 'width' for BLIP, got {size!r}")
+
+
+def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
+    """What the core accepts: a path, encoded bytes, a uint8 array, or PIL pixels as a tuple."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fsdecode(image)
+    if isinstance(image, (bytes, bytearray)):
+        return image
+    if isinstance(image, memoryview):
+        return image.tobytes()
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, Image.Image):
+        mode = image.mode
+        if mode not in _NATIVE_MODES:
+            if not convert_rgb:
+                raise ValueError(f"image {index}: mode {mode} is not RGB and do_convert_rgb is False")
+            # Rare modes (I, F, YCbCr, LAB, HSV, premultiplied...): PIL's own conversion is the reference.
+            image, mode = image.convert("RGB"), "RGB"
+        palette = bytes(image.getpalette() or []) if mode in ("P", "PA") else None
+        return (mode, image.width, image.height, image.tobytes(), palette)
+    if isinstance(image, torch.Tensor):
+        raise TypeError(
+            f"image {index}: torch tensors are not accepted (their channel layout is ambiguous); "
+            "pass a PIL image, a uint8 (height, width, channels) numpy array, a path or encoded bytes"
+        )
+    raise TypeError(
+        f"image {index}: unsupported type {type(image).__name__}; expected a PIL image, a uint8 numpy array, "
+        "a path or encoded bytes"
+    )
+
+
+def _flat_images(images: Any) -> list[Any]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        flat: list[Any] = []
+        for item in images:
+            if isinstance(item, (list, tuple)):
+                flat.extend(item)
+            else:
+                flat.append(item)
+        return flat
+    return [images]
+
+
+class BlipImageProcessor:
+    """BLIP's image processor: transformers' `BlipImageProcessor` settings, PIL-exact numbers, in Rust.
+
+    Accepts PIL images (any mode), uint8 numpy arrays `(H, W)` / `(H, W, C)`, file paths, encoded bytes,
+    or lists mixing them. Returns `pixel_values` as float32 `[N, 3, H, W]`.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: int | Mapping[str, int] | None = None,
+        resample: int = 3,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        **kwargs: Any,
+    ) -> None:
+        self.do_resize = bool(do_resize)
+        self.size = _size_dict(size)
+        self.resample = int(resample)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = list(OPENAI_CLIP_MEAN if image_mean is None else self._three(image_mean, "image_mean"))
+        self.image_std = list(OPENAI_CLIP_STD if image_std is None else self._three(image_std, "image_std"))
+        self.do_convert_rgb = bool(do_convert_rgb)
+        self.max_image_pixels = max_image_pixels
+        # Settings we do not use are kept so that save_pretrained writes them back.
+        self._extra = {k: v for k, v in kwargs.items() if k not in ("image_processor_type", "processor_class")}
+        self._native_cache: tuple[tuple[Any, ...], Any] | None = None
+
+    @staticmethod
+    def _three(value: float | Sequence[float], name: str) -> list[float]:
+        if isinstance(value, (int, float)):
+            return [float(value)] * 3
+        values = [float(v) for v in value]
+        if len(values) != 3:
+            raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(values)}")
+        return values
+
+    # -- configuration ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], **kwargs: Any) -> BlipImageProcessor:
+        merged = dict(config)
+        merged.update(kwargs)
+        return cls(**merged)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> BlipImageProcessor:
+        """Reads `preprocessor_config.json` (older layout) or the `image_processor` entry of
+        `processor_config.json` (transformers 5 layout)."""
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"processor folder not found: {folder}")
+        older = os.path.join(folder, IMAGE_PROCESSOR_CONFIG)
+        newer = os.path.join(folder, PROCESSOR_CONFIG)
+        if os.path.isfile(older):
+            config = _read_json(older)
+        elif os.path.isfile(newer) and isinstance(_read_json(newer).get("image_processor"), dict):
+            config = _read_json(newer)["image_processor"]
+        else:
+            raise FileNotFoundError(
+                f"no image processor settings in {folder}: expected {IMAGE_PROCESSOR_CONFIG} or an "
+                f"'image_processor' entry in {PROCESSOR_CONFIG}"
+            )
+        return cls.from_dict(config, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self._extra)
+        out.update(
+            do_convert_rgb=self.do_convert_rgb,
+            do_normalize=self.do_normalize,
+            do_rescale=self.do_rescale,
+            do_resize=self.do_resize,
+            image_mean=list(self.image_mean),
+            image_processor_type="BlipImageProcessor",
+            image_std=list(self.image_std),
+            resample=self.resample,
+            rescale_factor=self.rescale_factor,
+            size=dict(self.size),
+        )
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> list[str]:
+        """Writes `preprocessor_config.json` (what transformers' image processors write on their own)."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(os.fspath(save_directory), IMAGE_PROCESSOR_CONFIG)
+        _write_json(path, self.to_dict())
+        return [path]
+
+    def __repr__(self) -> str:
+        return f"BlipImageProcessor {self.to_json_string()}"
+
+    # -- processing -------------------------------------------------------------------------------------
+
+    def _native(self, overrides: Mapping[str, Any]) -> Any:
+        unknown = set(overrides) - _IMAGE_KWARGS
+        if unknown:
+            raise TypeError(f"unexpected image processor arguments: {sorted(unknown)}")
+        settings: dict[str, Any] = {
+            "do_resize": self.do_resize,
+            "size": self.size,
+            "resample": self.resample,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "do_convert_rgb": self.do_convert_rgb,
+            "max_image_pixels": self.max_image_pixels,
+        }
+        settings.update({k: v for k, v in overrides.items() if v is not None or k == "max_image_pixels"})
+        size = _size_dict(settings["size"])
+        key = (
+            bool(settings["do_convert_rgb"]),
+            bool(settings["do_resize"]),
+            size["height"],
+            size["width"],
+            int(settings["resample"]),
+            bool(settings["do_rescale"]),
+            float(settings["rescale_factor"]),
+            bool(settings["do_normalize"]),
+            tuple(self._three(settings["image_mean"], "image_mean")),
+            tuple(self._three(settings["image_std"], "image_std")),
+            settings["max_image_pixels"],
+        )
+        if self._native_cache is not None and self._native_cache[0] == key:
+            return self._native_cache[1]
+        native = _blip_peft._ImageProcessor(
+            do_convert_rgb=key[0],
+            do_resize=key[1],
+            height=key[2],
+            width=key[3],
+            resample=key[4],
+            do_rescale=key[5],
+            rescale_factor=key[6],
+            do_normalize=key[7],
+            image_mean=key[8],
+            image_std=key[9],
+            max_image_pixels=key[10],
+        )
+        self._native_cache = (key, native)
+        return native
+
+    def __call__(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchEncoding:
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchEncoding:
+        """Images to `{"pixel_values": ...}`: a torch tensor (`"pt"`), a numpy array (`"np"`) or, like
+        transformers, a list of per-image arrays (`None`)."""
+        kind = _check_return_tensors(return_tensors)
+        kwargs.pop("input_data_format", None)
+        kwargs.pop("data_format", None)
+        native = self._native(kwargs)
+        convert_rgb = bool(kwargs.get("do_convert_rgb", self.do_convert_rgb))
+        flat = _flat_images(images)
+        if not flat:
+            raise ValueError("no images given")
+        items = [_native_image(image, i, convert_rgb) for i, image in enumerate(flat)]
+        pixels = native(items)
+        if kind is None:
+            return BatchEncoding(pixel_values=list(pixels))
+        if isinstance(pixels, list):
+            raise ValueError(
+                "images of different sizes cannot be stacked into one tensor; enable do_resize or "
+                "use return_tensors=None"
+            )
+        return BatchEncoding(pixel_values=torch.from_numpy(pixels) if kind == "pt" else pixels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------------------
+
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_str(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and "content" in value:
+        return str(value["content"])
+    return str(value)
+
+
+def _ids_list(ids: Any) -> Any:
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return ids.tolist()
+    return ids
+
+
+class BlipTokenizer:
+    """BLIP's tokenizer: BERT uncased WordPiece read from `tokenizer.json`, called like transformers'
+    `BertTokenizer` (`padding`, `truncation`, `max_length`, `return_tensors`, ...), run in Rust."""
+
+    model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+
+    def __init__(self, tokenizer_file: str | os.PathLike[str] | None = None, **config: Any) -> None:
+        if tokenizer_file is None:
+            raise ValueError("BlipTokenizer needs a tokenizer.json (use BlipTokenizer.from_pretrained(folder))")
+        self._native = _blip_peft._Tokenizer.from_file(os.fspath(tokenizer_file))
+        self.init_kwargs = dict(config)
+        self.model_max_length = int(config.get("model_max_length") or VERY_LARGE_INTEGER)
+        self.padding_side = str(config.get("padding_side", "right"))
+        self.truncation_side = str(config.get("truncation_side", "right"))
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self.return_token_type_ids: bool | None = None
+        self.special_tokens: dict[str, str] = {}
+        for name in _SPECIAL_TOKEN_NAMES:
+            token = _token_str(config.get(name))
+            if token is not None:
+                self.special_tokens[name] = token
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        if isinstance(extra, Mapping):
+            extra = list(extra.values())
+        self.extra_special_tokens = [t for t in (_token_str(v) for v in extra) if t is not None]
+
+    # -- loading and saving -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> BlipTokenizer:
+        """Reads `tokenizer.json`, plus `tokenizer_config.json` and `special_tokens_map.json` if present."""
+        folder = os.fspath(path)
+        tokenizer_file = os.path.join(folder, TOKENIZER_FILE)
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"tokenizer file not found: {tokenizer_file}")
+        config: dict[str, Any] = {}
+        special_map = os.path.join(folder, SPECIAL_TOKENS_MAP)
+        if os.path.isfile(special_map):
+            config.update(_read_json(special_map))
+        tokenizer_config = os.path.join(folder, TOKENIZER_CONFIG)
+        if os.path.isfile(tokenizer_config):
+            config.update(_read_json(tokenizer_config))
+        config.update(kwargs)
+        return cls(tokenizer_file, **config)
+
+    @classmethod
+    def from_transformers(cls, tokenizer: Any) -> BlipTokenizer:
+        """Our tokenizer with the same files as a transformers tokenizer object."""
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            return cls.from_pretrained(tmp)
+
+    def to_config(self) -> dict[str, Any]:
+        config = {k: v for k, v in self.init_kwargs.items() if k not in ("tokenizer_file", "name_or_path")}
+        config.update(self.special_tokens)
+        config.pop("additional_special_tokens", None)
+        config["extra_special_tokens"] = list(self.extra_special_tokens)
+        config["model_max_length"] = self.model_max_length
+        config["padding_side"] = self.padding_side
+        config["truncation_side"] = self.truncation_side
+        config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        config.setdefault("tokenizer_class", "BertTokenizer")
+        config.setdefault("do_lower_case", True)
+        return config
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> list[str]:
+        """Writes `tokenizer.json` and `tokenizer_config.json`, which transformers' BertTokenizer loads."""
+        folder = os.fspath(save_directory)
+        os.makedirs(folder, exist_ok=True)
+        tokenizer_file = os.path.join(folder, TOKENIZER_FILE)
+        with open(tokenizer_file, "w", encoding="utf-8") as f:
+            f.write(self._native.to_str(True))
+        config_file = os.path.join(folder, TOKENIZER_CONFIG)
+        _write_json(config_file, self.to_config())
+        return [tokenizer_file, config_file]
+
+    # -- vocabulary -------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._native.vocab_size(True))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._native.vocab_size(False))
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> Any:
+        unk = self._token_id("unk_token")
+        if isinstance(tokens, str):
+            found = self._native.token_to_id(tokens)
+            return unk if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> Any:
+        if isinstance(ids, int):
+            return self._native.id_to_token(ids)
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._native.id_to_token(i) for i in _ids_list(ids) if i not in special]
+
+    def _token_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self._native.token_to_id(token)
+
+    pad_token = property(lambda self: self.special_tokens.get("pad_token"))
+    bos_token = property(lambda self: self.special_tokens.get("bos_token"))
+    eos_token = property(lambda self: self.special_tokens.get("eos_token"))
+    unk_token = property(lambda self: self.special_tokens.get("unk_token"))
+    sep_token = property(lambda self: self.special_tokens.get("sep_token"))
+    cls_token = property(lambda self: self.special_tokens.get("cls_token"))
+    mask_token = property(lambda self: self.special_tokens.get("mask_token"))
+    pad_token_id = property(lambda self: self._token_id("pad_token"))
+    bos_token_id = property(lambda self: self._token_id("bos_token"))
+    eos_token_id = property(lambda self: self._token_id("eos_token"))
+    unk_token_id = property(lambda self: self._token_id("unk_token"))
+    sep_token_id = property(lambda self: self._token_id("sep_token"))
+    cls_token_id = property(lambda self: self._token_id("cls_token"))
+    mask_token_id = property(lambda self: self._token_id("mask_token"))
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        tokens = list(self.special_tokens.values()) + list(self.extra_special_tokens)
+        return list(dict.fromkeys(tokens))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        ids = [self._native.token_to_id(t) for t in self.all_special_tokens]
+        return [i for i in ids if i is not None]
+
+    # -- encoding ---------------------------------------------------------------------------------------
+
+    def _strategies(
+        self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None
+    ) -> tuple[str, int | None, int | None]:
+        """transformers' `_get_padding_truncation_strategies`: (padding, pad length, truncation length)."""
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"
+        padding = getattr(padding, "value", padding)
+        if padding is True or padding == "longest":
+            pad = "longest"
+        elif padding is False or padding is None or padding == "do_not_pad":
+            pad = "none"
+        elif padding == "max_length":
+            pad = "max_length"
+        else:
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        truncation = getattr(truncation, "value", truncation)
+        if truncation is True or truncation in ("longest_first", "only_first"):
+            truncate = True
+        elif truncation is False or truncation is None or truncation == "do_not_truncate":
+            truncate = False
+        elif truncation == "only_second":
+            raise ValueError("truncation='only_second' needs text pairs, which BLIP does not use")
+        else:
+            raise ValueError(f"unknown truncation strategy {truncation!r}")
+        if max_length is None:
+            if pad == "max_length":
+                if self.model_max_length > LARGE_INTEGER:
+                    pad = "none"
+                else:
+                    max_length = self.model_max_length
+            if truncate:
+                if self.model_max_length > LARGE_INTEGER:
+                    truncate = False
+                else:
+                    max_length = self.model_max_length
+        if pad != "none" and self.pad_token_id is None:
+            raise ValueError("asking to pad but the tokenizer has no padding token")
+        if truncate and pad != "none" and pad_to_multiple_of and max_length and max_length % pad_to_multiple_of:
+            raise ValueError(
+                f"truncation and padding are both on: max_length ({max_length}) must be a multiple of "
+                f"pad_to_multiple_of ({pad_to_multiple_of})"
+            )
+        return pad, (max_length if pad == "max_length" else None), (max_length if truncate else None)
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        """Tokenises one text or a list of texts (transformers' `tokenizer(...)`)."""
+        if text is None:
+            raise ValueError("text is required")
+        if text_pair is not None:
+            raise ValueError("text pairs are not supported by the BLIP tokenizer")
+        if stride:
+            raise ValueError("stride (overflowing tokens) is not supported")
+        for flag in ("return_overflowing_tokens", "return_special_tokens_mask", "return_offsets_mapping"):
+            if kwargs.pop(flag, False):
+                raise ValueError(f"{flag}=True is not supported")
+        kwargs.pop("verbose", None)
+        kwargs.pop("return_length", None)
+        if kwargs:
+            raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
+        kind = _check_return_tensors(return_tensors)
+        single = isinstance(text, str)
+        texts: list[str]
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, (list, tuple)):
+            texts = list(text)
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise TypeError(f"text {i} is {type(t).__name__}, not a string")
+        else:
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        pad, pad_len, trunc_len = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
+        ids, mask, types = self._native.encode_batch(
+            texts,
+            add_special_tokens=bool(add_special_tokens),
+            padding=pad,
+            max_length=pad_len,
+            truncation=trunc_len,
+            pad_to_multiple_of=pad_to_multiple_of,
+            pad_id=self.pad_token_id or 0,
+            pad_token=self.pad_token or "[PAD]",
+            padding_side=padding_side or self.padding_side,
+            truncation_side=self.truncation_side,
+        )
+        want_types = return_token_type_ids if return_token_type_ids is not None else self.return_token_type_ids
+        out: dict[str, Any] = {"input_ids": ids}
+        if want_types is not False:
+            out["token_type_ids"] = types
+        if return_attention_mask is not False:
+            out["attention_mask"] = mask
+        return BatchEncoding({k: self._as(kind, v, single) for k, v in out.items()})
+
+    @staticmethod
+    def _as(kind: str | None, rows: list[list[int]], single: bool) -> Any:
+        if kind is None:
+            return rows[0] if single else rows
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(
+                "Unable to create tensor: the rows have different lengths; activate padding with "
+                "padding=True (and truncation=True for long texts)"
+            )
+        if kind == "pt":
+            return torch.tensor(rows, dtype=torch.long)
+        return np.array(rows, dtype=np.int64)
+
+    # -- decoding ---------------------------------------------------------------------------------------
+
+    def batch_decode(
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Token id rows (lists, a 2-D tensor or array) to strings, as transformers decodes them."""
+        rows = _ids_list(sequences)
+        if isinstance(rows, Mapping):
+            rows = rows["input_ids"]
+        rows = [[int(i) for i in _ids_list(row)] for row in rows]
+        clean = (
+            self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        )
+        return list(
+            self._native.decode_batch(
+                rows, skip_special_tokens=bool(skip_special_tokens), clean_up_tokenization_spaces=bool(clean)
+            )
+        )
+
+    def decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """One row of token ids (or a single id) to a string."""
+        ids = _ids_list(token_ids)
+        if isinstance(ids, int):
+            ids = [ids]
+        return self.batch_decode([ids], skip_special_tokens, clean_up_tokenization_spaces)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"BlipTokenizer(vocab_size={len(self)}, model_max_length={self.model_max_length}, "
+            f"special_tokens={self.all_special_tokens})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BlipProcessor:
+    """transformers' `BlipProcessor`: `processor(images=..., text=...)` gives `pixel_values`, `input_ids`
+    and `attention_mask`; `batch_decode`/`decode` turn generated ids into captions."""
+
+    attributes = ["image_processor", "tokenizer"]
+    model_input_names = ["pixel_values", "input_ids", "attention_mask"]
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
+        if image_processor is None:
+            raise ValueError("BlipProcessor needs an image_processor")
+        if tokenizer is None:
+            raise ValueError("BlipProcessor needs a tokenizer")
+        if not isinstance(image_processor, BlipImageProcessor):
+            if not hasattr(image_processor, "to_dict"):
+                raise TypeError(f"image_processor must be a BlipImageProcessor, got {type(image_processor).__name__}")
+            image_processor = BlipImageProcessor.from_dict(image_processor.to_dict())
+        if not isinstance(tokenizer, BlipTokenizer):
+            if not hasattr(tokenizer, "save_pretrained"):
+                raise TypeError(f"tokenizer must be a BlipTokenizer, got {type(tokenizer).__name__}")
+            tokenizer = BlipTokenizer.from_transformers(tokenizer)
+        # As transformers' BlipProcessor: the model takes no token_type_ids.
+        tokenizer.return_token_type_ids = False
+        self.image_processor: BlipImageProcessor = image_processor
+        self.tokenizer: BlipTokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> BlipProcessor:
+        """Reads a transformers processor folder (older or transformers 5 layout)."""
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"processor folder not found: {folder}")
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}
+        return cls(
+            image_processor=BlipImageProcessor.from_pretrained(folder, **image_kwargs),
+            tokenizer=BlipTokenizer.from_pretrained(folder, **kwargs),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> list[str]:
+        """Writes the transformers 5 layout: `processor_config.json` (with the image settings) and the
+        tokenizer files; `transformers.BlipProcessor.from_pretrained` loads it."""
+        folder = os.fspath(save_directory)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, PROCESSOR_CONFIG)
+        _write_json(path, {"image_processor": self.image_processor.to_dict(), "processor_class": "BlipProcessor"})
+        files = [path, *self.tokenizer.save_pretrained(folder)]
+        config_file = os.path.join(folder, TOKENIZER_CONFIG)
+        config = _read_json(config_file)
+        config["processor_class"] = "BlipProcessor"
+        _write_json(config_file, config)
+        return files
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        return_tensors: Any = None,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        if images is None and text is None:
+            raise ValueError("You have to specify either images or text.")
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}
+        out = BatchEncoding()
+        if images is not None:
+            out.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))
+        if text is not None:
+            kwargs.setdefault("return_token_type_ids", False)
+            out.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
+        return out
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"BlipProcessor(image_processor={self.image_processor!r}, tokenizer={self.tokenizer!r})"
+
+
+AutoProcessor = BlipProcessor

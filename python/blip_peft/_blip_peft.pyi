@@ -11,6 +11,7 @@ import torch
 __all__ = [
     "BlipPeftError",
     "_BlipModel",
+    "_ImageCaptionData",
     "_ImageProcessor",
     "_Tokenizer",
     "__version__",
@@ -154,3 +155,18 @@ class _Tokenizer:
     def decode_batch(
         self, rows: Sequence[Sequence[int]], *, skip_special_tokens: bool, clean_up_tokenization_spaces: bool
     ) -> list[str]: ...
+
+@final
+class _ImageCaptionData:
+    def __new__(
+        cls,
+        image_processor: _ImageProcessor,
+        images: list[Any],
+        captions: Sequence[Sequence[int]],
+        bos_token_id: int,
+        pad_token_id: int,
+        max_length: int | None = None,
+        skip_bad: bool = False,
+    ) -> _ImageCaptionData: ...
+    def __len__(self) -> int: ...
+    def skipped(self) -> list[int]: ...

@@ -17,6 +17,7 @@ from blip_peft._convert import fspath
 from blip_peft.data import as_items
 from blip_peft.modeling import BlipForConditionalGeneration
 from blip_peft.peft_model import PeftModel
+from blip_peft.processing import BlipImageProcessor, _native_image
 
 
 @dataclass
@@ -119,8 +120,9 @@ def _encode(
     pad: int,
     on_bad_sample: str,
     what: str,
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """A dataset as the tensors the core trains on, with the training collation (BOS first, pads -100)."""
+) -> tuple[Any, list[int]]:
+    """A dataset as the core trains on it (with the training collation: BOS first, pads -100): a streaming
+    image-caption source for our processor, tensors otherwise; and the indices skipped up front."""
     if isinstance(dataset, Mapping):
         if "pixel_values" not in dataset or "input_ids" not in dataset:
             raise ValueError(f"{what} as a mapping of tensors needs 'pixel_values' and 'input_ids'")
@@ -141,13 +143,35 @@ def _encode(
     pairs = as_items(dataset, image_column, text_column)
     if len(pairs) == 0:
         raise ValueError(f"the {what} is empty")
-    pixels: list[torch.Tensor] = []
-    captions: list[list[int]] = []
-    skipped: list[int] = []
+    images: list[Any] = []
+    texts: list[str] = []
     for i in range(len(pairs)):
         image, text = pairs[i]
         if not isinstance(text, str):
             raise TypeError(f"{what} item {i}: the caption must be a string, got {type(text).__name__}")
+        images.append(image)
+        texts.append(text)
+    image_processor = getattr(processor, "image_processor", None)
+    if isinstance(image_processor, BlipImageProcessor):
+        # Our processor: images are decoded and preprocessed batch by batch on Rust threads, ahead of the
+        # model; files stay on disk until their batch is built.
+        convert = image_processor.do_convert_rgb
+        native_images = []
+        for i, image in enumerate(images):
+            try:
+                native_images.append(_native_image(image, i, convert))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{what} item {i}: {e}") from None
+        captions = [list(ids) for ids in processor.tokenizer(texts)["input_ids"]]
+        data = _blip_peft._ImageCaptionData(
+            image_processor._native({}), native_images, captions, bos, pad, max_length, on_bad_sample == "skip"
+        )
+        return data, []
+    # Another processor (e.g. transformers'): preprocess everything up front.
+    pixels: list[torch.Tensor] = []
+    token_lists: list[list[int]] = []
+    skipped: list[int] = []
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
         try:
             pv = processor(images=image, return_tensors="pt")["pixel_values"]
         except Exception as e:  # noqa: BLE001  (reported with the item's index, or skipped on request)
@@ -156,10 +180,10 @@ def _encode(
                 continue
             raise ValueError(f"{what} item {i}: cannot read the image ({e})") from e
         pixels.append(pv[0])
-        captions.append(list(processor.tokenizer(text)["input_ids"]))
+        token_lists.append(list(processor.tokenizer(text)["input_ids"]))
     if not pixels:
         raise ValueError(f"every item of the {what} was skipped as unreadable")
-    ids, mask, labels = _blip_peft.collate_captions(captions, bos, pad, max_length)
+    ids, mask, labels = _blip_peft.collate_captions(token_lists, bos, pad, max_length)
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
 
 
@@ -304,10 +328,13 @@ def train(
         total_steps=result["total_steps"],
         interrupted=result["interrupted"],
         last_checkpoint=result["last_checkpoint"],
-        skipped_samples=skipped,
+        skipped_samples=sorted(
+            set(skipped) | set(train_tensors.skipped() if hasattr(train_tensors, "skipped") else [])
+        ),
     )
-    if skipped and progress and main_process:
-        print(f"skipped {len(skipped)} unreadable sample(s): {skipped[:10]}", file=sys.stderr)
+    if train_result.skipped_samples and progress and main_process:
+        n = len(train_result.skipped_samples)
+        print(f"skipped {n} unreadable sample(s): {train_result.skipped_samples[:10]}", file=sys.stderr)
     if out is not None and isinstance(model, PeftModel):
         if main_process:
             model.save_pretrained(out)

@@ -181,6 +181,37 @@ fn first_error(results: Vec<Result<()>>) -> Result<()> {
     results.into_iter().collect::<Result<Vec<()>>>().map(|_| ())
 }
 
+/// Preprocesses `sources[i]` for each of `indices` to its own `[3, height, width]` buffer (resizing is
+/// required), one image per rayon task. Each image succeeds or fails alone (errors name the index), so a
+/// caller can skip unreadable items.
+pub fn preprocess_selected(
+    cfg: &ImageProcessorConfig,
+    sources: &[ImageSource],
+    indices: &[usize],
+) -> Result<Vec<Result<Vec<f32>>>> {
+    cfg.validate()?;
+    if !cfg.do_resize {
+        return Err(Error::invalid(
+            "batches of images need do_resize=True (every image the same size)",
+        ));
+    }
+    let lut = cfg.lookup();
+    let plane = 3 * cfg.height * cfg.width;
+    Ok(indices
+        .par_iter()
+        .map(|&i| {
+            let src = sources
+                .get(i)
+                .ok_or_else(|| Error::invalid(format!("image index {i} is out of range")))?;
+            let rgb = prepare(cfg, i, src)?;
+            let mut out = vec![0f32; plane];
+            write_chw(&rgb, &lut, &mut out);
+            buffers::give(rgb.data);
+            Ok(out)
+        })
+        .collect())
+}
+
 /// Runs the whole image pipeline on a batch, one image per rayon task.
 pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) -> Result<PixelValues> {
     cfg.validate()?;

@@ -96,8 +96,15 @@ impl PyImageProcessor {
     }
 }
 
+impl PyImageProcessor {
+    /// The settings, for the training data pipeline.
+    pub fn config(&self) -> &ImageProcessorConfig {
+        &self.cfg
+    }
+}
+
 /// Copies one Python image object into a core `ImageSource`, naming the index on failure.
-fn to_source(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
+pub fn to_source(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(ImageSource::Path(PathBuf::from(s.to_str()?)));
     }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::errors::IntoPyResult;
 use super::model::{locked, PyBlipModel};
 use super::tensor;
-use crate::data::TensorDataset;
+use crate::data::{ImageCaptionSource, TensorDataset};
 use crate::train::checkpoint::WeightsFormat;
 use crate::train::trainer::{Collective, Control, Observer, Precision, TrainConfig};
 use crate::train::{BatchSource, Schedule, StepLog, Trainer};
@@ -175,6 +175,77 @@ impl Collective for PyCollective {
     }
 }
 
+/// Images (paths, bytes, arrays or PIL pixels), tokenised captions and the native image processor, built by
+/// `blip_peft.train` and consumed by `train_native`: images are decoded batch by batch on Rust threads.
+#[pyclass(module = "blip_peft._blip_peft", name = "_ImageCaptionData")]
+pub struct PyImageCaptionData {
+    source: Option<ImageCaptionSource>,
+    skipped: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<usize>>>,
+}
+
+#[pymethods]
+impl PyImageCaptionData {
+    #[new]
+    #[pyo3(signature = (image_processor, images, captions, bos_token_id, pad_token_id, max_length=None, skip_bad=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        image_processor: PyRef<'_, super::processor::PyImageProcessor>,
+        images: &Bound<'_, PyList>,
+        captions: Vec<Vec<i64>>,
+        bos_token_id: i64,
+        pad_token_id: i64,
+        max_length: Option<usize>,
+        skip_bad: bool,
+    ) -> PyResult<Self> {
+        let sources = images
+            .iter()
+            .enumerate()
+            .map(|(i, obj)| super::processor::to_source(i, &obj))
+            .collect::<PyResult<Vec<_>>>()?;
+        let source = ImageCaptionSource::new(
+            image_processor.config().clone(),
+            sources,
+            captions,
+            bos_token_id,
+            pad_token_id,
+            max_length,
+            skip_bad,
+        )
+        .py()?;
+        let skipped = source.skipped.clone();
+        Ok(Self {
+            source: Some(source),
+            skipped,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.source.as_ref().map_or(0, |s| s.images.len())
+    }
+
+    /// Indices of the items skipped as unreadable so far.
+    fn skipped(&self) -> Vec<usize> {
+        self.skipped
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A training or evaluation source from what Python passed: `_ImageCaptionData` or a mapping of tensors.
+fn batch_source(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Box<dyn BatchSource>> {
+    if let Ok(data) = obj.cast::<PyImageCaptionData>() {
+        let mut data = data.borrow_mut();
+        let source = data.source.take().ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{what} was already used by a training run; build it again"
+            ))
+        })?;
+        return Ok(Box::new(source));
+    }
+    Ok(Box::new(tensor_dataset(obj, what)?))
+}
+
 fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str) -> PyResult<TensorDataset> {
     let get = |k: &str| -> PyResult<Option<tch::Tensor>> {
         match parts.get_item(k) {
@@ -254,9 +325,9 @@ pub fn train_native<'py>(
         rank,
         world_size,
     };
-    let train_source: Box<dyn BatchSource> = Box::new(tensor_dataset(train, "train_dataset")?);
-    let eval_source: Option<Box<dyn BatchSource>> = match eval {
-        Some(e) if !e.is_none() => Some(Box::new(tensor_dataset(e, "eval_dataset")?)),
+    let train_source = batch_source(train, "train_dataset")?;
+    let eval_source = match eval {
+        Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset")?),
         _ => None,
     };
     let mut observer = PyObserver {

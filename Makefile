@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 PY := $(VIRTUAL_ENV)/bin/python
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: help install build test test-rs test-py lint format clean
+.PHONY: help install build demo test test-rs test-py lint format clean bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,6 +25,12 @@ install: $(VENV)/.installed ## create the virtual environment with torch 2.11.0 
 
 build: install ## build the native module (release) into python/blip_peft
 	maturin develop --release --quiet
+
+demo: build ## fresh machine: set up, then fine-tune the bundled model on a new domain and caption (offline)
+	$(PY) -m blip_peft demo --output-dir blip-peft-demo
+
+bench: build ## the side-by-side benchmark against transformers + peft on this machine
+	$(PY) bench/compare.py --suite cpu
 
 test-rs: install ## the core's Rust tests (no Python involved)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --release --no-default-features

@@ -493,13 +493,15 @@ pub fn generate(
         // transformers: by default 20 new tokens, within the position limit.
         (None, None) => (prompt_len + 20).min(tc.max_position_embeddings),
     };
-    if max_length > tc.max_position_embeddings {
+    if prompt_len >= tc.max_position_embeddings {
         return Err(Error::invalid(format!(
-            "the prompt plus the new tokens ({max_length} positions) exceed the model's {} positions \
-             (text_config.max_position_embeddings); shorten the prompt or max_new_tokens",
+            "the prompt ({prompt_len} tokens with BOS) does not fit the model's {} positions \
+             (text_config.max_position_embeddings); shorten the prompt",
             tc.max_position_embeddings
         )));
     }
+    // Generation stops at the model's position limit (transformers caps its default length the same way).
+    let max_length = max_length.min(tc.max_position_embeddings);
     if let Some(seed) = config.seed {
         tch::manual_seed(seed);
     }

@@ -174,7 +174,7 @@ def test_sampling_follows_the_filtered_softmax(models) -> None:
         (dict(do_sample=True, top_p=0.0), "top_p"),
         (dict(do_sample=True, top_p=1.5), "top_p"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
-        (dict(max_new_tokens=100), "positions"),
+        (dict(input_ids=torch.full((1, 45), 5)), "positions"),
         (dict(early_stopping="sometimes"), "early_stopping"),
     ],
 )
@@ -198,6 +198,13 @@ def test_bad_inputs(models) -> None:
         ours.generate(pixel_values=px, beams=3)
     with pytest.raises(ValueError, match="pixel_values"):
         ours.generate()
+
+
+def test_generation_stops_at_the_position_limit(models) -> None:
+    _, ours = models
+    px, _, _ = tiny_batch(batch=1)
+    out = ours.generate(pixel_values=px, max_new_tokens=100, min_new_tokens=100)
+    assert out.shape[1] == 40  # text_config.max_position_embeddings of the tiny model
 
 
 def test_generate_does_not_build_a_graph(models) -> None:

@@ -44,8 +44,16 @@ def _score(captions: list[str], refs: list[str]) -> dict[str, float]:
     return {"exact_match": world.exact_match(captions, refs), "bleu4": world.bleu4(captions, refs)}
 
 
-def run(output_dir: str = "./blip-peft-demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Runs the demo and returns its scores. `quick` shrinks it to a smoke test (seconds)."""
+def run(
+    output_dir: str = "./blip-peft-demo",
+    quick: bool = False,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """Runs the demo and returns its scores. `quick` shrinks it (about a minute on 2 cores); `n_train`,
+    `n_test` and `epochs` override the sizes."""
     import blip_peft as bp
     from blip_peft import world
 
@@ -55,7 +63,10 @@ def run(output_dir: str = "./blip-peft-demo", quick: bool = False, seed: int = 0
     base_path = bundled_model_path()
     processor = bp.BlipProcessor.from_pretrained(base_path)
     size = processor.image_processor.size["height"]
-    n_train, n_test, epochs = (32, 8, 1) if quick else (640, 96, 4)
+    default_train, default_test, default_epochs = (160, 24, 3) if quick else (640, 96, 4)
+    n_train = n_train or default_train
+    n_test = n_test or default_test
+    epochs = epochs or default_epochs
     target = world.DOMAINS["target"]
     _log(
         f"1. A held-out domain the base model never saw: new shapes ({', '.join(target.novel_kinds)}), new colours "

@@ -1,0 +1,207 @@
+"""The main job out of the box: the bundled model, the demo, the CLI, the tutorial example and the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+from transformers import BlipForConditionalGeneration as HFBlip
+from transformers import BlipProcessor as HFProcessor
+
+import blip_peft as bp
+from blip_peft import world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bundled() -> str:
+    return bp.bundled_model_path()
+
+
+def test_bundled_model_is_small_and_loads_in_transformers_with_equal_logits(bundled: str) -> None:
+    size = sum(os.path.getsize(os.path.join(bundled, f)) for f in os.listdir(bundled))
+    assert size <= 25 * 1024 * 1024
+    ours = bp.BlipForConditionalGeneration.from_pretrained(bundled, dtype="float32")
+    ref = HFBlip.from_pretrained(bundled, dtype=torch.float32).eval()
+    processor = bp.BlipProcessor.from_pretrained(bundled)
+    ref_processor = HFProcessor.from_pretrained(bundled)
+    items = world.make_dataset(3, seed=11, domain="base", size=processor.image_processor.size["height"])
+    inputs = processor(
+        images=[d["image"] for d in items], text=[d["text"] for d in items], padding=True, return_tensors="pt"
+    )
+    ref_inputs = ref_processor(
+        images=[d["image"] for d in items], text=[d["text"] for d in items], padding=True, return_tensors="pt"
+    )
+    assert torch.equal(inputs["input_ids"], ref_inputs["input_ids"])
+    assert torch.allclose(inputs["pixel_values"], ref_inputs["pixel_values"], atol=1e-6)
+    with torch.no_grad():
+        out = ours(**inputs, labels=inputs["input_ids"])
+        expected = ref(**ref_inputs, labels=ref_inputs["input_ids"])
+    assert rel_err(out.logits, expected.logits) <= 1e-5
+
+
+def test_bundled_model_captions_its_base_domain(bundled: str) -> None:
+    """The pretraining worked: held-out base-domain images get their captions; captions equal transformers'."""
+    processor = bp.BlipProcessor.from_pretrained(bundled)
+    model = bp.BlipForConditionalGeneration.from_pretrained(bundled, dtype="float32")
+    items = world.make_dataset(16, seed=12345, domain="base", size=processor.image_processor.size["height"])
+    captions = bp.generate(model, processor, [d["image"] for d in items], max_new_tokens=32)
+    assert world.bleu4(captions, [d["text"] for d in items]) > 0.5
+    ref = HFBlip.from_pretrained(bundled, dtype=torch.float32).eval()
+    ref_processor = HFProcessor.from_pretrained(bundled)
+    pixel_values = ref_processor(images=[d["image"] for d in items], return_tensors="pt")["pixel_values"]
+    expected = ref_processor.batch_decode(
+        ref.generate(pixel_values=pixel_values, max_new_tokens=32), skip_special_tokens=True
+    )
+    assert captions == expected
+
+
+def test_short_demo_improves_the_target_domain(tmp_path) -> None:
+    summary = bp.demo.run(output_dir=str(tmp_path), quick=True)
+    assert summary["after"]["bleu4"] > summary["before"]["bleu4"] + 0.2
+    assert summary["after"]["exact_match"] >= summary["before"]["exact_match"]
+    assert summary["reloaded_matches"]
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert os.path.getsize(tmp_path / "loss.png") > 0
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["train_steps"] == summary["train_steps"]
+
+
+def _cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blip_peft", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
+
+
+def test_cli_train_caption_merge(tmp_path, bundled: str) -> None:
+    size = bp.BlipProcessor.from_pretrained(bundled).image_processor.size["height"]
+    data = world.write_imagefolder(tmp_path / "data", n=16, seed=3, domain="target", size=size)
+    trained = _cli(
+        "train",
+        "--model",
+        bundled,
+        "--data",
+        data,
+        "--output-dir",
+        str(tmp_path / "adapter"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--mixed-precision",
+        "no",
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_config.json")
+    captioned = _cli(
+        "caption",
+        "--model",
+        bundled,
+        "--adapter",
+        str(tmp_path / "adapter"),
+        data,
+        "--output",
+        str(tmp_path / "captions.jsonl"),
+        "--max-new-tokens",
+        "8",
+    )
+    assert captioned.returncode == 0, captioned.stderr[-2000:]
+    with open(tmp_path / "captions.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 16 and all(isinstance(r["text"], str) for r in rows)
+    merged = _cli(
+        "merge", "--model", bundled, "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")
+    )
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    ref, info = HFBlip.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    printed = _cli(
+        "caption", "--model", str(tmp_path / "merged"), os.path.join(data, "00000.png"), "--max-new-tokens", "8"
+    )
+    assert printed.returncode == 0 and "00000.png\t" in printed.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["train"],
+        ["train", "--model", "x", "--data", "/nonexistent", "--output-dir", "o"],
+        ["caption", "--model", "x"],
+        ["caption", "img.png", "--model", "x", "--num-beams", "0"],
+        ["frobnicate"],
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_usage(args: list[str]) -> None:
+    result = _cli(*args)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_cli_missing_model_says_where_it_looked(tmp_path) -> None:
+    img = tmp_path / "a.png"
+    world.make_dataset(1, seed=0, domain="base", size=64)[0]["image"].save(img)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "blip_peft", "caption", "--model", "Salesforce/blip-nope", str(img)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "not found" in result.stderr and "models--Salesforce--blip-nope" in result.stderr
+
+
+def test_cli_finds_a_model_in_the_hf_cache(tmp_path, bundled: str) -> None:
+    snapshot = tmp_path / "cache" / "models--someone--tiny-blip" / "snapshots" / "abc123"
+    snapshot.parent.mkdir(parents=True)
+    os.symlink(bundled, snapshot)
+    (tmp_path / "cache" / "models--someone--tiny-blip" / "refs").mkdir()
+    (tmp_path / "cache" / "models--someone--tiny-blip" / "refs" / "main").write_text("abc123")
+    from blip_peft.cli import resolve_model
+
+    os.environ["HF_HUB_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert resolve_model("someone/tiny-blip") == str(snapshot)
+    finally:
+        del os.environ["HF_HUB_CACHE"]
+
+
+def test_tutorial_example_runs_and_lowers_the_loss(tmp_path) -> None:
+    env = dict(os.environ, BLIP_TUTORIAL_EPOCHS="8", BLIP_TUTORIAL_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "finetune_tutorial.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    first_loss, last_loss = (float(w.rstrip(",")) for w in last.split() if w.replace(".", "").rstrip(",").isdigit())
+    assert last_loss < first_loss
+    assert os.path.isfile(tmp_path / "training" / "caption" / "adapter_model.safetensors")
+
+
+def test_notebook_runs_headless(tmp_path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(os.path.join(ROOT, "examples", "demo.ipynb"), as_version=4)
+    os.environ["BLIP_DEMO_QUICK"] = "1"
+    try:
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    finally:
+        del os.environ["BLIP_DEMO_QUICK"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    assert any("reloaded adapter gives the same captions" in o.get("text", "") for o in outputs)

@@ -6,6 +6,9 @@ folder. Both sides start from the file paths and produce the `pixel_values` tens
 `processor(images=..., return_tensors="pt")` call: transformers opens the files with PIL, we pass the paths.
 
     python bench/preprocess.py [--batch 64] [--repeats 5]
+
+Our side uses all cores through rayon; `RAYON_NUM_THREADS=1` measures it on one core (transformers' side
+is single-threaded either way).
 """
 
 from __future__ import annotations
@@ -45,14 +48,17 @@ def make_jpegs(folder: str, count: int, width: int = 640, height: int = 480) -> 
     return paths
 
 
-def best_of(repeats: int, fn) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    times = []
+def best_times(repeats: int, *fns) -> list[float]:  # type: ignore[no-untyped-def]
+    """Best wall time of each function; runs alternate so that both sides see the same machine load."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -79,15 +85,18 @@ def main() -> None:
 
         a, b = run_ours(), run_theirs()
         assert a.shape == b.shape == (args.batch, 3, 384, 384)
-        t_theirs = best_of(args.repeats, run_theirs)
-        t_ours = best_of(args.repeats, run_ours)
+        t_theirs, t_ours = best_times(args.repeats, run_theirs, run_ours)
 
     levels = ((a - b).abs() * 255 * torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)).max()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {os.cpu_count()} CPUs; python {platform.python_version()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, Pillow {Image.__version__}")
     print(f"batch: {args.batch} JPEG files 640x480 -> pixel_values {tuple(a.shape)}; best of {args.repeats}")
-    print(f"transformers BlipProcessor (PIL backend): {args.batch / t_theirs:8.1f} images/s ({t_theirs * 1e3:.1f} ms)")
-    print(f"blip_peft BlipProcessor (Rust, threads):   {args.batch / t_ours:8.1f} images/s ({t_ours * 1e3:.1f} ms)")
+    label = "transformers BlipProcessor (PIL backend):"
+    print(f"{label:43s}{args.batch / t_theirs:8.1f} images/s ({t_theirs * 1e3:.1f} ms)")
+    threads = os.environ.get("RAYON_NUM_THREADS", str(os.cpu_count()))
+    label = f"blip_peft BlipProcessor (Rust, {threads} threads):"
+    print(f"{label:43s}{args.batch / t_ours:8.1f} images/s ({t_ours * 1e3:.1f} ms)")
     print(f"speed-up: {t_theirs / t_ours:.2f}x   (largest pixel difference: {levels:.2f} uint8 levels)")
 
 

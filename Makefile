@@ -41,8 +41,8 @@ test-py: build ## the Python test suite against transformers and peft
 lint: build ## rustfmt, clippy, ruff and the stub check
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
-	$(PY) -m ruff check python tests
-	$(PY) -m ruff format --check python tests
+	$(PY) -m ruff check python tests bench examples scripts
+	$(PY) -m ruff format --check python tests bench examples scripts
 	$(PY) -m mypy.stubtest blip_peft._blip_peft
 	$(PY) -m mypy --ignore-missing-imports python/blip_peft
 

@@ -146,6 +146,8 @@ pub struct ImageCaptionSource {
     /// Skip unreadable images (recording their indices) instead of failing.
     pub skip_bad: bool,
     pub skipped: Arc<Mutex<BTreeSet<usize>>>,
+    /// A dedicated pool of `num_workers` threads for decoding (None: rayon's global pool, all cores).
+    pub pool: Option<rayon::ThreadPool>,
 }
 
 impl ImageCaptionSource {
@@ -174,7 +176,21 @@ impl ImageCaptionSource {
             max_length,
             skip_bad,
             skipped: Arc::default(),
+            pool: None,
         })
+    }
+
+    /// Decodes with `threads` worker threads instead of all cores.
+    pub fn with_workers(mut self, threads: usize) -> Result<Self> {
+        if threads < 1 {
+            return Err(Error::invalid("num_workers must be at least 1"));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+        self.pool = Some(pool);
+        Ok(self)
     }
 }
 
@@ -184,7 +200,10 @@ impl BatchSource for ImageCaptionSource {
     }
 
     fn batch(&self, indices: &[usize]) -> Result<Batch> {
-        let pixels = preprocess_selected(&self.config, &self.images, indices)?;
+        let pixels = match &self.pool {
+            Some(pool) => pool.install(|| preprocess_selected(&self.config, &self.images, indices))?,
+            None => preprocess_selected(&self.config, &self.images, indices)?,
+        };
         let mut data = Vec::with_capacity(indices.len() * 3 * self.config.height * self.config.width);
         let mut captions = Vec::with_capacity(indices.len());
         for (&i, result) in indices.iter().zip(pixels) {

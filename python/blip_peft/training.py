@@ -120,6 +120,7 @@ def _encode(
     pad: int,
     on_bad_sample: str,
     what: str,
+    num_workers: int | None = None,
 ) -> tuple[Any, list[int]]:
     """A dataset as the core trains on it (with the training collation: BOS first, pads -100): a streaming
     image-caption source for our processor, tensors otherwise; and the indices skipped up front."""
@@ -164,7 +165,14 @@ def _encode(
                 raise type(e)(f"{what} item {i}: {e}") from None
         captions = [list(ids) for ids in processor.tokenizer(texts)["input_ids"]]
         data = _blip_peft._ImageCaptionData(
-            image_processor._native({}), native_images, captions, bos, pad, max_length, on_bad_sample == "skip"
+            image_processor._native({}),
+            native_images,
+            captions,
+            bos,
+            pad,
+            max_length,
+            on_bad_sample == "skip",
+            num_workers,
         )
         return data, []
     # Another processor (e.g. transformers'): preprocess everything up front.
@@ -221,6 +229,7 @@ def train(
     image_column: str = "image",
     text_column: str = "text",
     on_bad_sample: str = "raise",
+    num_workers: int | None = None,
 ) -> TrainResult:
     """Fine-tunes `model` (a `PeftModel`: only its adapters train; a plain model: every parameter trains).
 
@@ -231,6 +240,9 @@ def train(
     Under `torchrun` (or with a `torch.distributed` process group initialised) training is data-parallel:
     each process takes a disjoint shard of every epoch (`batch_size` is per process), gradients are averaged
     once per optimizer step as one flat bucket, and only rank 0 logs and writes checkpoints.
+
+    Images are decoded and preprocessed batch by batch on Rust threads ahead of the model (`num_workers`
+    threads, all cores by default) when `processor` is blip_peft's; other processors preprocess up front.
 
     `callback(dict)` is called at every logging step with that step's record (and after each evaluation);
     returning True stops training. Ctrl-C stops after the current step, saves a checkpoint when `output_dir`
@@ -263,8 +275,21 @@ def train(
         raise ValueError(f"learning_rate must be a non-negative number, got {learning_rate}")
     text_config = model.config.text_config
     bos, pad = text_config.bos_token_id, text_config.pad_token_id
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
+    ):
+        raise ValueError(f"num_workers must be a positive int (threads decoding images), got {num_workers!r}")
     train_tensors, skipped = _encode(
-        train_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, "train_dataset"
+        train_dataset,
+        processor,
+        image_column,
+        text_column,
+        max_length,
+        bos,
+        pad,
+        on_bad_sample,
+        "train_dataset",
+        num_workers,
     )
     eval_tensors = None
     if eval_dataset is not None:

@@ -186,7 +186,10 @@ pub struct PyImageCaptionData {
 #[pymethods]
 impl PyImageCaptionData {
     #[new]
-    #[pyo3(signature = (image_processor, images, captions, bos_token_id, pad_token_id, max_length=None, skip_bad=false))]
+    #[pyo3(signature = (
+        image_processor, images, captions, bos_token_id, pad_token_id, max_length=None, skip_bad=false,
+        num_workers=None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         image_processor: PyRef<'_, super::processor::PyImageProcessor>,
@@ -196,6 +199,7 @@ impl PyImageCaptionData {
         pad_token_id: i64,
         max_length: Option<usize>,
         skip_bad: bool,
+        num_workers: Option<usize>,
     ) -> PyResult<Self> {
         let sources = images
             .iter()
@@ -212,6 +216,10 @@ impl PyImageCaptionData {
             skip_bad,
         )
         .py()?;
+        let source = match num_workers {
+            Some(n) => source.with_workers(n).py()?,
+            None => source,
+        };
         let skipped = source.skipped.clone();
         Ok(Self {
             source: Some(source),

@@ -376,6 +376,14 @@ impl<'a> Decoder<'a> {
             .f_to_kind(Kind::Float)?)
     }
 
+    /// Keeps only the rows `index` (their captions go on; the others finished).
+    fn select(&mut self, index: &Tensor) -> Result<()> {
+        self.cache.select_rows(index)?;
+        self.image = self.image.f_index_select(0, index)?;
+        self.next_pos = self.next_pos.f_index_select(0, index)?;
+        Ok(())
+    }
+
     fn reorder(&mut self, index: &Tensor) -> Result<()> {
         self.cache.reorder(index)?;
         if let Some(km) = &self.key_mask {
@@ -553,8 +561,44 @@ fn greedy_or_sample(
         .flat_map(|&l| std::iter::repeat_n(l, per_image as usize))
         .collect();
     let ragged = prompts.ragged();
-    let mut unfinished = Tensor::f_ones([rows], (Kind::Bool, device))?;
     let mut cur_len = width;
+    if !ragged && per_image == 1 {
+        // One row per image: rows whose caption ended leave the batch, so they stop costing compute.
+        let mut active = Tensor::f_arange(rows, (Kind::Int64, device))?;
+        loop {
+            let history = seqs.f_index_select(0, &active)?.f_narrow(1, 0, cur_len)?;
+            let scores = processors.apply(&history, logits, 1)?;
+            let next = if config.do_sample {
+                scores
+                    .f_softmax(-1, Kind::Float)?
+                    .f_multinomial(1, false)?
+                    .f_squeeze_dim(1)?
+            } else {
+                scores.f_argmax(-1, false)?
+            };
+            let mut column = seqs.f_narrow(1, cur_len, 1)?;
+            let _ = column.f_index_copy_(0, &active, &next.f_unsqueeze(1)?)?;
+            cur_len += 1;
+            let going = match eos {
+                Some(eos) => next.f_ne(eos)?,
+                None => next.f_ones_like()?.f_to_kind(Kind::Bool)?,
+            };
+            let n_going = i64::try_from(going.f_sum(Kind::Int64)?)?;
+            if cur_len >= max_length || n_going == 0 {
+                break;
+            }
+            let mut next = next;
+            if n_going < active.size()[0] {
+                let keep = going.f_nonzero()?.f_squeeze_dim(1)?;
+                active = active.f_index_select(0, &keep)?;
+                next = next.f_index_select(0, &keep)?;
+                decoder.select(&keep)?;
+            }
+            logits = decoder.step(&next)?;
+        }
+        return Ok(seqs.f_narrow(1, 0, cur_len)?);
+    }
+    let mut unfinished = Tensor::f_ones([rows], (Kind::Bool, device))?;
     loop {
         let scores = if ragged {
             // Rows differ in length only by their prompt: process each row with its own history.

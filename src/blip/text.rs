@@ -32,6 +32,18 @@ pub struct DecoderCache {
 }
 
 impl DecoderCache {
+    /// Keeps only the rows `index` (one row per image: greedy decoding dropping finished captions), image
+    /// keys/values included.
+    pub fn select_rows(&mut self, index: &Tensor) -> Result<()> {
+        self.reorder(index)?;
+        for layer in &mut self.layers {
+            if let Some((k, v)) = &layer.cross_kv {
+                layer.cross_kv = Some((k.f_index_select(0, index)?, v.f_index_select(0, index)?));
+            }
+        }
+        Ok(())
+    }
+
     /// Reorders the rows (beam search): row `i` takes the keys/values of row `index[i]`.
     pub fn reorder(&mut self, index: &Tensor) -> Result<()> {
         for layer in &mut self.layers {

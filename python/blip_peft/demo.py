@@ -63,7 +63,7 @@ def run(
     base_path = bundled_model_path()
     processor = bp.BlipProcessor.from_pretrained(base_path)
     size = processor.image_processor.size["height"]
-    default_train, default_test, default_epochs = (160, 24, 3) if quick else (640, 96, 4)
+    default_train, default_test, default_epochs = (256, 24, 4) if quick else (1600, 96, 6)
     n_train = n_train or default_train
     n_test = n_test or default_test
     epochs = epochs or default_epochs
@@ -107,7 +107,8 @@ def run(
     after_scores = _score(after, refs)
 
     _log("4. Reloading the saved adapter into a fresh base model...")
-    reloaded = bp.AutoModelForVision2Seq.from_pretrained(adapter_dir)
+    # The adapter folder names its base model; load it in the precision it was fine-tuned in.
+    reloaded = bp.AutoModelForVision2Seq.from_pretrained(adapter_dir, dtype="float32")
     again = bp.generate(reloaded, processor, images, max_new_tokens=32)
     plot_path = os.path.join(output_dir, "loss.png")
     try:

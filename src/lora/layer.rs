@@ -65,6 +65,14 @@ impl LoraSlot {
         }
     }
 
+    fn adapter_mut(&mut self, name: &str) -> Result<&mut LoraAdapter> {
+        self.adapters
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a)
+            .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))
+    }
+
     pub fn get(&self, name: &str) -> Option<&LoraAdapter> {
         self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a)
     }
@@ -177,12 +185,7 @@ impl LoraSlot {
                 continue;
             }
             let base = self.base;
-            let ad = self
-                .adapters
-                .iter_mut()
-                .find(|(n, _)| *n == name)
-                .map(|(_, a)| a)
-                .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))?;
+            let ad = self.adapter_mut(&name)?;
             let delta = ad.delta_weight(&weight.size())?;
             check_finite(&delta, &name)?;
             let mut w = weight.shallow_clone();
@@ -209,12 +212,7 @@ impl LoraSlot {
         let _guard = tch::no_grad_guard();
         while let Some(name) = self.merged.pop() {
             let base = self.base;
-            let ad = self
-                .adapters
-                .iter_mut()
-                .find(|(n, _)| *n == name)
-                .map(|(_, a)| a)
-                .ok_or_else(|| Error::invalid(format!("no adapter named {name:?}")))?;
+            let ad = self.adapter_mut(&name)?;
             let delta = ad.delta_weight(&weight.size())?;
             let mut w = weight.shallow_clone();
             match (&ad.magnitude, ad.merged_norm.take()) {

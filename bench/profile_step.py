@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -19,16 +20,9 @@ from transformers import BlipConfig, BlipForConditionalGeneration
 
 import blip_peft as bp
 
-TARGETS = [
-    "self.query",
-    "self.key",
-    "self.value",
-    "output.dense",
-    "self_attn.qkv",
-    "self_attn.projection",
-    "mlp.fc1",
-    "mlp.fc2",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import CONFIGS, TARGET_MODULES  # noqa: E402
+
 CATEGORIES = {
     "attention": ("attention", "sdpa", "flash", "softmax"),
     "matmul": ("gemm", "mm", "matmul", "linear", "addmm", "conv"),
@@ -37,46 +31,9 @@ CATEGORIES = {
 
 
 def config(name: str) -> BlipConfig:
-    if name == "tiny":
-        return BlipConfig(
-            text_config=dict(
-                vocab_size=99,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-                bos_token_id=97,
-                sep_token_id=3,
-            ),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=8,
-            ),
-        )
-    return BlipConfig(
-        text_config=dict(
-            vocab_size=30524,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            bos_token_id=30522,
-            sep_token_id=102,
-        ),
-        vision_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=384,
-            patch_size=16,
-        ),
-    )
+    """The benchmark suite's shapes (bench/compare.py), so profiles and timings describe the same model."""
+    text, vision = CONFIGS[name]
+    return BlipConfig(text_config=dict(text), vision_config=dict(vision))
 
 
 def summarise(prof: profile, device: str, title: str, wall: float) -> str:
@@ -127,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         BlipForConditionalGeneration(cfg).save_pretrained(tmp)
         model = bp.BlipForConditionalGeneration.from_pretrained(tmp, device=args.device)
-    model = bp.get_peft_model(model, bp.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    model = bp.get_peft_model(model, bp.LoraConfig(r=16, lora_alpha=32, target_modules=TARGET_MODULES))
     size = cfg.vision_config.image_size
     g = torch.Generator().manual_seed(0)
     px = torch.randn(args.batch, 3, size, size, generator=g)

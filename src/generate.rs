@@ -402,6 +402,11 @@ struct Processors<'a> {
 }
 
 impl Processors<'_> {
+    /// Whether any processor looks at the tokens generated so far (else the history need not be gathered).
+    fn reads_history(&self) -> bool {
+        self.config.repetition_penalty != 1.0 || self.config.no_repeat_ngram_size > 0
+    }
+
     /// `scores` `[R, V]` for rows whose tokens so far are `seqs` `[R, cur_len]`.
     fn apply(&self, seqs: &Tensor, scores: Tensor, min_tokens_to_keep: i64) -> Result<Tensor> {
         let c = self.config;
@@ -566,7 +571,12 @@ fn greedy_or_sample(
         // One row per image: rows whose caption ended leave the batch, so they stop costing compute.
         let mut active = Tensor::f_arange(rows, (Kind::Int64, device))?;
         loop {
-            let history = seqs.f_index_select(0, &active)?.f_narrow(1, 0, cur_len)?;
+            // Only the penalties read the tokens so far; the length rules need just their count.
+            let history = if processors.reads_history() {
+                seqs.f_index_select(0, &active)?.f_narrow(1, 0, cur_len)?
+            } else {
+                seqs.f_narrow(0, 0, active.size()[0])?.f_narrow(1, 0, cur_len)?
+            };
             let scores = processors.apply(&history, logits, 1)?;
             let next = if config.do_sample {
                 scores

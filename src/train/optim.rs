@@ -111,10 +111,10 @@ impl AdamW {
             };
             let mut p = s.param.shallow_clone();
             if self.weight_decay != 0.0 {
-                let _ = p.f_mul_(&Tensor::from(1.0 - lr * self.weight_decay))?;
+                let _ = p.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
             }
             let _ = s.exp_avg.f_lerp_(&grad, 1.0 - self.beta1)?;
-            let _ = s.exp_avg_sq.f_mul_(&Tensor::from(self.beta2))?;
+            let _ = s.exp_avg_sq.f_mul_scalar_(self.beta2)?;
             let _ = s
                 .exp_avg_sq
                 .f_addcmul_(&grad, &grad.f_mul_scalar(1.0 - self.beta2)?)?;

@@ -22,11 +22,12 @@ def _ours(checkpoint: str) -> bp.BlipForConditionalGeneration:
 
 
 def _perturb(named_params, seed: int = 0) -> None:
-    """Gives every adapter weight random values, so an adapter that is not applied shows."""
+    """Gives every adapter weight (and every modules_to_save copy) random values, so one that is not
+    applied shows."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in named_params:
-            if "lora_" in name:
+            if "lora_" in name or ".modules_to_save." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -45,6 +46,13 @@ EXCHANGE_CONFIGS = {
     "dora_rslora": dict(r=4, lora_alpha=8, use_dora=True, use_rslora=True, target_modules=["value", "qkv"]),
     "patterns": dict(
         r=4, lora_alpha=8, target_modules=["query", "fc2"], rank_pattern={"fc2": 2}, alpha_pattern={"query": 3}
+    ),
+    # Whole modules trained next to the adapters: a LayerNorm, the Conv2d, a block (its dense is not adapted).
+    "modules_to_save": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value", "output.dense"],
+        modules_to_save=["post_layernorm", "patch_embedding", "crossattention.output"],
     ),
 }
 
@@ -73,11 +81,20 @@ def test_peft_adapter_loads_here_with_same_logits(tmp_path, tiny_checkpoint: str
     assert model.get_nb_trainable_parameters()[0] == 0  # is_trainable=False, as in peft
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_names_printout_and_counts_match_peft(tiny_checkpoint: str, capsys, use_dora: bool) -> None:
-    config = dict(
-        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "qkv", "patch_embedding"], use_dora=use_dora
-    )
+NAMES_CONFIGS = {
+    "lora": dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "qkv", "patch_embedding"]),
+    "dora": dict(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "qkv", "patch_embedding"], use_dora=True
+    ),
+    "modules_to_save": dict(
+        r=4, target_modules=["query", "fc1"], modules_to_save=["layer_norm2", "crossattention", "transform"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES_CONFIGS))
+def test_names_printout_and_counts_match_peft(tiny_checkpoint: str, capsys, name: str) -> None:
+    config = NAMES_CONFIGS[name]
     ours = bp.get_peft_model(_ours(tiny_checkpoint), bp.LoraConfig(**config))
     ref = peft.get_peft_model(HFBlip.from_pretrained(tiny_checkpoint), peft.LoraConfig(**config))
     assert [(n, tuple(p.shape), p.requires_grad) for n, p in ours.named_parameters()] == [
@@ -113,11 +130,12 @@ COUNT_CONFIGS = [
     dict(r=8, target_modules=["query"], bias="all"),
     dict(r=8, target_modules=["value", "fc2"], bias="lora_only"),
     dict(r=8, target_modules=["patch_embedding", "fc2"]),
+    dict(r=8, target_modules=["query", "value"], modules_to_save=["post_layernorm", "crossattention"]),
 ]
 
 
 # Every config on the tied head; the untied head where a config touches it.
-COUNT_CASES = [(True, i) for i in range(len(COUNT_CONFIGS))] + [(False, 0), (False, 2), (False, 6)]
+COUNT_CASES = [(True, i) for i in range(len(COUNT_CONFIGS))] + [(False, 0), (False, 2), (False, 6), (False, 9)]
 
 
 @pytest.mark.slow
@@ -333,9 +351,75 @@ def test_adapter_folder_errors(tmp_path, tiny_checkpoint: str) -> None:
         bp.PeftModel.from_pretrained(_ours(tiny_checkpoint), tmp_path)
 
 
-def test_unsupported_options_say_so() -> None:
-    with pytest.raises(ValueError, match="modules_to_save"):
-        bp.LoraConfig(target_modules=["query"], modules_to_save=["decoder"])
+def test_modules_to_save_train_save_and_unload_as_in_peft(tmp_path, tiny_checkpoint: str) -> None:
+    config = dict(r=4, target_modules=["query", "qkv"], modules_to_save=["post_layernorm", "transform"])
+    batch = tiny_batch()
+    base = _ours(tiny_checkpoint)
+    plain = _logits(base, batch)
+    model = bp.get_peft_model(base, bp.LoraConfig(**config))
+    assert torch.equal(_logits(model, batch), plain)  # the copies start equal to the originals
+    # A step changes only the adapters and the copies; the originals stay.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    px, ids, mask = batch
+    model(pixel_values=px, input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            continue
+        assert (not torch.equal(before[name], p)) == ("lora_B" in name or ".modules_to_save." in name), name
+    _perturb(model.named_parameters(), seed=3)
+    adapted = _logits(model, batch)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, batch), plain)
+    assert torch.equal(_logits(model, batch), adapted)
+    # peft reads the copies from our file and unloads to the same model.
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.vision_model.post_layernorm.weight" in keys
+    ref = peft.PeftModel.from_pretrained(HFBlip.from_pretrained(tiny_checkpoint), tmp_path).eval()
+    assert rel_err(_logits(ref, batch), adapted) <= 1e-5
+    ref_merged = ref.merge_and_unload()
+    merged = model.merge_and_unload()
+    assert [n for n, _ in merged.named_parameters()] == [n for n, _ in ref_merged.named_parameters()]
+    assert rel_err(_logits(merged, batch), _logits(ref_merged, batch)) <= 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = HFBlip.from_pretrained(tmp_path / "merged").eval()
+    assert rel_err(_logits(reloaded, batch), adapted) <= 1e-5
+
+
+def test_modules_to_save_with_two_adapters(tiny_checkpoint: str) -> None:
+    model = bp.get_peft_model(
+        _ours(tiny_checkpoint), bp.LoraConfig(r=4, target_modules=["query"], modules_to_save=["post_layernorm"])
+    )
+    _perturb(model.named_parameters(), seed=0)
+    batch = tiny_batch()
+    first = _logits(model, batch)
+    model.add_adapter("other", bp.LoraConfig(r=2, target_modules=["value"], modules_to_save=["post_layernorm"]))
+    assert torch.equal(_logits(model, batch), first)
+    _perturb([(n, p) for n, p in model.named_parameters() if ".other." in n], seed=5)
+    model.set_adapter("other")
+    assert rel_err(_logits(model, batch), first) > 1e-3
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "base_model.model.vision_model.post_layernorm.modules_to_save.other.weight" in trainable
+    assert all(".other." in n for n in trainable)
+    model.delete_adapter("other")
+    assert torch.equal(_logits(model, batch), first)
+
+
+def test_modules_to_save_errors(tiny_checkpoint: str) -> None:
+    model = _ours(tiny_checkpoint)
+    with pytest.raises(ValueError, match="matches no module"):
+        bp.get_peft_model(model, bp.LoraConfig(target_modules=["query"], modules_to_save=["lm_head"]))
+    # "decoder" ends the whole text decoder's path, which holds the adapted query layers.
+    with pytest.raises(ValueError, match="holds the LoRA layer"):
+        bp.get_peft_model(model, bp.LoraConfig(target_modules=["query"], modules_to_save=["decoder"]))
+    with pytest.raises(ValueError, match="tied to the word embeddings"):
+        bp.get_peft_model(model, bp.LoraConfig(target_modules=["query"], modules_to_save=["cls"]))
+    with pytest.raises(ValueError, match="not a valid pattern"):
+        bp.LoraConfig(target_modules=["query"], modules_to_save=["(bad"])
+    # The model is untouched by the failures.
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_parameters())
 
 
 def test_half_precision_base_keeps_float32_adapters(tiny_checkpoint: str) -> None:
@@ -365,3 +449,46 @@ def test_make_hf_model_helper_is_deterministic() -> None:
     a = make_hf_model(tiny_hf_config(), seed=3)
     b = make_hf_model(tiny_hf_config(), seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_init_as_peft(tiny_checkpoint: str, init: str) -> None:
+    """The adapters take W's principal part and the base keeps the rest, as peft computes them: the model's
+    output is unchanged at first, and the adapter and residual weights equal peft's."""
+    config = dict(r=4, lora_alpha=8, target_modules=["query", "value", "qkv", "fc2"], init_lora_weights=init)
+    batch = tiny_batch()
+    base = _ours(tiny_checkpoint)
+    plain = _logits(base, batch)
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = bp.get_peft_model(base, bp.LoraConfig(**config))
+    ref = peft.get_peft_model(HFBlip.from_pretrained(tiny_checkpoint), peft.LoraConfig(**config)).eval()
+    theirs = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, theirs[name], atol=1e-5), name
+    residual = "base_model.model.text_decoder.bert.encoder.layer.0.attention.self.query.base_layer.weight"
+    assert not torch.allclose(
+        theirs[residual], original[residual.removeprefix("base_model.model.").replace(".base_layer", "")]
+    )
+    assert rel_err(_logits(model, batch), plain) <= 1e-5
+    assert rel_err(_logits(model, batch), _logits(ref, batch)) <= 1e-5
+    assert model.peft_config["default"].to_dict()["init_lora_weights"] == init
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_refuse_conv2d_and_leave_the_model_alone(tiny_checkpoint: str, init: str) -> None:
+    model = _ours(tiny_checkpoint)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="Unknown initialization"):
+        bp.get_peft_model(model, bp.LoraConfig(target_modules=["query", "patch_embedding"], init_lora_weights=init))
+    # Nothing was rewritten by the failed attempt (the check comes before any layer changes).
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_rank_pattern_first_match_in_given_order(tiny_checkpoint: str) -> None:
+    # Both keys match layer 0's query; peft takes the first in the dict's order (not sorted order).
+    config = dict(r=8, target_modules=["query"], rank_pattern={"query": 2, r"layer\.0\..*query": 3})
+    ours = bp.get_peft_model(_ours(tiny_checkpoint), bp.LoraConfig(**config))
+    ref = peft.get_peft_model(HFBlip.from_pretrained(tiny_checkpoint), peft.LoraConfig(**config))
+    shapes = [(n, tuple(p.shape)) for n, p in ours.named_parameters() if "lora_" in n]
+    assert shapes == [(n, tuple(p.shape)) for n, p in ref.named_parameters() if "lora_" in n]
+    assert {s[0] for _, s in shapes if len(s) == 2} == {2, 32}

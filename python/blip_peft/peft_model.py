@@ -89,7 +89,12 @@ class LoraConfig:
         _blip_peft.normalize_lora_config(json.dumps(self._fields()))
 
     def _fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # As [key, value] pairs: JSON objects lose their order in the core, and the first matching key wins.
+        for name in ("rank_pattern", "alpha_pattern"):
+            if isinstance(fields[name], dict):
+                fields[name] = [[k, v] for k, v in fields[name].items()]
+        return fields
 
     def to_dict(self) -> dict[str, Any]:
         """The `adapter_config.json` document peft writes for this config."""

@@ -39,6 +39,8 @@ pub struct BlipForConditionalGeneration {
     pub training: bool,
     /// Where the checkpoint came from (`name_or_path` in transformers); written into adapter configs.
     pub name_or_path: String,
+    /// The modules adapters train in full (LoRA's `modules_to_save`), with their originals and copies.
+    pub saved_modules: Vec<crate::lora::saved::SavedModule>,
 }
 
 impl BlipForConditionalGeneration {
@@ -57,6 +59,7 @@ impl BlipForConditionalGeneration {
             text_decoder,
             training: false,
             name_or_path: String::new(),
+            saved_modules: Vec::new(),
         })
     }
 
@@ -94,13 +97,25 @@ impl BlipForConditionalGeneration {
         Ok(model)
     }
 
-    /// Every parameter in transformers' `named_parameters()` order, tied ones once.
+    /// Every parameter in transformers' `named_parameters()` order, tied ones once; the modules adapters
+    /// train in full appear as peft names them (`<path>.original_module.*`, `<path>.modules_to_save.*`).
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        crate::lora::saved::rename(self, self.plain_named_parameters())
+    }
+
+    /// The parameters the layers hold now, under their module paths (no `modules_to_save` renaming).
+    pub fn plain_named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         let mut push = |name: &str, t: &Tensor| out.push((name.to_string(), t.shallow_clone()));
         self.vision_model.visit("vision_model", &mut push);
         self.text_decoder.visit("text_decoder", &mut push);
         out
+    }
+
+    /// Lets `f` replace the parameters the layers hold (the same ones `plain_named_parameters` lists).
+    pub fn visit_params_mut(&mut self, f: &mut crate::nn::ParamVisitorMut) {
+        self.vision_model.visit_mut("vision_model", f);
+        self.text_decoder.visit_mut("text_decoder", f);
     }
 
     /// Every Linear and Conv2d of both towers with its path (the layers LoRA can target).
@@ -326,16 +341,22 @@ impl BlipForConditionalGeneration {
         )?)
     }
 
-    /// The torch-style module tree.
-    pub fn repr(&self) -> String {
-        ReprNode::module(
+    /// The torch-style module tree, with peft's wrappers around the modules adapters train in full.
+    pub fn repr_node(&self) -> ReprNode {
+        let mut root = ReprNode::module(
             "BlipForConditionalGeneration",
             vec![
                 ("vision_model", self.vision_model.repr()),
                 ("text_decoder", self.text_decoder.repr()),
             ],
-        )
-        .render()
+        );
+        crate::lora::saved::wrap_repr(self, &mut root);
+        root
+    }
+
+    /// What `print(model)` shows.
+    pub fn repr(&self) -> String {
+        self.repr_node().render()
     }
 
     /// Writes a checkpoint folder transformers loads: `config.json` and `model.safetensors`.

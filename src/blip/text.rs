@@ -7,7 +7,9 @@ use crate::config::BlipTextConfig;
 use crate::error::Result;
 use crate::lora::inject::{AdaptableLayer, LayerVisitor};
 use crate::nn::attention::{merge_heads, sdpa, split_heads};
-use crate::nn::{join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, ParamSource, ParamVisitor};
+use crate::nn::{
+    join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, ParamSource, ParamVisitor, ParamVisitorMut,
+};
 use crate::repr::ReprNode;
 
 /// Keys and values one decoder layer keeps between decoding steps.
@@ -106,6 +108,13 @@ impl BlipTextEmbeddings {
         self.layer_norm.visit(&join(path, "LayerNorm"), f);
     }
 
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.word_embeddings.visit_mut(&join(path, "word_embeddings"), f);
+        self.position_embeddings
+            .visit_mut(&join(path, "position_embeddings"), f);
+        self.layer_norm.visit_mut(&join(path, "LayerNorm"), f);
+    }
+
     fn repr(&self) -> ReprNode {
         ReprNode::module(
             "BlipTextEmbeddings",
@@ -201,6 +210,12 @@ impl BlipTextSelfAttention {
         self.value.visit(&join(path, "value"), f);
     }
 
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.query.visit_mut(&join(path, "query"), f);
+        self.key.visit_mut(&join(path, "key"), f);
+        self.value.visit_mut(&join(path, "value"), f);
+    }
+
     fn repr(&self) -> ReprNode {
         ReprNode::module(
             "BlipTextSelfAttention",
@@ -257,6 +272,11 @@ impl BlipTextResidualOutput {
         self.layer_norm.visit(&join(path, "LayerNorm"), f);
     }
 
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.dense.visit_mut(&join(path, "dense"), f);
+        self.layer_norm.visit_mut(&join(path, "LayerNorm"), f);
+    }
+
     fn repr(&self) -> ReprNode {
         ReprNode::module(
             self.type_name,
@@ -293,6 +313,11 @@ impl BlipTextAttention {
     fn visit(&self, path: &str, f: &mut ParamVisitor) {
         self.self_.visit(&join(path, "self"), f);
         self.output.visit(&join(path, "output"), f);
+    }
+
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.self_.visit_mut(&join(path, "self"), f);
+        self.output.visit_mut(&join(path, "output"), f);
     }
 
     fn repr(&self) -> ReprNode {
@@ -409,6 +434,15 @@ impl BlipTextLayer {
         }
         self.intermediate.visit(&join(path, "intermediate.dense"), f);
         self.output.visit(&join(path, "output"), f);
+    }
+
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.attention.visit_mut(&join(path, "attention"), f);
+        if let Some(ca) = &mut self.crossattention {
+            ca.visit_mut(&join(path, "crossattention"), f);
+        }
+        self.intermediate.visit_mut(&join(path, "intermediate.dense"), f);
+        self.output.visit_mut(&join(path, "output"), f);
     }
 
     fn repr(&self) -> ReprNode {
@@ -646,6 +680,23 @@ impl BlipTextLmHeadModel {
             .transform_layer_norm
             .visit(&join(&pred, "transform.LayerNorm"), f);
         self.head.decoder.visit(&join(&pred, "decoder"), f);
+    }
+
+    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        let bert = join(path, "bert");
+        self.embeddings.visit_mut(&join(&bert, "embeddings"), f);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_mut(&join(&bert, &format!("encoder.layer.{i}")), f);
+        }
+        let pred = join(path, "cls.predictions");
+        f(&join(&pred, "bias"), &mut self.head.bias);
+        self.head
+            .transform_dense
+            .visit_mut(&join(&pred, "transform.dense"), f);
+        self.head
+            .transform_layer_norm
+            .visit_mut(&join(&pred, "transform.LayerNorm"), f);
+        self.head.decoder.visit_mut(&join(&pred, "decoder"), f);
     }
 
     pub fn repr(&self) -> ReprNode {

@@ -7,7 +7,9 @@ use crate::config::BlipVisionConfig;
 use crate::error::Result;
 use crate::lora::inject::{AdaptableLayer, LayerVisitor};
 use crate::nn::attention::{merge_heads, sdpa};
-use crate::nn::{join, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource, ParamVisitor};
+use crate::nn::{
+    join, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource, ParamVisitor, ParamVisitorMut,
+};
 use crate::repr::ReprNode;
 
 /// Class token, patch embedding (a strided Conv2d) and learned position embeddings.
@@ -73,6 +75,12 @@ impl BlipVisionEmbeddings {
         self.patch_embedding.visit(&join(path, "patch_embedding"), f);
     }
 
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        f(&join(path, "class_embedding"), &mut self.class_embedding);
+        f(&join(path, "position_embedding"), &mut self.position_embedding);
+        self.patch_embedding.visit_mut(&join(path, "patch_embedding"), f);
+    }
+
     fn repr(&self) -> ReprNode {
         ReprNode::module(
             "BlipVisionEmbeddings",
@@ -123,6 +131,11 @@ impl BlipAttention {
         self.projection.visit(&join(path, "projection"), f);
     }
 
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.qkv.visit_mut(&join(path, "qkv"), f);
+        self.projection.visit_mut(&join(path, "projection"), f);
+    }
+
     fn repr(&self) -> ReprNode {
         ReprNode::module(
             "BlipAttention",
@@ -161,6 +174,11 @@ impl BlipMlp {
     fn visit(&self, path: &str, f: &mut ParamVisitor) {
         self.fc1.visit(&join(path, "fc1"), f);
         self.fc2.visit(&join(path, "fc2"), f);
+    }
+
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.fc1.visit_mut(&join(path, "fc1"), f);
+        self.fc2.visit_mut(&join(path, "fc2"), f);
     }
 
     fn repr(&self) -> ReprNode {
@@ -213,6 +231,13 @@ impl BlipEncoderLayer {
         self.layer_norm1.visit(&join(path, "layer_norm1"), f);
         self.mlp.visit(&join(path, "mlp"), f);
         self.layer_norm2.visit(&join(path, "layer_norm2"), f);
+    }
+
+    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.self_attn.visit_mut(&join(path, "self_attn"), f);
+        self.layer_norm1.visit_mut(&join(path, "layer_norm1"), f);
+        self.mlp.visit_mut(&join(path, "mlp"), f);
+        self.layer_norm2.visit_mut(&join(path, "layer_norm2"), f);
     }
 
     fn repr(&self) -> ReprNode {
@@ -299,6 +324,14 @@ impl BlipVisionModel {
             layer.visit(&join(path, &format!("encoder.layers.{i}")), f);
         }
         self.post_layernorm.visit(&join(path, "post_layernorm"), f);
+    }
+
+    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        self.embeddings.visit_mut(&join(path, "embeddings"), f);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_mut(&join(path, &format!("encoder.layers.{i}")), f);
+        }
+        self.post_layernorm.visit_mut(&join(path, "post_layernorm"), f);
     }
 
     pub fn repr(&self) -> ReprNode {

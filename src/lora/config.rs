@@ -1,8 +1,6 @@
 //! `LoraConfig` with peft's field names, defaults and validation. It reads peft's
 //! `adapter_config.json` (unknown keys are ignored, as peft 0.21 does) and writes the fields peft knows.
 
-use std::collections::BTreeMap;
-
 use regex::Regex;
 use serde_json::Value;
 
@@ -57,6 +55,25 @@ fn string_list(items: &[Value], field: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// A rank/alpha pattern's entries in their given order: a JSON object (a file; its key order is lost, and
+/// peft writes keys sorted anyway) or a list of `[key, value]` pairs (from Python, keeping dict order).
+fn pattern_entries<'a>(value: &'a Value, field: &str) -> Result<Vec<(String, &'a Value)>> {
+    match value {
+        Value::Null => Ok(Vec::new()),
+        Value::Object(m) => Ok(m.iter().map(|(k, v)| (k.clone(), v)).collect()),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item.as_array().map(Vec::as_slice) {
+                Some([Value::String(k), v]) => Ok((k.clone(), v)),
+                _ => Err(Error::invalid(format!(
+                    "{field} must map module patterns to numbers, got {item}"
+                ))),
+            })
+            .collect(),
+        v => Err(Error::invalid(format!("{field} must be a dict, got {v}"))),
+    }
+}
+
 /// How the adapter's A and B start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InitLoraWeights {
@@ -66,6 +83,17 @@ pub enum InitLoraWeights {
     Random,
     /// A ~ N(0, 1/r), B zeros.
     Gaussian,
+    /// PiSSA: A and B from the top `r` singular vectors of W, which keeps the rest (Linear only).
+    Pissa,
+    /// OLoRA: A and B from the QR decomposition of W, which keeps the rest (Linear only).
+    Olora,
+}
+
+impl InitLoraWeights {
+    /// Whether the init reads (and rewrites) the base weight, which only Linear layers allow.
+    pub fn rewrites_base(&self) -> bool {
+        matches!(self, Self::Pissa | Self::Olora)
+    }
 }
 
 /// The fields of peft's `LoraConfig` that apply to BLIP.
@@ -81,8 +109,9 @@ pub struct LoraConfig {
     pub init_lora_weights: InitLoraWeights,
     pub use_rslora: bool,
     pub use_dora: bool,
-    pub rank_pattern: BTreeMap<String, i64>,
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module overrides in the order given (peft: the first key that matches wins).
+    pub rank_pattern: Vec<(String, i64)>,
+    pub alpha_pattern: Vec<(String, f64)>,
     pub layers_to_transform: Option<Vec<i64>>,
     pub layers_pattern: Option<Vec<String>>,
     pub task_type: Option<String>,
@@ -105,8 +134,8 @@ impl Default for LoraConfig {
             init_lora_weights: InitLoraWeights::Default,
             use_rslora: false,
             use_dora: false,
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
             layers_to_transform: None,
             layers_pattern: None,
             task_type: None,
@@ -196,14 +225,16 @@ impl LoraConfig {
             Value::Null | Value::Bool(true) => InitLoraWeights::Default,
             Value::Bool(false) => InitLoraWeights::Random,
             Value::String(s) if s == "gaussian" => InitLoraWeights::Gaussian,
+            Value::String(s) if s == "pissa" => InitLoraWeights::Pissa,
+            Value::String(s) if s.to_lowercase() == "olora" => InitLoraWeights::Olora,
             Value::String(s) => {
                 return Err(Error::invalid(format!(
-                    "init_lora_weights={s:?} is not supported; use True, False or \"gaussian\""
+                    "init_lora_weights={s:?} is not supported; use True, False, \"gaussian\", \"pissa\" or \"olora\""
                 )))
             }
             v => {
                 return Err(Error::invalid(format!(
-                    "init_lora_weights must be True, False or \"gaussian\", got {v}"
+                    "init_lora_weights must be True, False, \"gaussian\", \"pissa\" or \"olora\", got {v}"
                 )))
             }
         };
@@ -212,17 +243,13 @@ impl LoraConfig {
         c.inference_mode = as_bool(get(obj, "inference_mode"), "inference_mode", false)?;
         c.fan_in_fan_out = as_bool(get(obj, "fan_in_fan_out"), "fan_in_fan_out", false)?;
         c.lora_bias = as_bool(get(obj, "lora_bias"), "lora_bias", false)?;
-        if let Value::Object(m) = get(obj, "rank_pattern") {
-            for (k, v) in m {
-                c.rank_pattern
-                    .insert(k.clone(), as_i64(v, &format!("rank_pattern[{k:?}]"))?);
-            }
+        for (k, v) in pattern_entries(get(obj, "rank_pattern"), "rank_pattern")? {
+            let r = as_i64(v, &format!("rank_pattern[{k:?}]"))?;
+            c.rank_pattern.push((k, r));
         }
-        if let Value::Object(m) = get(obj, "alpha_pattern") {
-            for (k, v) in m {
-                c.alpha_pattern
-                    .insert(k.clone(), as_f64(v, &format!("alpha_pattern[{k:?}]"))?);
-            }
+        for (k, v) in pattern_entries(get(obj, "alpha_pattern"), "alpha_pattern")? {
+            let a = as_f64(v, &format!("alpha_pattern[{k:?}]"))?;
+            c.alpha_pattern.push((k, a));
         }
         c.layers_to_transform = match get(obj, "layers_to_transform") {
             Value::Null => None,
@@ -277,7 +304,8 @@ impl LoraConfig {
                 )));
             }
         }
-        for pattern in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+        let keys = self.rank_pattern.iter().map(|(k, _)| k);
+        for pattern in keys.chain(self.alpha_pattern.iter().map(|(k, _)| k)) {
             Regex::new(&format!("^(.*\\.)?({pattern})$")).map_err(|e| {
                 Error::invalid(format!(
                     "invalid regex {pattern:?} in rank_pattern/alpha_pattern: {e}"
@@ -310,8 +338,13 @@ impl LoraConfig {
         if self.lora_bias {
             return Err(Error::invalid("lora_bias=True is not supported"));
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(Error::invalid("modules_to_save is not supported yet"));
+        for m in self.modules_to_save.iter().flatten() {
+            if m.is_empty() {
+                return Err(Error::invalid("modules_to_save holds an empty name"));
+            }
+            Regex::new(&format!("^(.*\\.)?(?:{m})($|\\..*)")).map_err(|e| {
+                Error::invalid(format!("modules_to_save entry {m:?} is not a valid pattern: {e}"))
+            })?;
         }
         Ok(())
     }
@@ -361,6 +394,8 @@ impl LoraConfig {
             InitLoraWeights::Default => Value::Bool(true),
             InitLoraWeights::Random => Value::Bool(false),
             InitLoraWeights::Gaussian => Value::from("gaussian"),
+            InitLoraWeights::Pissa => Value::from("pissa"),
+            InitLoraWeights::Olora => Value::from("olora"),
         };
         let alpha = if self.lora_alpha.fract() == 0.0 {
             Value::from(self.lora_alpha as i64)
@@ -376,7 +411,7 @@ impl LoraConfig {
             Value::Null
         };
         serde_json::json!({
-            "alpha_pattern": self.alpha_pattern,
+            "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<String, Value>>(),
             "auto_mapping": auto_mapping,
             "base_model_name_or_path": self.base_model_name_or_path,
             "bias": self.bias,
@@ -392,7 +427,7 @@ impl LoraConfig {
             "modules_to_save": self.modules_to_save,
             "peft_type": "LORA",
             "r": self.r,
-            "rank_pattern": self.rank_pattern,
+            "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<String, Value>>(),
             "revision": Value::Null,
             "target_modules": targets,
             "task_type": self.task_type,

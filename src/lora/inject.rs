@@ -8,6 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{InitLoraWeights, LoraConfig, TargetModules};
 use super::layer::{kaiming_uniform, weight_norm, BaseKind, LoraAdapter, LoraSlot};
+use super::saved;
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Linear};
@@ -89,6 +90,15 @@ pub fn is_targeted(config: &LoraConfig, key: &str, is_linear: bool) -> bool {
         Some(TargetModules::List(items)) if list_matches(items, key) => return false,
         _ => {}
     }
+    // A module trained in full (or inside one) never gets an adapter too.
+    let saved = config.modules_to_save.iter().flatten();
+    if saved.into_iter().any(|m| {
+        Regex::new(&format!(r"^(.*\.)?(?:{m})($|\..*)"))
+            .map(|re| re.is_match(key))
+            .unwrap_or(false)
+    }) {
+        return false;
+    }
     match &config.target_modules {
         None => false,
         Some(TargetModules::AllLinear) => is_linear,
@@ -131,6 +141,7 @@ fn new_adapter(config: &LoraConfig, path: &str, base: BaseKind, weight: &Tensor)
     };
     let _ = out;
     let device = weight.device();
+    let scaling = config.scaling(r, alpha);
     let (a, b) = match config.init_lora_weights {
         InitLoraWeights::Default => (
             kaiming_uniform(&a_shape, device)?,
@@ -144,8 +155,10 @@ fn new_adapter(config: &LoraConfig, path: &str, base: BaseKind, weight: &Tensor)
             Tensor::f_randn(&a_shape, (Kind::Float, device))?.f_mul_scalar(1.0 / r as f64)?,
             Tensor::f_zeros(&b_shape, (Kind::Float, device))?,
         ),
+        InitLoraWeights::Pissa | InitLoraWeights::Olora => {
+            decompose_base(&config.init_lora_weights, weight, r, scaling)?
+        }
     };
-    let scaling = config.scaling(r, alpha);
     let mut adapter = LoraAdapter {
         a: a.f_set_requires_grad(true)?,
         b: b.f_set_requires_grad(true)?,
@@ -167,6 +180,39 @@ fn new_adapter(config: &LoraConfig, path: &str, base: BaseKind, weight: &Tensor)
     Ok(adapter)
 }
 
+/// PiSSA / OLoRA: A and B take the principal part of W (top singular vectors, or the leading QR factors),
+/// and W keeps the rest, `W - s·B·A`, so the layer's output is unchanged. Computed in float32, as peft.
+fn decompose_base(init: &InitLoraWeights, weight: &Tensor, r: i64, scaling: f64) -> Result<(Tensor, Tensor)> {
+    let _guard = tch::no_grad_guard();
+    let w = weight.f_to_kind(Kind::Float)?;
+    let (a, b) = if *init == InitLoraWeights::Pissa {
+        // W = U·S·Vᵀ with W `[out, in]` (torch.svd, reduced): B = U_r·√(S_r/s), A = √(S_r/s)·V_rᵀ.
+        let (u, s, v) = w.f_svd(true, true)?;
+        let sqrt_s = s.f_narrow(0, 0, r)?.f_div_scalar(scaling)?.f_sqrt()?;
+        let a = v
+            .f_narrow(1, 0, r)?
+            .f_transpose(0, 1)?
+            .f_mul(&sqrt_s.f_unsqueeze(1)?)?
+            .f_contiguous()?;
+        let b = u
+            .f_narrow(1, 0, r)?
+            .f_mul(&sqrt_s.f_unsqueeze(0)?)?
+            .f_contiguous()?;
+        (a, b)
+    } else {
+        // W = Q·R: B = Q[:, :r], A = R[:r].
+        let (q, rr) = Tensor::f_linalg_qr(&w, "reduced")?;
+        (
+            rr.f_narrow(0, 0, r)?.f_contiguous()?,
+            q.f_narrow(1, 0, r)?.f_contiguous()?,
+        )
+    };
+    let residual = w.f_sub(&b.f_matmul(&a)?.f_mul_scalar(scaling)?)?;
+    let mut base = weight.shallow_clone();
+    base.f_copy_(&residual.f_to_kind(weight.kind())?)?;
+    Ok((a, b))
+}
+
 /// Adds adapter `name` to every layer `config` targets. Layers that get their first adapter make it
 /// active. Fails, listing the layer names that exist, when nothing matches.
 pub fn inject(
@@ -186,33 +232,61 @@ pub fn inject(
             "an adapter named {name:?} already exists; choose another name"
         )));
     }
+    let first_adapter = adapter_names(model)?.is_empty();
+    // Everything that can fail is checked before any layer changes (PiSSA/OLoRA rewrite base weights).
     let mut targeted = Vec::new();
     let mut all_names = Vec::new();
-    model.for_each_layer(&mut |path, mut layer| {
+    model.for_each_layer(&mut |path, layer| {
         all_names.push(path.to_string());
-        let (is_linear, base) = match &layer {
-            AdaptableLayer::Linear(_) => (true, BaseKind::Linear),
-            AdaptableLayer::Conv2d(c) => (false, c.base_kind()),
-        };
-        if !is_targeted(config, path, is_linear) {
+        if is_targeted(config, path, matches!(layer, AdaptableLayer::Linear(_))) {
+            if matches!(layer, AdaptableLayer::Conv2d(_)) && config.init_lora_weights.rewrites_base() {
+                return Err(Error::invalid(format!(
+                    "Unknown initialization init_lora_weights={} for the Conv2d layer {path:?}: PiSSA and OLoRA \
+                     are for Linear layers (as in peft); leave the Conv2d out of target_modules",
+                    config.to_json()["init_lora_weights"]
+                )));
+            }
+            targeted.push(path.to_string());
+        }
+        Ok(())
+    })?;
+    check_targets(config, &targeted, &all_names)?;
+    let saved_paths = match &config.modules_to_save {
+        Some(names) if !names.is_empty() => {
+            let mut lora_layers = layers_with_adapters(model)?;
+            lora_layers.extend(targeted.iter().cloned());
+            saved::plan(model, names, &lora_layers)?
+        }
+        _ => Vec::new(),
+    };
+    model.for_each_layer(&mut |path, mut layer| {
+        if !targeted.iter().any(|t| t == path) {
             return Ok(());
         }
+        let base = match &layer {
+            AdaptableLayer::Linear(_) => BaseKind::Linear,
+            AdaptableLayer::Conv2d(c) => c.base_kind(),
+        };
         let adapter = new_adapter(config, path, base, layer.weight())?;
         let slot = layer.slot().get_or_insert_with(|| LoraSlot::new(base));
         if slot.active.is_empty() {
             slot.active.push(name.to_string());
         }
         slot.adapters.push((name.to_string(), adapter));
-        targeted.push(path.to_string());
         Ok(())
     })?;
-    if let Err(e) = check_targets(config, &targeted, &all_names) {
-        if !targeted.is_empty() {
-            delete(model, name)?;
-        }
-        return Err(e);
-    }
+    saved::add(model, saved_paths, name, first_adapter)?;
     Ok(targeted)
+}
+
+/// The paths of the layers that hold any adapter.
+fn layers_with_adapters(model: &mut BlipForConditionalGeneration) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for_each_slot(model, &mut |path, _, _| {
+        out.push(path.to_string());
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// The checks that need the injection's outcome: something matched, and every rank/alpha pattern did.
@@ -237,8 +311,14 @@ fn check_targets(config: &LoraConfig, targeted: &[String], all_names: &[String])
         )));
     }
     for (field, keys) in [
-        ("rank_pattern", config.rank_pattern.keys().collect::<Vec<_>>()),
-        ("alpha_pattern", config.alpha_pattern.keys().collect::<Vec<_>>()),
+        (
+            "rank_pattern",
+            config.rank_pattern.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        ),
+        (
+            "alpha_pattern",
+            config.alpha_pattern.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        ),
     ] {
         for key in keys {
             let re = Regex::new(&format!("^(.*\\.)?({key})$"))
@@ -259,7 +339,7 @@ pub fn mark_trainable(model: &mut BlipForConditionalGeneration, adapter: &str, b
     for (_, t) in model.named_parameters() {
         let _ = t.f_set_requires_grad(false)?;
     }
-    let mut result = Ok(());
+    let mut result: Result<()> = Ok(());
     model.for_each_layer(&mut |_, mut layer| {
         let bias_t = layer.bias().map(Tensor::shallow_clone);
         if let Some(slot) = layer.slot() {
@@ -288,7 +368,9 @@ pub fn mark_trainable(model: &mut BlipForConditionalGeneration, adapter: &str, b
             }
         }
     }
-    result
+    result?;
+    // Last, as peft's wrappers freeze their originals after the bias marking.
+    saved::mark_trainable(model, adapter)
 }
 
 /// Runs `f` on every layer that holds adapters.
@@ -315,7 +397,8 @@ pub fn set_active(model: &mut BlipForConditionalGeneration, name: &str) -> Resul
             vec![]
         };
         Ok(())
-    })
+    })?;
+    saved::set_active(model, name)
 }
 
 /// Adds the active adapters' deltas into the base weights.
@@ -336,7 +419,8 @@ pub fn set_disabled(model: &mut BlipForConditionalGeneration, disabled: bool) ->
         }
         slot.disabled = disabled;
         Ok(())
-    })
+    })?;
+    saved::set_disabled(model, disabled)
 }
 
 /// Removes all adapters, after merging the active ones when `merge` (peft's `merge_and_unload`/`unload`).
@@ -351,7 +435,7 @@ pub fn unload(model: &mut BlipForConditionalGeneration, merge: bool) -> Result<(
         }
         Ok(())
     })?;
-    Ok(())
+    saved::unload(model)
 }
 
 /// Removes adapter `name` everywhere (unmerging it first); layers left without adapters become plain.
@@ -376,7 +460,7 @@ pub fn delete(model: &mut BlipForConditionalGeneration, name: &str) -> Result<()
     if !found {
         return Err(Error::invalid(format!("no adapter named {name:?}")));
     }
-    Ok(())
+    saved::delete(model, name)
 }
 
 /// The names of the adapters present, in the order they were added.
@@ -422,8 +506,17 @@ pub fn adapter_state(
         }
         Ok(())
     })?;
+    out.extend(saved::adapter_state(model, adapter));
     if bias != "none" {
-        for (n, t) in model.named_parameters() {
+        // The biases of wrapped modules are saved with their module's copy.
+        for (n, t) in model.plain_named_parameters() {
+            if model
+                .saved_modules
+                .iter()
+                .any(|m| n.starts_with(&format!("{}.", m.path)))
+            {
+                continue;
+            }
             let keep = match bias {
                 "all" => n.contains("bias"),
                 _ => lora_only_biases.contains(&n),

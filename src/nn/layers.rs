@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use super::params::{join, Init, ParamSource, ParamVisitor};
+use super::params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut};
 use crate::error::Result;
 use crate::lora::layer::{BaseKind, LoraSlot};
 use crate::repr::{py_float, ReprNode};
@@ -88,6 +88,20 @@ impl Linear {
         }
         if let Some(slot) = &self.lora {
             slot.visit(path, f);
+        }
+    }
+
+    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        let base = if self.lora.is_some() {
+            join(path, "base_layer")
+        } else {
+            path.to_string()
+        };
+        if !self.tied {
+            f(&join(&base, "weight"), &mut self.weight);
+            if let Some(b) = &mut self.bias {
+                f(&join(&base, "bias"), b);
+            }
         }
     }
 
@@ -185,6 +199,18 @@ impl Conv2d {
         }
     }
 
+    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        let base = if self.lora.is_some() {
+            join(path, "base_layer")
+        } else {
+            path.to_string()
+        };
+        f(&join(&base, "weight"), &mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(&join(&base, "bias"), b);
+        }
+    }
+
     pub fn repr(&self) -> ReprNode {
         match &self.lora {
             Some(slot) => slot.repr(self.base_repr(), self.in_channels, self.out_channels),
@@ -236,6 +262,11 @@ impl LayerNorm {
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
         f(&join(path, "weight"), &self.weight);
         f(&join(path, "bias"), &self.bias);
+    }
+
+    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        f(&join(path, "weight"), &mut self.weight);
+        f(&join(path, "bias"), &mut self.bias);
     }
 
     pub fn repr(&self) -> ReprNode {
@@ -295,6 +326,10 @@ impl Embedding {
 
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
         f(&join(path, "weight"), &self.weight);
+    }
+
+    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
+        f(&join(path, "weight"), &mut self.weight);
     }
 
     pub fn repr(&self) -> ReprNode {

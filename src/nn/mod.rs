@@ -8,7 +8,7 @@ mod params;
 
 pub use activation::Activation;
 pub use layers::{Conv2d, Dropout, Embedding, LayerNorm, Linear};
-pub use params::{join, Init, ParamSource, ParamVisitor, RandomInit};
+pub use params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut, RandomInit};
 
 /// Kinds of float tensors the model can hold its weights in.
 pub fn is_float_kind(kind: tch::Kind) -> bool {

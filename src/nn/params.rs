@@ -29,6 +29,9 @@ pub trait ParamSource {
 /// Visits parameters in registration order with their full dotted paths. Tied parameters are visited once.
 pub type ParamVisitor<'a> = dyn FnMut(&str, &Tensor) + 'a;
 
+/// Visits the same parameters as [`ParamVisitor`], able to replace them (modules_to_save swaps in its copies).
+pub type ParamVisitorMut<'a> = dyn FnMut(&str, &mut Tensor) + 'a;
+
 /// Joins a module prefix and a child name with a dot.
 pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {

@@ -82,8 +82,8 @@ def _reference_run(ref, data, steps, batch, lr, wd, accum=1, bos=97):
     return losses
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str, accum: int) -> None:
+@pytest.mark.parametrize(("accum", "checkpointing"), [(1, False), (2, False), (2, True)])
+def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str, accum: int, checkpointing) -> None:
     ours, ref = _peft_pair(tiny_checkpoint, tmp_path, **LORA)
     data = _data()
     steps = 10
@@ -100,6 +100,7 @@ def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str,
         logging_steps=3,
         progress=False,
         gradient_accumulation_steps=accum,
+        gradient_checkpointing=checkpointing,
     )
     expected = _reference_run(ref, data, steps, 4, 1e-2, 0.01, accum=accum)
     assert [h["step"] for h in result.history] == list(range(1, steps + 1))
@@ -111,7 +112,8 @@ def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str,
         assert rel_err(mine[name], p) <= 1e-4, name
 
 
-def test_full_fine_tuning_equals_adamw(tiny_checkpoint: str) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_full_fine_tuning_equals_adamw(tiny_checkpoint: str, checkpointing: bool) -> None:
     ours = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
     ref = HFBlip.from_pretrained(tiny_checkpoint)
     data = _data(8, seed=1)
@@ -126,6 +128,7 @@ def test_full_fine_tuning_equals_adamw(tiny_checkpoint: str) -> None:
         mixed_precision="no",
         logging_steps=1,
         progress=False,
+        gradient_checkpointing=checkpointing,
     )
     expected = _reference_run(ref, data, 4, 4, 1e-3, 0.0)
     assert max(abs(a - b) / abs(b) for a, b in zip(result.losses, expected, strict=True)) <= 1e-4
@@ -320,6 +323,62 @@ def test_bf16_base_trains_and_is_restored(tiny_checkpoint: str) -> None:
     after = dict(model.named_parameters())
     for name, p in before.items():
         assert after[name].dtype == torch.float32 and torch.equal(after[name], p), name
+
+
+def test_gradient_checkpointing_with_dropout_is_reproducible(tiny_checkpoint: str) -> None:
+    # Each layer reruns under the seed it first ran with, so the recomputation draws the same dropout masks;
+    # a second run from the same start repeats the first exactly.
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same adapter init
+        model = bp.get_peft_model(
+            bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA, lora_dropout=0.3)
+        )
+        result = bp.train(
+            model,
+            None,
+            _data(8),
+            max_steps=3,
+            batch_size=4,
+            shuffle=False,
+            mixed_precision="no",
+            gradient_checkpointing=True,
+            logging_steps=1,
+            progress=False,
+            learning_rate=1e-2,
+        )
+        runs.append((result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(p, runs[1][1][n]) for n, p in runs[0][1].items())
+
+
+@pytest.mark.parametrize("mode", ["modules_to_save", "full"])
+def test_mixed_precision_trains_float32_weights_over_a_lowered_base(tiny_checkpoint: str, mode: str) -> None:
+    """Trained non-adapter weights (modules_to_save copies, or everything) stay float32 and are cast on the
+    way in, as autocast does; the frozen base is lowered for the run and restored exactly after it."""
+    base = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model = base
+    if mode == "modules_to_save":
+        model = bp.get_peft_model(base, bp.LoraConfig(**LORA, modules_to_save=["post_layernorm", "transform"]))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    if mode == "modules_to_save":
+        reference = bp.get_peft_model(
+            reference, bp.LoraConfig(**LORA, modules_to_save=["post_layernorm", "transform"])
+        )
+    common = dict(max_steps=3, batch_size=4, shuffle=False, logging_steps=1, progress=False, learning_rate=1e-3)
+    result = bp.train(model, None, _data(8), mixed_precision="bf16", **common)
+    full = bp.train(reference, None, _data(8), mixed_precision="no", **common)
+    assert abs(result.losses[0] - full.losses[0]) <= 2e-2 * abs(full.losses[0])
+    changed = set()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+        if not torch.equal(p, before[name]):
+            changed.add(name)
+    assert changed <= trained  # the frozen base came back exactly
+    grown = [n for n in changed if ".modules_to_save." in n or mode == "full"]
+    assert len(grown) >= 4, sorted(changed)
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps(tiny_checkpoint: str) -> None:

@@ -3,12 +3,14 @@
 
 use tch::{Kind, Tensor};
 
+use super::vision::{layer_seed, Checkpointed};
 use crate::config::BlipTextConfig;
 use crate::error::Result;
 use crate::lora::inject::{AdaptableLayer, LayerVisitor};
 use crate::nn::attention::{merge_heads, sdpa, split_heads};
 use crate::nn::{
-    join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, ParamSource, ParamVisitor, ParamVisitorMut,
+    in_kind, join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, ParamSource, ParamVisitor,
+    ParamVisitorMut,
 };
 use crate::repr::ReprNode;
 
@@ -93,11 +95,10 @@ impl BlipTextEmbeddings {
     }
 
     /// `positions` is `[T]` (the same for every row) or `[B, T]` (per row, for left-padded prompts).
-    fn forward(&self, input_ids: &Tensor, positions: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self
-            .word_embeddings
-            .forward(input_ids)?
-            .f_add(&self.position_embeddings.forward(positions)?)?;
+    /// `kind` is the decoder's compute kind.
+    fn forward(&self, input_ids: &Tensor, positions: &Tensor, kind: Kind, train: bool) -> Result<Tensor> {
+        let x = in_kind(&self.word_embeddings.forward(input_ids)?, kind)?
+            .f_add(&in_kind(&self.position_embeddings.forward(positions)?, kind)?)?;
         self.dropout.forward(&self.layer_norm.forward(&x)?, train)
     }
 
@@ -487,6 +488,8 @@ pub struct BlipTextLmHeadModel {
     pub layers: Vec<BlipTextLayer>,
     pub head: BlipTextLmHead,
     pub config: BlipTextConfig,
+    /// The kind to compute in when it differs from the weights' (mixed-precision training sets it).
+    pub compute_kind: Option<Kind>,
 }
 
 impl BlipTextLmHeadModel {
@@ -539,6 +542,7 @@ impl BlipTextLmHeadModel {
             layers,
             head,
             config: c.clone(),
+            compute_kind: None,
         })
     }
 
@@ -553,11 +557,47 @@ impl BlipTextLmHeadModel {
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
-        let mut x = self.embeddings.forward(input_ids, &positions, train)?;
+        let mut x = self
+            .embeddings
+            .forward(input_ids, &positions, self.kind(), train)?;
         for layer in &self.layers {
             x = layer.forward(&x, image, masks, None, train)?;
         }
         Ok(x)
+    }
+
+    /// `hidden_states` for gradient checkpointing (see `BlipVisionModel::forward_checkpointed`). `image` must
+    /// be a leaf: the layers' recomputations accumulate its gradient there.
+    pub fn hidden_states_checkpointed<'a>(
+        &'a self,
+        input_ids: &Tensor,
+        image: &'a Tensor,
+        masks: &'a DecoderMasks<'a>,
+        train: bool,
+        seed: i64,
+    ) -> Result<(Tensor, Checkpointed<'a>)> {
+        let t = input_ids.size()[1];
+        let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
+        let first = self
+            .embeddings
+            .forward(input_ids, &positions, self.kind(), train)?;
+        let mut x = first.f_detach()?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        {
+            let _guard = tch::no_grad_guard();
+            for (i, layer) in self.layers.iter().enumerate() {
+                inputs.push(x.shallow_clone());
+                tch::manual_seed(layer_seed(seed, i));
+                x = layer.forward(&x, image, masks, None, train)?;
+            }
+        }
+        let last = x.f_detach()?.f_set_requires_grad(true)?;
+        let layer =
+            Box::new(move |i: usize, x: &Tensor| self.layers[i].forward(x, image, masks, None, train));
+        Ok((
+            last.shallow_clone(),
+            Checkpointed::new(first, inputs, last, seed, layer),
+        ))
     }
 
     /// One decoding step: hidden states of the new tokens `input_ids` `[R, T]` at `positions` (`[T]` or
@@ -571,7 +611,9 @@ impl BlipTextLmHeadModel {
         cache: &mut DecoderCache,
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
-        let mut x = self.embeddings.forward(input_ids, positions, false)?;
+        let mut x = self
+            .embeddings
+            .forward(input_ids, positions, self.kind(), false)?;
         let (pos, per_image) = (cache.len, cache.per_image);
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, image, masks, Some((layer_cache, pos, per_image)), false)?;
@@ -613,8 +655,10 @@ impl BlipTextLmHeadModel {
     }
 
     /// The kind the decoder computes in.
+    /// The kind the decoder computes in: that of its weights, or the mixed-precision kind while training.
     pub fn kind(&self) -> Kind {
-        self.embeddings.word_embeddings.weight.kind()
+        self.compute_kind
+            .unwrap_or_else(|| self.embeddings.word_embeddings.weight.kind())
     }
 
     /// Every Linear with its path, in transformers' `named_modules()` order.

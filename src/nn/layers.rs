@@ -1,12 +1,27 @@
 //! The layers BLIP is made of. Each knows how to read its parameters from a [`ParamSource`], run
 //! forward, visit its parameters by path, and print itself the way torch prints the same module.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut};
 use crate::error::Result;
 use crate::lora::layer::{BaseKind, LoraSlot};
 use crate::repr::{py_float, ReprNode};
+
+/// `t` in `kind`: itself when it already is (no copy), else a differentiable cast. Under mixed precision
+/// the trained float32 weights (full fine-tuning, `modules_to_save`, biases) meet half-precision
+/// activations; like torch's autocast, they are cast on the way in and their gradients come back in float32.
+pub fn in_kind(t: &Tensor, kind: Kind) -> Result<Tensor> {
+    if t.kind() == kind {
+        Ok(t.shallow_clone())
+    } else {
+        Ok(t.f_to_kind(kind)?)
+    }
+}
+
+fn in_kind_opt(t: Option<&Tensor>, kind: Kind) -> Result<Option<Tensor>> {
+    t.map(|t| in_kind(t, kind)).transpose()
+}
 
 /// A dense layer `y = x Wᵀ + b`, with `weight` of shape `[out, in]` (torch's layout). This is the
 /// hook LoRA attaches to: with adapters, it becomes peft's `lora.Linear` around the same base weights.
@@ -66,7 +81,11 @@ impl Linear {
 
     /// Forward with LoRA dropout active when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        let kind = x.kind();
+        let y = x.f_linear(
+            &in_kind(&self.weight, kind)?,
+            in_kind_opt(self.bias.as_ref(), kind)?.as_ref(),
+        )?;
         match &self.lora {
             Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
             None => Ok(y),
@@ -169,7 +188,15 @@ impl Conv2d {
     /// Forward with LoRA dropout active when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let stride = [self.stride, self.stride];
-        let y = x.f_conv2d(&self.weight, self.bias.as_ref(), stride, [0, 0], [1, 1], 1)?;
+        let kind = x.kind();
+        let y = x.f_conv2d(
+            &in_kind(&self.weight, kind)?,
+            in_kind_opt(self.bias.as_ref(), kind)?.as_ref(),
+            stride,
+            [0, 0],
+            [1, 1],
+            1,
+        )?;
         match &self.lora {
             Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
             None => Ok(y),
@@ -256,7 +283,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)?)
+        let kind = x.kind();
+        Ok(x.f_layer_norm(
+            [self.dim],
+            Some(&in_kind(&self.weight, kind)?),
+            Some(&in_kind(&self.bias, kind)?),
+            self.eps,
+            true,
+        )?)
     }
 
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {

@@ -7,7 +7,7 @@ mod layers;
 mod params;
 
 pub use activation::Activation;
-pub use layers::{Conv2d, Dropout, Embedding, LayerNorm, Linear};
+pub use layers::{in_kind, Conv2d, Dropout, Embedding, LayerNorm, Linear};
 pub use params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut, RandomInit};
 
 /// Kinds of float tensors the model can hold its weights in.

@@ -94,7 +94,7 @@ pub fn save(
             .map_err(|e| Error::invalid(format!("cannot serialise state: {e}")))?;
         write_atomic(&tmp.join(STATE_NAME), text.as_bytes())?;
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)
+            discard(&final_dir)
                 .map_err(|e| Error::io(format!("cannot replace {}", final_dir.display()), e))?;
         }
         std::fs::rename(&tmp, &final_dir)
@@ -108,10 +108,22 @@ pub fn save(
         let mut all = list(output_dir)?;
         while all.len() > limit.max(1) {
             let (_, oldest) = all.remove(0);
-            let _ = std::fs::remove_dir_all(oldest);
+            let _ = discard(&oldest);
         }
     }
     Ok(final_dir)
+}
+
+/// Deletes a checkpoint folder so that a crash midway never leaves a half-deleted one under its name: it
+/// is first renamed out of the `checkpoint-*` namespace (atomic), then removed.
+fn discard(dir: &Path) -> std::io::Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let doomed = dir.with_file_name(format!(".deleting-{name}-{}", std::process::id()));
+    std::fs::rename(dir, &doomed)?;
+    std::fs::remove_dir_all(&doomed)
 }
 
 /// Complete checkpoints in `output_dir`, oldest first.

@@ -88,6 +88,9 @@ pub struct TrainConfig {
     pub gradient_accumulation_steps: i64,
     pub max_grad_norm: f64,
     pub precision: Precision,
+    /// Keep only each transformer layer's input from the forward pass and recompute the layers during the
+    /// backward: activation memory grows with the number of layers instead of everything they compute.
+    pub gradient_checkpointing: bool,
     pub shuffle: bool,
     pub drop_last: bool,
     pub seed: i64,
@@ -118,6 +121,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             max_grad_norm: 1.0,
             precision: Precision::Float32,
+            gradient_checkpointing: false,
             shuffle: true,
             drop_last: false,
             seed: 0,
@@ -422,24 +426,28 @@ struct PrecisionGuard {
 }
 
 impl PrecisionGuard {
-    fn lower(model: &BlipForConditionalGeneration, kind: Option<Kind>) -> Result<Self> {
+    /// Lowers the frozen float weights to `kind` and makes both towers compute in it. Trained weights
+    /// stay in float32 (the layers cast them on the way in, as autocast does), so they must be float32.
+    fn lower(model: &mut BlipForConditionalGeneration, kind: Option<Kind>) -> Result<Self> {
         let Some(kind) = kind else {
             return Ok(Self { originals: vec![] });
         };
         let params = model.named_parameters();
-        if params
+        if let Some((name, t)) = params
             .iter()
-            .any(|(n, t)| t.requires_grad() && !n.contains("lora_"))
+            .find(|(_, t)| t.requires_grad() && t.kind() != Kind::Float)
         {
-            return Err(Error::invalid(
-                "mixed precision here keeps the frozen base in half precision and needs every trained weight to be \
-                 a LoRA adapter; use mixed_precision=\"no\" for full fine-tuning or bias=\"all\"/\"lora_only\"",
-            ));
+            return Err(Error::invalid(format!(
+                "mixed precision trains float32 weights over a half-precision frozen base, but the trained weight \
+                 {name} is {:?}; load the model in float32 (mixed_precision lowers the frozen weights itself) or \
+                 use mixed_precision=\"no\"",
+                t.kind()
+            )));
         }
         let _guard = tch::no_grad_guard();
         let mut originals = Vec::new();
-        for (name, t) in params {
-            if name.contains("lora_") || t.kind() == kind || !crate::nn::is_float_kind(t.kind()) {
+        for (_, t) in params {
+            if t.requires_grad() || t.kind() == kind || !crate::nn::is_float_kind(t.kind()) {
                 continue;
             }
             // The original values wait in host memory and come back when training ends.
@@ -448,10 +456,14 @@ impl PrecisionGuard {
             target.f_set_data(&t.f_to_kind(kind)?)?;
             originals.push((t, original));
         }
+        model.vision_model.compute_kind = Some(kind);
+        model.text_decoder.compute_kind = Some(kind);
         Ok(Self { originals })
     }
 
-    fn restore(self) -> Result<()> {
+    fn restore(self, model: &mut BlipForConditionalGeneration) -> Result<()> {
+        model.vision_model.compute_kind = None;
+        model.text_decoder.compute_kind = None;
         let _guard = tch::no_grad_guard();
         for (t, original) in self.originals {
             let mut target = t.shallow_clone();
@@ -537,7 +549,7 @@ impl Trainer {
             &mut state,
         );
         model.training = was_training;
-        guard.restore()?;
+        guard.restore(model)?;
         let _ = optimizer.zero_grad();
         let (interrupted, last_checkpoint) = result?;
         Ok(TrainOutcome {
@@ -586,24 +598,39 @@ impl Trainer {
                 let batch = batch?;
                 step_samples += batch.input_ids.size()[0] as usize;
                 // Dropout draws depend only on (seed, step, micro-batch), so a resumed run repeats them.
-                tch::manual_seed(
-                    config
-                        .seed
-                        .wrapping_mul(1_000_003)
-                        .wrapping_add(step * 64 + m as i64),
-                );
+                let dropout_seed = config
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add(step * 64 + m as i64);
+                tch::manual_seed(dropout_seed);
                 let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
                 let ids = batch.input_ids.f_to_device(device)?;
                 let mask = batch.attention_mask.f_to_device(device)?;
                 let labels = batch.labels.f_to_device(device)?;
-                let image = model.encode_images(&pixel_values)?;
-                let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
-                let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
-                let mut scaled = loss.f_div_scalar(group)?;
-                if let Some(s) = scaler.as_ref() {
-                    scaled = scaled.f_mul(&s.scale.f_squeeze()?)?;
-                }
-                scaled.f_backward()?;
+                let loss = if config.gradient_checkpointing {
+                    let multiplier = match scaler.as_ref() {
+                        Some(s) => s.scale.f_squeeze()?.f_div_scalar(group)?,
+                        None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
+                    };
+                    model.loss_backward_checkpointed(
+                        &pixel_values,
+                        &ids,
+                        &mask,
+                        &labels,
+                        &multiplier,
+                        dropout_seed,
+                    )?
+                } else {
+                    let image = model.encode_images(&pixel_values)?;
+                    let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
+                    let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
+                    let mut scaled = loss.f_div_scalar(group)?;
+                    if let Some(s) = scaler.as_ref() {
+                        scaled = scaled.f_mul(&s.scale.f_squeeze()?)?;
+                    }
+                    scaled.f_backward()?;
+                    loss
+                };
                 step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
             }
             let grads = optimizer.grads();

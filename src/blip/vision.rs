@@ -89,6 +89,9 @@ impl BlipVisionEmbeddings {
     }
 }
 
+/// Runs layer `i` of a tower on its input, with the graph.
+pub type LayerFn<'a> = Box<dyn Fn(usize, &Tensor) -> Result<Tensor> + 'a>;
+
 /// A tower run by `forward_checkpointed`: what its backward needs to recompute the layers one by one.
 pub struct Checkpointed<'a> {
     /// The embeddings' output, with its graph (the first layer's input).
@@ -100,7 +103,7 @@ pub struct Checkpointed<'a> {
     /// The dropout seed of the step (each layer reruns with the draws it had).
     seed: i64,
     /// Runs layer `i` on its input, with the graph.
-    layer: Box<dyn Fn(usize, &Tensor) -> Result<Tensor> + 'a>,
+    layer: LayerFn<'a>,
 }
 
 /// The RNG seed layer `i` runs under, so its recomputation draws the same dropout masks.
@@ -111,13 +114,7 @@ pub fn layer_seed(seed: i64, i: usize) -> i64 {
 
 impl<'a> Checkpointed<'a> {
     /// A tower whose layer `i` is `layer(i, input)`.
-    pub fn new(
-        first: Tensor,
-        inputs: Vec<Tensor>,
-        last: Tensor,
-        seed: i64,
-        layer: Box<dyn Fn(usize, &Tensor) -> Result<Tensor> + 'a>,
-    ) -> Self {
+    pub fn new(first: Tensor, inputs: Vec<Tensor>, last: Tensor, seed: i64, layer: LayerFn<'a>) -> Self {
         Self {
             first,
             inputs,

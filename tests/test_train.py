@@ -325,11 +325,11 @@ def test_bf16_base_trains_and_is_restored(tiny_checkpoint: str) -> None:
         assert after[name].dtype == torch.float32 and torch.equal(after[name], p), name
 
 
-def test_gradient_checkpointing_with_dropout_is_reproducible(tiny_checkpoint: str) -> None:
-    # Each layer reruns under the seed it first ran with, so the recomputation draws the same dropout masks;
-    # a second run from the same start repeats the first exactly.
+def test_gradient_checkpointing_with_dropout_equals_the_plain_step(tiny_checkpoint: str) -> None:
+    # Every layer runs under a seed derived from the step's, in both modes: the recomputation draws the same
+    # dropout masks as its first run, and the same as a plain step does.
     runs = []
-    for _ in range(2):
+    for checkpointing in (False, True):
         torch.manual_seed(0)  # the same adapter init
         model = bp.get_peft_model(
             bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA, lora_dropout=0.3)
@@ -342,14 +342,16 @@ def test_gradient_checkpointing_with_dropout_is_reproducible(tiny_checkpoint: st
             batch_size=4,
             shuffle=False,
             mixed_precision="no",
-            gradient_checkpointing=True,
+            gradient_checkpointing=checkpointing,
             logging_steps=1,
             progress=False,
             learning_rate=1e-2,
         )
         runs.append((result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}))
-    assert runs[0][0] == runs[1][0]
-    assert all(torch.equal(p, runs[1][1][n]) for n, p in runs[0][1].items())
+    (plain, plain_weights), (ckpt, ckpt_weights) = runs
+    assert max(abs(a - b) / abs(b) for a, b in zip(ckpt, plain, strict=True)) <= 1e-5
+    for name, p in plain_weights.items():
+        assert rel_err(ckpt_weights[name], p) <= 1e-5, name
 
 
 @pytest.mark.parametrize("mode", ["modules_to_save", "full"])

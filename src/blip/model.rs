@@ -41,7 +41,13 @@ pub struct BlipForConditionalGeneration {
     pub name_or_path: String,
     /// The modules adapters train in full (LoRA's `modules_to_save`), with their originals and copies.
     pub saved_modules: Vec<crate::lora::saved::SavedModule>,
+    /// Set by the training loop for each micro-batch: every transformer layer then runs under a seed derived
+    /// from it, so gradient checkpointing's recomputation and a plain step draw the same dropout masks.
+    pub dropout_seed: Option<i64>,
 }
+
+/// The decoder layers' seeds start here (the vision layers' at the step's seed itself).
+const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
 
 impl BlipForConditionalGeneration {
     /// Builds the model, taking every parameter from `src`.
@@ -60,6 +66,7 @@ impl BlipForConditionalGeneration {
             training: false,
             name_or_path: String::new(),
             saved_modules: Vec::new(),
+            dropout_seed: None,
         })
     }
 
@@ -164,7 +171,8 @@ impl BlipForConditionalGeneration {
 
     /// Image embeddings `[B, 1 + patches, D]` (after the vision tower's final LayerNorm).
     pub fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision_model.forward(pixel_values, self.training)
+        let seed = self.dropout_seed.filter(|_| self.training);
+        self.vision_model.forward(pixel_values, self.training, seed)
     }
 
     /// Checks the inputs of [`Self::forward`] and brings them to the model's device and index type.
@@ -312,9 +320,9 @@ impl BlipForConditionalGeneration {
             self_mask: additive.as_ref(),
             causal: additive.is_none(),
         };
-        let hidden = self
-            .text_decoder
-            .hidden_states(ids, image_embeds, &masks, self.training)?;
+        let hidden =
+            self.text_decoder
+                .hidden_states(ids, image_embeds, &masks, self.training, self.text_seed())?;
         let logits = self.text_decoder.logits(&hidden, self.training)?;
         let loss = match labels {
             Some(labels) => Some(self.caption_loss(&logits, labels)?),
@@ -345,7 +353,7 @@ impl BlipForConditionalGeneration {
             (image, Some(tower))
         } else {
             let _guard = tch::no_grad_guard();
-            (self.vision_model.forward(pixel_values, train)?, None)
+            (self.vision_model.forward(pixel_values, train, Some(seed))?, None)
         };
         // The decoder's layers read the image through a leaf that gathers their gradients for the vision tower.
         let image_leaf = image.f_detach()?.f_set_requires_grad(vision_trains)?;
@@ -354,7 +362,7 @@ impl BlipForConditionalGeneration {
             self_mask: Some(&additive),
             causal: false,
         };
-        let text_seed = seed.wrapping_add(0x5bd1_e995);
+        let text_seed = seed.wrapping_add(TEXT_SEED_OFFSET);
         let (hidden, text) =
             self.text_decoder
                 .hidden_states_checkpointed(ids, &image_leaf, &masks, train, text_seed)?;
@@ -370,6 +378,13 @@ impl BlipForConditionalGeneration {
             tower.backward()?;
         }
         Ok(loss.f_detach()?)
+    }
+
+    /// The decoder layers' seed while training with `dropout_seed` set.
+    fn text_seed(&self) -> Option<i64> {
+        self.dropout_seed
+            .filter(|_| self.training)
+            .map(|s| s.wrapping_add(TEXT_SEED_OFFSET))
     }
 
     /// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` (ignoring -100), in float32, with

@@ -547,20 +547,25 @@ impl BlipTextLmHeadModel {
     }
 
     /// Decoder hidden states `[B, T, D]` for `input_ids` `[B, T]` attending to `image` `[B, N, Dv]`
-    /// (training and scoring: positions 0..T, no cache).
+    /// (training and scoring: positions 0..T, no cache). With `seed`, layer `i` runs under
+    /// `layer_seed(seed, i)` (training: the same dropout draws as `hidden_states_checkpointed`).
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         image: &Tensor,
         masks: &DecoderMasks,
         train: bool,
+        seed: Option<i64>,
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
         let mut x = self
             .embeddings
             .forward(input_ids, &positions, self.kind(), train)?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(seed) = seed {
+                tch::manual_seed(layer_seed(seed, i));
+            }
             x = layer.forward(&x, image, masks, None, train)?;
         }
         Ok(x)

@@ -342,10 +342,14 @@ impl BlipVisionModel {
         })
     }
 
-    /// `[B, C, H, W]` pixels to `[B, 1 + patches, D]` image embeddings.
-    pub fn forward(&self, pixel_values: &Tensor, train: bool) -> Result<Tensor> {
+    /// `[B, C, H, W]` pixels to `[B, 1 + patches, D]` image embeddings. With `seed`, layer `i` runs under
+    /// `layer_seed(seed, i)` (training: the same dropout draws as `forward_checkpointed`).
+    pub fn forward(&self, pixel_values: &Tensor, train: bool, seed: Option<i64>) -> Result<Tensor> {
         let mut x = self.embeddings.forward(pixel_values, self.kind(), train)?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(seed) = seed {
+                tch::manual_seed(layer_seed(seed, i));
+            }
             x = layer.forward(&x, train)?;
         }
         self.post_layernorm.forward(&x)

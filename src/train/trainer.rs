@@ -549,6 +549,7 @@ impl Trainer {
             &mut state,
         );
         model.training = was_training;
+        model.dropout_seed = None;
         guard.restore(model)?;
         let _ = optimizer.zero_grad();
         let (interrupted, last_checkpoint) = result?;
@@ -603,6 +604,7 @@ impl Trainer {
                     .wrapping_mul(1_000_003)
                     .wrapping_add(step * 64 + m as i64);
                 tch::manual_seed(dropout_seed);
+                model.dropout_seed = Some(dropout_seed);
                 let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
                 let ids = batch.input_ids.f_to_device(device)?;
                 let mask = batch.attention_mask.f_to_device(device)?;

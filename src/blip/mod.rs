@@ -1,6 +1,7 @@
 //! The BLIP image-captioning model (`BlipForConditionalGeneration`): an image encoder and a caption decoder.
 
 mod model;
+pub mod recompute;
 pub mod text;
 pub mod vision;
 

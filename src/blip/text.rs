@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::vision::{layer_seed, Checkpointed};
+use super::recompute::{layer_seed, Checkpointed};
 use crate::config::BlipTextConfig;
 use crate::error::Result;
 use crate::lora::inject::{AdaptableLayer, LayerVisitor};
@@ -586,23 +586,10 @@ impl BlipTextLmHeadModel {
         let first = self
             .embeddings
             .forward(input_ids, &positions, self.kind(), train)?;
-        let mut x = first.f_detach()?;
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        {
-            let _guard = tch::no_grad_guard();
-            for (i, layer) in self.layers.iter().enumerate() {
-                inputs.push(x.shallow_clone());
-                tch::manual_seed(layer_seed(seed, i));
-                x = layer.forward(&x, image, masks, None, train)?;
-            }
-        }
-        let last = x.f_detach()?.f_set_requires_grad(true)?;
         let layer =
             Box::new(move |i: usize, x: &Tensor| self.layers[i].forward(x, image, masks, None, train));
-        Ok((
-            last.shallow_clone(),
-            Checkpointed::new(first, inputs, last, seed, layer),
-        ))
+        let tower = Checkpointed::run(first, self.layers.len(), seed, layer)?;
+        Ok((tower.output(), tower))
     }
 
     /// One decoding step: hidden states of the new tokens `input_ids` `[R, T]` at `positions` (`[T]` or

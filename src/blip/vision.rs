@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::recompute::{layer_seed, Checkpointed};
 use crate::config::BlipVisionConfig;
 use crate::error::Result;
 use crate::lora::inject::{AdaptableLayer, LayerVisitor};
@@ -86,63 +87,6 @@ impl BlipVisionEmbeddings {
             "BlipVisionEmbeddings",
             vec![("patch_embedding", self.patch_embedding.repr())],
         )
-    }
-}
-
-/// Runs layer `i` of a tower on its input, with the graph.
-pub type LayerFn<'a> = Box<dyn Fn(usize, &Tensor) -> Result<Tensor> + 'a>;
-
-/// A tower run by `forward_checkpointed`: what its backward needs to recompute the layers one by one.
-pub struct Checkpointed<'a> {
-    /// The embeddings' output, with its graph (the first layer's input).
-    first: Tensor,
-    /// Each layer's input, without a graph.
-    inputs: Vec<Tensor>,
-    /// The last layer's output as a leaf: the rest of the model's backward leaves its gradient here.
-    last: Tensor,
-    /// The dropout seed of the step (each layer reruns with the draws it had).
-    seed: i64,
-    /// Runs layer `i` on its input, with the graph.
-    layer: LayerFn<'a>,
-}
-
-/// The RNG seed layer `i` runs under, so its recomputation draws the same dropout masks.
-pub fn layer_seed(seed: i64, i: usize) -> i64 {
-    seed.wrapping_mul(6_364_136_223_846_793_005)
-        .wrapping_add(1 + i as i64)
-}
-
-impl<'a> Checkpointed<'a> {
-    /// A tower whose layer `i` is `layer(i, input)`.
-    pub fn new(first: Tensor, inputs: Vec<Tensor>, last: Tensor, seed: i64, layer: LayerFn<'a>) -> Self {
-        Self {
-            first,
-            inputs,
-            last,
-            seed,
-            layer,
-        }
-    }
-
-    /// Continues the backward pass through the layers, last to first, then into the embeddings. Call it
-    /// after the backward of everything downstream of the tower's output.
-    pub fn backward(self) -> Result<()> {
-        let mut grad = self.last.f_grad()?;
-        if !grad.defined() {
-            return Ok(()); // nothing downstream depends on a trained weight
-        }
-        for (i, input) in self.inputs.iter().enumerate().rev() {
-            let x = input.f_detach()?.f_set_requires_grad(true)?;
-            tch::manual_seed(layer_seed(self.seed, i));
-            let y = (self.layer)(i, &x)?;
-            // d(sum(y·g))/dθ = gᵀ·dy/dθ: one backward accumulates the layer's parameter gradients.
-            y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
-            grad = x.f_grad()?;
-        }
-        if self.first.requires_grad() {
-            self.first.f_mul(&grad)?.f_sum(self.first.kind())?.f_backward()?;
-        }
-        Ok(())
     }
 }
 
@@ -365,20 +309,10 @@ impl BlipVisionModel {
         seed: i64,
     ) -> Result<(Tensor, Checkpointed<'_>)> {
         let first = self.embeddings.forward(pixel_values, self.kind(), train)?;
-        let mut x = first.f_detach()?;
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        {
-            let _guard = tch::no_grad_guard();
-            for (i, layer) in self.layers.iter().enumerate() {
-                inputs.push(x.shallow_clone());
-                tch::manual_seed(layer_seed(seed, i));
-                x = layer.forward(&x, train)?;
-            }
-        }
-        let last = x.f_detach()?.f_set_requires_grad(true)?;
-        let out = self.post_layernorm.forward(&last)?;
         let layer = Box::new(move |i: usize, x: &Tensor| self.layers[i].forward(x, train));
-        Ok((out, Checkpointed::new(first, inputs, last, seed, layer)))
+        let tower = Checkpointed::run(first, self.layers.len(), seed, layer)?;
+        let out = self.post_layernorm.forward(&tower.output())?;
+        Ok((out, tower))
     }
 
     /// Whether any of the tower's parameters (adapters included) trains.

@@ -1466,21 +1466,26 @@ def _slug(text: str) -> str:
 
 
 def _git_head() -> str | None:
-    """The commit checked out (read from .git; git itself is not run)."""
+    """The commit checked out (read from .git; git itself is not run). In a worktree `.git` is a file naming the
+    worktree's git folder, whose branch refs live in the shared folder."""
     try:
-        head = (REPO_DIR / ".git" / "HEAD").read_text().strip()
+        git = REPO_DIR / ".git"
+        if git.is_file():
+            git = (REPO_DIR / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = git / (git / "commondir").read_text().strip() if (git / "commondir").exists() else git
+        head = (git / "HEAD").read_text().strip()
         if head.startswith("ref: "):
             ref = head[5:]
-            ref_file = REPO_DIR / ".git" / ref
-            if ref_file.exists():
-                return ref_file.read_text().strip()[:10]
-            packed = REPO_DIR / ".git" / "packed-refs"
+            for folder in (git, common):
+                if (folder / ref).exists():
+                    return (folder / ref).read_text().strip()[:10]
+            packed = common / "packed-refs"
             for line in packed.read_text().splitlines() if packed.exists() else []:
                 if line.endswith(" " + ref):
                     return line.split()[0][:10]
             return None
         return head[:10]
-    except OSError:
+    except (OSError, IndexError):
         return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 RESULT_TAG = "@@BENCH-RESULT@@ "
-SECTIONS = ("train", "generate", "preprocess", "scale")
+SECTIONS = ("train", "generate", "early", "preprocess", "scale")
 
 # LoRA on the attention and MLP layers of both towers, as the issue specifies (the same config on both sides).
 TARGET_MODULES = [
@@ -123,6 +124,14 @@ LIB_LABEL = {
     "hf_pre": "transformers",
 }
 
+# Decoding settings of the "early" section: the bundled model's captions end on their own (no minimum length).
+EARLY_NEW_TOKENS = 30
+EARLY_MODES = {
+    "greedy": dict(),
+    "3 beams": dict(num_beams=3),
+    "sampling, 3 per image": dict(do_sample=True, num_return_sequences=3),
+}
+
 
 # ------------------------------------------------------------------------------------------------------- suites
 @dataclass
@@ -140,6 +149,8 @@ class Suite:
     threads: int | None = None  # torch intra-op threads (None: torch's default, all cores)
     beams: list[int] = field(default_factory=lambda: [1, 3])
     gen_plan: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, warm-up calls, timed calls)
+    # Captions that end on their own (the bundled trained model): (batch, warm-up calls, timed calls)
+    early_plan: list[tuple[int, int, int]] = field(default_factory=lambda: [(8, 2, 10)])
     n_images: int = 64
     pre_warmup: int = 1
     pre_iters: int = 2
@@ -182,6 +193,7 @@ SUITES = {
         train_warmup=1,
         train_iters=3,
         gen_plan=[(1, 1, 2), (8, 1, 1)],
+        early_plan=[(8, 2, 10), (32, 1, 3)],
         n_images=64,
         pre_iters=2,
         scale_train_batches=[1, 2],
@@ -202,6 +214,7 @@ SUITES = {
         train_warmup=3,
         train_iters=10,
         gen_plan=[(1, 2, 5), (32, 1, 3), (128, 1, 2)],
+        early_plan=[(32, 2, 5)],
         n_images=64,
         pre_iters=3,
         scale_train_batches=[8, 16, 32, 64, 128],
@@ -608,6 +621,79 @@ def job_generate(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(rows=rows, memory_kind=mem.kind)
 
 
+def job_early_inputs(spec: dict[str, Any]) -> dict[str, Any]:
+    """Pixel values of world images for the bundled model (transformers' processor), saved for both sides."""
+    import torch
+    from transformers import BlipProcessor
+
+    import blip_peft as bp
+    from blip_peft import world
+
+    path = bp.bundled_model_path()
+    processor = BlipProcessor.from_pretrained(path)
+    items = world.make_dataset(spec["batch"], seed=5, domain="base", size=processor.image_processor.size["height"])
+    pixel_values = processor(images=[d["image"] for d in items], return_tensors="pt")["pixel_values"]
+    torch.save(pixel_values, spec["out"])
+    return dict(model=path)
+
+
+def job_generate_early(spec: dict[str, Any]) -> dict[str, Any]:
+    """Generation where captions end on their own: the bundled trained model, no minimum length."""
+    import torch
+
+    lib = spec["lib"]
+    model = _load(lib, spec["model"], spec["device"], spec["dtype"], lora=False)
+    model.eval()
+    px = torch.load(spec["pixels"]).to(spec["device"], _torch_dtype(spec["dtype"]))
+    sep = 3  # the bundled model's [SEP]
+    mem = Memory(spec["device"])
+    rows = []
+    for mode, kwargs in EARLY_MODES.items():
+        kwargs = dict(kwargs, max_new_tokens=EARLY_NEW_TOKENS)
+
+        def call(kwargs=kwargs):
+            # The same seed on both sides: ours takes it as an argument, transformers from the global generator.
+            if not kwargs.get("do_sample"):
+                return model.generate(pixel_values=px, **kwargs)
+            if lib.startswith("ours"):
+                return model.generate(pixel_values=px, seed=0, **kwargs)
+            torch.manual_seed(0)
+            return model.generate(pixel_values=px, **kwargs)
+
+        mem.reset()
+        out = None
+        with torch.no_grad():
+            for _ in range(spec["warmup"]):
+                call()
+            times = []
+            for _ in range(spec["iters"]):
+                _sync(spec["device"])
+                start = time.perf_counter()
+                out = call()
+                _sync(spec["device"])
+                times.append(time.perf_counter() - start)
+        ids = out.cpu() if out is not None else torch.zeros(0, 1, dtype=torch.long)
+        # Ours says how many rows each decoder pass ran (finished rows leave the batch); transformers runs all.
+        native = getattr(model, "_native", None)
+        passes = native._last_generate_rows_per_step() if hasattr(native, "_last_generate_rows_per_step") else None
+        hits = ids[:, 1:] == sep
+        ends = [int(h.nonzero()[0]) + 1 if h.any() else ids.shape[1] for h in hits]
+        rows.append(
+            dict(
+                mode=mode,
+                latency_s=_stat(spec, times),
+                times=times,
+                peak_mib=mem.peak(),
+                captions=int(ids.shape[0]),
+                new_tokens=[min(ends) - 1, max(ends) - 1],  # the shortest and longest caption
+                ids_sha1=hashlib.sha1(json.dumps(ids.tolist()).encode()).hexdigest()[:16],  # the tokens, to compare
+                decoder_rows=sum(passes) if passes else None,
+                all_rows=passes[0] * len(passes) if passes else None,
+            )
+        )
+    return dict(rows=rows, memory_kind=mem.kind)
+
+
 def job_preprocess(spec: dict[str, Any]) -> dict[str, Any]:
     from PIL import Image
 
@@ -708,6 +794,8 @@ JOBS = {
     "info": job_info,
     "train": job_train,
     "generate": job_generate,
+    "early_inputs": job_early_inputs,
+    "generate_early": job_generate_early,
     "preprocess": job_preprocess,
     "scale": job_scale,
 }
@@ -831,7 +919,7 @@ class Runner:
 
 def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
     run = Runner(args.job_timeout, args.verbose, suite.threads)
-    sections = set(args.only.split(",")) if args.only else {"train", "generate", "preprocess", "scale"}
+    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
     report: dict[str, Any] = dict(suite=suite.name, config=suite.config, device=suite.device, dtype=suite.dtype)
     report["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     report["suite_settings"] = {k: v for k, v in vars(suite).items()}
@@ -890,6 +978,35 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     for row in res["rows"]:
                         report["generate"].append(dict(row, lib=lib, batch=batch, memory_kind=res["memory_kind"]))
+
+        if "early" in sections:
+            report["early"] = []
+            for batch, warmup, iters in suite.early_plan:
+                pixels = os.path.join(tmp, f"early-pixels-{batch}.pt")
+                inputs = run(
+                    f"early: {batch} world images for the bundled model",
+                    dict(base, job="early_inputs", batch=batch, out=pixels),
+                )
+                for lib in ("ours_gen", "hf_gen"):
+                    if "error" in inputs:
+                        report["early"].append(dict(inputs, lib=lib, batch=batch))
+                        continue
+                    spec = dict(
+                        base,
+                        job="generate_early",
+                        lib=lib,
+                        batch=batch,
+                        model=inputs["model"],
+                        pixels=pixels,
+                        warmup=warmup,
+                        iters=iters,
+                    )
+                    res = run(f"generate {LIB_LABEL[lib]}, bundled model, batch {batch}, captions ending early", spec)
+                    if "error" in res:
+                        report["early"].append(dict(res, lib=lib, batch=batch))
+                        continue
+                    for row in res["rows"]:
+                        report["early"].append(dict(row, lib=lib, batch=batch, memory_kind=res["memory_kind"]))
 
         if "preprocess" in sections:
             if not info["has_processor"]:
@@ -1131,6 +1248,9 @@ def render(report: dict[str, Any]) -> list[str]:
         if any(len(s) > 1 for s in by_key.values()):
             out += ["", f"Warning: the two sides returned sequences of different lengths: {sorted(lens)}"]
 
+    if report.get("early"):
+        out += ["", *render_early(report)]
+
     pre = report.get("preprocess")
     if isinstance(pre, dict) and "skipped" in pre:
         out += ["", f"**Preprocessing** — not available: {pre['skipped']} (this part of the suite was skipped)."]
@@ -1179,6 +1299,77 @@ def render(report: dict[str, Any]) -> list[str]:
     if scale:
         out += ["", "**How cost grows** (seconds; a line fit gives the marginal cost and the fixed part):", ""]
         out += render_scaling(report)
+    return out
+
+
+def render_early(report: dict[str, Any]) -> list[str]:
+    early = report["early"]
+    ok = [r for r in early if "error" not in r]
+    lengths = sorted(n for r in ok for n in r["new_tokens"])
+    span = f"{lengths[0]}–{lengths[-1]}" if lengths else "–"
+    out = [
+        f"**Generation, captions ending on their own** — the bundled trained model (blip-shapes-base: 4 + 4 "
+        f"layers of width 192, 64 image patches), world images of its base domain, max_new_tokens = "
+        f"{EARLY_NEW_TOKENS} and no minimum, {report['dtype']}: captions end after {span} new tokens, so rows "
+        "(beam search: images) that finished leave the batch. Sampling uses the same seed on both sides. Decoder "
+        "rows run: the rows of all decoder passes, of those a batch that never shrinks would run (transformers). "
+        "Timing: the best of the timed calls after warm-up ("
+        + ", ".join(f"batch {b}: {w} + {n}" for b, w, n in report["suite_settings"].get("early_plan", []))
+        + ").",
+        "",
+    ]
+    hf_rows = {(r["batch"], r["mode"]): r for r in ok if r["lib"] == "hf_gen"}
+    rows = []
+    mismatched = []
+    order = {"ours_gen": 0, "hf_gen": 1}
+    modes = list(EARLY_MODES)
+    for r in sorted(early, key=lambda r: (r["batch"], modes.index(r["mode"]) if "mode" in r else -1, order[r["lib"]])):
+        label = LIB_LABEL[r["lib"]]
+        if "error" in r:
+            rows.append([str(r["batch"]), "", label, "failed: " + r["error"], "", "", "", "", "", ""])
+            continue
+        hf = hf_rows.get((r["batch"], r["mode"]))
+        is_hf = r["lib"] == "hf_gen"
+        lat = r["latency_s"]
+        if hf and not is_hf and hf.get("ids_sha1") != r.get("ids_sha1"):
+            mismatched.append(f"batch {r['batch']}, {r['mode']}")
+        if is_hf:
+            work = "all"
+        elif r.get("decoder_rows"):
+            work = f"{r['decoder_rows']:,} of {r['all_rows']:,} ({100 * r['decoder_rows'] / r['all_rows']:.0f}%)"
+        else:
+            work = "–"
+        rows.append(
+            [
+                str(r["batch"]),
+                r["mode"],
+                label,
+                _fmt(lat * 1e3),
+                _fmt(r["captions"] / lat),
+                _fmt(r["peak_mib"], 4),
+                f"{min(r['new_tokens'])}–{max(r['new_tokens'])}",
+                work,
+                "1.00×" if is_hf else (_ratio(hf["latency_s"], lat) if hf else "–"),
+                "1.00×" if is_hf else (_ratio(r["peak_mib"], hf["peak_mib"]) if hf else "–"),
+            ]
+        )
+    out += _table(
+        [
+            "batch",
+            "decoding",
+            "implementation",
+            "latency (ms)",
+            "captions/s",
+            "peak mem (MiB)",
+            "new tokens",
+            "decoder rows run",
+            "speed vs HF",
+            "memory vs HF",
+        ],
+        rows,
+    )
+    if mismatched:
+        out += ["", f"Warning: the two sides returned different tokens ({'; '.join(mismatched)})."]
     return out
 
 
@@ -1276,21 +1467,26 @@ def _slug(text: str) -> str:
 
 
 def _git_head() -> str | None:
-    """The commit checked out (read from .git; git itself is not run)."""
+    """The commit checked out (read from .git; git itself is not run). In a worktree `.git` is a file naming the
+    worktree's git folder, whose branch refs live in the shared folder."""
     try:
-        head = (REPO_DIR / ".git" / "HEAD").read_text().strip()
+        git = REPO_DIR / ".git"
+        if git.is_file():
+            git = (REPO_DIR / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = git / (git / "commondir").read_text().strip() if (git / "commondir").exists() else git
+        head = (git / "HEAD").read_text().strip()
         if head.startswith("ref: "):
             ref = head[5:]
-            ref_file = REPO_DIR / ".git" / ref
-            if ref_file.exists():
-                return ref_file.read_text().strip()[:10]
-            packed = REPO_DIR / ".git" / "packed-refs"
+            for folder in (git, common):
+                if (folder / ref).exists():
+                    return (folder / ref).read_text().strip()[:10]
+            packed = common / "packed-refs"
             for line in packed.read_text().splitlines() if packed.exists() else []:
                 if line.endswith(" " + ref):
                     return line.split()[0][:10]
             return None
         return head[:10]
-    except OSError:
+    except (OSError, IndexError):
         return None
 
 
@@ -1388,7 +1584,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="the 'what moved the numbers' line for --write-results")
     parser.add_argument(
         "--only",
-        help="comma-separated sections: train,generate,preprocess,scale (with --write-results, the others "
+        help="comma-separated sections: train,generate,early,preprocess,scale (with --write-results, the others "
         "keep their previous numbers)",
     )
     parser.add_argument("--json", help="also write the raw report to this JSON file")

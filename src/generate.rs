@@ -1,7 +1,9 @@
 //! Caption generation with transformers' semantics: greedy, sampling and beam search over the BLIP decoder,
 //! with its logits processors (repetition penalty, no-repeat n-grams, minimum lengths, temperature, top-k,
 //! top-p). The decoder keeps a preallocated key/value cache; image keys/values are computed once per image
-//! and shared by its beams.
+//! and shared by its beams. Rows whose caption ended (in beam search: images whose beams can no longer change)
+//! leave the batch, cache and image keys/values included, so they stop costing compute; what is returned, and
+//! what a seed draws, stays transformers'.
 //!
 //! The token layout is transformers': `[BOS, prompt..., new tokens..., pad...]`, where BLIP's `generate`
 //! replaces the prompt's first token by BOS and drops its last (the processor's `[SEP]`). Prompts of
@@ -259,6 +261,8 @@ struct Decoder<'a> {
     key_mask: Option<Tensor>,
     /// `[R]` the position of each row's next token.
     next_pos: Tensor,
+    /// The rows of each forward pass, for [`GenerationStats`].
+    rows_per_step: Vec<i64>,
 }
 
 impl<'a> Decoder<'a> {
@@ -329,6 +333,7 @@ impl<'a> Decoder<'a> {
             cache,
             key_mask,
             next_pos,
+            rows_per_step: vec![rows],
         };
         if decoder.key_mask.is_some() {
             // Ragged rows continue at their own length; the cache slots between are masked out.
@@ -356,6 +361,7 @@ impl<'a> Decoder<'a> {
             None => None,
         };
         let positions = self.next_pos.f_unsqueeze(1)?;
+        self.rows_per_step.push(tokens.size()[0]);
         let masks = DecoderMasks {
             self_mask: additive.as_ref(),
             causal: false,
@@ -376,12 +382,24 @@ impl<'a> Decoder<'a> {
             .f_to_kind(Kind::Float)?)
     }
 
-    /// Keeps only the rows `index` (their captions go on; the others finished).
-    fn select(&mut self, index: &Tensor) -> Result<()> {
-        self.cache.select_rows(index)?;
-        self.image = self.image.f_index_select(0, index)?;
-        self.next_pos = self.next_pos.f_index_select(0, index)?;
+    /// Keeps the rows `rows` (old row indices, which may also reorder beams), new row `r` belonging to the old
+    /// image `row_image[r]` (ascending): the other rows finished, and images without rows drop their keys/values.
+    fn select(&mut self, rows: &Tensor, row_image: &[i64]) -> Result<()> {
+        if let Some(images) = self.cache.select_rows(rows, row_image)? {
+            self.image = self.image.f_index_select(0, &images)?;
+        }
+        if let Some(km) = &self.key_mask {
+            self.key_mask = Some(km.f_index_select(0, rows)?);
+        }
+        self.next_pos = self.next_pos.f_index_select(0, rows)?;
         Ok(())
+    }
+
+    /// Keeps the rows at positions `keep` (ascending; the other rows finished).
+    fn keep_rows(&mut self, keep: &[i64]) -> Result<()> {
+        let row_image: Vec<i64> = keep.iter().map(|&r| self.cache.row_image()[r as usize]).collect();
+        let rows = Tensor::f_from_slice(keep)?.f_to_device(self.next_pos.device())?;
+        self.select(&rows, &row_image)
     }
 
     fn reorder(&mut self, index: &Tensor) -> Result<()> {
@@ -481,6 +499,14 @@ fn ban_repeated_ngrams(seqs: &Tensor, scores: Tensor, n: i64) -> Result<Tensor> 
     Ok(scores)
 }
 
+/// What a `generate` call computed, for tests and diagnostics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GenerationStats {
+    /// The decoder rows of each forward pass: the prompt's, then one entry per generated token. Rows whose
+    /// caption ended (images whose beams are settled) leave the batch, so the numbers fall as captions end.
+    pub rows_per_step: Vec<i64>,
+}
+
 /// transformers' `generate` for BLIP: token ids `[B * num_return_sequences, L]`.
 pub fn generate(
     model: &BlipForConditionalGeneration,
@@ -489,6 +515,17 @@ pub fn generate(
     attention_mask: Option<&Tensor>,
     config: &GenerationConfig,
 ) -> Result<Tensor> {
+    Ok(generate_with_stats(model, pixel_values, input_ids, attention_mask, config)?.0)
+}
+
+/// [`generate`], also returning what it computed.
+pub fn generate_with_stats(
+    model: &BlipForConditionalGeneration,
+    pixel_values: &Tensor,
+    input_ids: Option<&Tensor>,
+    attention_mask: Option<&Tensor>,
+    config: &GenerationConfig,
+) -> Result<(Tensor, GenerationStats)> {
     config.validate()?;
     let _guard = tch::no_grad_guard();
     let tc = &model.config.text_config;
@@ -524,29 +561,34 @@ pub fn generate(
         eos,
         prompt_len,
     };
+    let mut stats = GenerationStats::default();
     if prompt_len >= max_length {
-        return Ok(prompts
+        let ids = prompts
             .ids
-            .f_repeat_interleave_self_int(config.num_return_sequences, 0, None)?);
+            .f_repeat_interleave_self_int(config.num_return_sequences, 0, None)?;
+        return Ok((ids, stats));
     }
-    if config.num_beams > 1 {
-        beam_search(model, image, &prompts, max_length, &processors, eos, pad)
+    let ids = if config.num_beams > 1 {
+        beam_search(model, image, &prompts, max_length, &processors, pad, &mut stats)?
     } else {
-        greedy_or_sample(model, image, &prompts, max_length, &processors, eos, pad)
-    }
+        greedy_or_sample(model, image, &prompts, max_length, &processors, pad, &mut stats)?
+    };
+    Ok((ids, stats))
 }
 
-/// transformers' `_sample`: one token per step, argmax or a draw from the processed distribution.
+/// transformers' `_sample`: one token per step, argmax or a draw from the processed distribution. Rows whose
+/// caption ended leave the batch (and the decoder), so they stop costing compute.
 fn greedy_or_sample(
     model: &BlipForConditionalGeneration,
     image: Tensor,
     prompts: &Prompts,
     max_length: i64,
     processors: &Processors,
-    eos: Option<i64>,
     pad: i64,
+    stats: &mut GenerationStats,
 ) -> Result<Tensor> {
     let config = processors.config;
+    let eos = processors.eos;
     let per_image = if config.do_sample {
         config.num_return_sequences
     } else {
@@ -567,91 +609,89 @@ fn greedy_or_sample(
         .collect();
     let ragged = prompts.ragged();
     let mut cur_len = width;
-    if !ragged && per_image == 1 {
-        // One row per image: rows whose caption ended leave the batch, so they stop costing compute.
-        let mut active = Tensor::f_arange(rows, (Kind::Int64, device))?;
-        loop {
-            // Only the penalties read the tokens so far; the length rules need just their count.
-            let history = if processors.reads_history() {
-                seqs.f_index_select(0, &active)?.f_narrow(1, 0, cur_len)?
-            } else {
-                seqs.f_narrow(0, 0, active.size()[0])?.f_narrow(1, 0, cur_len)?
-            };
-            let scores = processors.apply(&history, logits, 1)?;
-            let next = if config.do_sample {
-                scores
-                    .f_softmax(-1, Kind::Float)?
-                    .f_multinomial(1, false)?
-                    .f_squeeze_dim(1)?
-            } else {
-                scores.f_argmax(-1, false)?
-            };
-            let mut column = seqs.f_narrow(1, cur_len, 1)?;
-            let _ = column.f_index_copy_(0, &active, &next.f_unsqueeze(1)?)?;
-            cur_len += 1;
-            let going = match eos {
-                Some(eos) => next.f_ne(eos)?,
-                None => next.f_ones_like()?.f_to_kind(Kind::Bool)?,
-            };
-            let n_going = i64::try_from(going.f_sum(Kind::Int64)?)?;
-            if cur_len >= max_length || n_going == 0 {
-                break;
-            }
-            let mut next = next;
-            if n_going < active.size()[0] {
-                let keep = going.f_nonzero()?.f_squeeze_dim(1)?;
-                active = active.f_index_select(0, &keep)?;
-                next = next.f_index_select(0, &keep)?;
-                decoder.select(&keep)?;
-            }
-            logits = decoder.step(&next)?;
-        }
-        return Ok(seqs.f_narrow(1, 0, cur_len)?);
-    }
-    let mut unfinished = Tensor::f_ones([rows], (Kind::Bool, device))?;
+    // The rows still going, as places in `seqs`; on the device too once some rows left (`None`: all rows).
+    let mut active: Vec<i64> = (0..rows).collect();
+    let mut active_t: Option<Tensor> = None;
     loop {
         let scores = if ragged {
             // Rows differ in length only by their prompt: process each row with its own history.
-            let mut out = Vec::with_capacity(rows as usize);
-            for (i, &l) in lengths.iter().enumerate() {
-                let i = i as i64;
-                let hist = row_history(&seqs, i, l, width, cur_len)?;
+            let mut out = Vec::with_capacity(active.len());
+            for (at, &row) in active.iter().enumerate() {
+                let l = lengths[row as usize];
+                let hist = row_history(&seqs, row, l, width, cur_len)?;
                 let sub = Processors {
                     config,
                     eos,
                     prompt_len: l,
                 };
-                out.push(sub.apply(&hist, logits.f_narrow(0, i, 1)?, 1)?);
+                out.push(sub.apply(&hist, logits.f_narrow(0, at as i64, 1)?, 1)?);
             }
             Tensor::f_cat(&out, 0)?
         } else {
-            processors.apply(&seqs.f_narrow(1, 0, cur_len)?, logits, 1)?
+            // Only the penalties read the tokens so far; the length rules need just their count.
+            let history = match &active_t {
+                Some(a) if processors.reads_history() => seqs.f_index_select(0, a)?,
+                _ => seqs.f_narrow(0, 0, active.len() as i64)?,
+            };
+            processors.apply(&history.f_narrow(1, 0, cur_len)?, logits, 1)?
         };
         let next = if config.do_sample {
-            scores
-                .f_softmax(-1, Kind::Float)?
-                .f_multinomial(1, false)?
-                .f_squeeze_dim(1)?
+            draw(&scores.f_softmax(-1, Kind::Float)?, 1, active_t.as_ref(), rows)?.f_squeeze_dim(1)?
         } else {
             scores.f_argmax(-1, false)?
         };
-        let pad_t = Tensor::f_full([rows], pad, (Kind::Int64, device))?;
-        let next = next.f_where_self(&unfinished, &pad_t)?;
-        seqs.f_narrow(1, cur_len, 1)?.f_copy_(&next.f_unsqueeze(1)?)?;
-        cur_len += 1;
-        if let Some(eos) = eos {
-            unfinished = unfinished.f_logical_and(&next.f_ne(eos)?)?;
+        let mut column = seqs.f_narrow(1, cur_len, 1)?;
+        match &active_t {
+            Some(a) => {
+                let _ = column.f_index_copy_(0, a, &next.f_unsqueeze(1)?)?;
+            }
+            None => {
+                column.f_copy_(&next.f_unsqueeze(1)?)?;
+            }
         }
-        if cur_len >= max_length || !bool::try_from(unfinished.f_any()?)? {
+        cur_len += 1;
+        if cur_len >= max_length {
             break;
+        }
+        // The one host read of the step: which rows go on.
+        let going: Vec<bool> = match eos {
+            Some(eos) => Vec::<bool>::try_from(next.f_ne(eos)?.f_to_device(Device::Cpu)?)?,
+            None => vec![true; active.len()],
+        };
+        let keep: Vec<i64> = (0..active.len() as i64).filter(|&i| going[i as usize]).collect();
+        if keep.is_empty() {
+            break;
+        }
+        let mut next = next;
+        if keep.len() < active.len() {
+            active = keep.iter().map(|&i| active[i as usize]).collect();
+            let keep_t = Tensor::f_from_slice(&keep)?.f_to_device(device)?;
+            next = next.f_index_select(0, &keep_t)?;
+            active_t = Some(Tensor::f_from_slice(&active)?.f_to_device(device)?);
+            decoder.keep_rows(&keep)?;
         }
         logits = decoder.step(&next)?;
     }
+    stats.rows_per_step.append(&mut decoder.rows_per_step);
     let seqs = seqs.f_narrow(1, 0, cur_len)?;
     if ragged {
         return close_gaps(&seqs, &lengths, width, pad);
     }
     Ok(seqs)
+}
+
+/// `multinomial(probs, n)` for the rows `active` of a batch of `rows` (`None`: all of them), drawing exactly
+/// what a draw over the whole batch would give these rows. transformers keeps drawing for rows that finished;
+/// torch's `multinomial` (single draws and draws without replacement) takes one exponential variate per entry
+/// whatever the probabilities, so filling the finished rows with stand-ins keeps the random stream, and the
+/// tokens of a seed, the same as theirs.
+fn draw(probs: &Tensor, n: i64, active: Option<&Tensor>, rows: i64) -> Result<Tensor> {
+    let Some(active) = active else {
+        return Ok(probs.f_multinomial(n, false)?);
+    };
+    let mut full = Tensor::f_ones([rows, probs.size()[1]], (probs.kind(), probs.device()))?;
+    let _ = full.f_index_copy_(0, active, probs)?;
+    Ok(full.f_multinomial(n, false)?.f_index_select(0, active)?)
 }
 
 /// A ragged row's tokens so far without the padding between its prompt and its new tokens: `[1, len]`.
@@ -685,10 +725,11 @@ fn beam_search(
     prompts: &Prompts,
     max_length: i64,
     processors: &Processors,
-    eos: Option<i64>,
     pad: i64,
+    stats: &mut GenerationStats,
 ) -> Result<Tensor> {
     let config = processors.config;
+    let eos = processors.eos;
     if prompts.ragged() {
         // Beams of ragged prompts: decode each image alone (each row as if it were the only one).
         let mut outs = Vec::new();
@@ -708,8 +749,8 @@ fn beam_search(
                 &one,
                 max_length - prompts.width() + l,
                 &sub,
-                eos,
                 pad,
+                stats,
             )?);
         }
         return pad_and_stack(&outs, pad);
@@ -760,19 +801,30 @@ fn beam_search(
         shape[1] = idx.size()[1];
         Ok(t.f_gather(1, &idx.f_expand(&shape, false)?, false)?)
     };
+    // The images still going, as indices into the batch; on the device too once some were set aside.
+    let mut active: Vec<i64> = (0..batch).collect();
+    let mut active_t: Option<Tensor> = None;
+    let nrs = config.num_return_sequences;
+    // The returned rows of the images set aside: sequences `[batch, nrs, max_length]`, beam indices `[batch, nrs,
+    // gen_cap]` (allocated when the first image is set aside).
+    let mut done: Option<(Tensor, Tensor)> = None;
     loop {
-        let flat_running = running
-            .f_narrow(2, 0, cur_len)?
-            .f_reshape([batch * beams, cur_len])?;
+        let n = active.len() as i64;
+        let flat_running = running.f_narrow(2, 0, cur_len)?.f_reshape([n * beams, cur_len])?;
         let log_probs = logits.f_log_softmax(-1, Kind::Float)?;
         let log_probs = processors.apply(&flat_running, log_probs, min_tokens_to_keep)?;
         let log_probs = log_probs
-            .f_view([batch, beams, vocab])?
+            .f_view([n, beams, vocab])?
             .f_add(&running_scores.f_unsqueeze(2)?)?
-            .f_reshape([batch, beams * vocab])?;
+            .f_reshape([n, beams * vocab])?;
         // The top `keep` continuations over all beams of each image.
         let (topk_scores, topk_indices) = if config.do_sample {
-            let idx = log_probs.f_softmax(-1, Kind::Float)?.f_multinomial(keep, false)?;
+            let idx = draw(
+                &log_probs.f_softmax(-1, Kind::Float)?,
+                keep,
+                active_t.as_ref(),
+                batch,
+            )?;
             (log_probs.f_gather(1, &idx, false)?, idx)
         } else {
             log_probs.f_topk(keep, -1, true, true)?
@@ -784,7 +836,7 @@ fn beam_search(
         topk_running
             .f_narrow(2, cur_len, 1)?
             .f_copy_(&token.f_unsqueeze(2)?)?;
-        let batch_offset = Tensor::f_arange(batch, (Kind::Int64, device))?
+        let batch_offset = Tensor::f_arange(n, (Kind::Int64, device))?
             .f_view([-1, 1])?
             .f_mul_scalar(beams)?;
         topk_running_idx
@@ -793,10 +845,10 @@ fn beam_search(
         // A continuation stops when it emits EOS or reaches max_length.
         let mut hits = match eos {
             Some(e) => token.f_eq(e)?,
-            None => Tensor::f_zeros([batch, keep], (Kind::Bool, device))?,
+            None => Tensor::f_zeros([n, keep], (Kind::Bool, device))?,
         };
         if cur_len + 1 >= max_length {
-            hits = Tensor::f_ones([batch, keep], (Kind::Bool, device))?;
+            hits = Tensor::f_ones([n, keep], (Kind::Bool, device))?;
         }
         // The best `beams` unfinished continuations run on.
         let running_log = topk_scores.f_add(&neg(&hits)?)?;
@@ -825,8 +877,11 @@ fn beam_search(
         // Reorder the cache to the surviving beams, then extend it by their new tokens.
         let reorder = running_idx
             .f_select(2, cur_len - prompt_len)?
-            .f_reshape([batch * beams])?;
+            .f_reshape([n * beams])?;
         cur_len += 1;
+        if cur_len >= max_length {
+            break;
+        }
         // Can a running beam still beat the worst finished one?
         let hypothetical = if config.early_stopping == EarlyStopping::Never && config.length_penalty > 0.0 {
             (max_length - prompt_len) as f64
@@ -838,27 +893,87 @@ fn beam_search(
             .f_div_scalar(hypothetical.powf(config.length_penalty))?;
         let worst = beam_scores
             .f_amin([1i64].as_slice(), true)?
-            .f_expand([batch, beams], false)?
+            .f_expand([n, beams], false)?
             .f_where_self(
                 &finished,
-                &Tensor::f_full([batch, beams], -1.0e9, (Kind::Float, device))?,
+                &Tensor::f_full([n, beams], -1.0e9, (Kind::Float, device))?,
             )?;
         improvable = improvable.f_logical_and(&best_running.f_gt_tensor(&worst)?.f_any_dim(1, true)?)?;
-        let improvement_possible = bool::try_from(improvable.f_any()?)?;
-        let open_beam = !(bool::try_from(finished.f_all()?)? && config.early_stopping == EarlyStopping::True);
-        let valid = !bool::try_from(hits.f_all()?)?;
-        if !(improvement_possible && open_beam && valid) || cur_len >= max_length {
+        // An image whose places all hold finished hypotheses and whose new finished scores get -1e9 (it cannot
+        // improve, or early_stopping=True and it is full) can no longer change: it is set aside.
+        let full = finished.f_all_dim(1, false)?;
+        let settled = if config.early_stopping == EarlyStopping::True {
+            full
+        } else {
+            full.f_logical_and(&improvable.f_squeeze_dim(1)?.f_logical_not()?)?
+        };
+        // The one host read of the step: the loop's conditions and the images settled.
+        let flags = Vec::<bool>::try_from(
+            Tensor::f_cat(
+                &[
+                    improvable.f_any()?.f_unsqueeze(0)?,
+                    finished.f_all()?.f_unsqueeze(0)?,
+                    hits.f_all()?.f_unsqueeze(0)?,
+                    settled,
+                ],
+                0,
+            )?
+            .f_to_device(Device::Cpu)?,
+        )?;
+        let (improvement_possible, all_finished, all_hit) = (flags[0], flags[1], flags[2]);
+        let open_beam = !(all_finished && config.early_stopping == EarlyStopping::True);
+        let valid = !all_hit;
+        if !(improvement_possible && open_beam && valid) {
             break;
         }
-        decoder.reorder(&reorder)?;
-        let last = running.f_select(2, cur_len - 1)?.f_reshape([batch * beams])?;
+        let going: Vec<i64> = (0..n).filter(|&i| !flags[3 + i as usize]).collect();
+        if going.is_empty() {
+            break; // not reached: with every image settled the conditions above end the loop
+        }
+        if (going.len() as i64) < n {
+            let settled: Vec<i64> = (0..n).filter(|&i| flags[3 + i as usize]).collect();
+            set_aside(&mut done, &settled, &active, &sequences, &beam_idx, batch, nrs)?;
+            let keep_t = Tensor::f_from_slice(&going)?.f_to_device(device)?;
+            running = running.f_index_select(0, &keep_t)?;
+            running_scores = running_scores.f_index_select(0, &keep_t)?;
+            running_idx = running_idx.f_index_select(0, &keep_t)?;
+            sequences = sequences.f_index_select(0, &keep_t)?;
+            beam_scores = beam_scores.f_index_select(0, &keep_t)?;
+            finished = finished.f_index_select(0, &keep_t)?;
+            improvable = improvable.f_index_select(0, &keep_t)?;
+            beam_idx = beam_idx.f_index_select(0, &keep_t)?;
+            // The cache rows of the images going (beam `j` of image `i` is row `i * beams + j`), reordered.
+            let rows = reorder
+                .f_view([n, beams])?
+                .f_index_select(0, &keep_t)?
+                .f_reshape([-1])?;
+            let row_image: Vec<i64> = going
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(i, beams as usize))
+                .collect();
+            decoder.select(&rows, &row_image)?;
+            active = going.iter().map(|&i| active[i as usize]).collect();
+            active_t = Some(Tensor::f_from_slice(&active)?.f_to_device(device)?);
+        } else {
+            decoder.reorder(&reorder)?;
+        }
+        let last = running
+            .f_select(2, cur_len - 1)?
+            .f_reshape([active.len() as i64 * beams])?;
         logits = decoder.step(&last)?;
     }
-    let nrs = config.num_return_sequences;
-    let sequences = sequences
-        .f_narrow(1, 0, nrs)?
-        .f_reshape([batch * nrs, max_length])?;
-    let beam_idx = beam_idx.f_narrow(1, 0, nrs)?.f_reshape([batch * nrs, gen_cap])?;
+    stats.rows_per_step.append(&mut decoder.rows_per_step);
+    if done.is_some() {
+        let all: Vec<i64> = (0..active.len() as i64).collect();
+        set_aside(&mut done, &all, &active, &sequences, &beam_idx, batch, nrs)?;
+    }
+    let (sequences, beam_idx) = match done {
+        Some(pair) => pair,
+        None => (sequences.f_narrow(1, 0, nrs)?, beam_idx.f_narrow(1, 0, nrs)?),
+    };
+    let sequences = sequences.f_reshape([batch * nrs, max_length])?;
+    let beam_idx = beam_idx.f_reshape([batch * nrs, gen_cap])?;
+    // The length is that of the longest returned hypothesis, over all images.
     let generated = i64::try_from(
         beam_idx
             .f_ne(-1)?
@@ -866,6 +981,37 @@ fn beam_search(
             .f_max()?,
     )?;
     Ok(sequences.f_narrow(1, 0, prompt_len + generated)?)
+}
+
+/// Copies the returned rows (the first `nrs` places) of the images at `positions` of the current state into
+/// `done`, at their places in the batch (`active[position]`).
+fn set_aside(
+    done: &mut Option<(Tensor, Tensor)>,
+    positions: &[i64],
+    active: &[i64],
+    sequences: &Tensor,
+    beam_idx: &Tensor,
+    batch: i64,
+    nrs: i64,
+) -> Result<()> {
+    let device = sequences.device();
+    if done.is_none() {
+        let max_length = sequences.size()[2];
+        let gen_cap = beam_idx.size()[2];
+        *done = Some((
+            Tensor::f_zeros([batch, nrs, max_length], (Kind::Int64, device))?,
+            Tensor::f_zeros([batch, nrs, gen_cap], (Kind::Int64, device))?,
+        ));
+    }
+    let Some((seq_out, idx_out)) = done.as_mut() else {
+        return Ok(());
+    };
+    let from = Tensor::f_from_slice(positions)?.f_to_device(device)?;
+    let places: Vec<i64> = positions.iter().map(|&p| active[p as usize]).collect();
+    let to = Tensor::f_from_slice(&places)?.f_to_device(device)?;
+    let _ = seq_out.f_index_copy_(0, &to, &sequences.f_index_select(0, &from)?.f_narrow(1, 0, nrs)?)?;
+    let _ = idx_out.f_index_copy_(0, &to, &beam_idx.f_index_select(0, &from)?.f_narrow(1, 0, nrs)?)?;
+    Ok(())
 }
 
 /// Stacks rows of different lengths, right-padded with `pad`.

@@ -4,6 +4,13 @@ use blip_peft::config::{BlipTextConfig, BlipVisionConfig};
 use blip_peft::{BlipConfig, BlipForConditionalGeneration};
 use tch::{Device, Kind, Tensor};
 
+/// Tests run on parallel threads and libtorch has one global random generator: tests that draw from it
+/// (random weights, random inputs, seeded sampling) hold this lock, so a seed gives the same numbers.
+fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn tiny_config() -> BlipConfig {
     let text = BlipTextConfig {
         vocab_size: 99,
@@ -30,6 +37,7 @@ fn tiny_config() -> BlipConfig {
 
 #[test]
 fn forward_shapes_and_loss() {
+    let _rng = global_rng();
     let model = BlipForConditionalGeneration::random(tiny_config(), 0, Kind::Float, Device::Cpu).unwrap();
     let pixels = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
     let ids = Tensor::from_slice(&[97i64, 5, 6, 3, 97, 7, 3, 0]).view([2, 4]);
@@ -49,6 +57,7 @@ fn forward_shapes_and_loss() {
 
 #[test]
 fn save_and_reload_gives_same_logits() {
+    let _rng = global_rng();
     let dir = tempfile::tempdir().unwrap();
     let model = BlipForConditionalGeneration::random(tiny_config(), 1, Kind::Float, Device::Cpu).unwrap();
     model.save_pretrained(dir.path()).unwrap();
@@ -72,6 +81,7 @@ fn save_and_reload_gives_same_logits() {
 
 #[test]
 fn bad_inputs_are_errors() {
+    let _rng = global_rng();
     let model = BlipForConditionalGeneration::random(tiny_config(), 0, Kind::Float, Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[97i64, 5]).view([1, 2]);
     let wrong = Tensor::randn([1, 3, 16, 16], (Kind::Float, Device::Cpu));
@@ -118,6 +128,7 @@ fn logits(model: &BlipForConditionalGeneration, pixels: &Tensor, ids: &Tensor) -
 
 #[test]
 fn lora_inject_merge_unload() {
+    let _rng = global_rng();
     use blip_peft::lora::{inject, LoraConfig};
     let mut model = BlipForConditionalGeneration::random(tiny_config(), 2, Kind::Float, Device::Cpu).unwrap();
     let pixels = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
@@ -186,4 +197,110 @@ fn lora_matching_follows_peft() {
         false
     ));
     assert!(!is_targeted(&all, "text_decoder.cls.predictions.decoder", true));
+}
+
+/// The small trained model bundled with the Python package: its captions end at different lengths.
+fn bundled_model() -> BlipForConditionalGeneration {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/blip_peft/models/blip-shapes-base");
+    BlipForConditionalGeneration::from_pretrained(&dir, Some(Kind::Float), Device::Cpu).unwrap()
+}
+
+fn noise(batch: i64, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn([batch, 3, 128, 128], (Kind::Float, Device::Cpu))
+}
+
+fn run(
+    model: &BlipForConditionalGeneration,
+    pixels: &Tensor,
+    config: &blip_peft::generate::GenerationConfig,
+) -> (Tensor, Vec<i64>) {
+    let (ids, stats) = blip_peft::generate::generate_with_stats(model, pixels, None, None, config).unwrap();
+    (ids, stats.rows_per_step)
+}
+
+/// Where each output row's caption ends (its first [SEP]), or -1.
+fn caption_ends(ids: &Tensor) -> Vec<i64> {
+    (0..ids.size()[0])
+        .map(|r| {
+            let row = Vec::<i64>::try_from(ids.get(r)).unwrap();
+            row.iter().position(|&t| t == 3).map_or(-1, |p| p as i64)
+        })
+        .collect()
+}
+
+/// The rows per decoder pass start at the whole batch, never grow, and fall before the last pass.
+fn assert_rows_shrink(rows: &[i64], all: i64) {
+    assert_eq!(rows[0], all, "{rows:?}");
+    assert!(rows.windows(2).all(|w| w[1] <= w[0]), "{rows:?}");
+    assert!(
+        *rows.last().unwrap() < all,
+        "finished rows still computed: {rows:?}"
+    );
+}
+
+#[test]
+fn finished_captions_stop_costing_compute() {
+    let _rng = global_rng();
+    use blip_peft::generate::{EarlyStopping, GenerationConfig};
+    let model = bundled_model();
+    let pixels = noise(8, 1);
+    let ends_differ = |ids: &Tensor| {
+        let mut ends = caption_ends(ids);
+        ends.sort();
+        ends.dedup();
+        assert!(ends.len() > 1, "every caption ends at the same step: {ends:?}");
+    };
+    // Greedy and beam search: each image's tokens equal its own decoding alone, although the batch shrank
+    // around it (its image keys/values and cache rows moved).
+    for (beams, early_stopping) in [
+        (1, EarlyStopping::False),
+        (3, EarlyStopping::False),
+        (3, EarlyStopping::True),
+        (4, EarlyStopping::Never),
+    ] {
+        let config = GenerationConfig {
+            num_beams: beams,
+            early_stopping,
+            max_new_tokens: Some(25),
+            ..Default::default()
+        };
+        let (ids, rows) = run(&model, &pixels, &config);
+        ends_differ(&ids);
+        assert_rows_shrink(&rows, 8 * beams);
+        assert!(rows.iter().all(|r| r % beams == 0), "{rows:?}");
+        // The width is the longest caption's, over the images that settled early too.
+        let fill = if beams > 1 { 3 } else { 0 };
+        for i in 0..8 {
+            let (alone, _) = run(&model, &pixels.narrow(0, i, 1), &config);
+            let n = alone.size()[1];
+            assert_eq!(
+                ids.get(i).narrow(0, 0, n),
+                alone.get(0),
+                "image {i}, {beams} beams"
+            );
+            assert!(
+                bool::try_from(ids.get(i).narrow(0, n, ids.size()[1] - n).eq(fill).all()).unwrap(),
+                "image {i}"
+            );
+        }
+    }
+    // Sampling several captions per image: rows leave one by one, images keep different numbers of rows
+    // (their image keys/values shared through the padded layout), and a seed gives the same captions.
+    let config = GenerationConfig {
+        do_sample: true,
+        num_return_sequences: 3,
+        temperature: 1.5,
+        max_new_tokens: Some(25),
+        seed: Some(1),
+        ..Default::default()
+    };
+    let (ids, rows) = run(&model, &pixels, &config);
+    ends_differ(&ids);
+    assert_rows_shrink(&rows, 24);
+    assert!(rows.iter().any(|r| r % 3 != 0), "{rows:?}");
+    let (again, rows_again) = run(&model, &pixels, &config);
+    assert!(ids.equal(&again));
+    assert_eq!(rows, rows_again);
 }

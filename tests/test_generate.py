@@ -108,6 +108,79 @@ def test_peft_model_generate_equals_peft(tiny_checkpoint: str, state: str) -> No
     assert torch.equal(got, expected)
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled trained model, in transformers and here, and images whose captions end at different lengths."""
+    from transformers import BlipProcessor as HFProcessor
+
+    from blip_peft import world
+
+    path = bp.bundled_model_path()
+    ref = HFBlip.from_pretrained(path, dtype=torch.float32).eval()
+    ours = bp.BlipForConditionalGeneration.from_pretrained(path, dtype="float32")
+    processor = HFProcessor.from_pretrained(path)
+    items = world.make_dataset(8, seed=5, domain="base", size=processor.image_processor.size["height"])
+    images = [items[i]["image"] for i in (0, 1, 3, 4)]  # 3-beam captions of 13, 18, 16 and 8 tokens
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    return ref, ours, pixel_values
+
+
+def _caption_ends(ids: torch.Tensor, sep: int) -> list[int]:
+    """Where each row's caption ends (its first [SEP] after BOS; the row's length if none)."""
+    hits = ids[:, 1:] == sep
+    return [int(h.nonzero()[0]) + 1 if h.any() else ids.shape[1] for h in hits]
+
+
+def _assert_rows_shrink(rows: list[int], batch_rows: int, per_image: int = 1) -> None:
+    """The decoder's rows per pass start at the whole batch and fall as captions end (finished rows cost nothing)."""
+    assert rows[0] == batch_rows, rows
+    assert all(b <= a for a, b in zip(rows, rows[1:], strict=False)), rows
+    assert rows[-1] < batch_rows, rows
+    assert all(r % per_image == 0 for r in rows), rows  # beam search: whole images leave
+
+
+@pytest.mark.parametrize("num_return_sequences", [1, 2])
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+@pytest.mark.parametrize("num_beams", [3, 5])
+def test_beam_search_with_images_finishing_at_different_steps_equals_transformers(
+    bundled, num_beams: int, early_stopping, num_return_sequences: int
+) -> None:
+    """Images whose beams settle early leave the batch; what is returned stays transformers' tokens."""
+    ref, ours, px = bundled
+    kwargs = dict(
+        num_beams=num_beams,
+        early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences,
+        max_new_tokens=25,
+    )
+    expected = ref.generate(pixel_values=px, **kwargs)
+    best = expected[::num_return_sequences]
+    assert len(set(_caption_ends(best, ref.config.text_config.sep_token_id))) > 1  # not all at the same step
+    assert torch.equal(ours.generate(pixel_values=px, **kwargs), expected)
+    _assert_rows_shrink(ours._native._last_generate_rows_per_step(), len(px) * num_beams, num_beams)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(num_return_sequences=3), dict(num_beams=3, num_return_sequences=2)], ids=str
+)
+def test_seeded_sampling_with_captions_ending_early_equals_transformers(bundled, kwargs) -> None:
+    """Finished rows leave the batch, yet a seed draws what transformers draws (it keeps drawing for them)."""
+    ref, ours, px = bundled
+    kwargs = dict(do_sample=True, temperature=1.5, max_new_tokens=25, **kwargs)
+    torch.manual_seed(3)
+    expected = ref.generate(pixel_values=px, **kwargs)
+    assert len(set(_caption_ends(expected, ref.config.text_config.sep_token_id))) > 1
+    got = ours.generate(pixel_values=px, seed=3, **kwargs)
+    assert torch.equal(got, expected)
+    rows = ours._native._last_generate_rows_per_step()
+    beams = kwargs.get("num_beams", 1)
+    _assert_rows_shrink(rows, len(px) * (beams if beams > 1 else kwargs.get("num_return_sequences", 1)), beams)
+    if beams == 1 and kwargs.get("num_return_sequences", 1) > 1:
+        assert any(r % kwargs["num_return_sequences"] for r in rows), rows  # images kept different numbers of rows
+    assert torch.equal(ours.generate(pixel_values=px, seed=3, **kwargs), got)
+    assert ours._native._last_generate_rows_per_step() == rows
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(models) -> None:
     _, ours = models
     px, _, _ = tiny_batch(batch=2)

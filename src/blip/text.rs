@@ -24,37 +24,104 @@ pub struct LayerCache {
     pub cross_kv: Option<(Tensor, Tensor)>,
 }
 
-/// The decoder's cache for one `generate` call. Rows are `images × per_image` (beams or samples of the same
-/// image next to each other); the image keys/values are shared by the rows of an image, never copied.
+/// How the rows of a decoding batch share the image keys/values in cross-attention. Rows are sorted by image;
+/// an image's rows are stacked as extra query positions of that image, so its keys/values are never copied.
+#[derive(Debug)]
+pub enum CrossLayout {
+    /// Every `n` consecutive rows belong to one image (beams, or samples of an image): the stacking is a view.
+    Uniform(i64),
+    /// Images with different numbers of rows (some rows finished): row `r`'s query goes to slot `slots[r]` of a
+    /// zero-padded `[images * group]` buffer, `group` being the largest number of rows of an image.
+    Padded { slots: Tensor, group: i64 },
+}
+
+/// The decoder's cache for one `generate` call. Rows are grouped by image (beams or samples of the same image
+/// next to each other); the image keys/values are shared by the rows of an image, never copied.
 #[derive(Debug)]
 pub struct DecoderCache {
     pub layers: Vec<LayerCache>,
     /// Positions filled so far.
     pub len: i64,
-    /// Rows per image.
-    pub per_image: i64,
+    /// The image of each row (an index into the image keys/values), ascending.
+    row_image: Vec<i64>,
+    layout: CrossLayout,
 }
 
 impl DecoderCache {
-    /// Keeps only the rows `index` (one row per image: greedy decoding dropping finished captions), image
-    /// keys/values included.
-    pub fn select_rows(&mut self, index: &Tensor) -> Result<()> {
-        self.reorder(index)?;
-        for layer in &mut self.layers {
-            if let Some((k, v)) = &layer.cross_kv {
-                layer.cross_kv = Some((k.f_index_select(0, index)?, v.f_index_select(0, index)?));
-            }
-        }
-        Ok(())
+    /// The image (an index into the image keys/values) of each row.
+    pub fn row_image(&self) -> &[i64] {
+        &self.row_image
     }
 
-    /// Reorders the rows (beam search): row `i` takes the keys/values of row `index[i]`.
+    /// Keeps the rows `rows` (old row indices; they may also reorder beams), new row `r` belonging to the old
+    /// image `row_image[r]` (ascending). Images left without rows drop their keys/values; returns the old
+    /// indices of the images kept when some were dropped.
+    pub fn select_rows(&mut self, rows: &Tensor, row_image: &[i64]) -> Result<Option<Tensor>> {
+        self.reorder(rows)?;
+        let mut images: Vec<i64> = row_image.to_vec();
+        images.dedup();
+        let before = self.row_image.last().map_or(0, |&i| i + 1);
+        let kept = if (images.len() as i64) < before {
+            let index = Tensor::f_from_slice(&images)?.f_to_device(rows.device())?;
+            for layer in &mut self.layers {
+                if let Some((k, v)) = &layer.cross_kv {
+                    layer.cross_kv = Some((k.f_index_select(0, &index)?, v.f_index_select(0, &index)?));
+                }
+            }
+            Some(index)
+        } else {
+            None
+        };
+        // Renumber the images 0.. in the order kept.
+        let mut renumbered = Vec::with_capacity(row_image.len());
+        let mut next = -1;
+        let mut last = None;
+        for &i in row_image {
+            if last != Some(i) {
+                next += 1;
+                last = Some(i);
+            }
+            renumbered.push(next);
+        }
+        self.row_image = renumbered;
+        self.layout = Self::layout_of(&self.row_image, rows.device())?;
+        Ok(kept)
+    }
+
+    /// Reorders the rows within their images (beam search): row `i` takes the keys/values of row `index[i]`.
     pub fn reorder(&mut self, index: &Tensor) -> Result<()> {
         for layer in &mut self.layers {
             layer.k = layer.k.f_index_select(0, index)?;
             layer.v = layer.v.f_index_select(0, index)?;
         }
         Ok(())
+    }
+
+    /// The cross-attention layout of rows whose images are `row_image` (ascending, numbered from 0).
+    fn layout_of(row_image: &[i64], device: tch::Device) -> Result<CrossLayout> {
+        // Each row's rank among its image's rows.
+        let mut ranks = Vec::with_capacity(row_image.len());
+        for (r, &i) in row_image.iter().enumerate() {
+            let rank = match ranks.last() {
+                Some(&prev) if row_image[r - 1] == i => prev + 1,
+                _ => 0,
+            };
+            ranks.push(rank);
+        }
+        let group = ranks.iter().max().map_or(1, |&m| m + 1);
+        let images = row_image.last().map_or(0, |&i| i + 1);
+        if ranks.len() as i64 == images * group {
+            return Ok(CrossLayout::Uniform(group));
+        }
+        let slots: Vec<i64> = row_image
+            .iter()
+            .zip(&ranks)
+            .map(|(&i, &rank)| i * group + rank)
+            .collect();
+        Ok(CrossLayout::Padded {
+            slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
+            group,
+        })
     }
 }
 
@@ -176,32 +243,45 @@ impl BlipTextSelfAttention {
         merge_heads(&sdpa(&q, &kv.0, &kv.1, mask, p, causal)?)
     }
 
-    /// Cross-attention where every `per_image` consecutive rows of `hidden` share one image's keys/values
-    /// (`kv` has one row per image): the rows' queries are stacked as extra query positions of that image, so
-    /// the image keys/values are never copied per beam.
+    /// Cross-attention of `hidden`'s rows over their images' keys/values (`kv` has one row per image): an
+    /// image's rows are stacked as extra query positions of that image, so its keys/values are never copied.
     fn attend_shared(
         &self,
         hidden: &Tensor,
         kv: &(Tensor, Tensor),
-        per_image: i64,
+        layout: &CrossLayout,
         train: bool,
     ) -> Result<Tensor> {
-        if per_image == 1 {
+        if let CrossLayout::Uniform(1) = layout {
             return self.attend(hidden, kv, None, false, train);
         }
         let q = split_heads(&self.query.forward_t(hidden, train)?, self.num_heads)?; // [R, H, T, D]
-        let (rows, h, t, d) = q.size4()?;
-        let images = rows / per_image;
+        let (_, h, t, d) = q.size4()?;
+        let images = kv.0.size()[0];
+        // Every image gets `group` query slots: a view when all images have as many rows, else a padded copy
+        // (the padding costs only attention scores, which are cheap next to the rows' projections and MLP).
+        let (q, group) = match layout {
+            CrossLayout::Uniform(n) => (q, *n),
+            CrossLayout::Padded { slots, group } => {
+                let mut padded = Tensor::f_zeros([images * group, h, t, d], (q.kind(), q.device()))?;
+                let _ = padded.f_index_copy_(0, slots, &q)?;
+                (padded, *group)
+            }
+        };
         let q = q
-            .f_view([images, per_image, h, t, d])?
+            .f_view([images, group, h, t, d])?
             .f_permute([0, 2, 1, 3, 4])?
-            .f_reshape([images, h, per_image * t, d])?;
+            .f_reshape([images, h, group * t, d])?;
         let p = if train { self.dropout.p } else { 0.0 };
-        let ctx = sdpa(&q, &kv.0, &kv.1, None, p, false)?; // [images, H, per_image*T, D]
+        let ctx = sdpa(&q, &kv.0, &kv.1, None, p, false)?; // [images, H, group*T, D]
         let ctx = ctx
-            .f_view([images, h, per_image, t, d])?
+            .f_view([images, h, group, t, d])?
             .f_permute([0, 2, 1, 3, 4])?
-            .f_reshape([rows, h, t, d])?;
+            .f_reshape([images * group, h, t, d])?;
+        let ctx = match layout {
+            CrossLayout::Padded { slots, .. } => ctx.f_index_select(0, slots)?,
+            CrossLayout::Uniform(_) => ctx,
+        };
         merge_heads(&ctx)
     }
 
@@ -385,12 +465,12 @@ impl BlipTextLayer {
         x: &Tensor,
         image: &Tensor,
         masks: &DecoderMasks,
-        cache: Option<(&mut LayerCache, i64, i64)>,
+        cache: Option<(&mut LayerCache, i64, &CrossLayout)>,
         train: bool,
     ) -> Result<Tensor> {
         let attn = &self.attention.self_;
-        let (self_kv, cross_kv, per_image) = match cache {
-            Some((cache, pos, per_image)) => {
+        let (self_kv, cross_kv, layout) = match cache {
+            Some((cache, pos, layout)) => {
                 // Write this step's keys/values into the preallocated buffers, attend over all filled positions.
                 let (k, v) = attn.key_value(x, train)?;
                 let t = k.size()[2];
@@ -406,20 +486,20 @@ impl BlipTextLayer {
                     }
                     (None, _) => None,
                 };
-                (kv, cross, per_image)
+                (kv, cross, layout)
             }
             None => {
                 let cross = match &self.crossattention {
                     Some(ca) => Some(ca.self_.key_value(image, train)?),
                     None => None,
                 };
-                (attn.key_value(x, train)?, cross, 1)
+                (attn.key_value(x, train)?, cross, &CrossLayout::Uniform(1))
             }
         };
         let h = attn.attend(x, &self_kv, masks.self_mask, masks.causal, train)?;
         let mut x = self.attention.output.forward(&h, x, train)?;
         if let (Some(ca), Some(kv)) = (&self.crossattention, cross_kv) {
-            let h = ca.self_.attend_shared(&x, &kv, per_image, train)?;
+            let h = ca.self_.attend_shared(&x, &kv, layout, train)?;
             x = ca.output.forward(&h, &x, train)?;
         }
         let h = self
@@ -606,9 +686,9 @@ impl BlipTextLmHeadModel {
         let mut x = self
             .embeddings
             .forward(input_ids, positions, self.kind(), false)?;
-        let (pos, per_image) = (cache.len, cache.per_image);
+        let pos = cache.len;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, image, masks, Some((layer_cache, pos, per_image)), false)?;
+            x = layer.forward(&x, image, masks, Some((layer_cache, pos, &cache.layout)), false)?;
         }
         cache.len += t;
         Ok(x)
@@ -632,7 +712,8 @@ impl BlipTextLmHeadModel {
         Ok(DecoderCache {
             layers,
             len: 0,
-            per_image,
+            row_image: (0..rows).map(|r| r / per_image).collect(),
+            layout: CrossLayout::Uniform(per_image),
         })
     }
 

@@ -19,6 +19,8 @@ use crate::weights::{save_safetensors, SafetensorsFiles};
 #[pyclass(module = "blip_peft._blip_peft", name = "_BlipModel", frozen)]
 pub struct PyBlipModel {
     pub inner: Arc<Mutex<BlipForConditionalGeneration>>,
+    /// The decoder rows of each forward pass of the last `generate` call (for tests and benchmarks).
+    last_generate_rows: Mutex<Vec<i64>>,
 }
 
 /// `(loss or None, logits, image_embeds)` of a forward pass, as torch tensors.
@@ -58,6 +60,7 @@ impl PyBlipModel {
     fn wrap(model: BlipForConditionalGeneration) -> Self {
         Self {
             inner: Arc::new(Mutex::new(model)),
+            last_generate_rows: Mutex::new(Vec::new()),
         }
     }
 }
@@ -263,10 +266,10 @@ impl PyBlipModel {
         let input_ids = tensor::from_py_opt(input_ids, "input_ids")?;
         let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
         let inner = self.inner.clone();
-        let ids = py
+        let (ids, stats) = py
             .detach(move || {
                 let model = locked(&inner)?;
-                crate::generate::generate(
+                crate::generate::generate_with_stats(
                     &model,
                     &pixel_values,
                     input_ids.as_ref(),
@@ -275,7 +278,19 @@ impl PyBlipModel {
                 )
             })
             .py()?;
+        if let Ok(mut rows) = self.last_generate_rows.lock() {
+            *rows = stats.rows_per_step;
+        }
         tensor::to_py(py, &ids)
+    }
+
+    /// The decoder rows of each forward pass of the last `generate` call: the prompt's, then one per new token
+    /// (finished rows leave the batch). A diagnostic for tests and benchmarks.
+    fn _last_generate_rows_per_step(&self) -> Vec<i64> {
+        self.last_generate_rows
+            .lock()
+            .map(|rows| rows.clone())
+            .unwrap_or_default()
     }
 
     // ------------------------------------------------------------------------------------------ LoRA

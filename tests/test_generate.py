@@ -296,3 +296,23 @@ def test_forward_logits_agree_with_generation_scores(models) -> None:
     logits[:, :, 3] = float("-inf")
     assert torch.equal(logits[:, :-1].argmax(-1), ids[:, 1:])
     assert rel_err(logits[:, :-1].softmax(-1).max(-1).values, logits[:, :-1].softmax(-1).max(-1).values) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_captions_equal_transformers(dtype) -> None:
+    """bf16/fp16 weights (here on the CPU; tests/test_gpu.py repeats it on CUDA): the bundled trained model's
+    greedy and beam captions equal transformers' at the same precision, as finished rows leave the batch."""
+    from transformers import BlipProcessor as HFProcessor
+
+    from blip_peft import world
+
+    path = bp.bundled_model_path()
+    ref = HFBlip.from_pretrained(path, dtype=dtype).eval()
+    ours = bp.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = HFProcessor.from_pretrained(path)
+    items = world.make_dataset(8, seed=5, domain="base", size=processor.image_processor.size["height"])
+    px = processor(images=[it["image"] for it in items], return_tensors="pt")["pixel_values"]
+    for kwargs in (dict(max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)):
+        expected = ref.generate(pixel_values=px.to(dtype), **kwargs)
+        got = ours.generate(pixel_values=px, **kwargs)
+        assert torch.equal(got, expected), kwargs

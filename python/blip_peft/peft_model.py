@@ -39,9 +39,12 @@ class LoraConfig:
             a regex string (full match) or "all-linear". `blip_peft.lora_targets(model)` lists the names.
         exclude_modules: modules never targeted, matched like `target_modules`.
         bias: "none", "all" (every bias trains) or "lora_only" (the biases of targeted layers train).
-        init_lora_weights: True (A kaiming-uniform, B zeros: a no-op at first), False (both random) or
-            "gaussian".
-        rank_pattern / alpha_pattern: per-module rank / alpha by regex suffix, first match wins.
+        modules_to_save: modules trained in full next to the adapters (those whose path ends with a name,
+            e.g. "post_layernorm"): each adapter gets its own copy, saved under the module's own keys.
+        init_lora_weights: True (A kaiming-uniform, B zeros: a no-op at first), False (both random),
+            "gaussian", or "pissa" / "olora" (Linear only: A and B take W's principal part, W keeps the rest).
+        rank_pattern / alpha_pattern: per-module rank / alpha by regex suffix, the first match in the given
+            order wins.
         layers_to_transform / layers_pattern: restrict list targets to these layer indices.
         task_type: accepted and harmless (in peft, setting it breaks BLIP; here it changes nothing).
         inference_mode: adapters load frozen.

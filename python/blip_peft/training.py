@@ -238,6 +238,11 @@ def train(
     decoupled weight decay), the learning-rate schedule, gradient accumulation and clipping, and fp16 loss
     scaling. Captions start with the BOS token generation uses and padding is excluded from the loss.
 
+    `mixed_precision` ("auto": bf16 on CUDA, float32 on CPU) lowers the frozen weights for the run and
+    restores them after; trained weights (adapters, `modules_to_save`, biases, or everything in full
+    fine-tuning) stay float32. `gradient_checkpointing=True` keeps only each transformer layer's input and
+    recomputes the layers during the backward (same results, about a third of the activation memory).
+
     Under `torchrun` (or with a `torch.distributed` process group initialised) training is data-parallel:
     each process takes a disjoint shard of every epoch (`batch_size` is per process), gradients are averaged
     once per optimizer step as one flat bucket, and only rank 0 logs and writes checkpoints.

@@ -535,6 +535,7 @@ impl Trainer {
         let guard = PrecisionGuard::lower(model, config.precision.kind())?;
         let was_training = model.training;
         model.training = true;
+        let flush = super::denormals::FlushDenormals::enable();
         let result = Self::run_loop(
             model,
             train,
@@ -548,6 +549,7 @@ impl Trainer {
             &mut scaler,
             &mut state,
         );
+        drop(flush);
         model.training = was_training;
         model.dropout_seed = None;
         guard.restore(model)?;

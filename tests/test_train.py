@@ -503,3 +503,12 @@ def test_make_hf_model_is_random_enough() -> None:
     assert not torch.equal(
         next(make_hf_model(tiny_hf_config(), 1).parameters()), next(make_hf_model(tiny_hf_config(), 2).parameters())
     )
+
+
+def test_flush_denormals_covers_torch_worker_threads_and_restores() -> None:
+    tiny = torch.full((1 << 20,), 1e-39)  # denormal float32; a tensor this size runs on the OpenMP threads
+    assert (tiny * 0.5).count_nonzero() == tiny.numel()
+    with bp.flush_denormals():
+        assert (tiny * 0.5).count_nonzero() == 0
+        assert (tiny[:4] * 0.5).count_nonzero() == 0  # the calling thread
+    assert (tiny * 0.5).count_nonzero() == tiny.numel()

@@ -12,7 +12,7 @@ from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate
 from blip_peft.data import ImageCaptionDataset
 from blip_peft.demo import bundled_model_path
-from blip_peft.training import TrainResult, train
+from blip_peft.training import TrainResult, flush_denormals, train
 from blip_peft.processing import (
     AutoProcessor,
     BatchEncoding,
@@ -31,6 +31,7 @@ from blip_peft.modeling import (
 __version__: str = _blip_peft.__version__
 
 __all__ = [
+    "flush_denormals",
     "AutoModelForImageTextToText",
     "AutoModelForVision2Seq",
     "AutoProcessor",

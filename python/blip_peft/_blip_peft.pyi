@@ -16,6 +16,7 @@ __all__ = [
     "_Tokenizer",
     "__version__",
     "collate_captions",
+    "set_flush_denormals",
     "cuda_is_available",
     "normalize_lora_config",
     "train_native",
@@ -40,6 +41,7 @@ def train_native(
 def collate_captions(
     captions: Sequence[Sequence[int]], bos_token_id: int, pad_token_id: int, max_length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+def set_flush_denormals(on: bool) -> bool: ...
 
 @final
 class _BlipModel:

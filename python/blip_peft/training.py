@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +194,26 @@ def _encode(
         raise ValueError(f"every item of the {what} was skipped as unreadable")
     ids, mask, labels = _blip_peft.collate_captions(token_lists, bos, pad, max_length)
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treats denormal floats (below ~1.2e-38) as zero on the CPU while the block runs, on this thread and on
+    libtorch's worker threads (`torch.set_flush_denormal` only changes the calling thread).
+
+    x86 cores are many times slower on denormal numbers, which tiny gradients deep in a network produce;
+    `blip_peft.train` does this itself. Use it around a hand-written torch training loop:
+
+        with bp.flush_denormals():
+            for batch in loader:
+                ...
+    """
+    was_on = _blip_peft.set_flush_denormals(True)
+    try:
+        yield
+    finally:
+        if not was_on:
+            _blip_peft.set_flush_denormals(False)
 
 
 def train(

@@ -19,6 +19,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
     m.add_function(wrap_pyfunction!(train::train_native, m)?)?;
     m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
+    m.add_function(wrap_pyfunction!(train::set_flush_denormals, m)?)?;
     m.add_class::<train::PyImageCaptionData>()?;
     errors::register(m)?;
     Ok(())

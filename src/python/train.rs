@@ -409,3 +409,10 @@ pub fn collate_captions<'py>(
         tensor::to_py(py, &labels)?,
     ))
 }
+
+/// Turns flush-to-zero for denormal floats on or off on this thread and libtorch's CPU threads; returns
+/// the previous setting (`blip_peft.flush_denormals()` wraps it).
+#[pyfunction]
+pub fn set_flush_denormals(on: bool) -> bool {
+    crate::train::denormals::set(on)
+}

@@ -56,38 +56,46 @@ fn set_on_openmp_team(on: bool) {
     }
 }
 
+/// Turns FTZ/DAZ on or off for the calling thread and libtorch's OpenMP team; returns whether it was on
+/// (for the calling thread). A no-op returning false off x86-64.
+pub fn set(on: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let was_on = read_mxcsr() & FTZ_DAZ == FTZ_DAZ;
+        let flag = if on {
+            std::ptr::dangling_mut::<std::ffi::c_void>()
+        } else {
+            std::ptr::null_mut()
+        };
+        set_on_this_thread(flag);
+        set_on_openmp_team(on);
+        was_on
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = on;
+        false
+    }
+}
+
 /// Keeps FTZ/DAZ on while alive; puts back the previous mode when dropped.
 pub struct FlushDenormals {
-    #[cfg(target_arch = "x86_64")]
     was_on: bool,
 }
 
 impl FlushDenormals {
     pub fn enable() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let was_on = read_mxcsr() & FTZ_DAZ == FTZ_DAZ;
-            if !was_on {
-                set_on_this_thread(std::ptr::dangling_mut::<std::ffi::c_void>());
-                set_on_openmp_team(true);
-            }
-            Self { was_on }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Self {}
+        Self { was_on: set(true) }
     }
 }
 
 impl Drop for FlushDenormals {
     fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
         if !self.was_on {
-            set_on_this_thread(std::ptr::null_mut());
-            set_on_openmp_team(false);
+            set(false);
         }
     }
 }
-
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;

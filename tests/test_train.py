@@ -512,3 +512,39 @@ def test_flush_denormals_covers_torch_worker_threads_and_restores() -> None:
         assert (tiny * 0.5).count_nonzero() == 0
         assert (tiny[:4] * 0.5).count_nonzero() == 0  # the calling thread
     assert (tiny * 0.5).count_nonzero() == tiny.numel()
+
+
+def test_modules_to_save_train_checkpoint_resume_and_load_in_peft(tmp_path, tiny_checkpoint: str) -> None:
+    """The copies train, go into checkpoints and the final adapter (peft reads it), and a resumed run ends
+    with the uninterrupted run's weights."""
+    config = dict(LORA, modules_to_save=["post_layernorm"])
+    common = dict(max_steps=4, batch_size=2, shuffle=False, mixed_precision="no", progress=False, logging_steps=1)
+    torch.manual_seed(0)
+    model = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**config)
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full = bp.train(model, None, _data(8), output_dir=str(tmp_path / "full"), save_steps=2, **common)
+    copy = "base_model.model.vision_model.post_layernorm.modules_to_save.default.weight"
+    assert not torch.equal(dict(model.named_parameters())[copy], start[copy])
+    torch.manual_seed(0)
+    again = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**config)
+    )
+    resumed = bp.train(
+        again,
+        None,
+        _data(8),
+        output_dir=str(tmp_path / "resumed"),
+        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"),
+        **common,
+    )
+    assert resumed.losses == full.losses
+    theirs = dict(again.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in model.named_parameters())
+    ref = peft.PeftModel.from_pretrained(HFBlip.from_pretrained(tiny_checkpoint), tmp_path / "full").eval()
+    batch = _data(2)
+    with torch.no_grad():
+        ours = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).logits
+        expected = ref(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).logits
+    assert rel_err(ours, expected) <= 1e-5

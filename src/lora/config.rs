@@ -94,6 +94,28 @@ impl InitLoraWeights {
     pub fn rewrites_base(&self) -> bool {
         matches!(self, Self::Pissa | Self::Olora)
     }
+
+    /// The value `adapter_config.json` holds for it.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Default => Value::Bool(true),
+            Self::Random => Value::Bool(false),
+            Self::Gaussian => Value::from("gaussian"),
+            Self::Pissa => Value::from("pissa"),
+            Self::Olora => Value::from("olora"),
+        }
+    }
+}
+
+/// peft's rule for keeping LoRA out of a `modules_to_save` module: the module path is `name` or lies inside
+/// it (`(^|.*\.)NAME($|\..*)`, with `name` read as a regex as peft does).
+pub fn saved_module_regex(name: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!(r"^(.*\.)?(?:{name})($|\..*)"))
+}
+
+/// A rank/alpha pattern as the JSON object peft writes.
+fn pattern_json<T: Copy + Into<Value>>(pattern: &[(String, T)]) -> Value {
+    Value::Object(pattern.iter().map(|(k, v)| (k.clone(), (*v).into())).collect())
 }
 
 /// The fields of peft's `LoraConfig` that apply to BLIP.
@@ -342,7 +364,7 @@ impl LoraConfig {
             if m.is_empty() {
                 return Err(Error::invalid("modules_to_save holds an empty name"));
             }
-            Regex::new(&format!("^(.*\\.)?(?:{m})($|\\..*)")).map_err(|e| {
+            saved_module_regex(m).map_err(|e| {
                 Error::invalid(format!("modules_to_save entry {m:?} is not a valid pattern: {e}"))
             })?;
         }
@@ -390,13 +412,7 @@ impl LoraConfig {
             .as_ref()
             .map(TargetModules::to_json)
             .unwrap_or(Value::Null);
-        let init = match self.init_lora_weights {
-            InitLoraWeights::Default => Value::Bool(true),
-            InitLoraWeights::Random => Value::Bool(false),
-            InitLoraWeights::Gaussian => Value::from("gaussian"),
-            InitLoraWeights::Pissa => Value::from("pissa"),
-            InitLoraWeights::Olora => Value::from("olora"),
-        };
+        let init = self.init_lora_weights.to_json();
         let alpha = if self.lora_alpha.fract() == 0.0 {
             Value::from(self.lora_alpha as i64)
         } else {
@@ -411,7 +427,7 @@ impl LoraConfig {
             Value::Null
         };
         serde_json::json!({
-            "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<String, Value>>(),
+            "alpha_pattern": pattern_json(&self.alpha_pattern),
             "auto_mapping": auto_mapping,
             "base_model_name_or_path": self.base_model_name_or_path,
             "bias": self.bias,
@@ -427,7 +443,7 @@ impl LoraConfig {
             "modules_to_save": self.modules_to_save,
             "peft_type": "LORA",
             "r": self.r,
-            "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect::<serde_json::Map<String, Value>>(),
+            "rank_pattern": pattern_json(&self.rank_pattern),
             "revision": Value::Null,
             "target_modules": targets,
             "task_type": self.task_type,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use regex::Regex;
 use tch::{Kind, Tensor};
 
-use super::config::{InitLoraWeights, LoraConfig, TargetModules};
+use super::config::{saved_module_regex, InitLoraWeights, LoraConfig, TargetModules};
 use super::layer::{kaiming_uniform, weight_norm, BaseKind, LoraAdapter, LoraSlot};
 use super::saved;
 use crate::blip::BlipForConditionalGeneration;
@@ -91,12 +91,8 @@ pub fn is_targeted(config: &LoraConfig, key: &str, is_linear: bool) -> bool {
         _ => {}
     }
     // A module trained in full (or inside one) never gets an adapter too.
-    let saved = config.modules_to_save.iter().flatten();
-    if saved.into_iter().any(|m| {
-        Regex::new(&format!(r"^(.*\.)?(?:{m})($|\..*)"))
-            .map(|re| re.is_match(key))
-            .unwrap_or(false)
-    }) {
+    let mut saved = config.modules_to_save.iter().flatten();
+    if saved.any(|m| saved_module_regex(m).is_ok_and(|re| re.is_match(key))) {
         return false;
     }
     match &config.target_modules {
@@ -243,7 +239,7 @@ pub fn inject(
                 return Err(Error::invalid(format!(
                     "Unknown initialization init_lora_weights={} for the Conv2d layer {path:?}: PiSSA and OLoRA \
                      are for Linear layers (as in peft); leave the Conv2d out of target_modules",
-                    config.to_json()["init_lora_weights"]
+                    config.init_lora_weights.to_json()
                 )));
             }
             targeted.push(path.to_string());

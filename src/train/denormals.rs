@@ -25,6 +25,16 @@ fn write_mxcsr(csr: u32) {
     unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack)) };
 }
 
+/// The callback argument meaning "on" (non-null) or "off" (null).
+#[cfg(target_arch = "x86_64")]
+fn flag(on: bool) -> *mut std::ffi::c_void {
+    if on {
+        std::ptr::dangling_mut()
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 extern "C" fn set_on_this_thread(on: *mut std::ffi::c_void) {
     let on = !on.is_null();
@@ -32,7 +42,7 @@ extern "C" fn set_on_this_thread(on: *mut std::ffi::c_void) {
     write_mxcsr(if on { csr | FTZ_DAZ } else { csr & !FTZ_DAZ });
 }
 
-/// Runs `set_on_this_thread` (any non-null `data` means on) on every thread of the calling thread's OpenMP team (the one libtorch's
+/// Runs `set_on_this_thread` on every thread of the calling thread's OpenMP team (the one libtorch's
 /// parallel kernels use), when libgomp is in the process.
 #[cfg(target_arch = "x86_64")]
 fn set_on_openmp_team(on: bool) {
@@ -47,12 +57,7 @@ fn set_on_openmp_team(on: bool) {
     // means the team's default size. The callback only touches the running thread's MXCSR.
     unsafe {
         let parallel: GompParallel = std::mem::transmute(symbol);
-        let flag = if on {
-            std::ptr::dangling_mut::<std::ffi::c_void>()
-        } else {
-            std::ptr::null_mut()
-        };
-        parallel(set_on_this_thread, flag, 0, 0);
+        parallel(set_on_this_thread, flag(on), 0, 0);
     }
 }
 
@@ -62,12 +67,7 @@ pub fn set(on: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         let was_on = read_mxcsr() & FTZ_DAZ == FTZ_DAZ;
-        let flag = if on {
-            std::ptr::dangling_mut::<std::ffi::c_void>()
-        } else {
-            std::ptr::null_mut()
-        };
-        set_on_this_thread(flag);
+        set_on_this_thread(flag(on));
         set_on_openmp_team(on);
         was_on
     }

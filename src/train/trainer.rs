@@ -611,11 +611,12 @@ impl Trainer {
                 let ids = batch.input_ids.f_to_device(device)?;
                 let mask = batch.attention_mask.f_to_device(device)?;
                 let labels = batch.labels.f_to_device(device)?;
+                // What the loss is scaled by before its backward: 1/accumulation, times the fp16 loss scale.
+                let multiplier = match scaler.as_ref() {
+                    Some(s) => s.scale.f_squeeze()?.f_div_scalar(group)?,
+                    None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
+                };
                 let loss = if config.gradient_checkpointing {
-                    let multiplier = match scaler.as_ref() {
-                        Some(s) => s.scale.f_squeeze()?.f_div_scalar(group)?,
-                        None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
-                    };
                     model.loss_backward_checkpointed(
                         &pixel_values,
                         &ids,
@@ -628,11 +629,7 @@ impl Trainer {
                     let image = model.encode_images(&pixel_values)?;
                     let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
                     let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
-                    let mut scaled = loss.f_div_scalar(group)?;
-                    if let Some(s) = scaler.as_ref() {
-                        scaled = scaled.f_mul(&s.scale.f_squeeze()?)?;
-                    }
-                    scaled.f_backward()?;
+                    loss.f_mul(&multiplier)?.f_backward()?;
                     loss
                 };
                 step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;

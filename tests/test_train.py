@@ -548,3 +548,9 @@ def test_modules_to_save_train_checkpoint_resume_and_load_in_peft(tmp_path, tiny
         ours = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).logits
         expected = ref(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).logits
     assert rel_err(ours, expected) <= 1e-5
+
+
+def test_mixed_precision_refuses_half_precision_trained_weights(tiny_checkpoint: str) -> None:
+    model = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="load the model in float32"):
+        bp.train(model, None, _data(4), max_steps=1, batch_size=2, mixed_precision="bf16", progress=False)

@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 PY := $(VIRTUAL_ENV)/bin/python
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: help install build demo test test-rs test-py lint format clean bench
+.PHONY: help install build demo test test-rs test-py lint format clean bench bench-kernel
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,6 +31,9 @@ demo: build ## fresh machine: set up, then fine-tune the bundled model on a new 
 
 bench: build ## the side-by-side benchmark against transformers + peft on this machine
 	$(PY) bench/compare.py --suite cpu
+
+bench-kernel: install ## the decoding kernel against torch's linear on decoder shapes (src/nn/few_rows.rs)
+	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --release --no-default-features few_rows_speed -- --ignored --nocapture
 
 test-rs: install ## the core's Rust tests (no Python involved)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --release --no-default-features

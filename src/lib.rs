@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod lora;
 pub mod nn;
+pub mod openmp;
 pub mod processor;
 pub mod repr;
 pub mod train;

@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::few_rows;
 use super::params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut};
 use crate::error::Result;
 use crate::lora::layer::{BaseKind, LoraSlot};
@@ -82,10 +83,13 @@ impl Linear {
     /// Forward with LoRA dropout active when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let kind = x.kind();
-        let y = x.f_linear(
-            &in_kind(&self.weight, kind)?,
-            in_kind_opt(self.bias.as_ref(), kind)?.as_ref(),
-        )?;
+        let y = match few_rows::linear(x, &self.weight, self.bias.as_ref())? {
+            Some(y) => y,
+            None => x.f_linear(
+                &in_kind(&self.weight, kind)?,
+                in_kind_opt(self.bias.as_ref(), kind)?.as_ref(),
+            )?,
+        };
         match &self.lora {
             Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
             None => Ok(y),

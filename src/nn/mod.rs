@@ -3,6 +3,7 @@
 
 mod activation;
 pub mod attention;
+pub mod few_rows;
 mod layers;
 mod params;
 

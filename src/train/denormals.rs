@@ -4,8 +4,7 @@
 //! Setting the FTZ/DAZ bits treats those numbers as zero, as TensorFlow and JAX do by default.
 //!
 //! The bits live in each thread's MXCSR register, so they are set on the calling thread and on every
-//! thread of libtorch's OpenMP team (through `GOMP_parallel`, found at run time when libgomp is loaded),
-//! and put back as they were when training ends.
+//! thread of libtorch's OpenMP team (`crate::openmp`), and put back as they were when training ends.
 
 /// FTZ (flush results to zero) and DAZ (read denormal inputs as zero).
 #[cfg(target_arch = "x86_64")]
@@ -46,19 +45,8 @@ extern "C" fn set_on_this_thread(on: *mut std::ffi::c_void) {
 /// parallel kernels use), when libgomp is in the process.
 #[cfg(target_arch = "x86_64")]
 fn set_on_openmp_team(on: bool) {
-    type GompParallel =
-        unsafe extern "C" fn(extern "C" fn(*mut std::ffi::c_void), *mut std::ffi::c_void, u32, u32);
-    // SAFETY: dlsym with RTLD_DEFAULT only looks the symbol up; a null result means no libgomp.
-    let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"GOMP_parallel".as_ptr()) };
-    if symbol.is_null() {
-        return;
-    }
-    // SAFETY: GOMP_parallel(fn, data, num_threads, flags) has this signature in every libgomp; 0 threads
-    // means the team's default size. The callback only touches the running thread's MXCSR.
-    unsafe {
-        let parallel: GompParallel = std::mem::transmute(symbol);
-        parallel(set_on_this_thread, flag(on), 0, 0);
-    }
+    // SAFETY: the callback only touches the running thread's MXCSR and never reads its argument's target.
+    unsafe { crate::openmp::run_on_team(set_on_this_thread, flag(on), 0) };
 }
 
 /// Turns FTZ/DAZ on or off for the calling thread and libtorch's OpenMP team; returns whether it was on

@@ -15,21 +15,12 @@ use std::ffi::c_void;
 
 use tch::{Device, Kind, Tensor};
 
+use super::grad_enabled;
 use crate::error::Result;
 
 /// The most rows handled here; beyond that MKL's blocked GEMM is the better tool (weights are then reused
 /// enough times for its packing to pay off).
 pub const MAX_ROWS: i64 = 32;
-
-/// Whether autograd records operations on this thread (torch's grad mode).
-fn grad_enabled() -> bool {
-    // SAFETY: at_grad_set_enabled swaps the thread's grad mode and returns the old one; we put it back.
-    unsafe {
-        let was = torch_sys::at_grad_set_enabled(0);
-        torch_sys::at_grad_set_enabled(was);
-        was != 0
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 fn kernel_available() -> bool {

@@ -96,6 +96,28 @@ impl Linear {
         }
     }
 
+    /// Inference into a reused buffer: `x Wᵀ + b` written over `out` (which must not need a graph) when the
+    /// layer has no adapter and its weights are `x`'s kind; anything else gets a fresh [`Self::forward`].
+    /// `out` is resized as needed, so one buffer serves every layer of a tower.
+    pub fn forward_into(&self, x: &Tensor, out: &mut Tensor) -> Result<Tensor> {
+        let plain = self.lora.is_none()
+            && self.weight.kind() == x.kind()
+            && self.bias.as_ref().is_none_or(|b| b.kind() == x.kind())
+            && out.kind() == x.kind()
+            && out.device() == x.device();
+        let (Some(bias), true) = (&self.bias, plain) else {
+            return self.forward(x);
+        };
+        let size = x.size();
+        let rows: i64 = size[..size.len() - 1].iter().product();
+        let x2 = x.f_reshape([rows, self.in_features])?;
+        let _ = out.f_resize_([rows, self.out_features])?;
+        let _ = bias.f_addmm_out(out, &x2, &self.weight.f_tr()?)?;
+        let mut out_size = size;
+        *out_size.last_mut().expect("x has a feature dimension") = self.out_features;
+        Ok(out.f_view(out_size.as_slice())?)
+    }
+
     /// Parameters with their paths: transformers' names, or peft's (`base_layer`, `lora_A.<name>`) with adapters.
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
         let base = if self.lora.is_some() {

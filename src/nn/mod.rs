@@ -18,3 +18,13 @@ pub fn is_float_kind(kind: tch::Kind) -> bool {
         tch::Kind::Float | tch::Kind::Half | tch::Kind::BFloat16 | tch::Kind::Double
     )
 }
+
+/// Whether autograd records operations on this thread (torch's grad mode; off inside `no_grad`).
+pub fn grad_enabled() -> bool {
+    // SAFETY: at_grad_set_enabled swaps the thread's grad mode and returns the old one; we put it back.
+    unsafe {
+        let was = torch_sys::at_grad_set_enabled(0);
+        torch_sys::at_grad_set_enabled(was);
+        was != 0
+    }
+}

@@ -528,6 +528,7 @@ pub fn generate_with_stats(
 ) -> Result<(Tensor, GenerationStats)> {
     config.validate()?;
     let _guard = tch::no_grad_guard();
+    let _kernels = crate::nn::few_rows::Enabled::new(); // decoding steps of a few rows: see few_rows.rs
     let tc = &model.config.text_config;
     let bos = config.bos_token_id.unwrap_or(tc.bos_token_id);
     // BLIP generates until [SEP] (transformers passes sep_token_id as the EOS) and pads with pad_token_id.

@@ -574,7 +574,19 @@ pub fn generate_with_stats(
     } else {
         greedy_or_sample(model, image, &prompts, max_length, &processors, pad, &mut stats)?
     };
+    release_freed_host_memory();
     Ok((ids, stats))
+}
+
+/// Hands the heap memory this call freed back to the OS. glibc keeps freed blocks under its mmap threshold
+/// (which grows to 32 MB) in the process, so the call's image keys/values and activations (~330 MB at
+/// batch 8 on real shapes) would otherwise stay resident after it returns. Costs ~1 ms.
+fn release_freed_host_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// transformers' `_sample`: one token per step, argmax or a draw from the processed distribution. Rows whose

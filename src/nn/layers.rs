@@ -118,6 +118,30 @@ impl Linear {
         Ok(out.f_view(out_size.as_slice())?)
     }
 
+    /// `x Wᵀ + b` for `x` of shape `[B, N, in]`, returned features-first, `[B, out, N]` and contiguous. Without
+    /// adapters one batched GEMM (`W · xᵀ` per entry) writes that layout directly, with no transposing copy;
+    /// with them (or mixed kinds) it is [`Self::forward`]'s result transposed.
+    pub fn forward_features_first(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let plain = self.lora.is_none()
+            && self.weight.kind() == kind
+            && self.bias.as_ref().is_none_or(|b| b.kind() == kind);
+        if !plain {
+            return Ok(self.forward(x)?.f_transpose(1, 2)?.f_contiguous()?);
+        }
+        let (b, _, _) = x.size3()?;
+        let weight = self
+            .weight
+            .f_expand([b, self.out_features, self.in_features], false)?;
+        let xt = x.f_transpose(1, 2)?;
+        Ok(match &self.bias {
+            Some(bias) => bias
+                .f_view([1, self.out_features, 1])?
+                .f_baddbmm(&weight, &xt, 1.0, 1.0)?,
+            None => weight.f_bmm(&xt)?,
+        })
+    }
+
     /// Parameters with their paths: transformers' names, or peft's (`base_layer`, `lora_A.<name>`) with adapters.
     pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
         let base = if self.lora.is_some() {

@@ -39,6 +39,24 @@ def test_tiny_forward_matches_transformers_fp32(tiny_checkpoint: str, padding: s
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
 
 
+def test_forward_without_graph_equals_forward_with_graph(tiny_checkpoint: str) -> None:
+    """Under no_grad the vision layers add their residuals and apply the activation in place, into buffers
+    reused across layers (fewer page faults on real sizes); the numbers are the graph path's, bit for bit, and
+    a LoRA adapter on the vision MLP (which cannot use the buffer) changes nothing of that."""
+    px, ids, mask = tiny_batch()
+    model = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    peft = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint),
+        bp.LoraConfig(r=4, target_modules=["fc1", "qkv"], init_lora_weights=False),
+    )
+    for m in (model, peft):
+        with_graph = m(pixel_values=px, input_ids=ids, attention_mask=mask).logits
+        assert with_graph.requires_grad
+        with torch.no_grad():
+            without = m(pixel_values=px, input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(without, with_graph.detach())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tiny_forward_half_precision(tiny_checkpoint: str, dtype: torch.dtype) -> None:
     ref_model = HFBlip.from_pretrained(tiny_checkpoint, dtype=dtype).eval()

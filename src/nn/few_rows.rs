@@ -1,5 +1,5 @@
 //! `y = x Wᵀ + b` for a few rows of `x` (decoding: one new token per caption, so as many rows as captions)
-//! with an AVX-512 kernel on x86-64 CPUs.
+//! with an AVX-512 (or AVX2 + FMA) kernel on x86-64 CPUs.
 //!
 //! Why: a decoding step reads every decoder weight once, so its speed is memory bandwidth. MKL, which torch
 //! calls for float32 matmuls, reaches that with one row but not with a handful: with 8 rows its `[8, 768] ×
@@ -8,7 +8,7 @@
 //! all rows of `x` (which stay in L1), and splits the output columns over libtorch's OpenMP threads.
 //!
 //! Used only while generating (inside [`Enabled`]) and without an autograd graph, for float32 CPU tensors;
-//! any other case, and CPUs without AVX-512, take torch's `linear`. Summation order differs from MKL's, so
+//! any other case, and CPUs without AVX2, take torch's `linear`. Summation order differs from MKL's, so
 //! results agree with torch's to float32 rounding, not bit for bit: that is why the kernel is opt-in. A
 //! checkpointed training step, for one, runs its layers without a graph and must get the very numbers its
 //! recomputation with torch will get.
@@ -53,15 +53,36 @@ impl Drop for Enabled {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn kernel_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f") && crate::openmp::available())
+/// The instruction set the kernel is compiled for, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+/// The instruction sets this CPU runs the kernel with (empty without libgomp, which spreads the work).
+fn supported() -> Vec<Isa> {
+    let mut isas = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if crate::openmp::available() {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+    }
+    isas
+}
+
+/// The best instruction set this CPU runs the kernel with, if any.
+fn best_isa() -> Option<Isa> {
+    static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| supported().first().copied())
+}
+
 fn kernel_available() -> bool {
-    false
+    best_isa().is_some()
 }
 
 /// Whether [`linear`] would run the kernel for these tensors: inside [`Enabled`], float32 on the CPU, a
@@ -102,13 +123,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
     if !applies(x, weight, bias) {
         return Ok(None);
     }
-    // The size of the team libtorch's own parallel kernels use.
-    run(x, weight, bias, tch::get_num_threads().max(1) as u32)
+    match best_isa() {
+        // The size of the team libtorch's own parallel kernels use.
+        Some(isa) => run(x, weight, bias, tch::get_num_threads().max(1) as u32, isa),
+        None => Ok(None),
+    }
 }
 
-/// The kernel on `threads` threads of the OpenMP team (inputs already checked by [`applies`]).
+/// The kernel for `isa` (which this CPU must support) on `threads` threads of the OpenMP team (inputs already
+/// checked by [`applies`]).
 #[allow(unused_variables)]
-fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, threads: u32) -> Result<Option<Tensor>> {
+fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, threads: u32, isa: Isa) -> Result<Option<Tensor>> {
     #[cfg(target_arch = "x86_64")]
     {
         let mut out_size = x.size();
@@ -119,7 +144,7 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, threads: u32) -> Resu
         let rows = x.numel() as i64 / k;
         out_size[last] = n;
         let y = Tensor::f_empty(out_size.as_slice(), (Kind::Float, Device::Cpu))?;
-        let job = avx512::Job {
+        let job = simd::Job {
             x: x.data_ptr() as *const f32,
             w: weight.data_ptr() as *const f32,
             b: bias.map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
@@ -128,10 +153,14 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, threads: u32) -> Resu
             n: n as usize,
             k: k as usize,
         };
-        let data = &job as *const avx512::Job as *mut c_void;
+        let data = &job as *const simd::Job as *mut c_void;
+        let team_fn = match isa {
+            Isa::Avx512 => simd::avx512::run_team,
+            Isa::Avx2 => simd::avx2::run_team,
+        };
         // SAFETY: run_team only reads the job (and the inputs it points to) and writes disjoint columns of `y`;
         // it cannot panic. The tensors outlive the call, which returns after every thread is done.
-        if !unsafe { crate::openmp::run_on_team(avx512::run_team, data, threads) } {
+        if !unsafe { crate::openmp::run_on_team(team_fn, data, threads) } {
             return Ok(None);
         }
         Ok(Some(y))
@@ -141,8 +170,7 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, threads: u32) -> Resu
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+mod simd {
     use std::ffi::c_void;
 
     /// One product: raw pointers into contiguous float32 buffers that outlive the call.
@@ -164,103 +192,199 @@ mod avx512 {
     /// Column ranges given to threads start on this multiple (whole cache lines of `y` per thread).
     const THREAD_ALIGN: usize = 16;
 
-    /// The team callback: this thread's share of the output columns.
-    pub extern "C" fn run_team(data: *mut c_void) {
-        // SAFETY: `data` is the `Job` that `linear` keeps alive until GOMP_parallel returns.
-        let job = unsafe { &*(data as *const Job) };
+    /// This OpenMP thread's share of the output columns, `start..end` (possibly empty).
+    fn thread_columns(n: usize) -> (usize, usize) {
         let (index, count) = crate::openmp::thread_index_and_count();
-        let per = job.n.div_ceil(count).div_ceil(THREAD_ALIGN) * THREAD_ALIGN;
-        let start = (index * per).min(job.n);
-        let end = (start + per).min(job.n);
-        if start < end {
-            // SAFETY: AVX-512F was detected before any job was made; the ranges of threads do not overlap.
-            unsafe { columns(job, start, end) };
-        }
+        let per = n.div_ceil(count).div_ceil(THREAD_ALIGN) * THREAD_ALIGN;
+        let start = (index * per).min(n);
+        (start, (start + per).min(n))
     }
 
-    #[target_feature(enable = "avx512f")]
-    unsafe fn columns(job: &Job, start: usize, end: usize) {
-        let mut c = start;
-        while c < end {
-            let tile_end = (c + COLUMN_TILE).min(end);
-            let mut r = 0;
-            while r < job.m {
-                let rows = (job.m - r).min(8);
-                match rows {
-                    1 => block::<1, 4>(job, r, c, tile_end),
-                    2 => block::<2, 4>(job, r, c, tile_end),
-                    3 => block::<3, 4>(job, r, c, tile_end),
-                    4 => block::<4, 4>(job, r, c, tile_end),
-                    5 => block::<5, 2>(job, r, c, tile_end),
-                    6 => block::<6, 2>(job, r, c, tile_end),
-                    7 => block::<7, 2>(job, r, c, tile_end),
-                    _ => block::<8, 2>(job, r, c, tile_end),
+    /// The kernel for one instruction set, given its vector helpers (`V`, `LANES`, `zero`, `load`, `load_tail`,
+    /// `fma`, `sum`) and how many rows and columns a register tile holds for each height of a row block.
+    macro_rules! kernel {
+        ($feature:literal, max_rows: $max_rows:literal, tiles: { $($rows:literal => $nr:literal),+ }) => {
+            /// The team callback: this thread's share of the output columns.
+            pub extern "C" fn run_team(data: *mut c_void) {
+                // SAFETY: `data` is the `Job` that `linear` keeps alive until GOMP_parallel returns.
+                let job = unsafe { &*(data as *const Job) };
+                let (start, end) = thread_columns(job.n);
+                if start < end {
+                    // SAFETY: the instruction set was detected before any job was made; the column ranges of
+                    // threads do not overlap.
+                    unsafe { columns(job, start, end) };
                 }
-                r += rows;
             }
-            c = tile_end;
-        }
+
+            #[target_feature(enable = $feature)]
+            unsafe fn columns(job: &Job, start: usize, end: usize) {
+                let mut c = start;
+                while c < end {
+                    let tile_end = (c + COLUMN_TILE).min(end);
+                    let mut r = 0;
+                    while r < job.m {
+                        let rows = (job.m - r).min($max_rows);
+                        match rows {
+                            $($rows => block::<$rows, $nr>(job, r, c, tile_end),)+
+                            _ => unreachable!("row blocks hold 1 to {} rows", $max_rows),
+                        }
+                        r += rows;
+                    }
+                    c = tile_end;
+                }
+            }
+
+            /// Rows `r..r+MR` of `y`, columns `c..end`, `NR` columns at a time.
+            #[target_feature(enable = $feature)]
+            unsafe fn block<const MR: usize, const NR: usize>(job: &Job, r: usize, start: usize, end: usize) {
+                let mut c = start;
+                while c + NR <= end {
+                    tile::<MR, NR>(job, r, c);
+                    c += NR;
+                }
+                while c < end {
+                    tile::<MR, 1>(job, r, c);
+                    c += 1;
+                }
+            }
+
+            /// `y[r..r+MR, c..c+NR]`: MR×NR dot products of length k, `LANES` at a time, each in its own register.
+            #[target_feature(enable = $feature)]
+            #[inline]
+            unsafe fn tile<const MR: usize, const NR: usize>(job: &Job, r: usize, c: usize) {
+                let k = job.k;
+                let x = job.x.add(r * k);
+                let w = job.w.add(c * k);
+                let mut acc = [[zero(); NR]; MR];
+                let mut p = 0;
+                while p + LANES <= k {
+                    let mut wv = [zero(); NR];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = load(w.add(j * k + p));
+                        // Ask for the same place in later weight rows now: memory latency hides behind this
+                        // tile's FMAs (without it the kernel was only ~1.5x MKL).
+                        let ahead = w.wrapping_add((j + PREFETCH_ROWS) * k + p);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let xv = load(x.add(i * k + p));
+                        for (a, v) in row.iter_mut().zip(&wv) {
+                            *a = fma(xv, *v, *a);
+                        }
+                    }
+                    p += LANES;
+                }
+                if p < k {
+                    // The last k % LANES elements, through masked loads (lanes past the end read as zero).
+                    let mut wv = [zero(); NR];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = load_tail(w.add(j * k + p), k - p);
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let xv = load_tail(x.add(i * k + p), k - p);
+                        for (a, v) in row.iter_mut().zip(&wv) {
+                            *a = fma(xv, *v, *a);
+                        }
+                    }
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    for (j, a) in row.iter().enumerate() {
+                        let bias = if job.b.is_null() { 0.0 } else { *job.b.add(c + j) };
+                        *job.y.add((r + i) * job.n + c + j) = sum(*a) + bias;
+                    }
+                }
+            }
+        };
     }
 
-    /// Rows `r..r+MR` of `y`, columns `c..end`, `NR` columns at a time.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<const MR: usize, const NR: usize>(job: &Job, r: usize, start: usize, end: usize) {
-        let mut c = start;
-        while c + NR <= end {
-            tile::<MR, NR>(job, r, c);
-            c += NR;
+    /// AVX-512F: 32 vector registers, so tiles of up to 8 rows × 2 columns (or 4 × 4).
+    pub mod avx512 {
+        use super::*;
+        use std::arch::x86_64::*;
+
+        type V = __m512;
+        const LANES: usize = 16;
+
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn zero() -> V {
+            _mm512_setzero_ps()
         }
-        while c < end {
-            tile::<MR, 1>(job, r, c);
-            c += 1;
+
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn load(p: *const f32) -> V {
+            _mm512_loadu_ps(p)
         }
+
+        /// The first `n < LANES` floats at `p`, the other lanes zero (nothing past them is read).
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn load_tail(p: *const f32, n: usize) -> V {
+            _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, p)
+        }
+
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn fma(a: V, b: V, c: V) -> V {
+            _mm512_fmadd_ps(a, b, c)
+        }
+
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn sum(v: V) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+
+        kernel!("avx512f", max_rows: 8, tiles: {
+            1 => 4, 2 => 4, 3 => 4, 4 => 4, 5 => 2, 6 => 2, 7 => 2, 8 => 2
+        });
     }
 
-    /// `y[r..r+MR, c..c+NR]`: MR×NR dot products of length k, 16 lanes at a time, each in its own register.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const MR: usize, const NR: usize>(job: &Job, r: usize, c: usize) {
-        let k = job.k;
-        let x = job.x.add(r * k);
-        let w = job.w.add(c * k);
-        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-        let mut p = 0;
-        while p + 16 <= k {
-            let mut wv = [_mm512_setzero_ps(); NR];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(w.add(j * k + p));
-                // Ask for the same place in later weight rows now: memory latency hides behind this tile's FMAs.
-                let ahead = w.wrapping_add((j + PREFETCH_ROWS) * k + p);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_loadu_ps(x.add(i * k + p));
-                for (a, v) in row.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xv, *v, *a);
-                }
-            }
-            p += 16;
+    /// AVX2 + FMA: 16 vector registers, so tiles of up to 4 rows × 3 columns (12 sums, 3 weights, 1 input).
+    pub mod avx2 {
+        use super::*;
+        use std::arch::x86_64::*;
+
+        type V = __m256;
+        const LANES: usize = 8;
+
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        fn zero() -> V {
+            _mm256_setzero_ps()
         }
-        if p < k {
-            // The last k % 16 elements, through masked loads (lanes past the end read as zero).
-            let mask: __mmask16 = ((1u32 << (k - p)) - 1) as __mmask16;
-            let mut wv = [_mm512_setzero_ps(); NR];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, w.add(j * k + p));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_maskz_loadu_ps(mask, x.add(i * k + p));
-                for (a, v) in row.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xv, *v, *a);
-                }
-            }
+
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn load(p: *const f32) -> V {
+            _mm256_loadu_ps(p)
         }
-        for (i, row) in acc.iter().enumerate() {
-            for (j, a) in row.iter().enumerate() {
-                let bias = if job.b.is_null() { 0.0 } else { *job.b.add(c + j) };
-                *job.y.add((r + i) * job.n + c + j) = _mm512_reduce_add_ps(*a) + bias;
-            }
+
+        /// The first `n < LANES` floats at `p`, the other lanes zero (nothing past them is read).
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn load_tail(p: *const f32, n: usize) -> V {
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+            _mm256_maskload_ps(p, mask)
         }
+
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        fn fma(a: V, b: V, c: V) -> V {
+            _mm256_fmadd_ps(a, b, c)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        fn sum(v: V) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+
+        kernel!("avx2,fma", max_rows: 4, tiles: { 1 => 4, 2 => 4, 3 => 3, 4 => 3 });
     }
 }
 
@@ -280,23 +404,19 @@ mod tests {
         let _guard = tch::no_grad_guard();
         let _enabled = Enabled::new();
         let expected = x.linear(&w, b.as_ref());
-        let got = if applies(&x, &w, b.as_ref()) {
-            run(&x, &w, b.as_ref(), threads).unwrap()
-        } else {
-            None
-        };
-        if !kernel_available() {
-            assert!(got.is_none());
-            return;
+        assert_eq!(applies(&x, &w, b.as_ref()), kernel_available());
+        // Every instruction set this CPU has, not only the one `linear` picks.
+        for isa in supported() {
+            let got = run(&x, &w, b.as_ref(), threads, isa).unwrap();
+            let got = got.expect("libgomp is loaded with libtorch");
+            assert_eq!(got.size(), expected.size());
+            let err = (&got - &expected).abs().max().double_value(&[]);
+            let scale = expected.abs().max().double_value(&[]).max(1.0);
+            assert!(
+                err <= 1e-5 * scale * (k as f64).sqrt(),
+                "{isa:?}: rows {rows} k {k} n {n}: max error {err}"
+            );
         }
-        let got = got.expect("the kernel applies to float32 CPU tensors with few rows");
-        assert_eq!(got.size(), expected.size());
-        let err = (&got - &expected).abs().max().double_value(&[]);
-        let scale = expected.abs().max().double_value(&[]).max(1.0);
-        assert!(
-            err <= 1e-5 * scale * (k as f64).sqrt(),
-            "rows {rows} k {k} n {n}: max error {err}"
-        );
     }
 
     #[test]
@@ -373,10 +493,13 @@ mod speed {
                     start.elapsed().as_secs_f64() / copies as f64 * 1e6
                 };
                 let torch = micros(&|w| x.linear(w, Some(&b)));
-                let kernel = micros(&|w| linear(&x, w, Some(&b)).unwrap().unwrap());
-                eprintln!(
-                    "rows {rows:>2}, [{n}, {k}] weight: torch {torch:>6.0} us, kernel {kernel:>6.0} us"
-                );
+                let mut line = format!("rows {rows:>2}, [{n}, {k}] weight: torch {torch:>6.0} us");
+                for isa in supported() {
+                    let threads = tch::get_num_threads().max(1) as u32;
+                    let kernel = micros(&|w| run(&x, w, Some(&b), threads, isa).unwrap().unwrap());
+                    line += &format!(", {isa:?} {kernel:>6.0} us");
+                }
+                eprintln!("{line}");
             }
         }
     }

@@ -1069,6 +1069,15 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
+def _vs_hf(r: dict[str, Any], hf: dict[str, Any] | None, is_hf: bool, time_key: str, time: float) -> list[str]:
+    """A row's "speed vs HF" and "memory vs HF" cells: 1.00× on transformers' own row, – without one."""
+    if is_hf:
+        return ["1.00×", "1.00×"]
+    if not hf:
+        return ["–", "–"]
+    return [_ratio(hf[time_key], time), _ratio(r["peak_mib"], hf["peak_mib"])]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -1163,8 +1172,7 @@ def render(report: dict[str, Any]) -> list[str]:
                     _fmt(r["peak_mib"], 4),
                     f"{100 * sps * tflops / peak:.1f}%",
                     f"{_fmt(floor * 1e3)} ({step / floor:.1f}×)",
-                    "1.00×" if is_hf else (_ratio(hf["step_s"], step) if hf else "–"),
-                    "1.00×" if is_hf else (_ratio(r["peak_mib"], hf["peak_mib"]) if hf else "–"),
+                    *_vs_hf(r, hf, is_hf, "step_s", step),
                 ]
             )
         out += _table(
@@ -1223,8 +1231,7 @@ def render(report: dict[str, Any]) -> list[str]:
                     _fmt(r["batch"] / lat),
                     _fmt(r["peak_mib"], 4),
                     f"{_fmt(floor * 1e3)} ({lat / floor:.1f}×)",
-                    "1.00×" if is_hf else (_ratio(hf["latency_s"], lat) if hf else "–"),
-                    "1.00×" if is_hf else (_ratio(r["peak_mib"], hf["peak_mib"]) if hf else "–"),
+                    *_vs_hf(r, hf, is_hf, "latency_s", lat),
                 ]
             )
         out += _table(
@@ -1349,8 +1356,7 @@ def render_early(report: dict[str, Any]) -> list[str]:
                 _fmt(r["peak_mib"], 4),
                 f"{min(r['new_tokens'])}–{max(r['new_tokens'])}",
                 work,
-                "1.00×" if is_hf else (_ratio(hf["latency_s"], lat) if hf else "–"),
-                "1.00×" if is_hf else (_ratio(r["peak_mib"], hf["peak_mib"]) if hf else "–"),
+                *_vs_hf(r, hf, is_hf, "latency_s", lat),
             ]
         )
     out += _table(

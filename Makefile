@@ -38,8 +38,11 @@ bench-kernel: install ## the decoding kernel against torch's linear on decoder s
 test-rs: install ## the core's Rust tests (no Python involved)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --release --no-default-features
 
-test-py: build ## the Python test suite against transformers and peft
+# The tests marked cpu_isa (numbers that rest on the kernels a CPU's instruction set picks) run a second time on
+# the code an AVX2-only CPU runs, so every machine checks both paths (tests/test_cpu_capability.py).
+test-py: build ## the Python test suite against transformers and peft (cpu_isa tests also capped at AVX2)
 	$(PY) -m pytest -q
+	BLIP_PEFT_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m cpu_isa
 
 lint: build ## rustfmt, clippy, ruff and the stub check
 	cargo fmt --check

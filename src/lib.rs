@@ -6,6 +6,7 @@
 
 pub mod blip;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod error;

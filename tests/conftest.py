@@ -58,6 +58,14 @@ BASE_VISION = dict(
 )
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which code paths this run takes (BLIP_PEFT_CPU_CAPABILITY caps them; see tests/test_cpu_capability.py)."""
+    import blip_peft as bp
+
+    paths = ", ".join(f"{k} {v}" for k, v in bp._blip_peft.kernel_code_paths().items())
+    return f"cpu: torch {torch.backends.cpu.get_cpu_capability()}; blip_peft kernels: {paths}"
+
+
 def tiny_hf_config(**top: object) -> BlipConfig:
     return BlipConfig(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VISION), **top)
 

@@ -10,6 +10,9 @@ from transformers import BlipForConditionalGeneration as HFBlip
 
 import blip_peft as bp
 
+# Token ids and logits rest on the kernels the CPU's instruction set picks: `make test` runs these twice.
+pytestmark = pytest.mark.cpu_isa
+
 SETTINGS = {
     "greedy": dict(max_new_tokens=12, min_new_tokens=12),
     "greedy_max_length": dict(max_length=15),
@@ -295,24 +298,92 @@ def test_forward_logits_agree_with_generation_scores(models) -> None:
     logits = ours(pixel_values=px, input_ids=ids).logits
     logits[:, :, 3] = float("-inf")
     assert torch.equal(logits[:, :-1].argmax(-1), ids[:, 1:])
-    assert rel_err(logits[:, :-1].softmax(-1).max(-1).values, logits[:, :-1].softmax(-1).max(-1).values) == 0
+    # The two paths round differently (the decoding kernel and the cache against MKL over the whole sequence),
+    # so this holds only where no two tokens are within float32 rounding of each other: check that it is so.
+    top2 = logits[:, :-1].topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-4 * top2[..., 0].abs().max()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_captions_equal_transformers(dtype) -> None:
-    """bf16/fp16 weights (here on the CPU; tests/test_gpu.py repeats it on CUDA): the bundled trained model's
-    greedy and beam captions equal transformers' at the same precision, as finished rows leave the batch."""
+FIDELITY_IMAGES = 192  # enough target-domain captions that a rate of straying from float32 means something
+HALF_DECODING = {"greedy": dict(max_new_tokens=25), "beam3": dict(num_beams=3, max_new_tokens=25)}
+
+
+@pytest.fixture(scope="module")
+def float32_truth():
+    """The bundled model's float32 captions of target-domain images (ours token-equal to transformers'): the
+    truth half precision is judged against."""
     from transformers import BlipProcessor as HFProcessor
 
     from blip_peft import world
 
     path = bp.bundled_model_path()
+    processor = HFProcessor.from_pretrained(path)
+    size = processor.image_processor.size["height"]
+    items = world.make_dataset(FIDELITY_IMAGES, seed=11, domain="target", size=size)
+    px = processor(images=[it["image"] for it in items], return_tensors="pt")["pixel_values"]
+    ref = HFBlip.from_pretrained(path, dtype=torch.float32).eval()
+    ours = bp.BlipForConditionalGeneration.from_pretrained(path, dtype="float32")
+    truth = {}
+    for name, kwargs in HALF_DECODING.items():
+        truth[name] = ours.generate(pixel_values=px, **kwargs)
+        assert torch.equal(truth[name], ref.generate(pixel_values=px, **kwargs)), name  # float32: token-exact
+    with torch.no_grad():
+        logits = ref(pixel_values=px, input_ids=truth["greedy"]).logits
+    return path, px, truth, logits
+
+
+def _tokens_on_truth(ids: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per caption: how many of the float32 caption's tokens a half-precision caption reproduces before it first
+    strays (its whole length when it never does)."""
+    width = max(ids.shape[1], truth.shape[1])
+    ids, truth = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (ids, truth))
+    same_so_far = (ids == truth).long().cumprod(1)
+    return (same_so_far * (truth != 0)).sum(1)
+
+
+def _sign_test_p(worse: int, better: int) -> float:
+    """One-sided exact sign test: the chance of `worse` or more of `worse + better` fair coin flips."""
+    from math import comb
+
+    n = worse + better
+    return sum(comb(n, k) for k in range(worse, n + 1)) / 2**n
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_captions_stay_on_float32_as_often_as_transformers(float32_truth, dtype) -> None:
+    """bf16/fp16 weights on the CPU, judged against the float32 captions.
+
+    Two implementations that order their float operations differently (SDPA against eager attention, our
+    kernels against MKL/oneDNN, which pick different code on each CPU) cannot promise equal half-precision
+    tokens: a near tie flips one way or the other. What can be promised is fidelity: over greedy and 3-beam
+    captions of many images, ours stay on the float32 caption at least as often as transformers' do, up to
+    chance. Where exactly one of the two strays (from the whole caption, or earlier in it), ours may not be the
+    one that strays significantly more often (exact one-sided sign test at 0.5%: eight strays against none
+    fail), and our logits stay within 2e-2 of transformers' and about as close to the float32 ones as theirs."""
+    path, px, truth, truth_logits = float32_truth
     ref = HFBlip.from_pretrained(path, dtype=dtype).eval()
     ours = bp.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    processor = HFProcessor.from_pretrained(path)
-    items = world.make_dataset(8, seed=5, domain="base", size=processor.image_processor.size["height"])
-    px = processor(images=[it["image"] for it in items], return_tensors="pt")["pixel_values"]
-    for kwargs in (dict(max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)):
-        expected = ref.generate(pixel_values=px.to(dtype), **kwargs)
-        got = ours.generate(pixel_values=px, **kwargs)
-        assert torch.equal(got, expected), kwargs
+    ours_tokens, theirs_tokens = [], []
+    for name, kwargs in HALF_DECODING.items():
+        ours_tokens.append(_tokens_on_truth(ours.generate(pixel_values=px, **kwargs), truth[name]))
+        theirs_tokens.append(_tokens_on_truth(ref.generate(pixel_values=px.to(dtype), **kwargs), truth[name]))
+    whole = torch.cat([(truth[name] != 0).sum(1) for name in HALF_DECODING])
+    ours_kept, theirs_kept = torch.cat(ours_tokens), torch.cat(theirs_tokens)
+    ours_whole, theirs_whole = ours_kept == whole, theirs_kept == whole
+    report = (
+        f"whole captions kept: ours {int(ours_whole.sum())}, transformers {int(theirs_whole.sum())} of {len(whole)}; "
+        f"tokens kept: ours {int(ours_kept.sum())}, transformers {int(theirs_kept.sum())} of {int(whole.sum())}"
+    )
+    assert _sign_test_p(int((theirs_whole & ~ours_whole).sum()), int((ours_whole & ~theirs_whole).sum())) > 0.005, (
+        report
+    )
+    assert _sign_test_p(int((ours_kept < theirs_kept).sum()), int((ours_kept > theirs_kept).sum())) > 0.005, report
+    assert ours_whole.float().mean() >= 0.8, report  # and most captions keep to float32 at all
+    with torch.no_grad():
+        ours_logits = ours(pixel_values=px, input_ids=truth["greedy"]).logits.float()
+        theirs_logits = ref(pixel_values=px.to(dtype), input_ids=truth["greedy"]).logits.float()
+    assert rel_err(ours_logits, theirs_logits) <= 2e-2
+    # Measured here: bf16 5.4e-3 (ours) against 5.7e-3 (transformers), fp16 6.0e-4 against 6.3e-4; the margin
+    # leaves room for other CPUs' kernels.
+    assert rel_err(ours_logits, truth_logits) <= 1.25 * rel_err(theirs_logits, truth_logits)

@@ -24,6 +24,7 @@ def bundled() -> str:
     return bp.bundled_model_path()
 
 
+@pytest.mark.cpu_isa
 def test_bundled_model_is_small_and_loads_in_transformers_with_equal_logits(bundled: str) -> None:
     size = sum(os.path.getsize(os.path.join(bundled, f)) for f in os.listdir(bundled))
     assert size <= 25 * 1024 * 1024
@@ -46,6 +47,7 @@ def test_bundled_model_is_small_and_loads_in_transformers_with_equal_logits(bund
     assert rel_err(out.logits, expected.logits) <= 1e-5
 
 
+@pytest.mark.cpu_isa
 def test_bundled_model_captions_its_base_domain(bundled: str) -> None:
     """The pretraining worked: held-out base-domain images get their captions; captions equal transformers'."""
     processor = bp.BlipProcessor.from_pretrained(bundled)
@@ -62,6 +64,7 @@ def test_bundled_model_captions_its_base_domain(bundled: str) -> None:
     assert captions == expected
 
 
+@pytest.mark.cpu_isa
 def test_short_demo_improves_the_target_domain(tmp_path) -> None:
     summary = bp.demo.run(output_dir=str(tmp_path), quick=True)
     assert summary["after"]["bleu4"] > summary["before"]["bleu4"] + 0.05

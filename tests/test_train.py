@@ -18,6 +18,9 @@ from transformers import BlipForConditionalGeneration as HFBlip
 
 import blip_peft as bp
 
+# Losses against peft's and mixed precision rest on the CPU's kernels: `make test` runs these twice.
+pytestmark = pytest.mark.cpu_isa
+
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value", "qkv", "fc1", "patch_embedding"])
 
 

@@ -3,10 +3,19 @@
 The API mirrors transformers + peft; the work runs in a Rust core on libtorch.
 """
 
-# torch must be imported first: it loads the libtorch libraries the native module links against.
+# ruff: noqa: E402  (the imports below must follow the CPU capability cap and torch)
+
+# The CPU capability cap (if any) goes to torch, MKL and oneDNN before they choose their code.
+from blip_peft import _cpu_capability
+
+_cpu_capability.apply()
+
+# torch must be imported next: it loads the libtorch libraries the native module links against.
 import torch  # noqa: F401, I001
 
-from blip_peft import _blip_peft, distributed
+_cpu_capability.check()
+
+from blip_peft import _blip_peft, distributed  # noqa: I001
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate

@@ -18,6 +18,7 @@ __all__ = [
     "collate_captions",
     "set_flush_denormals",
     "cuda_is_available",
+    "kernel_code_paths",
     "normalize_lora_config",
     "train_native",
 ]
@@ -28,6 +29,7 @@ class BlipPeftError(RuntimeError):
     """An error raised inside libtorch while running the model."""
 
 def cuda_is_available() -> bool: ...
+def kernel_code_paths() -> dict[str, str]: ...
 def normalize_lora_config(config_json: str) -> str: ...
 def train_native(
     model: _BlipModel,

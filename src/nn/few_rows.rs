@@ -18,6 +18,7 @@ use std::ffi::c_void;
 use tch::{Device, Kind, Tensor};
 
 use super::grad_enabled;
+use crate::cpu::Capability;
 use crate::error::Result;
 
 /// The most rows handled here; beyond that MKL's blocked GEMM is the better tool (weights are then reused
@@ -60,7 +61,17 @@ enum Isa {
     Avx2,
 }
 
-/// The instruction sets this CPU runs the kernel with (empty without libgomp, which spreads the work).
+impl Isa {
+    fn capability(self) -> Capability {
+        match self {
+            Self::Avx512 => Capability::Avx512,
+            Self::Avx2 => Capability::Avx2,
+        }
+    }
+}
+
+/// The instruction sets this CPU runs the kernel with under the environment's cap (`crate::cpu`), best first;
+/// empty without libgomp, which spreads the work.
 fn supported() -> Vec<Isa> {
     let mut isas = Vec::new();
     #[cfg(target_arch = "x86_64")]
@@ -72,6 +83,7 @@ fn supported() -> Vec<Isa> {
             isas.push(Isa::Avx2);
         }
     }
+    isas.retain(|isa| crate::cpu::allows(isa.capability()));
     isas
 }
 
@@ -79,6 +91,11 @@ fn supported() -> Vec<Isa> {
 fn best_isa() -> Option<Isa> {
     static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| supported().first().copied())
+}
+
+/// The code path the kernel takes in this process (`None`: torch does every decoding matmul).
+pub fn code_path() -> Option<Capability> {
+    best_isa().map(Isa::capability)
 }
 
 fn kernel_available() -> bool {

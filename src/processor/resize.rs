@@ -8,6 +8,7 @@
 //! an affine scale whose source coordinate is accumulated in f64 step by step, reproduced here step by step.
 
 use super::buffers;
+use crate::cpu::Capability;
 
 /// PIL's resampling filters, numbered as `PIL.Image.Resampling` numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,6 +343,16 @@ unsafe fn vertical_avx2(src: &[u8], width: usize, row_offset: usize, kernel: &Ke
     vertical_impl(src, width, row_offset, kernel)
 }
 
+/// The code path the resampling passes take in this process: AVX2 where the CPU has it and the environment's
+/// cap (`crate::cpu`) allows it. Both paths give the same bytes.
+pub fn code_path() -> Capability {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::allows(Capability::Avx2) && std::arch::is_x86_feature_detected!("avx2") {
+        return Capability::Avx2;
+    }
+    Capability::Default
+}
+
 fn horizontal(
     src: &[u8],
     width: usize,
@@ -350,8 +361,8 @@ fn horizontal(
     out_w: usize,
 ) -> Vec<u8> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
+    if code_path() == Capability::Avx2 {
+        // SAFETY: the CPU supports AVX2 (checked by code_path).
         return unsafe { horizontal_avx2(src, width, rows, kernel, out_w) };
     }
     horizontal_impl(src, width, rows, kernel, out_w)
@@ -359,8 +370,8 @@ fn horizontal(
 
 fn vertical(src: &[u8], width: usize, row_offset: usize, kernel: &Kernel) -> Vec<u8> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
+    if code_path() == Capability::Avx2 {
+        // SAFETY: the CPU supports AVX2 (checked by code_path).
         return unsafe { vertical_avx2(src, width, row_offset, kernel) };
     }
     vertical_impl(src, width, row_offset, kernel)
@@ -440,6 +451,28 @@ mod tests {
                     "{i}->{o} at {xx}: {s}"
                 );
             }
+        }
+    }
+
+    /// The AVX2 build of the passes gives the baseline build's bytes (`BLIP_PEFT_CPU_CAPABILITY=default`
+    /// picks the baseline one at run time).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_passes_equal_the_baseline_passes() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let (w, h) = (97, 61);
+        let src: Vec<u8> = (0..w * h * 4).map(|i| (i * 131 % 251) as u8).collect();
+        for f in [Resample::Bicubic, Resample::Bilinear, Resample::Lanczos] {
+            let kernel = Kernel::new(w, 40, f);
+            // SAFETY: AVX2 was detected above.
+            let fast = unsafe { horizontal_avx2(&src, w, 0..h, &kernel, 40) };
+            assert_eq!(fast, horizontal_impl(&src, w, 0..h, &kernel, 40), "{f:?}");
+            let kernel = Kernel::new(h, 23, f);
+            // SAFETY: as above.
+            let fast = unsafe { vertical_avx2(&src, w, 0, &kernel) };
+            assert_eq!(fast, vertical_impl(&src, w, 0, &kernel), "{f:?}");
         }
     }
 

@@ -16,6 +16,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<processor::PyImageProcessor>()?;
     m.add_class::<processor::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_code_paths, m)?)?;
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
     m.add_function(wrap_pyfunction!(train::train_native, m)?)?;
     m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
@@ -29,4 +30,19 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 fn cuda_is_available() -> bool {
     tch::Cuda::is_available()
+}
+
+/// The code path each of the core's own CPU kernels takes in this process (torch's names: "avx512", "avx2",
+/// "default"; "torch" where torch does the work), after the `BLIP_PEFT_CPU_CAPABILITY` cap.
+#[pyfunction]
+fn kernel_code_paths() -> std::collections::BTreeMap<&'static str, &'static str> {
+    use crate::cpu::Capability;
+    let decoding = crate::nn::few_rows::code_path().map_or("torch", Capability::name);
+    let resize = crate::processor::resize::code_path().name();
+    [
+        ("cap", crate::cpu::cap().name()),
+        ("decoding", decoding),
+        ("resize", resize),
+    ]
+    .into()
 }

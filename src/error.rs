@@ -38,6 +38,15 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// The model is in use by another call (training or generating) and cannot be used until it returns.
+    #[error("{0}")]
+    Busy(String),
+
+    /// Code the caller handed in (a Python callback, a collective) raised; the bindings re-raise the
+    /// caller's own exception, this says where it came from.
+    #[error("{0}")]
+    Callback(String),
+
     /// An error raised inside libtorch.
     #[error("libtorch error: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),

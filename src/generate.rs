@@ -12,7 +12,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::blip::text::{DecoderCache, DecoderMasks};
+use crate::blip::kv_cache::DecoderCache;
+use crate::blip::text::DecoderMasks;
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
 use crate::nn::attention::finfo_min;

@@ -304,3 +304,75 @@ fn finished_captions_stop_costing_compute() {
     assert!(ids.equal(&again));
     assert_eq!(rows, rows_again);
 }
+
+/// Records every parameter the model asks for while it is built.
+struct Recording {
+    inner: blip_peft::nn::RandomInit,
+    asked: Vec<String>,
+}
+
+impl blip_peft::nn::ParamSource for Recording {
+    fn param(
+        &mut self,
+        name: &str,
+        shape: &[i64],
+        init: blip_peft::nn::Init,
+        kind: Kind,
+    ) -> blip_peft::Result<Tensor> {
+        self.asked.push(name.to_string());
+        self.inner.param(name, shape, init, kind)
+    }
+
+    fn kind(&self) -> Kind {
+        self.inner.kind()
+    }
+}
+
+/// The children each module declares once (`module!`) drive every walk: the loader asks for exactly the
+/// parameters the walk lists (the loader names them too, as candle's `vb.pp` does; this keeps both in step),
+/// the mutable walk visits the same parameters as the immutable one, adapters included, and every LoRA
+/// target is a module of the printed tree.
+#[test]
+fn loading_and_every_walk_agree_on_the_tree() {
+    let _rng = global_rng();
+    let mut src = Recording {
+        inner: blip_peft::nn::RandomInit::new(0, Kind::Float, Device::Cpu),
+        asked: Vec::new(),
+    };
+    let mut model = BlipForConditionalGeneration::build(tiny_config(), &mut src).unwrap();
+    let walked: Vec<String> = model.named_parameters().into_iter().map(|(n, _)| n).collect();
+    let mut asked = src.asked.clone();
+    asked.sort();
+    let mut sorted = walked.clone();
+    sorted.sort();
+    assert_eq!(
+        asked, sorted,
+        "the loader and the parameter walk name different parameters"
+    );
+
+    use blip_peft::lora::{inject, LoraConfig};
+    let config = LoraConfig::from_json(&serde_json::json!({
+        "r": 2, "target_modules": ["qkv", "query", "patch_embedding", "decoder"], "use_dora": true
+    }))
+    .unwrap();
+    inject(&mut model, &config, "default").unwrap();
+    let immutable: Vec<String> = model
+        .plain_named_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut mutable = Vec::new();
+    model.visit_params_mut(&mut |name, _| mutable.push(name.to_string()));
+    assert_eq!(immutable, mutable);
+    assert!(mutable.iter().any(|n| n.ends_with("qkv.lora_A.default.weight")));
+    assert!(mutable
+        .iter()
+        .any(|n| n.ends_with("lora_magnitude_vector.default.weight")));
+
+    let printed = blip_peft::lora::saved::module_paths(&model);
+    let targets = blip_peft::lora::inject::targetable_layers(&mut model).unwrap();
+    assert_eq!(targets.len(), 1 + 2 * 4 + 2 * (4 + 4 + 2) + 2); // patch conv, vision 4/layer, text 10/layer, head 2
+    for t in &targets {
+        assert!(printed.contains(&t.path), "{} is not in the printed tree", t.path);
+    }
+}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import rel_err, tiny_batch
+from conftest import assert_as_faithful_as_transformers, rel_err, tiny_batch
 from transformers import BlipForConditionalGeneration as HFBlip
 
 import blip_peft as bp
@@ -63,6 +63,32 @@ def test_greedy_generation_token_equal_on_cuda(tiny_checkpoint: str) -> None:
         assert torch.equal(
             ours.generate(pixel_values=px, **kwargs).cpu(), ref.generate(pixel_values=px, **kwargs).cpu()
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_captions_on_cuda_stay_on_float32_as_often_as_transformers(dtype: torch.dtype) -> None:
+    """As on the CPU (tests/test_generate.py): judged against the float32 captions on the same card (TF32 off),
+    not token-equal to transformers, since cuBLAS and the SDPA kernels round differently from eager attention."""
+    from transformers import BlipProcessor as HFProcessor
+
+    from blip_peft import world
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = bp.bundled_model_path()
+    processor = HFProcessor.from_pretrained(path)
+    items = world.make_dataset(192, seed=11, domain="target", size=processor.image_processor.size["height"])
+    px = processor(images=[it["image"] for it in items], return_tensors="pt")["pixel_values"].cuda()
+    decodings = [dict(max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)]
+    ours32 = bp.BlipForConditionalGeneration.from_pretrained(path, dtype="float32", device="cuda")
+    ref32 = HFBlip.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    truth = [ours32.generate(pixel_values=px, **kw).cpu() for kw in decodings]
+    for kw, t in zip(decodings, truth, strict=True):
+        assert torch.equal(t, ref32.generate(pixel_values=px, **kw).cpu()), kw
+    ours = bp.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype, device="cuda")
+    ref = HFBlip.from_pretrained(path, dtype=dtype).to("cuda").eval()
+    ours_ids = [ours.generate(pixel_values=px, **kw).cpu() for kw in decodings]
+    theirs_ids = [ref.generate(pixel_values=px.to(dtype), **kw).cpu() for kw in decodings]
+    assert_as_faithful_as_transformers(ours_ids, theirs_ids, truth)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16", "auto"])

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, final
+from typing import Any, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
@@ -28,17 +28,26 @@ __version__: str
 class BlipPeftError(RuntimeError):
     """An error raised inside libtorch while running the model."""
 
+class _CollectiveLike(Protocol):
+    """What `train_native` calls for torch.distributed (blip_peft.distributed._Collective)."""
+
+    rank: int
+    world_size: int
+    def all_reduce_mean(self, t: torch.Tensor) -> None: ...
+    def all_reduce_max(self, value: float) -> float: ...
+    def all_equal(self, value: float) -> bool: ...
+
 def cuda_is_available() -> bool: ...
 def kernel_code_paths() -> dict[str, str]: ...
 def normalize_lora_config(config_json: str) -> str: ...
 def train_native(
     model: _BlipModel,
-    train: Mapping[str, torch.Tensor],
-    eval: Mapping[str, torch.Tensor] | None,
+    train: Mapping[str, torch.Tensor] | _ImageCaptionData,
+    eval: Mapping[str, torch.Tensor] | _ImageCaptionData | None,
     args_json: str,
     adapter: tuple[str, str, str] | None = None,
     callback: Callable[[str, dict[str, Any]], Any] | None = None,
-    distributed: Any = None,
+    distributed: _CollectiveLike | None = None,
 ) -> dict[str, Any]: ...
 def collate_captions(
     captions: Sequence[Sequence[int]], bos_token_id: int, pad_token_id: int, max_length: int | None = None

@@ -1,5 +1,6 @@
 //! The BLIP image-captioning model (`BlipForConditionalGeneration`): an image encoder and a caption decoder.
 
+pub mod kv_cache;
 mod model;
 pub mod recompute;
 pub mod text;

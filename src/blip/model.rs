@@ -11,7 +11,7 @@ use super::vision::BlipVisionModel;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::attention::causal_padding_mask;
-use crate::nn::{ParamSource, RandomInit};
+use crate::nn::{visit_adaptable, visit_params, visit_params_mut, Module, ParamSource, RandomInit};
 use crate::repr::ReprNode;
 use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
 
@@ -40,11 +40,15 @@ pub struct BlipForConditionalGeneration {
     /// Where the checkpoint came from (`name_or_path` in transformers); written into adapter configs.
     pub name_or_path: String,
     /// The modules adapters train in full (LoRA's `modules_to_save`), with their originals and copies.
-    pub saved_modules: Vec<crate::lora::saved::SavedModule>,
+    pub saved_modules: Vec<crate::nn::saved::SavedModule>,
     /// Set by the training loop for each micro-batch: every transformer layer then runs under a seed derived
     /// from it, so gradient checkpointing's recomputation and a plain step draw the same dropout masks.
     pub dropout_seed: Option<i64>,
 }
+
+crate::module!(BlipForConditionalGeneration: "BlipForConditionalGeneration" {
+    children: ["vision_model" => vision_model, "text_decoder" => text_decoder],
+});
 
 /// The decoder layers' seeds start here (the vision layers' at the step's seed itself).
 const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
@@ -107,28 +111,26 @@ impl BlipForConditionalGeneration {
     /// Every parameter in transformers' `named_parameters()` order, tied ones once; the modules adapters
     /// train in full appear as peft names them (`<path>.original_module.*`, `<path>.modules_to_save.*`).
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        crate::lora::saved::rename(self, self.plain_named_parameters())
+        crate::nn::saved::rename(&self.saved_modules, self.plain_named_parameters())
     }
 
     /// The parameters the layers hold now, under their module paths (no `modules_to_save` renaming).
     pub fn plain_named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        let mut push = |name: &str, t: &Tensor| out.push((name.to_string(), t.shallow_clone()));
-        self.vision_model.visit("vision_model", &mut push);
-        self.text_decoder.visit("text_decoder", &mut push);
+        visit_params(self, "", &mut |name, t| {
+            out.push((name.to_string(), t.shallow_clone()))
+        });
         out
     }
 
     /// Lets `f` replace the parameters the layers hold (the same ones `plain_named_parameters` lists).
-    pub fn visit_params_mut(&mut self, f: &mut crate::nn::ParamVisitorMut) {
-        self.vision_model.visit_mut("vision_model", f);
-        self.text_decoder.visit_mut("text_decoder", f);
+    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        visit_params_mut(self, "", f);
     }
 
     /// Every Linear and Conv2d of both towers with its path (the layers LoRA can target).
-    pub fn for_each_layer(&mut self, f: &mut crate::lora::inject::LayerVisitor) -> Result<()> {
-        self.vision_model.for_each_layer("vision_model", f)?;
-        self.text_decoder.for_each_layer("text_decoder", f)
+    pub fn for_each_layer(&mut self, f: &mut crate::nn::LayerVisitor) -> Result<()> {
+        visit_adaptable(self, "", f)
     }
 
     /// Sets `requires_grad` on every parameter.
@@ -407,14 +409,8 @@ impl BlipForConditionalGeneration {
 
     /// The torch-style module tree, with peft's wrappers around the modules adapters train in full.
     pub fn repr_node(&self) -> ReprNode {
-        let mut root = ReprNode::module(
-            "BlipForConditionalGeneration",
-            vec![
-                ("vision_model", self.vision_model.repr()),
-                ("text_decoder", self.text_decoder.repr()),
-            ],
-        );
-        crate::lora::saved::wrap_repr(self, &mut root);
+        let mut root = Module::repr(self);
+        crate::nn::saved::wrap_repr(&self.saved_modules, &mut root);
         root
     }
 

@@ -6,13 +6,11 @@ use tch::{Kind, Tensor};
 use super::recompute::{layer_seed, Checkpointed};
 use crate::config::BlipVisionConfig;
 use crate::error::Result;
-use crate::lora::inject::{AdaptableLayer, LayerVisitor};
+use crate::module;
 use crate::nn::attention::{merge_heads, sdpa};
 use crate::nn::{
-    grad_enabled, join, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource, ParamVisitor,
-    ParamVisitorMut,
+    grad_enabled, join, visit_params, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource,
 };
-use crate::repr::ReprNode;
 
 /// Class token, patch embedding (a strided Conv2d) and learned position embeddings.
 #[derive(Debug)]
@@ -21,6 +19,11 @@ pub struct BlipVisionEmbeddings {
     pub patch_embedding: Conv2d,
     pub position_embedding: Tensor,
 }
+
+module!(BlipVisionEmbeddings: "BlipVisionEmbeddings" {
+    params: ["class_embedding" => class_embedding, "position_embedding" => position_embedding],
+    children: ["patch_embedding" => patch_embedding],
+});
 
 impl BlipVisionEmbeddings {
     fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
@@ -70,25 +73,6 @@ impl BlipVisionEmbeddings {
         let x = Tensor::f_cat(&[class, patches], 1)?;
         Ok(x.f_add(&self.position_embedding.f_to_kind(kind)?)?)
     }
-
-    fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        f(&join(path, "class_embedding"), &self.class_embedding);
-        f(&join(path, "position_embedding"), &self.position_embedding);
-        self.patch_embedding.visit(&join(path, "patch_embedding"), f);
-    }
-
-    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        f(&join(path, "class_embedding"), &mut self.class_embedding);
-        f(&join(path, "position_embedding"), &mut self.position_embedding);
-        self.patch_embedding.visit_mut(&join(path, "patch_embedding"), f);
-    }
-
-    fn repr(&self) -> ReprNode {
-        ReprNode::module(
-            "BlipVisionEmbeddings",
-            vec![("patch_embedding", self.patch_embedding.repr())],
-        )
-    }
 }
 
 /// Multi-head self-attention with one fused `qkv` projection.
@@ -99,6 +83,10 @@ pub struct BlipAttention {
     pub dropout: Dropout,
     pub num_heads: i64,
 }
+
+module!(BlipAttention: "BlipAttention" {
+    children: ["dropout" => dropout, "qkv" => qkv, "projection" => projection],
+});
 
 impl BlipAttention {
     fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
@@ -134,27 +122,6 @@ impl BlipAttention {
         let ctx = sdpa(&q, &k, &v, None, p, false)?;
         self.projection.forward_t(&merge_heads(&ctx)?, train)
     }
-
-    fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        self.qkv.visit(&join(path, "qkv"), f);
-        self.projection.visit(&join(path, "projection"), f);
-    }
-
-    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        self.qkv.visit_mut(&join(path, "qkv"), f);
-        self.projection.visit_mut(&join(path, "projection"), f);
-    }
-
-    fn repr(&self) -> ReprNode {
-        ReprNode::module(
-            "BlipAttention",
-            vec![
-                ("dropout", self.dropout.repr()),
-                ("qkv", self.qkv.repr()),
-                ("projection", self.projection.repr()),
-            ],
-        )
-    }
 }
 
 /// The transformer block's two-layer MLP.
@@ -164,6 +131,10 @@ pub struct BlipMlp {
     pub fc2: Linear,
     pub activation: Activation,
 }
+
+module!(BlipMlp: "BlipMLP" {
+    children: ["activation_fn" => activation, "fc1" => fc1, "fc2" => fc2],
+});
 
 impl BlipMlp {
     fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
@@ -178,30 +149,6 @@ impl BlipMlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.fc2
             .forward_t(&self.activation.forward(&self.fc1.forward_t(x, train)?)?, train)
-    }
-
-    fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        self.fc1.visit(&join(path, "fc1"), f);
-        self.fc2.visit(&join(path, "fc2"), f);
-    }
-
-    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        self.fc1.visit_mut(&join(path, "fc1"), f);
-        self.fc2.visit_mut(&join(path, "fc2"), f);
-    }
-
-    fn repr(&self) -> ReprNode {
-        ReprNode::module(
-            "BlipMLP",
-            vec![
-                (
-                    "activation_fn",
-                    ReprNode::leaf(self.activation.repr().trim_end_matches("()"), ""),
-                ),
-                ("fc1", self.fc1.repr()),
-                ("fc2", self.fc2.repr()),
-            ],
-        )
     }
 }
 
@@ -231,6 +178,15 @@ pub struct BlipEncoderLayer {
     pub mlp: BlipMlp,
     pub layer_norm2: LayerNorm,
 }
+
+module!(BlipEncoderLayer: "BlipEncoderLayer" {
+    children: [
+        "self_attn" => self_attn,
+        "layer_norm1" => layer_norm1,
+        "mlp" => mlp,
+        "layer_norm2" => layer_norm2,
+    ],
+});
 
 impl BlipEncoderLayer {
     fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
@@ -270,44 +226,30 @@ impl BlipEncoderLayer {
         let _ = x.f_add_(&self.mlp.fc2.forward(&hidden)?)?;
         Ok(x)
     }
-
-    fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        self.self_attn.visit(&join(path, "self_attn"), f);
-        self.layer_norm1.visit(&join(path, "layer_norm1"), f);
-        self.mlp.visit(&join(path, "mlp"), f);
-        self.layer_norm2.visit(&join(path, "layer_norm2"), f);
-    }
-
-    fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        self.self_attn.visit_mut(&join(path, "self_attn"), f);
-        self.layer_norm1.visit_mut(&join(path, "layer_norm1"), f);
-        self.mlp.visit_mut(&join(path, "mlp"), f);
-        self.layer_norm2.visit_mut(&join(path, "layer_norm2"), f);
-    }
-
-    fn repr(&self) -> ReprNode {
-        ReprNode::module(
-            "BlipEncoderLayer",
-            vec![
-                ("self_attn", self.self_attn.repr()),
-                ("layer_norm1", self.layer_norm1.repr()),
-                ("mlp", self.mlp.repr()),
-                ("layer_norm2", self.layer_norm2.repr()),
-            ],
-        )
-    }
 }
+
+/// The stack of encoder blocks.
+#[derive(Debug)]
+pub struct BlipEncoder {
+    pub layers: Vec<BlipEncoderLayer>,
+}
+
+module!(BlipEncoder: "BlipEncoder" { children: ["layers" => layers] });
 
 /// The whole image encoder. Its output (after `post_layernorm`) is the decoder's cross-attention memory.
 #[derive(Debug)]
 pub struct BlipVisionModel {
     pub embeddings: BlipVisionEmbeddings,
-    pub layers: Vec<BlipEncoderLayer>,
+    pub encoder: BlipEncoder,
     pub post_layernorm: LayerNorm,
     pub config: BlipVisionConfig,
     /// The kind to compute in when it differs from the weights' (mixed-precision training sets it).
     pub compute_kind: Option<Kind>,
 }
+
+module!(BlipVisionModel: "BlipVisionModel" {
+    children: ["embeddings" => embeddings, "encoder" => encoder, "post_layernorm" => post_layernorm],
+});
 
 impl BlipVisionModel {
     pub fn load(src: &mut dyn ParamSource, path: &str, c: &BlipVisionConfig) -> Result<Self> {
@@ -315,6 +257,7 @@ impl BlipVisionModel {
         let layers = (0..c.num_hidden_layers)
             .map(|i| BlipEncoderLayer::load(src, &join(path, &format!("encoder.layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
+        let encoder = BlipEncoder { layers };
         let post_layernorm = LayerNorm::load(
             src,
             &join(path, "post_layernorm"),
@@ -323,7 +266,7 @@ impl BlipVisionModel {
         )?;
         Ok(Self {
             embeddings,
-            layers,
+            encoder,
             post_layernorm,
             config: c.clone(),
             compute_kind: None,
@@ -335,7 +278,7 @@ impl BlipVisionModel {
     pub fn forward(&self, pixel_values: &Tensor, train: bool, seed: Option<i64>) -> Result<Tensor> {
         let mut x = self.embeddings.forward(pixel_values, self.kind(), train)?;
         let mut buffers = InferenceBuffers::new(&x)?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
             if let Some(seed) = seed {
                 tch::manual_seed(layer_seed(seed, i));
             }
@@ -358,8 +301,8 @@ impl BlipVisionModel {
         seed: i64,
     ) -> Result<(Tensor, Checkpointed<'_>)> {
         let first = self.embeddings.forward(pixel_values, self.kind(), train)?;
-        let layer = Box::new(move |i: usize, x: &Tensor| self.layers[i].forward(x, train));
-        let tower = Checkpointed::run(first, self.layers.len(), seed, layer)?;
+        let layer = Box::new(move |i: usize, x: &Tensor| self.encoder.layers[i].forward(x, train));
+        let tower = Checkpointed::run(first, self.encoder.layers.len(), seed, layer)?;
         let out = self.post_layernorm.forward(&tower.output())?;
         Ok((out, tower))
     }
@@ -367,7 +310,7 @@ impl BlipVisionModel {
     /// Whether any of the tower's parameters (adapters included) trains.
     pub fn has_trainable(&self) -> bool {
         let mut any = false;
-        self.visit("", &mut |_, t| any |= t.requires_grad());
+        visit_params(self, "", &mut |_, t| any |= t.requires_grad());
         any
     }
 
@@ -375,58 +318,5 @@ impl BlipVisionModel {
     pub fn kind(&self) -> Kind {
         self.compute_kind
             .unwrap_or_else(|| self.embeddings.patch_embedding.weight.kind())
-    }
-
-    /// Every Linear and Conv2d with its path, in transformers' `named_modules()` order.
-    pub fn for_each_layer(&mut self, path: &str, f: &mut LayerVisitor) -> Result<()> {
-        f(
-            &join(path, "embeddings.patch_embedding"),
-            AdaptableLayer::Conv2d(&mut self.embeddings.patch_embedding),
-        )?;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = join(path, &format!("encoder.layers.{i}"));
-            f(
-                &join(&p, "self_attn.qkv"),
-                AdaptableLayer::Linear(&mut layer.self_attn.qkv),
-            )?;
-            f(
-                &join(&p, "self_attn.projection"),
-                AdaptableLayer::Linear(&mut layer.self_attn.projection),
-            )?;
-            f(&join(&p, "mlp.fc1"), AdaptableLayer::Linear(&mut layer.mlp.fc1))?;
-            f(&join(&p, "mlp.fc2"), AdaptableLayer::Linear(&mut layer.mlp.fc2))?;
-        }
-        Ok(())
-    }
-
-    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        self.embeddings.visit(&join(path, "embeddings"), f);
-        for (i, layer) in self.layers.iter().enumerate() {
-            layer.visit(&join(path, &format!("encoder.layers.{i}")), f);
-        }
-        self.post_layernorm.visit(&join(path, "post_layernorm"), f);
-    }
-
-    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        self.embeddings.visit_mut(&join(path, "embeddings"), f);
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.visit_mut(&join(path, &format!("encoder.layers.{i}")), f);
-        }
-        self.post_layernorm.visit_mut(&join(path, "post_layernorm"), f);
-    }
-
-    pub fn repr(&self) -> ReprNode {
-        let layers = ReprNode::list(self.layers.iter().map(BlipEncoderLayer::repr).collect());
-        ReprNode::module(
-            "BlipVisionModel",
-            vec![
-                ("embeddings", self.embeddings.repr()),
-                (
-                    "encoder",
-                    ReprNode::module("BlipEncoder", vec![("layers", layers)]),
-                ),
-                ("post_layernorm", self.post_layernorm.repr()),
-            ],
-        )
     }
 }

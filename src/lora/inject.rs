@@ -11,19 +11,32 @@ use super::layer::{kaiming_uniform, weight_norm, BaseKind, LoraAdapter, LoraSlot
 use super::saved;
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
-use crate::nn::{Conv2d, Linear};
+use crate::nn::AdaptableLayer;
 
-/// A layer LoRA can wrap.
-pub enum AdaptableLayer<'a> {
-    Linear(&'a mut Linear),
-    Conv2d(&'a mut Conv2d),
-}
-
+/// What LoRA needs of the layer it wraps.
 impl AdaptableLayer<'_> {
-    fn slot(&mut self) -> &mut Option<LoraSlot> {
+    /// The layer's adapter, when it is LoRA's (the only kind this crate makes).
+    fn slot(&mut self) -> Option<&mut LoraSlot> {
+        self.adapter()
+            .as_mut()
+            .and_then(|a| a.as_any_mut().downcast_mut::<LoraSlot>())
+    }
+
+    fn adapter(&mut self) -> &mut Option<Box<dyn crate::nn::Adapter>> {
         match self {
             Self::Linear(l) => &mut l.lora,
             Self::Conv2d(c) => &mut c.lora,
+        }
+    }
+
+    /// The geometry the low-rank branch needs.
+    fn base_kind(&self) -> BaseKind {
+        match self {
+            Self::Linear(_) => BaseKind::Linear,
+            Self::Conv2d(c) => BaseKind::Conv2d {
+                kernel: c.kernel,
+                stride: c.stride,
+            },
         }
     }
 
@@ -41,9 +54,6 @@ impl AdaptableLayer<'_> {
         }
     }
 }
-
-/// Visits every adaptable layer with its module path.
-pub type LayerVisitor<'a> = dyn FnMut(&str, AdaptableLayer<'_>) -> Result<()> + 'a;
 
 /// A layer's path, type and shape, as `blip_peft.lora_targets(model)` lists them.
 #[derive(Debug, Clone, PartialEq)]
@@ -259,12 +269,16 @@ pub fn inject(
         if !targeted.iter().any(|t| t == path) {
             return Ok(());
         }
-        let base = match &layer {
-            AdaptableLayer::Linear(_) => BaseKind::Linear,
-            AdaptableLayer::Conv2d(c) => c.base_kind(),
-        };
+        let base = layer.base_kind();
         let adapter = new_adapter(config, path, base, layer.weight())?;
-        let slot = layer.slot().get_or_insert_with(|| LoraSlot::new(base));
+        if layer.adapter().is_none() {
+            *layer.adapter() = Some(Box::new(LoraSlot::new(base)));
+        }
+        let Some(slot) = layer.slot() else {
+            return Err(Error::invalid(format!(
+                "{path} holds an adapter that is not LoRA's"
+            )));
+        };
         if slot.active.is_empty() {
             slot.active.push(name.to_string());
         }
@@ -423,12 +437,13 @@ pub fn set_disabled(model: &mut BlipForConditionalGeneration, disabled: bool) ->
 pub fn unload(model: &mut BlipForConditionalGeneration, merge: bool) -> Result<()> {
     model.for_each_layer(&mut |_, mut layer| {
         let weight = layer.weight().shallow_clone();
-        if let Some(mut slot) = layer.slot().take() {
+        if let Some(slot) = layer.slot() {
             slot.unmerge(&weight)?;
             if merge && !slot.disabled {
                 slot.merge(&weight, None)?;
             }
         }
+        *layer.adapter() = None;
         Ok(())
     })?;
     saved::unload(model)
@@ -439,17 +454,18 @@ pub fn delete(model: &mut BlipForConditionalGeneration, name: &str) -> Result<()
     let mut found = false;
     model.for_each_layer(&mut |_, mut layer| {
         let weight = layer.weight().shallow_clone();
-        let slot_ref = layer.slot();
-        if let Some(slot) = slot_ref.as_mut() {
+        let mut emptied = false;
+        if let Some(slot) = layer.slot() {
             if slot.get(name).is_some() {
                 found = true;
                 slot.unmerge(&weight)?;
                 slot.adapters.retain(|(n, _)| n != name);
                 slot.active.retain(|n| n != name);
             }
-            if slot.adapters.is_empty() {
-                *slot_ref = None;
-            }
+            emptied = slot.adapters.is_empty();
+        }
+        if emptied {
+            *layer.adapter() = None;
         }
         Ok(())
     })?;

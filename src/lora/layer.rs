@@ -230,16 +230,32 @@ impl LoraSlot {
     }
 
     /// Parameters with peft's names relative to the layer (`lora_A.<adapter>.weight`, ...), in peft's order.
-    pub fn visit(&self, path: &str, f: &mut crate::nn::ParamVisitor) {
+    /// The adapters' parameters by peft's names relative to the layer (`lora_A.<name>.weight`, ...).
+    pub fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
         for (name, ad) in &self.adapters {
-            f(&format!("{path}.lora_A.{name}.weight"), &ad.a);
+            f(&format!("lora_A.{name}.weight"), &ad.a);
         }
         for (name, ad) in &self.adapters {
-            f(&format!("{path}.lora_B.{name}.weight"), &ad.b);
+            f(&format!("lora_B.{name}.weight"), &ad.b);
         }
         for (name, ad) in &self.adapters {
             if let Some(m) = &ad.magnitude {
-                f(&format!("{path}.lora_magnitude_vector.{name}.weight"), m);
+                f(&format!("lora_magnitude_vector.{name}.weight"), m);
+            }
+        }
+    }
+
+    /// [`Self::visit`] with each tensor replaceable.
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        for (name, ad) in &mut self.adapters {
+            f(&format!("lora_A.{name}.weight"), &mut ad.a);
+        }
+        for (name, ad) in &mut self.adapters {
+            f(&format!("lora_B.{name}.weight"), &mut ad.b);
+        }
+        for (name, ad) in &mut self.adapters {
+            if let Some(m) = &mut ad.magnitude {
+                f(&format!("lora_magnitude_vector.{name}.weight"), m);
             }
         }
     }
@@ -348,4 +364,37 @@ pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
     let fan_in: i64 = shape[1..].iter().product();
     let bound = 1.0 / (fan_in as f64).sqrt();
     Ok(Tensor::f_empty(shape, (Kind::Float, device))?.f_uniform_(-bound, bound)?)
+}
+
+impl crate::nn::Adapter for LoraSlot {
+    fn apply(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        LoraSlot::apply(self, x, result, weight, bias, train)
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        LoraSlot::visit(self, f)
+    }
+
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        LoraSlot::visit_mut(self, f)
+    }
+
+    fn repr(&self, base: ReprNode, base_in: i64, base_out: i64) -> ReprNode {
+        LoraSlot::repr(self, base, base_in, base_out)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }

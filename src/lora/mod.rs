@@ -7,5 +7,5 @@ pub mod layer;
 pub mod saved;
 
 pub use config::{LoraConfig, TargetModules};
-pub use inject::{inject, AdaptableLayer};
+pub use inject::inject;
 pub use layer::{LoraAdapter, LoraSlot};

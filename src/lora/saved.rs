@@ -11,53 +11,15 @@ use tch::Tensor;
 
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
+use crate::nn::saved::{is_under, SavedModule};
 use crate::repr::ReprNode;
 
-/// One wrapped module.
-#[derive(Debug)]
-pub struct SavedModule {
-    /// The module's path (`vision_model.post_layernorm`).
-    pub path: String,
-    /// Its parameters' names below `path`, in `named_parameters` order.
-    pub names: Vec<String>,
-    /// The frozen original parameters, in `names` order.
-    pub original: Vec<Tensor>,
-    /// Each adapter's trainable copy, in `names` order, in the order the adapters were added.
-    pub copies: Vec<(String, Vec<Tensor>)>,
-    /// The adapter whose copy is used (none: the original).
-    pub active: Option<String>,
-    /// Adapters bypassed (`disable_adapter`): the original is used.
-    pub disabled: bool,
-}
-
-impl SavedModule {
-    fn copy_of(&self, adapter: &str) -> Option<&Vec<Tensor>> {
-        self.copies.iter().find(|(n, _)| n == adapter).map(|(_, t)| t)
-    }
-
-    /// The tensors the model's layers should hold now.
-    fn in_use(&self) -> &Vec<Tensor> {
-        match &self.active {
-            Some(a) if !self.disabled => self.copy_of(a).unwrap_or(&self.original),
-            _ => &self.original,
-        }
-    }
-}
-
-/// Whether `name` lies in the module at `path` (or is it).
-fn is_under(name: &str, path: &str) -> bool {
-    name == path || name.strip_prefix(path).is_some_and(|rest| rest.starts_with('.'))
-}
-
-/// Every module path in the model, parents before children (torch's `named_modules` order).
+/// Every module path in the model, parents before children: the printed tree's, peft's wrappers and LoRA's
+/// submodules included, as in peft's `named_modules()`.
 pub fn module_paths(model: &BlipForConditionalGeneration) -> Vec<String> {
     fn walk(node: &ReprNode, prefix: &str, out: &mut Vec<String>) {
         for (name, child) in &node.children {
-            let path = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}.{name}")
-            };
+            let path = crate::nn::join(prefix, name);
             out.push(path.clone());
             walk(child, &path, out);
         }
@@ -92,7 +54,7 @@ pub fn plan(
              ends with it, e.g. \"post_layernorm\" or \"crossattention\"); print(model) shows the module names"
         )));
     }
-    let tied_head = model.text_decoder.head.decoder.tied;
+    let tied_head = model.text_decoder.cls.predictions.decoder.tied;
     for path in &chosen {
         if let Some(layer) = lora_layers.iter().find(|l| is_under(l, path)) {
             return Err(Error::invalid(format!(
@@ -252,71 +214,4 @@ pub fn mark_trainable(model: &BlipForConditionalGeneration, adapter: &str) -> Re
         }
     }
     Ok(())
-}
-
-/// Rewrites plain `named_parameters` for the wrapped modules: each module's parameters become its
-/// original's, then every copy's, under peft's names.
-pub fn rename(model: &BlipForConditionalGeneration, plain: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    if model.saved_modules.is_empty() {
-        return plain;
-    }
-    let mut out = Vec::with_capacity(plain.len());
-    let mut done: Vec<&str> = Vec::new();
-    for (name, t) in plain {
-        let Some(m) = model.saved_modules.iter().find(|m| is_under(&name, &m.path)) else {
-            out.push((name, t));
-            continue;
-        };
-        if done.contains(&m.path.as_str()) {
-            continue;
-        }
-        done.push(&m.path);
-        for (n, o) in m.names.iter().zip(&m.original) {
-            out.push((format!("{}.original_module.{n}", m.path), o.shallow_clone()));
-        }
-        for (adapter, copy) in &m.copies {
-            for (n, c) in m.names.iter().zip(copy) {
-                out.push((
-                    format!("{}.modules_to_save.{adapter}.{n}", m.path),
-                    c.shallow_clone(),
-                ));
-            }
-        }
-    }
-    out
-}
-
-/// Shows each wrapped module as peft prints its `ModulesToSaveWrapper`.
-pub fn wrap_repr(model: &BlipForConditionalGeneration, root: &mut ReprNode) {
-    fn find<'a>(node: &'a mut ReprNode, path: &str) -> Option<&'a mut ReprNode> {
-        let (head, rest) = match path.split_once('.') {
-            Some((h, r)) => (h, Some(r)),
-            None => (path, None),
-        };
-        let child = node
-            .children
-            .iter_mut()
-            .find(|(k, _)| k == head)
-            .map(|(_, c)| c)?;
-        match rest {
-            Some(r) => find(child, r),
-            None => Some(child),
-        }
-    }
-    for m in &model.saved_modules {
-        if let Some(node) = find(root, &m.path) {
-            let original = node.clone();
-            let copies = ReprNode::module(
-                "ModuleDict",
-                m.copies
-                    .iter()
-                    .map(|(a, _)| (a.as_str(), original.clone()))
-                    .collect(),
-            );
-            *node = ReprNode::module(
-                "ModulesToSaveWrapper",
-                vec![("original_module", original), ("modules_to_save", copies)],
-            );
-        }
-    }
 }

@@ -56,15 +56,22 @@ impl Activation {
         Ok(())
     }
 
-    /// The class name torch prints for this activation.
-    pub fn repr(&self) -> &'static str {
+    /// The class torch (transformers' ACT2FN) uses for this activation.
+    pub fn class_name(&self) -> &'static str {
         match self {
-            Self::Gelu => "GELUActivation()",
-            Self::GeluTanh => "NewGELUActivation()",
-            Self::QuickGelu => "QuickGELUActivation()",
-            Self::Relu => "ReLU()",
-            Self::Silu => "SiLU()",
-            Self::Tanh => "Tanh()",
+            Self::Gelu => "GELUActivation",
+            Self::GeluTanh => "NewGELUActivation",
+            Self::QuickGelu => "QuickGELUActivation",
+            Self::Relu => "ReLU",
+            Self::Silu => "SiLU",
+            Self::Tanh => "Tanh",
         }
+    }
+}
+
+/// An activation module prints as its class name alone (`GELUActivation()`).
+impl crate::nn::Module for Activation {
+    fn type_name(&self) -> &str {
+        self.class_name()
     }
 }

@@ -3,10 +3,11 @@
 
 use tch::{Kind, Tensor};
 
+use super::adapter::Adapter;
 use super::few_rows;
-use super::params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut};
+use super::module::{AdaptableLayer, Module};
+use super::params::{join, Init, ParamSource};
 use crate::error::Result;
-use crate::lora::layer::{BaseKind, LoraSlot};
 use crate::repr::{py_float, ReprNode};
 
 /// `t` in `kind`: itself when it already is (no copy), else a differentiable cast. Under mixed precision
@@ -34,7 +35,8 @@ pub struct Linear {
     pub out_features: i64,
     /// The weights are another module's (the LM head tied to the word embeddings): not visited here.
     pub tied: bool,
-    pub lora: Option<LoraSlot>,
+    /// The adapter wrapping the layer (LoRA), if any.
+    pub lora: Option<Box<dyn Adapter>>,
 }
 
 impl Linear {
@@ -142,45 +144,6 @@ impl Linear {
         })
     }
 
-    /// Parameters with their paths: transformers' names, or peft's (`base_layer`, `lora_A.<name>`) with adapters.
-    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        let base = if self.lora.is_some() {
-            join(path, "base_layer")
-        } else {
-            path.to_string()
-        };
-        if !self.tied {
-            f(&join(&base, "weight"), &self.weight);
-            if let Some(b) = &self.bias {
-                f(&join(&base, "bias"), b);
-            }
-        }
-        if let Some(slot) = &self.lora {
-            slot.visit(path, f);
-        }
-    }
-
-    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        let base = if self.lora.is_some() {
-            join(path, "base_layer")
-        } else {
-            path.to_string()
-        };
-        if !self.tied {
-            f(&join(&base, "weight"), &mut self.weight);
-            if let Some(b) = &mut self.bias {
-                f(&join(&base, "bias"), b);
-            }
-        }
-    }
-
-    pub fn repr(&self) -> ReprNode {
-        match &self.lora {
-            Some(slot) => slot.repr(self.base_repr(), self.in_features, self.out_features),
-            None => self.base_repr(),
-        }
-    }
-
     fn base_repr(&self) -> ReprNode {
         ReprNode::leaf(
             "Linear",
@@ -203,7 +166,8 @@ pub struct Conv2d {
     pub out_channels: i64,
     pub kernel: i64,
     pub stride: i64,
-    pub lora: Option<LoraSlot>,
+    /// The adapter wrapping the layer (LoRA), if any.
+    pub lora: Option<Box<dyn Adapter>>,
 }
 
 impl Conv2d {
@@ -250,48 +214,6 @@ impl Conv2d {
         match &self.lora {
             Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
             None => Ok(y),
-        }
-    }
-
-    /// The LoRA geometry of this layer.
-    pub fn base_kind(&self) -> BaseKind {
-        BaseKind::Conv2d {
-            kernel: self.kernel,
-            stride: self.stride,
-        }
-    }
-
-    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        let base = if self.lora.is_some() {
-            join(path, "base_layer")
-        } else {
-            path.to_string()
-        };
-        f(&join(&base, "weight"), &self.weight);
-        if let Some(b) = &self.bias {
-            f(&join(&base, "bias"), b);
-        }
-        if let Some(slot) = &self.lora {
-            slot.visit(path, f);
-        }
-    }
-
-    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        let base = if self.lora.is_some() {
-            join(path, "base_layer")
-        } else {
-            path.to_string()
-        };
-        f(&join(&base, "weight"), &mut self.weight);
-        if let Some(b) = &mut self.bias {
-            f(&join(&base, "bias"), b);
-        }
-    }
-
-    pub fn repr(&self) -> ReprNode {
-        match &self.lora {
-            Some(slot) => slot.repr(self.base_repr(), self.in_channels, self.out_channels),
-            None => self.base_repr(),
         }
     }
 
@@ -342,27 +264,6 @@ impl LayerNorm {
             true,
         )?)
     }
-
-    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        f(&join(path, "weight"), &self.weight);
-        f(&join(path, "bias"), &self.bias);
-    }
-
-    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        f(&join(path, "weight"), &mut self.weight);
-        f(&join(path, "bias"), &mut self.bias);
-    }
-
-    pub fn repr(&self) -> ReprNode {
-        ReprNode::leaf(
-            "LayerNorm",
-            format!(
-                "({},), eps={}, elementwise_affine=True",
-                self.dim,
-                py_float(self.eps)
-            ),
-        )
-    }
 }
 
 /// A lookup table of embeddings. `padding_idx` rows receive no gradient, as in torch.
@@ -407,22 +308,6 @@ impl Embedding {
             false,
         )?)
     }
-
-    pub fn visit(&self, path: &str, f: &mut ParamVisitor) {
-        f(&join(path, "weight"), &self.weight);
-    }
-
-    pub fn visit_mut(&mut self, path: &str, f: &mut ParamVisitorMut) {
-        f(&join(path, "weight"), &mut self.weight);
-    }
-
-    pub fn repr(&self) -> ReprNode {
-        let pad = self
-            .padding_idx
-            .map(|p| format!(", padding_idx={p}"))
-            .unwrap_or_default();
-        ReprNode::leaf("Embedding", format!("{}, {}{pad}", self.num_embeddings, self.dim))
-    }
 }
 
 /// Dropout, active only in training mode and only when `p > 0`.
@@ -439,8 +324,137 @@ impl Dropout {
             Ok(x.shallow_clone())
         }
     }
+}
 
-    pub fn repr(&self) -> ReprNode {
-        ReprNode::leaf("Dropout", format!("p={}, inplace=False", py_float(self.p)))
+/// The path prefix of a layer's own weights: peft's `base_layer` once adapters wrap it.
+fn base_prefix(lora: &Option<Box<dyn Adapter>>) -> &'static str {
+    if lora.is_some() {
+        "base_layer."
+    } else {
+        ""
+    }
+}
+
+/// transformers' names (`weight`, `bias`), or peft's with adapters (`base_layer.weight`, `lora_A.<name>.weight`).
+impl Module for Linear {
+    fn type_name(&self) -> &str {
+        "Linear"
+    }
+
+    fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        let base = base_prefix(&self.lora);
+        if !self.tied {
+            f(&format!("{base}weight"), &self.weight);
+            if let Some(b) = &self.bias {
+                f(&format!("{base}bias"), b);
+            }
+        }
+        if let Some(slot) = &self.lora {
+            slot.visit(f);
+        }
+    }
+
+    fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        let base = base_prefix(&self.lora);
+        if !self.tied {
+            f(&format!("{base}weight"), &mut self.weight);
+            if let Some(b) = &mut self.bias {
+                f(&format!("{base}bias"), b);
+            }
+        }
+        if let Some(slot) = &mut self.lora {
+            slot.visit_mut(f);
+        }
+    }
+
+    fn repr(&self) -> ReprNode {
+        match &self.lora {
+            Some(slot) => slot.repr(self.base_repr(), self.in_features, self.out_features),
+            None => self.base_repr(),
+        }
+    }
+
+    fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
+        Some(AdaptableLayer::Linear(self))
+    }
+}
+
+impl Module for Conv2d {
+    fn type_name(&self) -> &str {
+        "Conv2d"
+    }
+
+    fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        let base = base_prefix(&self.lora);
+        f(&format!("{base}weight"), &self.weight);
+        if let Some(b) = &self.bias {
+            f(&format!("{base}bias"), b);
+        }
+        if let Some(slot) = &self.lora {
+            slot.visit(f);
+        }
+    }
+
+    fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        let base = base_prefix(&self.lora);
+        f(&format!("{base}weight"), &mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(&format!("{base}bias"), b);
+        }
+        if let Some(slot) = &mut self.lora {
+            slot.visit_mut(f);
+        }
+    }
+
+    fn repr(&self) -> ReprNode {
+        match &self.lora {
+            Some(slot) => slot.repr(self.base_repr(), self.in_channels, self.out_channels),
+            None => self.base_repr(),
+        }
+    }
+
+    fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
+        Some(AdaptableLayer::Conv2d(self))
+    }
+}
+
+crate::module!(LayerNorm: "LayerNorm" {
+    params: ["weight" => weight, "bias" => bias],
+    extra: describe,
+});
+
+crate::module!(Embedding: "Embedding" {
+    params: ["weight" => weight],
+    extra: describe,
+});
+
+crate::module!(Dropout: "Dropout" { extra: describe });
+
+impl LayerNorm {
+    /// torch's `extra_repr`.
+    fn describe(&self) -> String {
+        format!(
+            "({},), eps={}, elementwise_affine=True",
+            self.dim,
+            py_float(self.eps)
+        )
+    }
+}
+
+impl Embedding {
+    /// torch's `extra_repr`.
+    fn describe(&self) -> String {
+        let pad = self
+            .padding_idx
+            .map(|p| format!(", padding_idx={p}"))
+            .unwrap_or_default();
+        format!("{}, {}{pad}", self.num_embeddings, self.dim)
+    }
+}
+
+impl Dropout {
+    /// torch's `extra_repr`.
+    fn describe(&self) -> String {
+        format!("p={}, inplace=False", py_float(self.p))
     }
 }

@@ -2,13 +2,18 @@
 //! initialiser), and the layers (Linear is the one place LoRA attaches to).
 
 mod activation;
+pub mod adapter;
 pub mod attention;
 pub mod few_rows;
 mod layers;
+pub mod module;
 mod params;
+pub mod saved;
 
 pub use activation::Activation;
+pub use adapter::Adapter;
 pub use layers::{in_kind, Conv2d, Dropout, Embedding, LayerNorm, Linear};
+pub use module::{visit_adaptable, visit_params, visit_params_mut, AdaptableLayer, LayerVisitor, Module};
 pub use params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut, RandomInit};
 
 /// Kinds of float tensors the model can hold its weights in.

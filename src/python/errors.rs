@@ -28,6 +28,7 @@ pub fn to_py(err: Error) -> PyErr {
         Error::Config(_) | Error::Checkpoint(_) | Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Type(_) => PyTypeError::new_err(msg),
         Error::Unsupported(_) => PyValueError::new_err(msg),
+        Error::Busy(_) | Error::Callback(_) => PyRuntimeError::new_err(msg),
         Error::Torch(_) => BlipPeftError::new_err(msg),
     }
 }
@@ -47,9 +48,4 @@ impl<T> IntoPyResult<T> for Result<T, tch::TchError> {
     fn py(self) -> PyResult<T> {
         self.map_err(|e| to_py(Error::Torch(e)))
     }
-}
-
-#[allow(dead_code)]
-pub fn runtime(msg: impl Into<String>) -> PyErr {
-    PyRuntimeError::new_err(msg.into())
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::errors::IntoPyResult;
@@ -26,35 +26,26 @@ pub struct PyBlipModel {
 /// `(loss or None, logits, image_embeds)` of a forward pass, as torch tensors.
 type ForwardResult<'py> = (Option<Bound<'py, PyAny>>, Bound<'py, PyAny>, Bound<'py, PyAny>);
 
-/// Locks a shared model from code running without the GIL. A model already busy (e.g. a training
-/// callback calling `generate` on the model being trained) is an error, never a deadlock.
+/// Locks a shared model. A model already busy (e.g. a training callback calling `generate` on the model
+/// being trained, or another thread) is an error, never a deadlock: the one place that says so.
 pub fn locked(
     inner: &Arc<Mutex<BlipForConditionalGeneration>>,
 ) -> crate::Result<MutexGuard<'_, BlipForConditionalGeneration>> {
     match inner.try_lock() {
         Ok(guard) => Ok(guard),
-        Err(std::sync::TryLockError::WouldBlock) => Err(crate::Error::invalid(
-            "the model is busy in another call (training or generating); call it after that returns",
+        Err(std::sync::TryLockError::WouldBlock) => Err(crate::Error::Busy(
+            "the model is busy in another call (training or generating); call it after that returns".into(),
         )),
-        Err(std::sync::TryLockError::Poisoned(_)) => Err(crate::Error::invalid(
-            "the model is unusable after an earlier crash",
+        Err(std::sync::TryLockError::Poisoned(_)) => Err(crate::Error::Busy(
+            "the model is unusable after an earlier crash".into(),
         )),
     }
 }
 
 impl PyBlipModel {
-    /// Locks the model for a call made with the GIL held. A model busy in a long call (training in this
-    /// thread's callback, or another thread) gives an error instead of a deadlock.
+    /// Locks the model for a call made with the GIL held (see [`locked`]).
     pub fn lock(&self) -> PyResult<MutexGuard<'_, BlipForConditionalGeneration>> {
-        match self.inner.try_lock() {
-            Ok(guard) => Ok(guard),
-            Err(std::sync::TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
-                "the model is busy in another call (training or generating); call it after that returns",
-            )),
-            Err(std::sync::TryLockError::Poisoned(_)) => Err(PyRuntimeError::new_err(
-                "the model is unusable after an earlier crash",
-            )),
-        }
+        locked(&self.inner).py()
     }
 
     fn wrap(model: BlipForConditionalGeneration) -> Self {

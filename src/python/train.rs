@@ -53,19 +53,34 @@ struct PyObserver {
 }
 
 impl PyObserver {
+    /// The one interrupt check: Ctrl-C stops training after the step (`Stop`); another exception raised by a
+    /// signal handler is kept to be re-raised once `train` returns.
+    fn check_signals(&mut self, py: Python<'_>) -> crate::Result<Control> {
+        match py.check_signals() {
+            Ok(()) => Ok(Control::Continue),
+            Err(e) => self.stop_for(py, e, "a Python signal handler raised an exception"),
+        }
+    }
+
+    /// What a Python exception means for the loop: Ctrl-C stops it cleanly; anything else is kept for the
+    /// caller and ends training with a [`crate::Error::Callback`] saying where it came from.
+    fn stop_for(&mut self, py: Python<'_>, e: PyErr, source: &str) -> crate::Result<Control> {
+        if e.is_instance_of::<PyKeyboardInterrupt>(py) {
+            self.interrupted = true;
+            return Ok(Control::Stop);
+        }
+        self.error = Some(e);
+        Err(crate::Error::Callback(source.to_string()))
+    }
+
     fn call(
         &mut self,
         event: &str,
         payload: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
     ) -> crate::Result<Control> {
         Python::attach(|py| {
-            if let Err(e) = py.check_signals() {
-                if e.is_instance_of::<PyKeyboardInterrupt>(py) {
-                    self.interrupted = true;
-                    return Ok(Control::Stop);
-                }
-                self.error = Some(e);
-                return Err(crate::Error::invalid("interrupted by a Python exception"));
+            if self.check_signals(py)? == Control::Stop {
+                return Ok(Control::Stop);
             }
             let Some(cb) = &self.callback else {
                 return Ok(Control::Continue);
@@ -77,14 +92,7 @@ impl PyObserver {
                 } else {
                     Control::Continue
                 }),
-                Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
-                    self.interrupted = true;
-                    Ok(Control::Stop)
-                }
-                Err(e) => {
-                    self.error = Some(e);
-                    Err(crate::Error::invalid("the training callback raised an exception"))
-                }
+                Err(e) => self.stop_for(py, e, "the training callback raised an exception"),
             }
         })
     }
@@ -117,17 +125,7 @@ impl Observer for PyObserver {
     }
 
     fn on_step_end(&mut self) -> crate::Result<Control> {
-        Python::attach(|py| match py.check_signals() {
-            Ok(()) => Ok(Control::Continue),
-            Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
-                self.interrupted = true;
-                Ok(Control::Stop)
-            }
-            Err(e) => {
-                self.error = Some(e);
-                Err(crate::Error::invalid("interrupted by a Python exception"))
-            }
-        })
+        Python::attach(|py| self.check_signals(py))
     }
 
     fn on_eval(&mut self, step: i64, loss: f64) -> crate::Result<Control> {
@@ -153,7 +151,7 @@ impl PyCollective {
             Err(e) => {
                 let msg = format!("a distributed collective failed: {e}");
                 self.error = Some(e);
-                Err(crate::Error::invalid(msg))
+                Err(crate::Error::Callback(msg))
             }
         })
     }

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 import blip_peft as bp
-from blip_peft import world
+from blip_peft import metrics, world
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IMAGE_SIZE = 128
@@ -141,7 +141,7 @@ def main() -> None:
         model.eval()
         captions = bp.generate(model, processor, [d["image"] for d in held_out], max_new_tokens=30)
         refs = [d["text"] for d in held_out]
-        scores = {"exact_match": world.exact_match(captions, refs), "bleu4": world.bleu4(captions, refs)}
+        scores = {"exact_match": metrics.exact_match(captions, refs), "bleu4": metrics.bleu4(captions, refs)}
         print(f"trained {result.global_step} steps in {minutes:.1f} min; held-out base domain: {scores}")
         out = os.path.abspath(args.out)
         model.to(torch.float16).save_pretrained(out)  # float16 on disk keeps the package small

@@ -39,9 +39,9 @@ def _log(message: str) -> None:
 
 
 def _score(captions: list[str], refs: list[str]) -> dict[str, float]:
-    from blip_peft import world
+    from blip_peft import metrics
 
-    return {"exact_match": world.exact_match(captions, refs), "bleu4": world.bleu4(captions, refs)}
+    return {"exact_match": metrics.exact_match(captions, refs), "bleu4": metrics.bleu4(captions, refs)}
 
 
 def run(

@@ -127,6 +127,13 @@ class Runner:
         return {"error": tail[0][:300]}
 
 
+def _rows(res: dict[str, Any], lib: str, batch: int) -> list[dict[str, Any]]:
+    """A job's report rows: its error, or each row it measured, with the library, the batch and the memory kind."""
+    if "error" in res:
+        return [dict(res, lib=lib, batch=batch)]
+    return [dict(row, lib=lib, batch=batch, memory_kind=res["memory_kind"]) for row in res["rows"]]
+
+
 def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
     run = Runner(args.job_timeout, args.verbose, suite.threads)
     sections = set(args.only.split(",")) if args.only else set(SECTIONS)
@@ -183,11 +190,7 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
                         iters=iters,
                     )
                     res = run(f"generate {LIB_LABEL[lib]}, batch {batch}, beams {suite.beams}", spec)
-                    if "error" in res:
-                        report["generate"].append(dict(res, lib=lib, batch=batch))
-                        continue
-                    for row in res["rows"]:
-                        report["generate"].append(dict(row, lib=lib, batch=batch, memory_kind=res["memory_kind"]))
+                    report["generate"] += _rows(res, lib, batch)
 
         if "early" in sections:
             report["early"] = []
@@ -212,11 +215,7 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
                         iters=iters,
                     )
                     res = run(f"generate {LIB_LABEL[lib]}, bundled model, batch {batch}, captions ending early", spec)
-                    if "error" in res:
-                        report["early"].append(dict(res, lib=lib, batch=batch))
-                        continue
-                    for row in res["rows"]:
-                        report["early"].append(dict(row, lib=lib, batch=batch, memory_kind=res["memory_kind"]))
+                    report["early"] += _rows(res, lib, batch)
 
         if "preprocess" in sections:
             if not info["has_processor"]:

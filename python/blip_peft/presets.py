@@ -8,7 +8,7 @@ The model shapes are ``text_config`` / ``vision_config`` keyword dicts for `tran
 - `BENCH_CONFIGS`: what bench/compare.py (and the other benchmarks) build: the same shapes, two settings apart.
 - `BUNDLED_TEXT` / `BUNDLED_VISION`: the bundled model's shapes (scripts/make_base_model.py adds the ids and
   vocabulary size of its tokenizer).
-- `ATTENTION_MLP_TARGETS`, `ATTENTION_TARGETS`, `QUERY_VALUE_TARGETS`: LoRA ``target_modules`` lists.
+- `ATTENTION_MLP_TARGETS`, `QUERY_VALUE_TARGETS`: LoRA ``target_modules`` lists.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 __all__ = [
     "ATTENTION_MLP_TARGETS",
-    "ATTENTION_TARGETS",
     "BASE_TEXT",
     "BASE_VISION",
     "BENCH_CONFIGS",
@@ -43,9 +42,8 @@ ATTENTION_MLP_TARGETS = [
     "mlp.fc1",
     "mlp.fc2",
 ]
-# The attention projections of the decoder and the vision tower's fused qkv: the fine-tuning tutorial's choice.
-ATTENTION_TARGETS = ["self.query", "self.key", "self.value", "self_attn.qkv"]
-# Queries and values of the decoder, the vision tower's qkv: the command line's default (--target-modules).
+# Queries and values of the decoder, the vision tower's qkv: the command line's default (--target-modules), also
+# examples/train_ddp.py's.
 QUERY_VALUE_TARGETS = ["self.query", "self.value", "self_attn.qkv"]
 
 # ------------------------------------------------------------------------------------- vision initialisation

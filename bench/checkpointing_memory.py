@@ -17,7 +17,7 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, time, torch
     sys.path.insert(0, "bench")
     import blip_peft as bp
-    from compare import CONFIGS, TARGET_MODULES
+    from shapes import CONFIGS, TARGET_MODULES
     batch, steps, checkpointing = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
     import transformers
     text, vision = CONFIGS["base"]

@@ -21,7 +21,7 @@ CHILD = textwrap.dedent("""
     warnings.filterwarnings("ignore")
     import torch
     sys.path.insert(0, "bench")
-    from compare import CONFIGS, TARGET_MODULES
+    from shapes import CONFIGS, TARGET_MODULES
     import transformers
     transformers.logging.set_verbosity_error()
     impl, ftz = sys.argv[1], sys.argv[2] == "1"

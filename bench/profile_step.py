@@ -21,7 +21,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration
 import blip_peft as bp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import CONFIGS, TARGET_MODULES  # noqa: E402
+from shapes import CONFIGS, TARGET_MODULES  # noqa: E402
 
 CATEGORIES = {
     "attention": ("attention", "sdpa", "flash", "softmax"),
@@ -31,7 +31,7 @@ CATEGORIES = {
 
 
 def config(name: str) -> BlipConfig:
-    """The benchmark suite's shapes (bench/compare.py), so profiles and timings describe the same model."""
+    """The benchmark suite's shapes (bench/shapes.py), so profiles and timings describe the same model."""
     text, vision = CONFIGS[name]
     return BlipConfig(text_config=dict(text), vision_config=dict(vision))
 

@@ -23,10 +23,10 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 import blip_peft as bp
-from blip_peft import world
+from blip_peft import metrics, presets, world
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-IMAGE_SIZE = 128
+IMAGE_SIZE = presets.BUNDLED_IMAGE_SIZE
 
 
 def build_tokenizer(folder: str) -> str:
@@ -68,37 +68,21 @@ def make_processor(folder: str) -> bp.BlipProcessor:
 
 
 def model_config(tokenizer: bp.BlipTokenizer) -> dict:
+    """The bundled model's shapes (blip_peft.presets) with this tokenizer's vocabulary size and token ids."""
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
+        presets.BUNDLED_TEXT,
         vocab_size=len(tokenizer),
-        hidden_size=192,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        max_position_embeddings=64,
         bos_token_id=ids("[DEC]"),
         eos_token_id=ids("[SEP]"),
         sep_token_id=ids("[SEP]"),
         pad_token_id=ids("[PAD]"),
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        layer_norm_eps=1e-12,
-    )
-    vision = dict(
-        hidden_size=192,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        image_size=IMAGE_SIZE,
-        patch_size=16,
-        layer_norm_eps=1e-5,
-        initializer_range=0.02,
     )
     return {
         "model_type": "blip",
         "architectures": ["BlipForConditionalGeneration"],
         "text_config": text,
-        "vision_config": vision,
+        "vision_config": dict(presets.BUNDLED_VISION),
         "tie_word_embeddings": True,
     }
 
@@ -141,7 +125,7 @@ def main() -> None:
         model.eval()
         captions = bp.generate(model, processor, [d["image"] for d in held_out], max_new_tokens=30)
         refs = [d["text"] for d in held_out]
-        scores = {"exact_match": world.exact_match(captions, refs), "bleu4": world.bleu4(captions, refs)}
+        scores = {"exact_match": metrics.exact_match(captions, refs), "bleu4": metrics.bleu4(captions, refs)}
         print(f"trained {result.global_step} steps in {minutes:.1f} min; held-out base domain: {scores}")
         out = os.path.abspath(args.out)
         model.to(torch.float16).save_pretrained(out)  # float16 on disk keeps the package small

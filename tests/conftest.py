@@ -7,55 +7,10 @@ import torch
 from transformers import BlipConfig
 from transformers import BlipForConditionalGeneration as HFBlip
 
-# The tiny shape used by most tests: every code path, in milliseconds.
-TINY_TEXT = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=40,
-    bos_token_id=97,
-    eos_token_id=2,
-    sep_token_id=3,
-    pad_token_id=0,
-)
-TINY_VISION = dict(
-    # transformers' BLIP vision default (1e-10) leaves the tower's weights below float32 rounding next to its
-    # biases; a normal scale makes every vision weight show in the outputs the tests compare.
-    initializer_range=0.02,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
+from blip_peft.presets import BASE_TEXT, BASE_VISION, TINY_TEXT, TINY_VISION
 
-# Salesforce/blip-image-captioning-base's shapes (its config.json values).
-BASE_TEXT = dict(
-    vocab_size=30524,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=512,
-    layer_norm_eps=1e-12,
-    bos_token_id=30522,
-    eos_token_id=2,
-    sep_token_id=102,
-    pad_token_id=0,
-)
-BASE_VISION = dict(
-    initializer_range=0.02,  # see TINY_VISION
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    image_size=384,
-    patch_size=16,
-    layer_norm_eps=1e-5,
-)
+# The model shapes (TINY_* for most tests, BASE_* for the real-shape ones) live in blip_peft.presets, shared with
+# bench/ and scripts/.
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -102,11 +57,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def tiny_batch(batch: int = 2, seq: int = 7, seed: int = 0, vocab: int = 99, image: int = 32):
+def tiny_batch(
+    batch: int = 2,
+    seq: int = 7,
+    seed: int = 0,
+    vocab: int = TINY_TEXT["vocab_size"],
+    image: int = TINY_VISION["image_size"],
+):
     g = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(batch, 3, image, image, generator=g)
     input_ids = torch.randint(4, vocab - 2, (batch, seq), generator=g)
-    input_ids[:, 0] = 97 if vocab == 99 else 30522
+    input_ids[:, 0] = TINY_TEXT["bos_token_id"] if vocab == TINY_TEXT["vocab_size"] else BASE_TEXT["bos_token_id"]
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     return pixel_values, input_ids, attention_mask
 

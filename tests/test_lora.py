@@ -9,12 +9,13 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import BASE_TEXT, BASE_VISION, make_hf_model, rel_err, tiny_batch, tiny_hf_config
+from conftest import make_hf_model, rel_err, tiny_batch, tiny_hf_config
 from safetensors.torch import load_file, save_file
 from transformers import BlipConfig
 from transformers import BlipForConditionalGeneration as HFBlip
 
 import blip_peft as bp
+from blip_peft.presets import BASE_TEXT, BASE_VISION
 
 # Logits against peft's rest on the kernels the CPU's instruction set picks: `make test` runs these twice.
 pytestmark = pytest.mark.cpu_isa

@@ -14,7 +14,7 @@ from transformers import BlipForConditionalGeneration as HFBlip
 from transformers import BlipProcessor as HFProcessor
 
 import blip_peft as bp
-from blip_peft import world
+from blip_peft import metrics, world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_bundled_model_captions_its_base_domain(bundled: str) -> None:
     model = bp.BlipForConditionalGeneration.from_pretrained(bundled, dtype="float32")
     items = world.make_dataset(16, seed=12345, domain="base", size=processor.image_processor.size["height"])
     captions = bp.generate(model, processor, [d["image"] for d in items], max_new_tokens=32)
-    assert world.bleu4(captions, [d["text"] for d in items]) > 0.35
+    assert metrics.bleu4(captions, [d["text"] for d in items]) > 0.35
     ref = HFBlip.from_pretrained(bundled, dtype=torch.float32).eval()
     ref_processor = HFProcessor.from_pretrained(bundled)
     pixel_values = ref_processor(images=[d["image"] for d in items], return_tensors="pt")["pixel_values"]

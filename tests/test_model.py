@@ -11,6 +11,7 @@ from conftest import make_hf_model, rel_err, tiny_batch, tiny_hf_config
 from transformers import BlipForConditionalGeneration as HFBlip
 
 import blip_peft as bp
+from blip_peft.presets import BASE_TEXT, BASE_VISION
 
 # Forward parity rests on the kernels the CPU's instruction set picks: `make test` runs these twice.
 pytestmark = pytest.mark.cpu_isa
@@ -208,7 +209,7 @@ def test_real_shapes_match_transformers(base_checkpoint: str) -> None:
     ref_model = HFBlip.from_pretrained(base_checkpoint).eval()
     model = bp.BlipForConditionalGeneration.from_pretrained(base_checkpoint)
     assert model.num_parameters() == ref_model.num_parameters() == 223_971_644
-    px, ids, mask = tiny_batch(batch=2, seq=12, vocab=30524, image=384)
+    px, ids, mask = tiny_batch(batch=2, seq=12, vocab=BASE_TEXT["vocab_size"], image=BASE_VISION["image_size"])
     ids, mask = _padded(ids, mask, "right")
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():

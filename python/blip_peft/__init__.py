@@ -15,7 +15,7 @@ import torch  # noqa: F401, I001
 
 _cpu_capability.check()
 
-from blip_peft import _blip_peft, distributed  # noqa: I001
+from blip_peft import _blip_peft, distributed, metrics  # noqa: I001
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate
@@ -64,5 +64,6 @@ __all__ = [
     "__version__",
     "bundled_model_path",
     "distributed",
+    "metrics",
     "generate",
 ]

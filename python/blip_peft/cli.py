@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from blip_peft.presets import QUERY_VALUE_TARGETS
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-dropout", type=float, default=0.05)
     train.add_argument(
         "--target-modules",
-        default="self.query,self.value,self_attn.qkv",
+        default=",".join(QUERY_VALUE_TARGETS),
         help="comma-separated module names, or all-linear",
     )
     train.add_argument("--epochs", type=int, default=3)

@@ -11,18 +11,9 @@ from typing import Any
 
 import torch
 
+from blip_peft.presets import ATTENTION_MLP_TARGETS
+
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "blip-shapes-base")
-# LoRA on the attention and MLP layers of both towers (the benchmark's and the tutorial's choice).
-TARGET_MODULES = [
-    "self.query",
-    "self.key",
-    "self.value",
-    "output.dense",
-    "self_attn.qkv",
-    "self_attn.projection",
-    "mlp.fc1",
-    "mlp.fc2",
-]
 
 
 def bundled_model_path() -> str:
@@ -39,9 +30,9 @@ def _log(message: str) -> None:
 
 
 def _score(captions: list[str], refs: list[str]) -> dict[str, float]:
-    from blip_peft import world
+    from blip_peft import metrics
 
-    return {"exact_match": world.exact_match(captions, refs), "bleu4": world.bleu4(captions, refs)}
+    return {"exact_match": metrics.exact_match(captions, refs), "bleu4": metrics.bleu4(captions, refs)}
 
 
 def run(
@@ -84,7 +75,7 @@ def run(
 
     _log("3. LoRA fine-tuning on the target domain with blip_peft.train...")
     model = bp.get_peft_model(
-        base, bp.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGET_MODULES)
+        base, bp.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ATTENTION_MLP_TARGETS)
     )
     model.print_trainable_parameters()
     adapter_dir = os.path.join(output_dir, "adapter")

@@ -1,5 +1,6 @@
-//! Training data: collation that avoids the HF recipe's traps (captions start with the BOS generation uses,
-//! padding is excluded from the loss, captions truncate), and batch sources for the trainer.
+//! Training data: the batch and the batch sources the trainer draws from (encoded tensors, or images and
+//! captions decoded per batch), and collation that avoids the HF recipe's traps (captions start with the BOS
+//! generation uses, padding is excluded from the loss, captions truncate).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,25 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::processor::{preprocess_selected, ImageProcessorConfig, ImageSource};
-use crate::train::{Batch, BatchSource};
+
+/// One collated batch, on the host or the model's device.
+pub struct Batch {
+    pub pixel_values: Tensor,
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    /// `input_ids` with padding (and anything else not to be learned) set to -100.
+    pub labels: Tensor,
+}
+
+/// Something that can produce the batch of given sample indices (decoding and preprocessing as needed).
+/// The training source moves to a background thread that prepares batches ahead of the model.
+pub trait BatchSource: Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn batch(&self, indices: &[usize]) -> Result<Batch>;
+}
 
 /// Collates tokenised captions (`[CLS] ... [SEP]` from the tokenizer) into a padded batch: the first token
 /// becomes `bos` (BLIP's `[DEC]`, what `generate` starts from), captions longer than `max_length` are cut

@@ -11,10 +11,10 @@ use serde::Deserialize;
 use super::errors::IntoPyResult;
 use super::model::{locked, PyBlipModel};
 use super::tensor;
-use crate::data::{ImageCaptionSource, TensorDataset};
+use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
 use crate::train::checkpoint::WeightsFormat;
 use crate::train::trainer::{Collective, Control, Observer, Precision, TrainConfig};
-use crate::train::{BatchSource, Schedule, StepLog, Trainer};
+use crate::train::{Schedule, StepLog, Trainer};
 
 /// The training arguments as Python passes them (JSON), with `blip_peft.train`'s names.
 #[derive(Deserialize)]

@@ -7,4 +7,4 @@ pub mod optim;
 pub mod trainer;
 
 pub use optim::{AdamW, LossScaler, Schedule};
-pub use trainer::{Batch, BatchSource, StepLog, TrainConfig, TrainOutcome, Trainer};
+pub use trainer::{StepLog, TrainConfig, TrainOutcome, Trainer};

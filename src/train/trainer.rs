@@ -12,26 +12,8 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint::{self, TrainerState, WeightsFormat};
 use super::optim::{clip_grad_norm, AdamW, LossScaler, Schedule};
 use crate::blip::BlipForConditionalGeneration;
+use crate::data::{Batch, BatchSource};
 use crate::error::{Error, Result};
-
-/// One collated batch, on the host or the model's device.
-pub struct Batch {
-    pub pixel_values: Tensor,
-    pub input_ids: Tensor,
-    pub attention_mask: Tensor,
-    /// `input_ids` with padding (and anything else not to be learned) set to -100.
-    pub labels: Tensor,
-}
-
-/// Something that can produce the batch of given sample indices (decoding and preprocessing as needed).
-/// The training source moves to a background thread that prepares batches ahead of the model.
-pub trait BatchSource: Send {
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    fn batch(&self, indices: &[usize]) -> Result<Batch>;
-}
 
 /// Numeric precision of the frozen base during training. Trainable weights always stay float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -477,7 +459,6 @@ impl PrecisionGuard {
 pub struct Trainer;
 
 impl Trainer {
-    #[allow(clippy::too_many_arguments)]
     pub fn run(
         model: &mut BlipForConditionalGeneration,
         train: Box<dyn BatchSource>,
@@ -536,25 +517,38 @@ impl Trainer {
         let was_training = model.training;
         model.training = true;
         let flush = super::denormals::FlushDenormals::enable();
-        let result = Self::run_loop(
+        let mut run = TrainingRun {
             model,
-            train,
-            eval,
+            device,
             config,
             format,
             observer,
-            collective,
+            // (re-borrowed: the run holds every reference for one lifetime)
+            collective: collective.map(|c| c as &mut dyn Collective),
+            eval,
             plan,
-            &mut optimizer,
-            &mut scaler,
-            &mut state,
-        );
+            optimizer,
+            scaler,
+            state,
+            pending: Vec::new(),
+            last_checkpoint: None,
+            window_start: Instant::now(),
+            window_samples: 0,
+        };
+        let result = run.train(train);
+        let TrainingRun {
+            model,
+            mut optimizer,
+            state,
+            last_checkpoint,
+            ..
+        } = run;
         drop(flush);
         model.training = was_training;
         model.dropout_seed = None;
         guard.restore(model)?;
         let _ = optimizer.zero_grad();
-        let (interrupted, last_checkpoint) = result?;
+        let interrupted = result?;
         Ok(TrainOutcome {
             history: state.history,
             eval_history: state.eval_history,
@@ -564,198 +558,263 @@ impl Trainer {
             last_checkpoint,
         })
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_loop(
-        model: &mut BlipForConditionalGeneration,
-        train: Box<dyn BatchSource>,
-        eval: Option<Box<dyn BatchSource>>,
-        config: &TrainConfig,
-        format: &WeightsFormat,
-        observer: &mut dyn Observer,
-        mut collective: Option<&mut dyn Collective>,
-        plan: Plan,
-        optimizer: &mut AdamW,
-        scaler: &mut Option<LossScaler>,
-        state: &mut TrainerState,
-    ) -> Result<(bool, Option<PathBuf>)> {
-        let device = model.device();
-        if let Some(c) = collective.as_deref_mut() {
-            check_ranks_agree(c, optimizer, train.len(), plan.total_steps)?;
+/// One training run under way: the model, its optimizer and scaler, the run's state, and what the loop
+/// carries from step to step. Each phase of an optimizer step is one method.
+struct TrainingRun<'a> {
+    model: &'a mut BlipForConditionalGeneration,
+    device: Device,
+    config: &'a TrainConfig,
+    format: &'a WeightsFormat<'a>,
+    observer: &'a mut dyn Observer,
+    collective: Option<&'a mut dyn Collective>,
+    eval: Option<Box<dyn BatchSource>>,
+    plan: Plan,
+    optimizer: AdamW,
+    scaler: Option<LossScaler>,
+    state: TrainerState,
+    /// Per-step values stay on the device until a logging step reads them all at once.
+    pending: Vec<PendingStep>,
+    last_checkpoint: Option<PathBuf>,
+    /// Since the last logging step: when it was, and the samples this process trained on.
+    window_start: Instant,
+    window_samples: usize,
+}
+
+impl TrainingRun<'_> {
+    /// The planned steps from the state's `global_step` on, batches prepared on a background thread.
+    /// Returns whether the run was stopped (by an observer, on any process) before the end.
+    fn train(&mut self, source: Box<dyn BatchSource>) -> Result<bool> {
+        if let Some(c) = self.collective.as_deref_mut() {
+            check_ranks_agree(c, &self.optimizer, source.len(), self.plan.total_steps)?;
         }
-        let batches = Prefetcher::start(train, plan, config.clone(), state.global_step);
-        // Per-step values stay on the device until a logging step reads them all at once.
-        let mut pending: Vec<PendingStep> = Vec::new();
-        let mut last_checkpoint = None;
-        let mut window_start = Instant::now();
-        let mut window_samples = 0usize;
-        while state.global_step < plan.total_steps {
+        let batches = Prefetcher::start(source, self.plan, self.config.clone(), self.state.global_step);
+        self.window_start = Instant::now();
+        self.window_samples = 0;
+        while self.state.global_step < self.plan.total_steps {
             let Some((step, epoch, micro)) = batches.next() else {
                 return Err(Error::invalid("the data loader stopped unexpectedly"));
             };
-            debug_assert_eq!(step, state.global_step);
-            let group = micro.len() as f64;
-            let mut step_loss = Tensor::f_zeros([], (Kind::Float, device))?;
-            let mut step_samples = 0;
-            for (m, batch) in micro.into_iter().enumerate() {
-                let batch = batch?;
-                step_samples += batch.input_ids.size()[0] as usize;
-                // Dropout draws depend only on (seed, step, micro-batch), so a resumed run repeats them.
-                let dropout_seed = config
-                    .seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add(step * 64 + m as i64);
-                tch::manual_seed(dropout_seed);
-                model.dropout_seed = Some(dropout_seed);
-                let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
-                let ids = batch.input_ids.f_to_device(device)?;
-                let mask = batch.attention_mask.f_to_device(device)?;
-                let labels = batch.labels.f_to_device(device)?;
-                // What the loss is scaled by before its backward: 1/accumulation, times the fp16 loss scale.
-                let multiplier = match scaler.as_ref() {
-                    Some(s) => s.scale.f_squeeze()?.f_div_scalar(group)?,
-                    None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
-                };
-                let loss = if config.gradient_checkpointing {
-                    model.loss_backward_checkpointed(
-                        &pixel_values,
-                        &ids,
-                        &mask,
-                        &labels,
-                        &multiplier,
-                        dropout_seed,
-                    )?
-                } else {
-                    let image = model.encode_images(&pixel_values)?;
-                    let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
-                    let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
-                    loss.f_mul(&multiplier)?.f_backward()?;
-                    loss
-                };
-                step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
-            }
-            let grads = optimizer.grads();
-            if let Some(c) = collective.as_deref_mut() {
-                // One flat bucket per optimizer step: every gradient plus the step's loss, averaged.
-                let mut parts = grads
-                    .iter()
-                    .map(|g| g.f_flatten(0, -1).map_err(Error::from))
-                    .collect::<Result<Vec<_>>>()?;
-                parts.push(step_loss.f_view([1])?.f_to_kind(Kind::Float)?);
-                let flat = Tensor::f_cat(&parts, 0)?;
-                c.all_reduce_mean(&flat)?;
-                let _guard = tch::no_grad_guard();
-                let mut offset = 0;
-                for g in &grads {
-                    let n = g.numel() as i64;
-                    let mut g = g.shallow_clone();
-                    g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&g)?)?;
-                    offset += n;
-                }
-                step_loss = flat.f_narrow(0, offset, 1)?.f_squeeze()?;
-            }
-            let found_inf = match scaler.as_ref() {
-                Some(s) => Some(s.unscale(&grads)?),
-                None => None,
-            };
-            let grad_norm = clip_grad_norm(&grads, config.max_grad_norm)?;
-            let lr = config.learning_rate * config.schedule.factor(step, plan.warmup, plan.total_steps);
-            let skipped = match (&found_inf, scaler.as_mut()) {
-                (Some(inf), Some(s)) => {
-                    // A step with overflowed gradients is skipped (this reads one flag back, as torch's GradScaler does).
-                    let overflow = f64::try_from(inf.f_sum(Kind::Float)?)? > 0.0;
-                    if !overflow {
-                        optimizer.step(lr)?;
-                    }
-                    s.update(inf)?;
-                    overflow
-                }
-                _ => {
-                    optimizer.step(lr)?;
-                    false
-                }
-            };
-            optimizer.zero_grad()?;
-            state.global_step += 1;
-            window_samples += step_samples;
-            let epoch_f =
-                epoch as f64 + ((step % plan.steps_per_epoch) + 1) as f64 / plan.steps_per_epoch as f64;
-            pending.push(PendingStep {
-                step: state.global_step,
-                epoch: epoch_f,
-                lr,
-                loss: step_loss,
-                grad_norm,
-                skipped,
-            });
-            let at_end = state.global_step >= plan.total_steps;
-            let log_now = state.global_step % config.logging_steps == 0 || at_end;
-            let save_now = config.save_steps.is_some_and(|s| state.global_step % s == 0)
-                || (at_end && config.output_dir.is_some());
-            let eval_now =
-                eval.is_some() && (config.eval_steps.is_some_and(|s| state.global_step % s == 0) || at_end);
-            let mut control = Control::Continue;
-            if log_now || save_now || eval_now {
-                let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
-                let rate = (window_samples * config.world_size.max(1)) as f64 / elapsed;
-                let logs = read_pending(&mut pending, rate)?;
-                window_start = Instant::now();
-                window_samples = 0;
-                state.history.extend(logs.iter().cloned());
-                if config.rank == 0 {
-                    control = observer.on_log(&logs, plan.total_steps)?;
-                }
-                if let Some(c) = collective.as_deref_mut() {
-                    check_in_sync(c, optimizer, state.global_step)?;
-                }
-            }
-            if eval_now {
-                if let Some(source) = &eval {
-                    let loss = evaluate_sharded(model, source.as_ref(), config, collective.as_deref_mut())?;
-                    state.eval_history.push((state.global_step, loss));
-                    if config.rank == 0 && observer.on_eval(state.global_step, loss)? == Control::Stop {
-                        control = Control::Stop;
-                    }
-                }
-            }
-            if observer.on_step_end()? == Control::Stop {
-                control = Control::Stop;
-            }
-            if let Some(c) = collective.as_deref_mut() {
-                // Every process stops together, or the others would wait forever at the next all-reduce.
-                let any = c.all_reduce_max(if control == Control::Stop { 1.0 } else { 0.0 })?;
-                control = if any > 0.0 {
-                    Control::Stop
-                } else {
-                    Control::Continue
-                };
-            }
-            let stop = control == Control::Stop;
-            if let Some(dir) = &config.output_dir {
-                if save_now || stop {
-                    if let Some(s) = scaler.as_ref() {
-                        state.loss_scale = Some(f64::try_from(s.scale.f_squeeze()?)?);
-                        state.growth_tracker = Some(i64::try_from(s.growth_tracker.f_squeeze()?)?);
-                    }
-                    last_checkpoint = if config.rank == 0 {
-                        Some(checkpoint::save(
-                            dir,
-                            model,
-                            optimizer,
-                            state,
-                            format,
-                            config.save_total_limit,
-                        )?)
-                    } else {
-                        Some(checkpoint::checkpoint_dir(dir, state.global_step))
-                    };
-                }
-            }
-            if stop {
-                return Ok((true, last_checkpoint));
+            debug_assert_eq!(step, self.state.global_step);
+            let (loss, samples) = self.forward_backward(step, micro)?;
+            let loss = self.reduce_gradients(loss)?;
+            self.optimizer_step(step, epoch, loss, samples)?;
+            if self.report_and_save()? == Control::Stop {
+                return Ok(true);
             }
         }
-        Ok((false, last_checkpoint))
+        Ok(false)
+    }
+
+    /// Forward and backward over the micro-batches of optimizer step `step`, the gradients accumulating.
+    /// Returns the step's mean loss (on the device) and its number of samples.
+    fn forward_backward(&mut self, step: i64, micro: Vec<Result<Batch>>) -> Result<(Tensor, usize)> {
+        let (model, config, device) = (&mut *self.model, self.config, self.device);
+        let group = micro.len() as f64;
+        let mut step_loss = Tensor::f_zeros([], (Kind::Float, device))?;
+        let mut step_samples = 0;
+        for (m, batch) in micro.into_iter().enumerate() {
+            let batch = batch?;
+            step_samples += batch.input_ids.size()[0] as usize;
+            // Dropout draws depend only on (seed, step, micro-batch), so a resumed run repeats them.
+            let dropout_seed = config
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(step * 64 + m as i64);
+            tch::manual_seed(dropout_seed);
+            model.dropout_seed = Some(dropout_seed);
+            let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
+            let ids = batch.input_ids.f_to_device(device)?;
+            let mask = batch.attention_mask.f_to_device(device)?;
+            let labels = batch.labels.f_to_device(device)?;
+            // What the loss is scaled by before its backward: 1/accumulation, times the fp16 loss scale.
+            let multiplier = match self.scaler.as_ref() {
+                Some(s) => s.scale.f_squeeze()?.f_div_scalar(group)?,
+                None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
+            };
+            let loss = if config.gradient_checkpointing {
+                model.loss_backward_checkpointed(
+                    &pixel_values,
+                    &ids,
+                    &mask,
+                    &labels,
+                    &multiplier,
+                    dropout_seed,
+                )?
+            } else {
+                let image = model.encode_images(&pixel_values)?;
+                let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
+                let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
+                loss.f_mul(&multiplier)?.f_backward()?;
+                loss
+            };
+            step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
+        }
+        Ok((step_loss, step_samples))
+    }
+
+    /// Data parallelism: every gradient and the step's loss averaged over the processes, in one flat bucket
+    /// per optimizer step. Returns the averaged loss (the loss itself when alone).
+    fn reduce_gradients(&mut self, step_loss: Tensor) -> Result<Tensor> {
+        let Some(c) = self.collective.as_deref_mut() else {
+            return Ok(step_loss);
+        };
+        let grads = self.optimizer.grads();
+        let mut parts = grads
+            .iter()
+            .map(|g| g.f_flatten(0, -1).map_err(Error::from))
+            .collect::<Result<Vec<_>>>()?;
+        parts.push(step_loss.f_view([1])?.f_to_kind(Kind::Float)?);
+        let flat = Tensor::f_cat(&parts, 0)?;
+        c.all_reduce_mean(&flat)?;
+        let _guard = tch::no_grad_guard();
+        let mut offset = 0;
+        for g in &grads {
+            let n = g.numel() as i64;
+            let mut g = g.shallow_clone();
+            g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&g)?)?;
+            offset += n;
+        }
+        Ok(flat.f_narrow(0, offset, 1)?.f_squeeze()?)
+    }
+
+    /// The update of step `step` (of `epoch`): gradients unscaled (fp16) and clipped, AdamW at the
+    /// schedule's learning rate (skipped when fp16 gradients overflowed), gradients cleared. The step's loss
+    /// and gradient norm wait on the device for the next logging step.
+    fn optimizer_step(&mut self, step: i64, epoch: i64, loss: Tensor, samples: usize) -> Result<()> {
+        let (config, plan) = (self.config, self.plan);
+        let grads = self.optimizer.grads();
+        let found_inf = match self.scaler.as_ref() {
+            Some(s) => Some(s.unscale(&grads)?),
+            None => None,
+        };
+        let grad_norm = clip_grad_norm(&grads, config.max_grad_norm)?;
+        let lr = config.learning_rate * config.schedule.factor(step, plan.warmup, plan.total_steps);
+        let skipped = match (&found_inf, self.scaler.as_mut()) {
+            (Some(inf), Some(s)) => {
+                // A step with overflowed gradients is skipped (this reads one flag back, as torch's GradScaler does).
+                let overflow = f64::try_from(inf.f_sum(Kind::Float)?)? > 0.0;
+                if !overflow {
+                    self.optimizer.step(lr)?;
+                }
+                s.update(inf)?;
+                overflow
+            }
+            _ => {
+                self.optimizer.step(lr)?;
+                false
+            }
+        };
+        self.optimizer.zero_grad()?;
+        self.state.global_step += 1;
+        self.window_samples += samples;
+        let epoch_f = epoch as f64 + ((step % plan.steps_per_epoch) + 1) as f64 / plan.steps_per_epoch as f64;
+        self.pending.push(PendingStep {
+            step: self.state.global_step,
+            epoch: epoch_f,
+            lr,
+            loss,
+            grad_norm,
+            skipped,
+        });
+        Ok(())
+    }
+
+    /// After an update: logging, evaluation and checkpoints when due, and the observer's say. Every process
+    /// stops together, or the others would wait forever at the next all-reduce; a stop saves a checkpoint.
+    fn report_and_save(&mut self) -> Result<Control> {
+        let (config, step) = (self.config, self.state.global_step);
+        let at_end = step >= self.plan.total_steps;
+        let log_now = step % config.logging_steps == 0 || at_end;
+        let save_now =
+            config.save_steps.is_some_and(|s| step % s == 0) || (at_end && config.output_dir.is_some());
+        let eval_now = self.eval.is_some() && (config.eval_steps.is_some_and(|s| step % s == 0) || at_end);
+        let mut control = Control::Continue;
+        if log_now || save_now || eval_now {
+            control = self.log()?;
+        }
+        if eval_now && self.evaluate()? == Control::Stop {
+            control = Control::Stop;
+        }
+        if self.observer.on_step_end()? == Control::Stop {
+            control = Control::Stop;
+        }
+        if let Some(c) = self.collective.as_deref_mut() {
+            let any = c.all_reduce_max(if control == Control::Stop { 1.0 } else { 0.0 })?;
+            control = if any > 0.0 {
+                Control::Stop
+            } else {
+                Control::Continue
+            };
+        }
+        if save_now || control == Control::Stop {
+            self.save()?;
+        }
+        Ok(control)
+    }
+
+    /// Reads the pending steps back in one go, tells the observer (rank 0), and checks that the processes'
+    /// weights still agree.
+    fn log(&mut self) -> Result<Control> {
+        let config = self.config;
+        let elapsed = self.window_start.elapsed().as_secs_f64().max(1e-9);
+        let rate = (self.window_samples * config.world_size.max(1)) as f64 / elapsed;
+        let logs = read_pending(&mut self.pending, rate)?;
+        self.window_start = Instant::now();
+        self.window_samples = 0;
+        self.state.history.extend(logs.iter().cloned());
+        let mut control = Control::Continue;
+        if config.rank == 0 {
+            control = self.observer.on_log(&logs, self.plan.total_steps)?;
+        }
+        if let Some(c) = self.collective.as_deref_mut() {
+            check_in_sync(c, &self.optimizer, self.state.global_step)?;
+        }
+        Ok(control)
+    }
+
+    /// The evaluation loss (each process on its share), recorded and told to the observer (rank 0).
+    fn evaluate(&mut self) -> Result<Control> {
+        let Some(source) = &self.eval else {
+            return Ok(Control::Continue);
+        };
+        let loss = evaluate_sharded(
+            self.model,
+            source.as_ref(),
+            self.config,
+            self.collective.as_deref_mut(),
+        )?;
+        let step = self.state.global_step;
+        self.state.eval_history.push((step, loss));
+        if self.config.rank == 0 && self.observer.on_eval(step, loss)? == Control::Stop {
+            return Ok(Control::Stop);
+        }
+        Ok(Control::Continue)
+    }
+
+    /// A checkpoint of the current step in `output_dir` (written by rank 0; the others note its folder).
+    fn save(&mut self) -> Result<()> {
+        let Some(dir) = &self.config.output_dir else {
+            return Ok(());
+        };
+        if let Some(s) = self.scaler.as_ref() {
+            self.state.loss_scale = Some(f64::try_from(s.scale.f_squeeze()?)?);
+            self.state.growth_tracker = Some(i64::try_from(s.growth_tracker.f_squeeze()?)?);
+        }
+        self.last_checkpoint = if self.config.rank == 0 {
+            Some(checkpoint::save(
+                dir,
+                self.model,
+                &self.optimizer,
+                &self.state,
+                self.format,
+                self.config.save_total_limit,
+            )?)
+        } else {
+            Some(checkpoint::checkpoint_dir(dir, self.state.global_step))
+        };
+        Ok(())
     }
 }
 

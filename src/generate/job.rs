@@ -1,0 +1,122 @@
+//! The prologue every strategy shares, written once: the settings checked and resolved against the model
+//! (special ids, the length limit), the prompts prepared, the seed set and the images encoded.
+
+use tch::Tensor;
+
+use super::config::GenerationConfig;
+use super::driver::Decoder;
+use super::logits::Processors;
+use super::prompt::{prompts, Prompts};
+use crate::blip::BlipForConditionalGeneration;
+use crate::error::{Error, Result};
+
+/// One `generate` call, ready to decode.
+pub(super) struct Job<'a> {
+    pub model: &'a BlipForConditionalGeneration,
+    pub config: &'a GenerationConfig,
+    /// The image embeddings `[B, N, D]`, one row per image.
+    pub image: Tensor,
+    pub prompts: Prompts,
+    /// The length the sequences may reach, prompt included.
+    pub max_length: i64,
+    pub eos: Option<i64>,
+    pub pad: i64,
+}
+
+impl<'a> Job<'a> {
+    pub fn prepare(
+        model: &'a BlipForConditionalGeneration,
+        pixel_values: &Tensor,
+        input_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        config: &'a GenerationConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let tc = &model.config.text_config;
+        let bos = config.bos_token_id.unwrap_or(tc.bos_token_id);
+        // BLIP generates until [SEP] (transformers passes sep_token_id as the EOS) and pads with pad_token_id.
+        let eos = Some(config.eos_token_id.unwrap_or(tc.sep_token_id));
+        let pad = config.pad_token_id.unwrap_or(tc.pad_token_id);
+        let pixel_values = model.check_pixel_values(pixel_values)?;
+        let batch = pixel_values.size()[0];
+        let prompts = prompts(model, batch, input_ids, attention_mask, bos)?;
+        let prompt_len = prompts.width();
+        let max_length = match (config.max_new_tokens, config.max_length) {
+            (Some(m), _) => prompt_len + m,
+            (None, Some(m)) => m,
+            // transformers: by default 20 new tokens, within the position limit.
+            (None, None) => (prompt_len + 20).min(tc.max_position_embeddings),
+        };
+        if prompt_len >= tc.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "the prompt ({prompt_len} tokens with BOS) does not fit the model's {} positions \
+                 (text_config.max_position_embeddings); shorten the prompt",
+                tc.max_position_embeddings
+            )));
+        }
+        // Generation stops at the model's position limit (transformers caps its default length the same way).
+        let max_length = max_length.min(tc.max_position_embeddings);
+        if let Some(seed) = config.seed {
+            tch::manual_seed(seed);
+        }
+        let image = model.encode_images(&pixel_values)?;
+        Ok(Self {
+            model,
+            config,
+            image,
+            prompts,
+            max_length,
+            eos,
+            pad,
+        })
+    }
+
+    /// Whether any token can be generated (else the prompts are the answer).
+    pub fn has_room(&self) -> bool {
+        self.prompts.width() < self.max_length
+    }
+
+    /// The prompts alone, once per returned sequence.
+    pub fn prompts_only(&self) -> Result<Tensor> {
+        Ok(self
+            .prompts
+            .ids
+            .f_repeat_interleave_self_int(self.config.num_return_sequences, 0, None)?)
+    }
+
+    /// The logits processors for rows whose prompt has `prompt_len` tokens.
+    pub fn processors(&self, prompt_len: i64) -> Processors<'a> {
+        Processors {
+            config: self.config,
+            eos: self.eos,
+            prompt_len,
+        }
+    }
+
+    /// Image `i` with its own prompt (unpadded), as if it had been the only one: the length limit keeps the
+    /// number of new tokens the batch allows.
+    pub fn alone(&self, i: usize) -> Result<Job<'a>> {
+        let l = self.prompts.lengths[i];
+        let i = i as i64;
+        Ok(Job {
+            model: self.model,
+            config: self.config,
+            image: self.image.f_narrow(0, i, 1)?,
+            prompts: Prompts {
+                ids: self.prompts.ids.f_narrow(0, i, 1)?.f_narrow(1, 0, l)?,
+                lengths: vec![l],
+            },
+            max_length: self.max_length - self.prompts.width() + l,
+            eos: self.eos,
+            pad: self.pad,
+        })
+    }
+
+    /// Starts decoding `per_image` rows per image: the prompts run through the decoder, which takes the image
+    /// embeddings over (the job keeps none, so the embeddings of images that leave the batch are freed).
+    /// Returns the decoder and the logits of each row's next token.
+    pub fn start(&mut self, per_image: i64) -> Result<(Decoder<'a>, Tensor)> {
+        let image = std::mem::replace(&mut self.image, Tensor::new());
+        Decoder::prefill(self.model, image, &self.prompts, per_image, self.max_length)
+    }
+}

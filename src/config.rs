@@ -346,6 +346,55 @@ fn merge_into<T: Serialize>(obj: &mut serde_json::Map<String, Value>, key: &str,
     }
 }
 
+/// The field names a `#[derive(Deserialize)]` struct accepts, as serde's derive lists them (so the names are
+/// written once, in the struct). Read by asking the struct to deserialize from a source that records the
+/// field list it is offered and then declines.
+pub fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor};
+
+    #[derive(Debug)]
+    struct Declined;
+    impl std::fmt::Display for Declined {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names read")
+        }
+    }
+    impl std::error::Error for Declined {}
+    impl serde::de::Error for Declined {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Declined
+        }
+    }
+
+    struct Recorder<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Recorder<'_> {
+        type Error = Declined;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> std::result::Result<V::Value, Declined> {
+            Err(Declined::custom(""))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> std::result::Result<V::Value, Declined> {
+            *self.0 = fields;
+            Err(Declined)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Recorder(&mut fields));
+    fields
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

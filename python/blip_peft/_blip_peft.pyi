@@ -19,6 +19,7 @@ __all__ = [
     "set_flush_denormals",
     "cuda_is_available",
     "kernel_code_paths",
+    "generation_setting_names",
     "normalize_lora_config",
     "train_native",
 ]
@@ -39,6 +40,7 @@ class _CollectiveLike(Protocol):
 
 def cuda_is_available() -> bool: ...
 def kernel_code_paths() -> dict[str, str]: ...
+def generation_setting_names() -> list[str]: ...
 def normalize_lora_config(config_json: str) -> str: ...
 def train_native(
     model: _BlipModel,
@@ -72,25 +74,7 @@ class _BlipModel:
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        min_new_tokens: int = 0,
-        min_length: int = 0,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: str = "false",
-        num_return_sequences: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 0,
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> torch.Tensor: ...
     def _last_generate_rows_per_step(self) -> list[int]: ...
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]: ...

@@ -171,7 +171,7 @@ class BlipForConditionalGeneration:
         """
         if pixel_values is None:
             raise ValueError("generate() needs pixel_values")
-        return self._native.generate(pixel_values, input_ids, attention_mask, **_generation_kwargs(kwargs))
+        return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs))
 
     # -------------------------------------------------------------------------------------- parameters
     def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -299,60 +299,33 @@ class BlipForConditionalGeneration:
         return self._native.__repr__()
 
 
-_GENERATION_ARGS = {
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "min_length",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "num_return_sequences",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "seed",
-}
 # Accepted for compatibility; they do not change what is generated here.
 _IGNORED_GENERATION_ARGS = {"use_cache", "output_attentions", "output_hidden_states", "synced_gpus"}
 
 
-def _generation_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """transformers-style generate kwargs to the native call's (None means the default)."""
-    out: dict[str, Any] = {}
+def _generation_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers-style generate kwargs to the decoding settings the core reads (and checks): the Python-only
+    forms are converted here (a `generation_config` object, a `torch.Generator` seed); None means the default."""
+    settings: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key in _IGNORED_GENERATION_ARGS:
+        if key in _IGNORED_GENERATION_ARGS or (key == "return_dict_in_generate" and not value):
             continue
-        if key == "return_dict_in_generate" and not value:
+        if key == "generation_config":
+            if value is not None:
+                names = set(_blip_peft.generation_setting_names())
+                for k, v in value.to_dict().items():
+                    if k in names and v is not None and k not in kwargs:
+                        settings[k] = v
             continue
-        if key == "generation_config" and value is not None:
-            for k, v in value.to_dict().items():
-                if k in _GENERATION_ARGS and v is not None and k not in kwargs:
-                    out[k] = v
-            continue
-        if key not in _GENERATION_ARGS:
-            raise TypeError(f"generate() got an unsupported keyword argument {key!r}")
-        if value is None:
-            continue
-        out[key] = value
-    if "early_stopping" in out:
-        es = out["early_stopping"]
-        if es is True or es is False:
-            out["early_stopping"] = "true" if es else "false"
-        elif es != "never":
-            raise ValueError(f"early_stopping must be True, False or 'never', got {es!r}")
-    if "seed" in out and isinstance(out["seed"], torch.Generator):
+        if value is not None:
+            settings[key] = value
+    seed = settings.get("seed")
+    if isinstance(seed, torch.Generator):
         # A seed drawn from the generator: reproducible for a generator in the same state.
-        out["seed"] = int(torch.randint(0, 2**62, (1,), generator=out["seed"]).item())
-    if "seed" in out and (isinstance(out["seed"], bool) or not isinstance(out["seed"], int)):
-        raise TypeError(f"seed must be an int or a torch.Generator, got {type(out['seed']).__name__}")
-    return out
+        settings["seed"] = int(torch.randint(0, 2**62, (1,), generator=seed).item())
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    return settings
 
 
 AutoModelForVision2Seq = BlipForConditionalGeneration

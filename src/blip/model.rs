@@ -51,7 +51,7 @@ crate::module!(BlipForConditionalGeneration: "BlipForConditionalGeneration" {
 });
 
 /// The decoder layers' seeds start here (the vision layers' at the step's seed itself).
-const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
+pub(crate) const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
 
 impl BlipForConditionalGeneration {
     /// Builds the model, taking every parameter from `src`.
@@ -331,55 +331,6 @@ impl BlipForConditionalGeneration {
             None => None,
         };
         Ok((logits, loss))
-    }
-
-    /// The training loss with gradient checkpointing, backward included: the gradients of
-    /// `loss · multiplier` are accumulated into the parameters, while only each transformer layer's input
-    /// is kept from the forward pass (the layers are recomputed one at a time during the backward).
-    /// `seed` fixes the dropout draws so the recomputation repeats them. Returns the loss, detached.
-    pub fn loss_backward_checkpointed(
-        &self,
-        pixel_values: &Tensor,
-        ids: &Tensor,
-        mask: &Tensor,
-        labels: &Tensor,
-        multiplier: &Tensor,
-        seed: i64,
-    ) -> Result<Tensor> {
-        let train = self.training;
-        let vision_trains = self.vision_model.has_trainable();
-        let (image, vision) = if vision_trains {
-            let (image, tower) = self
-                .vision_model
-                .forward_checkpointed(pixel_values, train, seed)?;
-            (image, Some(tower))
-        } else {
-            let _guard = tch::no_grad_guard();
-            (self.vision_model.forward(pixel_values, train, Some(seed))?, None)
-        };
-        // The decoder's layers read the image through a leaf that gathers their gradients for the vision tower.
-        let image_leaf = image.f_detach()?.f_set_requires_grad(vision_trains)?;
-        let additive = causal_padding_mask(mask, ids.size()[1], self.text_decoder.kind())?;
-        let masks = DecoderMasks {
-            self_mask: Some(&additive),
-            causal: false,
-        };
-        let text_seed = seed.wrapping_add(TEXT_SEED_OFFSET);
-        let (hidden, text) =
-            self.text_decoder
-                .hidden_states_checkpointed(ids, &image_leaf, &masks, train, text_seed)?;
-        let logits = self.text_decoder.logits(&hidden, train)?;
-        let loss = self.caption_loss(&logits, labels)?;
-        loss.f_mul(multiplier)?.f_backward()?;
-        text.backward()?;
-        if let Some(tower) = vision {
-            let grad = image_leaf.f_grad()?;
-            if grad.defined() {
-                image.f_mul(&grad)?.f_sum(image.kind())?.f_backward()?;
-            }
-            tower.backward()?;
-        }
-        Ok(loss.f_detach()?)
     }
 
     /// The decoder layers' seed while training with `dropout_seed` set.

@@ -1,4 +1,9 @@
-//! Decoding settings with transformers' names and defaults, and the checks made before any work starts.
+//! Decoding settings with transformers' names and defaults, read from the caller's keyword arguments, and the
+//! checks made before any work starts. The one definition: the bindings pass the keywords through as they
+//! are, and the Python face asks [`GenerationConfig::setting_names`] which keywords are settings.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
@@ -10,8 +15,22 @@ pub enum EarlyStopping {
     Never,
 }
 
+impl<'de> Deserialize<'de> for EarlyStopping {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::Bool(true) => Ok(Self::True),
+            serde_json::Value::Bool(false) => Ok(Self::False),
+            serde_json::Value::String(w) if w == "never" => Ok(Self::Never),
+            other => Err(de::Error::custom(format!(
+                "early_stopping must be True, False or \"never\", got {other}"
+            ))),
+        }
+    }
+}
+
 /// Decoding settings, with transformers' names and defaults.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GenerationConfig {
     pub max_new_tokens: Option<i64>,
     pub max_length: Option<i64>,
@@ -59,6 +78,31 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// The settings given as keyword arguments (`{"num_beams": 3, ...}`; absent ones take the defaults),
+    /// checked. An unknown keyword is a type error, as for a Python function; a value of the wrong type or out
+    /// of range is an invalid argument naming the setting.
+    pub fn from_settings(settings: serde_json::Value) -> Result<Self> {
+        if let Some(map) = settings.as_object() {
+            let known = Self::setting_names();
+            if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
+                return Err(Error::type_error(format!(
+                    "generate() got an unsupported keyword argument {key:?}"
+                )));
+            }
+        }
+        let config: Self = serde_path_to_error::deserialize(settings).map_err(|e| {
+            let setting = e.path().to_string();
+            Error::invalid(format!("generate() argument {setting}: {}", e.inner()))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The names of the settings, in declaration order (what `generate` accepts beyond its tensors).
+    pub fn setting_names() -> &'static [&'static str] {
+        crate::config::struct_fields::<Self>()
+    }
+
     /// The checks transformers makes (and a few it leaves to a crash), before any work starts.
     pub fn validate(&self) -> Result<()> {
         if let Some(m) = self.max_new_tokens {
@@ -127,5 +171,43 @@ impl GenerationConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn settings_are_read_by_their_names_with_the_defaults_for_the_rest() {
+        let names = GenerationConfig::setting_names();
+        assert_eq!(names.len(), 18);
+        assert_eq!(names[0], "max_new_tokens");
+        assert!(names.contains(&"no_repeat_ngram_size") && names.contains(&"seed"));
+        let c = GenerationConfig::from_settings(json!({"num_beams": 3, "early_stopping": "never"})).unwrap();
+        assert_eq!(
+            (c.num_beams, c.early_stopping, c.top_k),
+            (3, EarlyStopping::Never, 50)
+        );
+        let c =
+            GenerationConfig::from_settings(json!({"early_stopping": true, "max_new_tokens": null})).unwrap();
+        assert_eq!((c.early_stopping, c.max_new_tokens), (EarlyStopping::True, None));
+    }
+
+    #[test]
+    fn unknown_names_wrong_types_and_bad_values_say_which_argument() {
+        let err = |v| GenerationConfig::from_settings(v).unwrap_err();
+        assert!(
+            matches!(err(json!({"beams": 3})), Error::Type(m) if m.contains("unsupported keyword argument \"beams\""))
+        );
+        assert!(
+            matches!(err(json!({"num_beams": "3"})), Error::InvalidArgument(m) if m.contains("num_beams"))
+        );
+        assert!(
+            matches!(err(json!({"early_stopping": "sometimes"})), Error::InvalidArgument(m) if m.contains("early_stopping must be"))
+        );
+        assert!(matches!(err(json!({"top_p": 0.0})), Error::InvalidArgument(m) if m.contains("top_p")));
     }
 }

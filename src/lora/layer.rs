@@ -77,62 +77,6 @@ impl LoraSlot {
         self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a)
     }
 
-    /// Adds the contribution of every active, unmerged adapter to `result`, the base layer's output for
-    /// `x` (whose weights are `weight` and `bias`).
-    pub fn apply(
-        &self,
-        x: &Tensor,
-        result: Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        if self.disabled {
-            return Ok(result);
-        }
-        let out_kind = result.kind();
-        let mut result = result;
-        let mut touched = false;
-        for name in &self.active {
-            if self.merged.contains(name) {
-                continue;
-            }
-            let Some(ad) = self.get(name) else { continue };
-            let mut xa = x.f_to_kind(ad.a.kind())?;
-            let dropped = train && ad.dropout > 0.0;
-            if dropped {
-                xa = xa.f_dropout(ad.dropout, true)?;
-            }
-            let low = self.low_rank(&xa, ad)?;
-            // A float32 adapter on a half-precision base accumulates in float32, then casts back.
-            result = match &ad.magnitude {
-                None => result.f_add(&low.f_mul_scalar(ad.scaling)?)?,
-                Some(m) => {
-                    // DoRA: rescale the base output and the low-rank update by m / ‖W + s·BA‖.
-                    let base_result = if dropped {
-                        self.base_op(&xa, &weight.f_to_kind(ad.a.kind())?)?
-                    } else {
-                        match bias {
-                            Some(b) => result.f_sub(&self.broadcast_bias(b)?)?,
-                            None => result.shallow_clone(),
-                        }
-                    };
-                    let scale = self.dora_scale(ad, m, weight)?;
-                    let dora = scale
-                        .f_sub_scalar(1.0)?
-                        .f_mul(&base_result)?
-                        .f_add(&scale.f_mul(&low)?.f_mul_scalar(ad.scaling)?)?;
-                    result.f_add(&dora)?
-                }
-            };
-            touched = true;
-        }
-        if touched && result.kind() != out_kind {
-            result = result.f_to_kind(out_kind)?;
-        }
-        Ok(result)
-    }
-
     /// `B(A(x))` for this layer's geometry.
     fn low_rank(&self, x: &Tensor, ad: &LoraAdapter) -> Result<Tensor> {
         Ok(match self.base {
@@ -228,10 +172,103 @@ impl LoraSlot {
         }
         Ok(())
     }
+}
+
+/// DoRA's column-wise norm of a weight: per output row for Linear (`[out]`), and for Conv2d over all but
+/// the output dimension, laid out `[1, out, 1, 1]` as peft stores it.
+pub fn weight_norm(weight: &Tensor, base: BaseKind) -> Result<Tensor> {
+    Ok(match base {
+        BaseKind::Linear => weight.f_norm_scalaropt_dim(2.0, [1i64].as_slice(), false)?,
+        BaseKind::Conv2d { .. } => weight
+            .f_norm_scalaropt_dim(2.0, [1i64, 2, 3].as_slice(), true)?
+            .f_transpose(1, 0)?,
+    })
+}
+
+/// A per-output factor shaped to scale the rows of the base weight.
+fn per_row(factor: &Tensor, base: BaseKind) -> Result<Tensor> {
+    Ok(match base {
+        BaseKind::Linear => factor.f_view([-1, 1])?,
+        BaseKind::Conv2d { .. } => factor.f_view([-1, 1, 1, 1])?,
+    })
+}
+
+fn check_finite(delta: &Tensor, name: &str) -> Result<()> {
+    if !bool::try_from(delta.f_isfinite()?.f_all()?)? {
+        return Err(Error::invalid(format!(
+            "adapter {name:?} holds NaN or infinite values; merging it would break the model"
+        )));
+    }
+    Ok(())
+}
+
+/// Kaiming-uniform with a = √5 (torch's default Linear/Conv init): U(-1/√fan_in, 1/√fan_in).
+pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
+    let fan_in: i64 = shape[1..].iter().product();
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Ok(Tensor::f_empty(shape, (Kind::Float, device))?.f_uniform_(-bound, bound)?)
+}
+
+impl crate::nn::Adapter for LoraSlot {
+    /// Adds the contribution of every active, unmerged adapter to `result`, the base layer's output for
+    /// `x` (whose weights are `weight` and `bias`).
+    fn apply(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        if self.disabled {
+            return Ok(result);
+        }
+        let out_kind = result.kind();
+        let mut result = result;
+        let mut touched = false;
+        for name in &self.active {
+            if self.merged.contains(name) {
+                continue;
+            }
+            let Some(ad) = self.get(name) else { continue };
+            let mut xa = x.f_to_kind(ad.a.kind())?;
+            let dropped = train && ad.dropout > 0.0;
+            if dropped {
+                xa = xa.f_dropout(ad.dropout, true)?;
+            }
+            let low = self.low_rank(&xa, ad)?;
+            // A float32 adapter on a half-precision base accumulates in float32, then casts back.
+            result = match &ad.magnitude {
+                None => result.f_add(&low.f_mul_scalar(ad.scaling)?)?,
+                Some(m) => {
+                    // DoRA: rescale the base output and the low-rank update by m / ‖W + s·BA‖.
+                    let base_result = if dropped {
+                        self.base_op(&xa, &weight.f_to_kind(ad.a.kind())?)?
+                    } else {
+                        match bias {
+                            Some(b) => result.f_sub(&self.broadcast_bias(b)?)?,
+                            None => result.shallow_clone(),
+                        }
+                    };
+                    let scale = self.dora_scale(ad, m, weight)?;
+                    let dora = scale
+                        .f_sub_scalar(1.0)?
+                        .f_mul(&base_result)?
+                        .f_add(&scale.f_mul(&low)?.f_mul_scalar(ad.scaling)?)?;
+                    result.f_add(&dora)?
+                }
+            };
+            touched = true;
+        }
+        if touched && result.kind() != out_kind {
+            result = result.f_to_kind(out_kind)?;
+        }
+        Ok(result)
+    }
 
     /// Parameters with peft's names relative to the layer (`lora_A.<adapter>.weight`, ...), in peft's order.
     /// The adapters' parameters by peft's names relative to the layer (`lora_A.<name>.weight`, ...).
-    pub fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
         for (name, ad) in &self.adapters {
             f(&format!("lora_A.{name}.weight"), &ad.a);
         }
@@ -246,7 +283,7 @@ impl LoraSlot {
     }
 
     /// [`Self::visit`] with each tensor replaceable.
-    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
         for (name, ad) in &mut self.adapters {
             f(&format!("lora_A.{name}.weight"), &mut ad.a);
         }
@@ -261,7 +298,7 @@ impl LoraSlot {
     }
 
     /// peft's printout of a LoRA layer around `base`.
-    pub fn repr(&self, base: ReprNode, base_in: i64, base_out: i64) -> ReprNode {
+    fn repr(&self, base: ReprNode, base_in: i64, base_out: i64) -> ReprNode {
         let dropouts = self
             .adapters
             .iter()
@@ -328,66 +365,6 @@ impl LoraSlot {
             ],
             is_list: false,
         }
-    }
-}
-
-/// DoRA's column-wise norm of a weight: per output row for Linear (`[out]`), and for Conv2d over all but
-/// the output dimension, laid out `[1, out, 1, 1]` as peft stores it.
-pub fn weight_norm(weight: &Tensor, base: BaseKind) -> Result<Tensor> {
-    Ok(match base {
-        BaseKind::Linear => weight.f_norm_scalaropt_dim(2.0, [1i64].as_slice(), false)?,
-        BaseKind::Conv2d { .. } => weight
-            .f_norm_scalaropt_dim(2.0, [1i64, 2, 3].as_slice(), true)?
-            .f_transpose(1, 0)?,
-    })
-}
-
-/// A per-output factor shaped to scale the rows of the base weight.
-fn per_row(factor: &Tensor, base: BaseKind) -> Result<Tensor> {
-    Ok(match base {
-        BaseKind::Linear => factor.f_view([-1, 1])?,
-        BaseKind::Conv2d { .. } => factor.f_view([-1, 1, 1, 1])?,
-    })
-}
-
-fn check_finite(delta: &Tensor, name: &str) -> Result<()> {
-    if !bool::try_from(delta.f_isfinite()?.f_all()?)? {
-        return Err(Error::invalid(format!(
-            "adapter {name:?} holds NaN or infinite values; merging it would break the model"
-        )));
-    }
-    Ok(())
-}
-
-/// Kaiming-uniform with a = √5 (torch's default Linear/Conv init): U(-1/√fan_in, 1/√fan_in).
-pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
-    let fan_in: i64 = shape[1..].iter().product();
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    Ok(Tensor::f_empty(shape, (Kind::Float, device))?.f_uniform_(-bound, bound)?)
-}
-
-impl crate::nn::Adapter for LoraSlot {
-    fn apply(
-        &self,
-        x: &Tensor,
-        result: Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        LoraSlot::apply(self, x, result, weight, bias, train)
-    }
-
-    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        LoraSlot::visit(self, f)
-    }
-
-    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        LoraSlot::visit_mut(self, f)
-    }
-
-    fn repr(&self, base: ReprNode, base_in: i64, base_out: i64) -> ReprNode {
-        LoraSlot::repr(self, base, base_in, base_out)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

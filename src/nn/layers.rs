@@ -326,12 +326,52 @@ impl Dropout {
     }
 }
 
-/// The path prefix of a layer's own weights: peft's `base_layer` once adapters wrap it.
-fn base_prefix(lora: &Option<Box<dyn Adapter>>) -> &'static str {
-    if lora.is_some() {
-        "base_layer."
-    } else {
-        ""
+/// The parameters of a layer adapters can wrap: its weight and bias (unless another module owns them, as the
+/// tied LM head's), named `base_layer.*` once an adapter wraps it (peft's names), then the adapter's.
+fn visit_wrapped(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    owned: bool,
+    adapter: Option<&dyn Adapter>,
+    f: &mut dyn FnMut(&str, &Tensor),
+) {
+    let base = if adapter.is_some() { "base_layer." } else { "" };
+    if owned {
+        f(&format!("{base}weight"), weight);
+        if let Some(b) = bias {
+            f(&format!("{base}bias"), b);
+        }
+    }
+    if let Some(a) = adapter {
+        a.visit(f);
+    }
+}
+
+/// [`visit_wrapped`] with each tensor replaceable.
+fn visit_wrapped_mut(
+    weight: &mut Tensor,
+    bias: Option<&mut Tensor>,
+    owned: bool,
+    adapter: Option<&mut dyn Adapter>,
+    f: &mut dyn FnMut(&str, &mut Tensor),
+) {
+    let base = if adapter.is_some() { "base_layer." } else { "" };
+    if owned {
+        f(&format!("{base}weight"), weight);
+        if let Some(b) = bias {
+            f(&format!("{base}bias"), b);
+        }
+    }
+    if let Some(a) = adapter {
+        a.visit_mut(f);
+    }
+}
+
+/// The layer's line, or the adapter's printout around it (peft's `lora.Linear(base_layer=...)`).
+fn wrapped_repr(base: ReprNode, adapter: Option<&dyn Adapter>, base_in: i64, base_out: i64) -> ReprNode {
+    match adapter {
+        Some(a) => a.repr(base, base_in, base_out),
+        None => base,
     }
 }
 
@@ -342,36 +382,27 @@ impl Module for Linear {
     }
 
     fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        let base = base_prefix(&self.lora);
-        if !self.tied {
-            f(&format!("{base}weight"), &self.weight);
-            if let Some(b) = &self.bias {
-                f(&format!("{base}bias"), b);
-            }
-        }
-        if let Some(slot) = &self.lora {
-            slot.visit(f);
-        }
+        visit_wrapped(
+            &self.weight,
+            self.bias.as_ref(),
+            !self.tied,
+            self.lora.as_deref(),
+            f,
+        );
     }
 
     fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        let base = base_prefix(&self.lora);
-        if !self.tied {
-            f(&format!("{base}weight"), &mut self.weight);
-            if let Some(b) = &mut self.bias {
-                f(&format!("{base}bias"), b);
-            }
-        }
-        if let Some(slot) = &mut self.lora {
-            slot.visit_mut(f);
-        }
+        let adapter = self.lora.as_deref_mut();
+        visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), !self.tied, adapter, f);
     }
 
     fn repr(&self) -> ReprNode {
-        match &self.lora {
-            Some(slot) => slot.repr(self.base_repr(), self.in_features, self.out_features),
-            None => self.base_repr(),
-        }
+        wrapped_repr(
+            self.base_repr(),
+            self.lora.as_deref(),
+            self.in_features,
+            self.out_features,
+        )
     }
 
     fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
@@ -385,32 +416,21 @@ impl Module for Conv2d {
     }
 
     fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        let base = base_prefix(&self.lora);
-        f(&format!("{base}weight"), &self.weight);
-        if let Some(b) = &self.bias {
-            f(&format!("{base}bias"), b);
-        }
-        if let Some(slot) = &self.lora {
-            slot.visit(f);
-        }
+        visit_wrapped(&self.weight, self.bias.as_ref(), true, self.lora.as_deref(), f);
     }
 
     fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        let base = base_prefix(&self.lora);
-        f(&format!("{base}weight"), &mut self.weight);
-        if let Some(b) = &mut self.bias {
-            f(&format!("{base}bias"), b);
-        }
-        if let Some(slot) = &mut self.lora {
-            slot.visit_mut(f);
-        }
+        let adapter = self.lora.as_deref_mut();
+        visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), true, adapter, f);
     }
 
     fn repr(&self) -> ReprNode {
-        match &self.lora {
-            Some(slot) => slot.repr(self.base_repr(), self.in_channels, self.out_channels),
-            None => self.base_repr(),
-        }
+        wrapped_repr(
+            self.base_repr(),
+            self.lora.as_deref(),
+            self.in_channels,
+            self.out_channels,
+        )
     }
 
     fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {

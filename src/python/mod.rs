@@ -2,6 +2,7 @@
 //! arguments, releases the GIL around heavy work and maps errors; the behaviour lives in the core.
 
 mod errors;
+mod json;
 mod model;
 mod processor;
 mod tensor;
@@ -17,6 +18,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<processor::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_code_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(generation_setting_names, m)?)?;
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
     m.add_function(wrap_pyfunction!(train::train_native, m)?)?;
     m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
@@ -45,4 +47,10 @@ fn kernel_code_paths() -> std::collections::BTreeMap<&'static str, &'static str>
         ("resize", resize),
     ]
     .into()
+}
+
+/// The keyword arguments `generate` reads as decoding settings (transformers' names), in declaration order.
+#[pyfunction]
+fn generation_setting_names() -> Vec<&'static str> {
+    crate::generate::GenerationConfig::setting_names().to_vec()
 }

@@ -5,13 +5,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use super::errors::IntoPyResult;
-use super::tensor;
+use super::{json, tensor};
 use crate::blip::{BlipForConditionalGeneration, ForwardInputs};
 use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
-use crate::generate::{EarlyStopping, GenerationConfig};
+use crate::generate::GenerationConfig;
 use crate::lora::{self, LoraConfig};
 use crate::weights::{save_safetensors, SafetensorsFiles};
 
@@ -191,68 +192,21 @@ impl PyBlipModel {
     }
 
     /// Generates token ids with transformers' semantics (see `blip_peft.BlipForConditionalGeneration.generate`).
-    #[pyo3(signature = (
-        pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=None, max_length=None,
-        min_new_tokens=0, min_length=0, num_beams=1, length_penalty=1.0, early_stopping="false",
-        num_return_sequences=1, do_sample=false, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, bos_token_id=None, eos_token_id=None, pad_token_id=None, seed=None
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    /// `settings` holds the decoding keywords as the caller gave them (`GenerationConfig` reads and checks them).
+    #[pyo3(signature = (pixel_values, input_ids=None, attention_mask=None, settings=None))]
     fn generate<'py>(
         &self,
         py: Python<'py>,
         pixel_values: &Bound<'py, PyAny>,
         input_ids: Option<&Bound<'py, PyAny>>,
         attention_mask: Option<&Bound<'py, PyAny>>,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        min_new_tokens: i64,
-        min_length: i64,
-        num_beams: i64,
-        length_penalty: f64,
-        early_stopping: &str,
-        num_return_sequences: i64,
-        do_sample: bool,
-        temperature: f64,
-        top_k: i64,
-        top_p: f64,
-        repetition_penalty: f64,
-        no_repeat_ngram_size: i64,
-        bos_token_id: Option<i64>,
-        eos_token_id: Option<i64>,
-        pad_token_id: Option<i64>,
-        seed: Option<i64>,
+        settings: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let early_stopping = match early_stopping {
-            "true" => EarlyStopping::True,
-            "false" => EarlyStopping::False,
-            "never" => EarlyStopping::Never,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "early_stopping must be True, False or \"never\", got {other:?}"
-                )))
-            }
+        let settings = match settings {
+            Some(d) => json::from_dict(d)?,
+            None => serde_json::Value::Object(Default::default()),
         };
-        let config = GenerationConfig {
-            max_new_tokens,
-            max_length,
-            min_new_tokens,
-            min_length,
-            num_beams,
-            length_penalty,
-            early_stopping,
-            num_return_sequences,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            no_repeat_ngram_size,
-            bos_token_id,
-            eos_token_id,
-            pad_token_id,
-            seed,
-        };
+        let config = GenerationConfig::from_settings(settings).py()?;
         let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
         let input_ids = tensor::from_py_opt(input_ids, "input_ids")?;
         let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;

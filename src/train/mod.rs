@@ -2,6 +2,7 @@
 //! fp16 loss scaling, checkpoints, and the training loop itself.
 
 pub mod checkpoint;
+pub mod checkpointed_step;
 pub mod denormals;
 pub mod optim;
 pub mod trainer;

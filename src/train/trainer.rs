@@ -634,7 +634,8 @@ impl TrainingRun<'_> {
                 None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
             };
             let loss = if config.gradient_checkpointing {
-                model.loss_backward_checkpointed(
+                super::checkpointed_step::loss_backward(
+                    model,
                     &pixel_values,
                     &ids,
                     &mask,

@@ -82,7 +82,9 @@ pub fn collate_captions(
     ))
 }
 
-/// A dataset already encoded as tensors (rows of pixel values, ids, mask and labels), kept on the host.
+/// A dataset already encoded as tensors (rows of pixel values, ids, mask and labels), kept on the host, with
+/// the training collation applied as [`collate_captions`] applies it: every row starts with `bos`, and
+/// labels not given are the ids with padding set to -100.
 pub struct TensorDataset {
     pub pixel_values: Tensor,
     pub input_ids: Tensor,
@@ -96,6 +98,7 @@ impl TensorDataset {
         input_ids: Tensor,
         attention_mask: Option<Tensor>,
         labels: Option<Tensor>,
+        bos: i64,
     ) -> Result<Self> {
         let n = pixel_values.size().first().copied().unwrap_or(0);
         if input_ids.dim() != 2 || input_ids.size()[0] != n {
@@ -104,7 +107,13 @@ impl TensorDataset {
                 input_ids.size()
             )));
         }
-        let input_ids = input_ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
+        let input_ids = input_ids
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Int64)?
+            .f_detach_copy()?; // the caller's tensor stays as it was
+        if input_ids.size()[1] > 0 {
+            let _ = input_ids.f_select(1, 0)?.f_fill_(bos)?;
+        }
         let attention_mask = match attention_mask {
             Some(m) => m.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?,
             None => input_ids.f_ones_like()?,
@@ -261,6 +270,19 @@ impl BatchSource for ImageCaptionSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_tensors_get_the_same_collation_as_captions() {
+        let ids = Tensor::from_slice(&[5i64, 7, 102, 0, 5, 8, 9, 102]).view([2, 4]);
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 1, 1, 1, 1]).view([2, 4]);
+        let pixels = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let data = TensorDataset::new(pixels, ids.shallow_clone(), Some(mask), None, 30522).unwrap();
+        let row = |t: &Tensor, i: i64| Vec::<i64>::try_from(t.get(i)).unwrap();
+        assert_eq!(row(&data.input_ids, 0), vec![30522, 7, 102, 0]);
+        assert_eq!(row(&data.labels, 0), vec![30522, 7, 102, -100]);
+        assert_eq!(row(&data.labels, 1), vec![30522, 8, 9, 102]);
+        assert_eq!(row(&ids, 0), vec![5, 7, 102, 0]); // the caller's tensor is untouched
+    }
 
     #[test]
     fn collation_sets_bos_masks_pads_and_truncates() {

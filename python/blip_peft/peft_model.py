@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,11 +105,15 @@ class LoraConfig:
         doc["revision"] = self.revision
         return doc
 
+    def to_json(self) -> str:
+        """`adapter_config.json`'s text as peft writes it (sorted keys, indent 2)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Writes `adapter_config.json` (sorted keys, indent 2, as peft does), atomically."""
+        """Writes `adapter_config.json`, atomically."""
         directory = fspath(save_directory, "save_directory")
         os.makedirs(directory, exist_ok=True)
-        _write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        _blip_peft.write_text_atomic(os.path.join(directory, CONFIG_NAME), self.to_json())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
@@ -137,21 +140,6 @@ class LoraConfig:
 
 
 PeftConfig = LoraConfig
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def lora_targets(model: Any) -> list[tuple[str, str, tuple[int, int]]]:
@@ -350,10 +338,8 @@ class PeftModel:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_config)}")
             target = directory if name == "default" else os.path.join(directory, name)
-            os.makedirs(target, exist_ok=True)
             config = self.peft_config[name]
-            self._native.save_adapter(os.path.join(target, WEIGHTS_NAME), name, config.bias)
-            config.save_pretrained(target)
+            self._native.save_adapter(target, name, config.bias, config.to_json())
 
     @classmethod
     def from_pretrained(

@@ -128,18 +128,9 @@ def _encode(
     if isinstance(dataset, Mapping):
         if "pixel_values" not in dataset or "input_ids" not in dataset:
             raise ValueError(f"{what} as a mapping of tensors needs 'pixel_values' and 'input_ids'")
-        ids = dataset["input_ids"].clone()
-        mask = dataset.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask
-        ids[:, 0] = bos
-        labels = dataset.get("labels")
-        labels = ids.masked_fill(mask == 0, -100) if labels is None else labels
-        return {
-            "pixel_values": dataset["pixel_values"],
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
-        }, []
+        # The core applies the training collation (BOS first, labels with pads -100 where none are given).
+        keys = ("pixel_values", "input_ids", "attention_mask", "labels")
+        return {k: dataset.get(k) for k in keys}, []
     if processor is None:
         raise TypeError(f"{what} holds images and captions: pass the processor (e.g. BlipProcessor.from_pretrained)")
     pairs = as_items(dataset, image_column, text_column)
@@ -282,7 +273,7 @@ def train(
         adapter: tuple[str, str, str] | None = (
             model.active_adapter,
             config.bias,
-            json.dumps(config.to_dict(), indent=2, sort_keys=True),
+            config.to_json(),
         )
     elif isinstance(model, BlipForConditionalGeneration):
         native = model._native
@@ -324,22 +315,10 @@ def train(
             eval_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, "eval_dataset"
         )
     out = fspath(output_dir, "output_dir") if output_dir is not None else None
-    resume: str | None = None
-    if resume_from_checkpoint is True:
-        if out is None:
-            raise ValueError("resume_from_checkpoint=True needs output_dir (where the checkpoints are)")
-        found = sorted(
-            (int(d.split("-")[-1]), d)
-            for d in (os.listdir(out) if os.path.isdir(out) else [])
-            if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()
-        )
-        if not found:
-            raise FileNotFoundError(f"no checkpoint-<step> folder to resume from in {out!r}")
-        resume = os.path.join(out, found[-1][1])
-    elif resume_from_checkpoint not in (None, False):
+    # True: the core resumes from the newest complete checkpoint in output_dir.
+    resume = resume_from_checkpoint
+    if resume_from_checkpoint not in (None, False, True):
         resume = fspath(resume_from_checkpoint, "resume_from_checkpoint")
-        if not os.path.isdir(resume):
-            raise FileNotFoundError(f"checkpoint to resume from not found: {resume!r}")
     args = {
         "epochs": epochs,
         "max_steps": max_steps,

@@ -489,6 +489,27 @@ pub fn adapter_names(model: &mut BlipForConditionalGeneration) -> Result<Vec<Str
     Ok(names)
 }
 
+/// peft's adapter files, in `dir`: `adapter_model.safetensors` (the tensors [`adapter_state`] gives) and
+/// `adapter_config.json` (`config_json`, the config as peft writes it), each written atomically. The one
+/// writer of adapter folders: `save_pretrained` and training checkpoints both call it.
+pub fn save_adapter(
+    model: &mut BlipForConditionalGeneration,
+    dir: &std::path::Path,
+    adapter: &str,
+    bias: &str,
+    config_json: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let tensors = adapter_state(model, adapter, bias)?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    crate::weights::save_safetensors(&tensors, Some(metadata), &dir.join(ADAPTER_WEIGHTS_NAME))?;
+    crate::weights::write_atomic(&dir.join(ADAPTER_CONFIG_NAME), config_json.as_bytes())
+}
+
+/// peft's file names in an adapter folder.
+pub const ADAPTER_WEIGHTS_NAME: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG_NAME: &str = "adapter_config.json";
+
 /// The tensors peft saves for `adapter`, under peft's file keys (`base_model.model.<path>.lora_A.weight`,
 /// biases per the bias mode).
 pub fn adapter_state(

@@ -19,6 +19,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_code_paths, m)?)?;
     m.add_function(wrap_pyfunction!(generation_setting_names, m)?)?;
+    m.add_function(wrap_pyfunction!(write_text_atomic, m)?)?;
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
     m.add_function(wrap_pyfunction!(train::train_native, m)?)?;
     m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
@@ -53,4 +54,11 @@ fn kernel_code_paths() -> std::collections::BTreeMap<&'static str, &'static str>
 #[pyfunction]
 fn generation_setting_names() -> Vec<&'static str> {
     crate::generate::GenerationConfig::setting_names().to_vec()
+}
+
+/// Writes `text` to `path` atomically (a temporary file, then a rename): the core's one writer.
+#[pyfunction]
+fn write_text_atomic(path: std::path::PathBuf, text: &str) -> PyResult<()> {
+    use errors::IntoPyResult;
+    crate::weights::write_atomic(&path, text.as_bytes()).py()
 }

@@ -14,7 +14,7 @@ use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
 use crate::generate::GenerationConfig;
 use crate::lora::{self, LoraConfig};
-use crate::weights::{save_safetensors, SafetensorsFiles};
+use crate::weights::SafetensorsFiles;
 
 /// A BLIP captioning model held by the Rust core. Use `blip_peft.BlipForConditionalGeneration`.
 #[pyclass(module = "blip_peft._blip_peft", name = "_BlipModel", frozen)]
@@ -304,11 +304,9 @@ impl PyBlipModel {
             .collect()
     }
 
-    /// Writes an adapter's tensors to a safetensors file (peft's keys, `{"format": "pt"}`), atomically.
-    fn save_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
-        let state = lora::inject::adapter_state(&mut *self.lock()?, adapter_name, bias).py()?;
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        save_safetensors(&state, Some(metadata), &path).py()
+    /// Writes peft's adapter folder for `adapter_name` (`config_json`: its adapter_config.json text).
+    fn save_adapter(&self, dir: PathBuf, adapter_name: &str, bias: &str, config_json: &str) -> PyResult<()> {
+        lora::inject::save_adapter(&mut *self.lock()?, &dir, adapter_name, bias, config_json).py()
     }
 
     /// Loads an adapter file (safetensors) into the injected adapter `adapter_name`; every key must fit.

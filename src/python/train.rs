@@ -12,7 +12,7 @@ use super::errors::IntoPyResult;
 use super::model::{locked, PyBlipModel};
 use super::tensor;
 use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
-use crate::train::checkpoint::WeightsFormat;
+use crate::train::checkpoint::{ResumeFrom, WeightsFormat};
 use crate::train::trainer::{Collective, Control, Observer, Precision, TrainConfig};
 use crate::train::{Schedule, StepLog, Trainer};
 
@@ -42,7 +42,15 @@ struct TrainArgs {
     save_steps: Option<i64>,
     save_total_limit: Option<i64>,
     eval_steps: Option<i64>,
-    resume_from_checkpoint: Option<PathBuf>,
+    resume_from_checkpoint: Option<ResumeArg>,
+}
+
+/// `resume_from_checkpoint` as train() takes it: True (the newest checkpoint in output_dir) or a folder.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ResumeArg {
+    Flag(bool),
+    Folder(PathBuf),
 }
 
 /// Calls the Python callback at logging steps; Ctrl-C and a callback returning True stop training.
@@ -240,7 +248,7 @@ impl PyImageCaptionData {
 }
 
 /// A training or evaluation source from what Python passed: `_ImageCaptionData` or a mapping of tensors.
-fn batch_source(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Box<dyn BatchSource>> {
+fn batch_source(obj: &Bound<'_, PyAny>, what: &str, bos: i64) -> PyResult<Box<dyn BatchSource>> {
     if let Ok(data) = obj.cast::<PyImageCaptionData>() {
         let mut data = data.borrow_mut();
         let source = data.source.take().ok_or_else(|| {
@@ -250,10 +258,10 @@ fn batch_source(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Box<dyn BatchSou
         })?;
         return Ok(Box::new(source));
     }
-    Ok(Box::new(tensor_dataset(obj, what)?))
+    Ok(Box::new(tensor_dataset(obj, what, bos)?))
 }
 
-fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str) -> PyResult<TensorDataset> {
+fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str, bos: i64) -> PyResult<TensorDataset> {
     let get = |k: &str| -> PyResult<Option<tch::Tensor>> {
         match parts.get_item(k) {
             Ok(v) if !v.is_none() => Ok(Some(tensor::from_py(&v, &format!("{what}[{k:?}]"))?)),
@@ -264,7 +272,14 @@ fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str) -> PyResult<TensorDatase
         get("pixel_values")?.ok_or_else(|| PyValueError::new_err(format!("{what} has no pixel_values")))?;
     let input_ids =
         get("input_ids")?.ok_or_else(|| PyValueError::new_err(format!("{what} has no input_ids")))?;
-    TensorDataset::new(pixel_values, input_ids, get("attention_mask")?, get("labels")?).py()
+    TensorDataset::new(
+        pixel_values,
+        input_ids,
+        get("attention_mask")?,
+        get("labels")?,
+        bos,
+    )
+    .py()
 }
 
 /// Trains `model` on encoded tensors (a mapping with pixel_values, input_ids, attention_mask, labels).
@@ -292,7 +307,10 @@ pub fn train_native<'py>(
     let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
     let args: TrainArgs = serde_json::from_str(args_json)
         .map_err(|e| PyValueError::new_err(format!("invalid training arguments: {e}")))?;
-    let device = model.lock()?.device();
+    let (device, bos) = {
+        let m = model.lock()?;
+        (m.device(), m.config.text_config.bos_token_id)
+    };
     let config = TrainConfig {
         epochs: args.epochs,
         max_steps: args.max_steps,
@@ -329,13 +347,17 @@ pub fn train_native<'py>(
             }
         },
         eval_steps: args.eval_steps,
-        resume_from: args.resume_from_checkpoint,
+        resume_from: match args.resume_from_checkpoint {
+            None | Some(ResumeArg::Flag(false)) => None,
+            Some(ResumeArg::Flag(true)) => Some(ResumeFrom::Latest),
+            Some(ResumeArg::Folder(dir)) => Some(ResumeFrom::Folder(dir)),
+        },
         rank,
         world_size,
     };
-    let train_source = batch_source(train, "train_dataset")?;
+    let train_source = batch_source(train, "train_dataset", bos)?;
     let eval_source = match eval {
-        Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset")?),
+        Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),
         _ => None,
     };
     let mut observer = PyObserver {

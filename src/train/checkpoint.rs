@@ -77,11 +77,7 @@ pub fn save(
                 name,
                 bias,
                 config_json,
-            } => {
-                let tensors = crate::lora::inject::adapter_state(model, name, bias)?;
-                save_safetensors(&tensors, metadata.clone(), &tmp.join("adapter_model.safetensors"))?;
-                write_atomic(&tmp.join("adapter_config.json"), config_json.as_bytes())?;
-            }
+            } => crate::lora::inject::save_adapter(model, &tmp, name, bias, config_json)?,
             WeightsFormat::Full => model.save_pretrained(&tmp)?,
         }
         let mut moments = Vec::with_capacity(2 * optimizer.states.len());
@@ -124,6 +120,38 @@ fn discard(dir: &Path) -> std::io::Result<()> {
     let doomed = dir.with_file_name(format!(".deleting-{name}-{}", std::process::id()));
     std::fs::rename(dir, &doomed)?;
     std::fs::remove_dir_all(&doomed)
+}
+
+/// Where a run resumes from (`resume_from_checkpoint`): the newest complete checkpoint in the output folder
+/// (`True`), or a given checkpoint folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeFrom {
+    Latest,
+    Folder(PathBuf),
+}
+
+impl ResumeFrom {
+    /// The checkpoint folder to read: the newest one [`list`] finds in `output_dir`, or the given folder.
+    pub fn folder(&self, output_dir: Option<&Path>) -> Result<PathBuf> {
+        match self {
+            Self::Latest => {
+                let Some(out) = output_dir else {
+                    return Err(Error::invalid(
+                        "resume_from_checkpoint=True needs output_dir (where the checkpoints are)",
+                    ));
+                };
+                match list(out)?.pop() {
+                    Some((_, dir)) => Ok(dir),
+                    None => Err(Error::not_found(
+                        "a checkpoint-<step> folder to resume from (in output_dir)",
+                        out,
+                    )),
+                }
+            }
+            Self::Folder(dir) if dir.is_dir() => Ok(dir.clone()),
+            Self::Folder(dir) => Err(Error::not_found("checkpoint to resume from", dir)),
+        }
+    }
 }
 
 /// Complete checkpoints in `output_dir`, oldest first.
@@ -199,4 +227,34 @@ pub fn load_state(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState> {
     }
     optimizer.step = state.global_step;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_takes_the_newest_complete_checkpoint() {
+        let out = tempfile::tempdir().unwrap();
+        for (step, complete) in [(3, true), (12, true), (20, false)] {
+            let dir = checkpoint_dir(out.path(), step);
+            std::fs::create_dir_all(&dir).unwrap();
+            if complete {
+                std::fs::write(dir.join(STATE_NAME), "{}").unwrap();
+            }
+        }
+        let latest = ResumeFrom::Latest.folder(Some(out.path())).unwrap();
+        assert_eq!(latest, checkpoint_dir(out.path(), 12)); // checkpoint-20 is half-written
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            ResumeFrom::Latest.folder(Some(empty.path())),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            ResumeFrom::Latest.folder(None),
+            Err(Error::InvalidArgument(_))
+        ));
+        let missing = ResumeFrom::Folder(out.path().join("nope"));
+        assert!(matches!(missing.folder(None), Err(Error::NotFound { .. })));
+    }
 }

@@ -81,7 +81,7 @@ pub struct TrainConfig {
     pub save_steps: Option<i64>,
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<i64>,
-    pub resume_from: Option<PathBuf>,
+    pub resume_from: Option<super::checkpoint::ResumeFrom>,
     /// This process's rank and the number of processes (data parallelism; 0 and 1 when alone).
     pub rank: usize,
     pub world_size: usize,
@@ -505,8 +505,9 @@ impl Trainer {
             history: Vec::new(),
             eval_history: Vec::new(),
         };
-        if let Some(dir) = &config.resume_from {
-            state = resume(dir, model, &mut optimizer, format)?;
+        if let Some(from) = &config.resume_from {
+            let dir = from.folder(config.output_dir.as_deref())?;
+            state = resume(&dir, model, &mut optimizer, format)?;
             if let (Some(s), Some(scale)) = (&mut scaler, state.loss_scale) {
                 let _ = s.scale.f_fill_(scale)?;
                 let _ = s.growth_tracker.f_fill_(state.growth_tracker.unwrap_or(0))?;

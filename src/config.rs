@@ -346,6 +346,24 @@ fn merge_into<T: Serialize>(obj: &mut serde_json::Map<String, Value>, key: &str,
     }
 }
 
+/// A settings struct from the keyword arguments a caller gave (`{"name": value, ...}`; the struct's serde
+/// defaults fill the rest). An unknown keyword is a type error, as for a Python function; a value of the wrong
+/// type is an invalid argument naming the setting. `call` names the function in messages (`"train()"`).
+pub fn settings_from_keywords<T: DeserializeOwned>(keywords: Value, call: &str) -> Result<T> {
+    if let Some(map) = keywords.as_object() {
+        let known = struct_fields::<T>();
+        if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(Error::type_error(format!(
+                "{call} got an unsupported keyword argument {key:?}"
+            )));
+        }
+    }
+    serde_path_to_error::deserialize(keywords).map_err(|e| {
+        let setting = e.path().to_string();
+        Error::invalid(format!("{call} argument {setting}: {}", e.inner()))
+    })
+}
+
 /// The field names a `#[derive(Deserialize)]` struct accepts, as serde's derive lists them (so the names are
 /// written once, in the struct). Read by asking the struct to deserialize from a source that records the
 /// field list it is offered and then declines.

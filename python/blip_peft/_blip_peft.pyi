@@ -48,7 +48,7 @@ def train_native(
     model: _BlipModel,
     train: Mapping[str, torch.Tensor] | _ImageCaptionData,
     eval: Mapping[str, torch.Tensor] | _ImageCaptionData | None,
-    args_json: str,
+    settings: dict[str, Any],
     adapter: tuple[str, str, str] | None = None,
     callback: Callable[[str, dict[str, Any]], Any] | None = None,
     distributed: _CollectiveLike | None = None,

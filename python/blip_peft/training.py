@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -287,10 +285,6 @@ def train(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if learning_rate < 0 or not math.isfinite(learning_rate):
-        raise ValueError(f"learning_rate must be a non-negative number, got {learning_rate}")
     text_config = model.config.text_config
     bos, pad = text_config.bos_token_id, text_config.pad_token_id
     if num_workers is not None and (
@@ -349,7 +343,7 @@ def train(
     reporter = _Progress(progress and main_process, callback)
     try:
         result = _blip_peft.train_native(
-            native, train_tensors, eval_tensors, json.dumps(args), adapter, reporter, group
+            native, train_tensors, eval_tensors, args, adapter, reporter, group
         )
     finally:
         reporter.close()

@@ -82,18 +82,7 @@ impl GenerationConfig {
     /// checked. An unknown keyword is a type error, as for a Python function; a value of the wrong type or out
     /// of range is an invalid argument naming the setting.
     pub fn from_settings(settings: serde_json::Value) -> Result<Self> {
-        if let Some(map) = settings.as_object() {
-            let known = Self::setting_names();
-            if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
-                return Err(Error::type_error(format!(
-                    "generate() got an unsupported keyword argument {key:?}"
-                )));
-            }
-        }
-        let config: Self = serde_path_to_error::deserialize(settings).map_err(|e| {
-            let setting = e.path().to_string();
-            Error::invalid(format!("generate() argument {setting}: {}", e.inner()))
-        })?;
+        let config: Self = crate::config::settings_from_keywords(settings, "generate()")?;
         config.validate()?;
         Ok(config)
     }

@@ -1,57 +1,17 @@
 //! `train_native`: runs the core trainer with the GIL released, calling back into Python at logging steps
 //! (progress, the user's callback, Ctrl-C).
 
-use std::path::PathBuf;
-
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use serde::Deserialize;
 
 use super::errors::IntoPyResult;
 use super::model::{locked, PyBlipModel};
-use super::tensor;
+use super::{json, tensor};
 use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
-use crate::train::checkpoint::{ResumeFrom, WeightsFormat};
-use crate::train::trainer::{Collective, Control, Observer, Precision, TrainConfig};
-use crate::train::{Schedule, StepLog, Trainer};
-
-/// The training arguments as Python passes them (JSON), with `blip_peft.train`'s names.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TrainArgs {
-    epochs: i64,
-    max_steps: Option<i64>,
-    batch_size: i64,
-    learning_rate: f64,
-    weight_decay: f64,
-    adam_betas: (f64, f64),
-    adam_eps: f64,
-    lr_scheduler: String,
-    warmup_steps: i64,
-    warmup_ratio: f64,
-    gradient_accumulation_steps: i64,
-    max_grad_norm: f64,
-    mixed_precision: String,
-    gradient_checkpointing: bool,
-    shuffle: bool,
-    drop_last: bool,
-    seed: i64,
-    logging_steps: i64,
-    output_dir: Option<PathBuf>,
-    save_steps: Option<i64>,
-    save_total_limit: Option<i64>,
-    eval_steps: Option<i64>,
-    resume_from_checkpoint: Option<ResumeArg>,
-}
-
-/// `resume_from_checkpoint` as train() takes it: True (the newest checkpoint in output_dir) or a folder.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ResumeArg {
-    Flag(bool),
-    Folder(PathBuf),
-}
+use crate::train::checkpoint::WeightsFormat;
+use crate::train::trainer::{Collective, Control, Observer, TrainConfig};
+use crate::train::{StepLog, Trainer};
 
 /// Calls the Python callback at logging steps; Ctrl-C and a callback returning True stop training.
 struct PyObserver {
@@ -285,14 +245,14 @@ fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str, bos: i64) -> PyResult<Te
 /// Trains `model` on encoded tensors (a mapping with pixel_values, input_ids, attention_mask, labels).
 /// `adapter` is `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning.
 #[pyfunction]
-#[pyo3(signature = (model, train, eval, args_json, adapter=None, callback=None, distributed=None))]
+#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_native<'py>(
     py: Python<'py>,
     model: &PyBlipModel,
     train: &Bound<'py, PyAny>,
     eval: Option<&Bound<'py, PyAny>>,
-    args_json: &str,
+    settings: &Bound<'py, PyDict>,
     adapter: Option<(String, String, String)>,
     callback: Option<Py<PyAny>>,
     distributed: Option<Py<PyAny>>,
@@ -305,56 +265,10 @@ pub fn train_native<'py>(
         None => (0, 1),
     };
     let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
-    let args: TrainArgs = serde_json::from_str(args_json)
-        .map_err(|e| PyValueError::new_err(format!("invalid training arguments: {e}")))?;
-    let (device, bos) = {
-        let m = model.lock()?;
-        (m.device(), m.config.text_config.bos_token_id)
-    };
-    let config = TrainConfig {
-        epochs: args.epochs,
-        max_steps: args.max_steps,
-        batch_size: usize::try_from(args.batch_size)
-            .ok()
-            .filter(|&b| b >= 1)
-            .ok_or_else(|| {
-                PyValueError::new_err(format!("batch_size must be at least 1, got {}", args.batch_size))
-            })?,
-        learning_rate: args.learning_rate,
-        weight_decay: args.weight_decay,
-        betas: args.adam_betas,
-        eps: args.adam_eps,
-        schedule: Schedule::parse(&args.lr_scheduler).py()?,
-        warmup_steps: args.warmup_steps,
-        warmup_ratio: args.warmup_ratio,
-        gradient_accumulation_steps: args.gradient_accumulation_steps,
-        max_grad_norm: args.max_grad_norm,
-        precision: Precision::parse(&args.mixed_precision, device).py()?,
-        gradient_checkpointing: args.gradient_checkpointing,
-        shuffle: args.shuffle,
-        drop_last: args.drop_last,
-        seed: args.seed,
-        logging_steps: args.logging_steps,
-        output_dir: args.output_dir,
-        save_steps: args.save_steps,
-        save_total_limit: match args.save_total_limit {
-            None => None,
-            Some(n) if n >= 1 => Some(n as usize),
-            Some(n) => {
-                return Err(PyValueError::new_err(format!(
-                    "save_total_limit must be at least 1, got {n}"
-                )))
-            }
-        },
-        eval_steps: args.eval_steps,
-        resume_from: match args.resume_from_checkpoint {
-            None | Some(ResumeArg::Flag(false)) => None,
-            Some(ResumeArg::Flag(true)) => Some(ResumeFrom::Latest),
-            Some(ResumeArg::Folder(dir)) => Some(ResumeFrom::Folder(dir)),
-        },
-        rank,
-        world_size,
-    };
+    let mut config = TrainConfig::from_settings(json::from_dict(settings)?).py()?;
+    config.rank = rank;
+    config.world_size = world_size;
+    let bos = model.lock()?.config.text_config.bos_token_id;
     let train_source = batch_source(train, "train_dataset", bos)?;
     let eval_source = match eval {
         Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),

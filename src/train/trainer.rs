@@ -15,28 +15,25 @@ use crate::blip::BlipForConditionalGeneration;
 use crate::data::{Batch, BatchSource};
 use crate::error::{Error, Result};
 
-/// Numeric precision of the frozen base during training. Trainable weights always stay float32.
+/// Numeric precision of the frozen base during training (`mixed_precision`). Trainable weights always stay
+/// float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     Float32,
     BFloat16,
     Float16,
+    /// bf16 on CUDA, float32 on the CPU ([`Precision::on`]).
+    Auto,
 }
 
 impl Precision {
-    /// `"auto" | "no" | "bf16" | "fp16"` for `device`: auto is bf16 on CUDA, float32 on CPU.
-    pub fn parse(name: &str, device: Device) -> Result<Self> {
+    /// `"auto" | "no" | "bf16" | "fp16"` (and the long names).
+    pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "no" | "fp32" | "float32" => Self::Float32,
             "bf16" | "bfloat16" => Self::BFloat16,
             "fp16" | "float16" => Self::Float16,
-            "auto" => {
-                if device.is_cuda() {
-                    Self::BFloat16
-                } else {
-                    Self::Float32
-                }
-            }
+            "auto" => Self::Auto,
             other => {
                 return Err(Error::invalid(format!(
                     "mixed_precision must be \"auto\", \"no\", \"bf16\" or \"fp16\", got {other:?}"
@@ -45,30 +42,45 @@ impl Precision {
         })
     }
 
+    /// The precision on `device`: `Auto` becomes bf16 on CUDA, float32 on the CPU.
+    pub fn on(self, device: Device) -> Self {
+        match self {
+            Self::Auto if device.is_cuda() => Self::BFloat16,
+            Self::Auto => Self::Float32,
+            other => other,
+        }
+    }
+
     fn kind(&self) -> Option<Kind> {
         match self {
-            Self::Float32 => None,
+            Self::Float32 | Self::Auto => None,
             Self::BFloat16 => Some(Kind::BFloat16),
             Self::Float16 => Some(Kind::Half),
         }
     }
 }
 
-/// Settings of one training run (transformers' `TrainingArguments` names where they exist).
-#[derive(Debug, Clone)]
+/// Settings of one training run, read from `blip_peft.train`'s keyword arguments ([`Self::from_settings`]:
+/// its names, transformers' `TrainingArguments` names where they exist), with their defaults and checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub epochs: i64,
     pub max_steps: Option<i64>,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub weight_decay: f64,
+    #[serde(rename = "adam_betas")]
     pub betas: (f64, f64),
+    #[serde(rename = "adam_eps")]
     pub eps: f64,
+    #[serde(rename = "lr_scheduler", deserialize_with = "by_name::schedule")]
     pub schedule: Schedule,
     pub warmup_steps: i64,
     pub warmup_ratio: f64,
     pub gradient_accumulation_steps: i64,
     pub max_grad_norm: f64,
+    #[serde(rename = "mixed_precision", deserialize_with = "by_name::precision")]
     pub precision: Precision,
     /// Keep only each transformer layer's input from the forward pass and recompute the layers during the
     /// backward: activation memory grows with the number of layers instead of everything they compute.
@@ -81,9 +93,12 @@ pub struct TrainConfig {
     pub save_steps: Option<i64>,
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<i64>,
+    #[serde(rename = "resume_from_checkpoint", deserialize_with = "by_name::resume_from")]
     pub resume_from: Option<super::checkpoint::ResumeFrom>,
     /// This process's rank and the number of processes (data parallelism; 0 and 1 when alone).
+    #[serde(skip)]
     pub rank: usize,
+    #[serde(skip)]
     pub world_size: usize,
 }
 
@@ -119,7 +134,47 @@ impl Default for TrainConfig {
     }
 }
 
+/// The settings given by name (`lr_scheduler="cosine"`, `mixed_precision="bf16"`, `resume_from_checkpoint=True`
+/// or a folder).
+mod by_name {
+    use serde::de::{Deserializer, Error as _};
+    use serde::Deserialize;
+
+    use super::Precision;
+    use crate::train::checkpoint::ResumeFrom;
+    use crate::train::Schedule;
+
+    pub fn schedule<'de, D: Deserializer<'de>>(d: D) -> Result<Schedule, D::Error> {
+        Schedule::parse(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub fn precision<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
+        Precision::parse(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub fn resume_from<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ResumeFrom>, D::Error> {
+        Ok(match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Null | serde_json::Value::Bool(false) => None,
+            serde_json::Value::Bool(true) => Some(ResumeFrom::Latest),
+            serde_json::Value::String(dir) => Some(ResumeFrom::Folder(dir.into())),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "resume_from_checkpoint must be True or a checkpoint folder, got {other}"
+                )))
+            }
+        })
+    }
+}
+
 impl TrainConfig {
+    /// The settings given as keyword arguments (absent ones take the defaults), checked; `rank` and
+    /// `world_size` stay those of a process alone.
+    pub fn from_settings(settings: serde_json::Value) -> Result<Self> {
+        let config: Self = crate::config::settings_from_keywords(settings, "train()")?;
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.batch_size < 1 {
             return Err(Error::invalid("batch_size must be at least 1"));
@@ -162,6 +217,9 @@ impl TrainConfig {
             if v.is_some_and(|v| v < 1) {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.save_total_limit == Some(0) {
+            return Err(Error::invalid("save_total_limit must be at least 1"));
         }
         if self.save_steps.is_some() && self.output_dir.is_none() {
             return Err(Error::invalid("save_steps needs output_dir"));
@@ -491,7 +549,8 @@ impl Trainer {
         }
         let device = model.device();
         let mut optimizer = AdamW::new(trainable, config.betas, config.eps, config.weight_decay)?;
-        let mut scaler = match config.precision {
+        let precision = config.precision.on(device);
+        let mut scaler = match precision {
             Precision::Float16 => Some(LossScaler::new(65536.0, device)?),
             _ => None,
         };
@@ -514,7 +573,7 @@ impl Trainer {
             }
             state.total_steps = plan.total_steps;
         }
-        let guard = PrecisionGuard::lower(model, config.precision.kind())?;
+        let guard = PrecisionGuard::lower(model, precision.kind())?;
         let was_training = model.training;
         model.training = true;
         let flush = super::denormals::FlushDenormals::enable();
@@ -1050,5 +1109,41 @@ mod tests {
         assert_eq!(a, epoch_order(10, 3, 0, true));
         assert_ne!(a, epoch_order(10, 3, 1, true));
         assert_eq!(epoch_order(4, 3, 0, false), vec![0, 1, 2, 3]);
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::train::checkpoint::ResumeFrom;
+
+    #[test]
+    fn train_settings_are_read_by_train_s_names_with_defaults_for_the_rest() {
+        let c = TrainConfig::from_settings(json!({
+            "batch_size": 4, "adam_betas": [0.8, 0.9], "lr_scheduler": "cosine", "mixed_precision": "auto",
+            "resume_from_checkpoint": true, "output_dir": "out"
+        }))
+        .unwrap();
+        assert_eq!(
+            (c.batch_size, c.betas, c.schedule),
+            (4, (0.8, 0.9), Schedule::Cosine)
+        );
+        assert_eq!(c.precision.on(Device::Cpu), Precision::Float32);
+        assert_eq!(c.resume_from, Some(ResumeFrom::Latest));
+        assert_eq!((c.epochs, c.learning_rate, c.rank, c.world_size), (1, 1e-4, 0, 1));
+        assert!(!crate::config::struct_fields::<TrainConfig>().contains(&"rank"));
+    }
+
+    #[test]
+    fn bad_train_settings_name_the_argument() {
+        let err = |v| TrainConfig::from_settings(v).unwrap_err().to_string();
+        assert!(err(json!({"batch_sise": 4})).contains("unsupported keyword argument \"batch_sise\""));
+        assert!(err(json!({"batch_size": -1})).contains("batch_size"));
+        assert!(err(json!({"batch_size": 0})).contains("batch_size must be at least 1"));
+        assert!(err(json!({"lr_scheduler": "exotic"})).contains("lr_scheduler must be"));
+        assert!(err(json!({"mixed_precision": "fp8"})).contains("mixed_precision must be"));
+        assert!(err(json!({"save_total_limit": 0})).contains("save_total_limit"));
     }
 }

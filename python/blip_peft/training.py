@@ -342,9 +342,7 @@ def train(
     main_process = group is None or group.rank == 0
     reporter = _Progress(progress and main_process, callback)
     try:
-        result = _blip_peft.train_native(
-            native, train_tensors, eval_tensors, args, adapter, reporter, group
-        )
+        result = _blip_peft.train_native(native, train_tensors, eval_tensors, args, adapter, reporter, group)
     finally:
         reporter.close()
     train_result = TrainResult(

@@ -1,39 +1,10 @@
 //! Core tests on a tiny random model, without Python.
 
-use blip_peft::config::{BlipTextConfig, BlipVisionConfig};
-use blip_peft::{BlipConfig, BlipForConditionalGeneration};
+mod common;
+
+use blip_peft::BlipForConditionalGeneration;
+use common::{global_rng, tiny_config};
 use tch::{Device, Kind, Tensor};
-
-/// Tests run on parallel threads and libtorch has one global random generator: tests that draw from it
-/// (random weights, random inputs, seeded sampling) hold this lock, so a seed gives the same numbers.
-fn global_rng() -> std::sync::MutexGuard<'static, ()> {
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn tiny_config() -> BlipConfig {
-    let text = BlipTextConfig {
-        vocab_size: 99,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        max_position_embeddings: 40,
-        bos_token_id: 97,
-        sep_token_id: 3,
-        ..Default::default()
-    };
-    let vision = BlipVisionConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        image_size: 32,
-        patch_size: 8,
-        ..Default::default()
-    };
-    BlipConfig::new(text, vision).unwrap()
-}
 
 #[test]
 fn forward_shapes_and_loss() {

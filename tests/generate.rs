@@ -3,46 +3,31 @@
 //! its `num_return_sequences` rows, finished rows are padded, the length settings hold and a seed repeats its
 //! draws. (tests/test_generate.py compares the token ids themselves with transformers.)
 
+mod common;
+
 use blip_peft::config::{BlipTextConfig, BlipVisionConfig};
 use blip_peft::generate::{generate, EarlyStopping, GenerationConfig};
 use blip_peft::{BlipConfig, BlipForConditionalGeneration};
+use common::global_rng;
 use tch::{Device, Kind, Tensor};
 
 const BOS: i64 = 97;
 const SEP: i64 = 3;
 const PAD: i64 = 0;
 
-/// libtorch has one global random generator and tests run on parallel threads: tests hold this lock.
-fn global_rng() -> std::sync::MutexGuard<'static, ()> {
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn tiny_model() -> BlipForConditionalGeneration {
     let text = BlipTextConfig {
-        vocab_size: 99,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        max_position_embeddings: 40,
         bos_token_id: BOS,
         sep_token_id: SEP,
         pad_token_id: PAD,
         // Weights large enough that captions differ between images and end at different steps.
         initializer_range: 0.2,
-        ..Default::default()
+        ..common::tiny_text()
     };
     let vision = BlipVisionConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        image_size: 32,
-        patch_size: 8,
         // transformers' default (1e-10) leaves the images invisible below float32 rounding.
         initializer_range: 0.02,
-        ..Default::default()
+        ..common::tiny_vision()
     };
     let config = BlipConfig::new(text, vision).unwrap();
     let mut model = BlipForConditionalGeneration::random(config, 0, Kind::Float, Device::Cpu).unwrap();

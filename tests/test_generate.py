@@ -359,3 +359,15 @@ def test_half_precision_captions_stay_on_float32_as_often_as_transformers(float3
     # Measured here: bf16 5.4e-3 (ours) against 5.7e-3 (transformers), fp16 6.0e-4 against 6.3e-4; the margin
     # leaves room for other CPUs' kernels.
     assert rel_err(ours_logits, truth_logits) <= 1.25 * rel_err(theirs_logits, truth_logits)
+
+
+def test_settings_of_the_wrong_kind_name_the_argument(models) -> None:
+    """The core reads generate's keywords: a value it cannot use is a ValueError naming the setting."""
+    _, ours = models
+    px, _, _ = tiny_batch(batch=1)
+    with pytest.raises(ValueError, match="num_beams"):
+        ours.generate(pixel_values=px, num_beams="3")
+    with pytest.raises(ValueError, match="max_new_tokens=.* is out of range"):
+        ours.generate(pixel_values=px, max_new_tokens=2**70)
+    with pytest.raises(ValueError, match="length_penalty must be a finite number"):
+        ours.generate(pixel_values=px, length_penalty=float("nan"))

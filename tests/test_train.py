@@ -557,3 +557,11 @@ def test_mixed_precision_refuses_half_precision_trained_weights(tiny_checkpoint:
     model = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="load the model in float32"):
         bp.train(model, None, _data(4), max_steps=1, batch_size=2, mixed_precision="bf16", progress=False)
+
+
+def test_settings_that_json_cannot_hold_name_the_argument(peft_model) -> None:
+    data = _data(4)
+    with pytest.raises(ValueError, match="learning_rate must be a finite number"):
+        bp.train(peft_model, None, data, learning_rate=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        bp.train(peft_model, None, data, batch_size=-2, progress=False)

@@ -232,7 +232,7 @@ impl BatchSource for ImageCaptionSource {
             Some(pool) => pool.install(|| preprocess_selected(&self.config, &self.images, indices))?,
             None => preprocess_selected(&self.config, &self.images, indices)?,
         };
-        let mut data = Vec::with_capacity(indices.len() * 3 * self.config.height * self.config.width);
+        let mut data = Vec::with_capacity(indices.len() * 3 * self.config.size.height * self.config.size.width);
         let mut captions = Vec::with_capacity(indices.len());
         for (&i, result) in indices.iter().zip(pixels) {
             match result {
@@ -254,7 +254,7 @@ impl BatchSource for ImageCaptionSource {
             )));
         }
         let n = captions.len() as i64;
-        let (h, w) = (self.config.height as i64, self.config.width as i64);
+        let (h, w) = (self.config.size.height as i64, self.config.size.width as i64);
         let pixel_values = Tensor::f_from_slice(&data)?.f_view([n, 3, h, w])?;
         let (input_ids, attention_mask, labels) =
             collate_captions(&captions, self.bos, self.pad, self.max_length)?;

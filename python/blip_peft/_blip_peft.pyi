@@ -108,24 +108,18 @@ class _BlipModel:
 
 @final
 class _ImageProcessor:
-    def __new__(
-        cls,
-        *,
-        do_convert_rgb: bool,
-        do_resize: bool,
-        height: int,
-        width: int,
-        resample: int,
-        do_rescale: bool,
-        rescale_factor: float,
-        do_normalize: bool,
-        image_mean: Sequence[float],
-        image_std: Sequence[float],
-        max_image_pixels: int | None,
-    ) -> _ImageProcessor: ...
+    def __new__(cls, settings: dict[str, Any] | None = None) -> _ImageProcessor: ...
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> _ImageProcessor: ...
+    @staticmethod
+    def setting_names() -> list[str]: ...
+    def with_overrides(self, overrides: dict[str, Any]) -> _ImageProcessor: ...
+    def settings(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]: ...
     def __call__(
         self,
         images: list[str | bytes | bytearray | npt.NDArray[np.uint8] | tuple[str, int, int, bytes, bytes | None]],
+        overrides: dict[str, Any] | None = None,
     ) -> npt.NDArray[np.float32] | list[npt.NDArray[np.float32]]: ...
 
 @final
@@ -141,14 +135,10 @@ class _Tokenizer:
     def encode_batch(
         self,
         texts: Sequence[str],
+        args: dict[str, Any],
         *,
-        add_special_tokens: bool,
-        padding: str,
-        max_length: int | None,
-        truncation: int | None,
-        pad_to_multiple_of: int | None,
-        pad_id: int,
-        pad_token: str,
+        model_max_length: int,
+        pad_token: str | None,
         padding_side: str = "right",
         truncation_side: str = "right",
     ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]: ...

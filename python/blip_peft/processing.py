@@ -26,29 +26,18 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# The image settings are defined in the core (their names, defaults and checks); these are read from it.
+_IMAGE_SETTINGS = frozenset(_blip_peft._ImageProcessor.setting_names())
+_IMAGE_DEFAULTS = _blip_peft._ImageProcessor().settings()
+OPENAI_CLIP_MEAN: list[float] = _IMAGE_DEFAULTS["image_mean"]
+OPENAI_CLIP_STD: list[float] = _IMAGE_DEFAULTS["image_std"]
 # PIL raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS; so do we, by default.
-DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+DEFAULT_MAX_IMAGE_PIXELS: int = _IMAGE_DEFAULTS["max_image_pixels"]
 # transformers' "no limit" for model_max_length.
 VERY_LARGE_INTEGER = int(1e30)
-LARGE_INTEGER = int(1e20)
 
 # PIL modes the core converts itself; other modes go through PIL's own convert("RGB").
 _NATIVE_MODES = {"L", "LA", "RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "I;16", "I;16L", "I;16B", "1"}
-
-_IMAGE_KWARGS = {
-    "do_resize",
-    "size",
-    "resample",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-    "max_image_pixels",
-}
 
 
 class BatchEncoding(dict):
@@ -112,18 +101,6 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _size_dict(size: Any) -> dict[str, int]:
-    if size is None:
-        return {"height": 384, "width": 384}
-    if isinstance(size, int):
-        return {"height": size, "width": size}
-    if isinstance(size, Mapping) and "height" in size and "width" in size:
-        return {"height": int(size["height"]), "width": int(size["width"])}
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return {"height": int(size[0]), "width": int(size[1])}
-    raise ValueError(f"size must be an int or a dict with 'height' and 'width' for BLIP, got {size!r}")
-
-
 def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
     """What the core accepts: a path, encoded bytes, a uint8 array, or PIL pixels as a tuple."""
     if isinstance(image, (str, os.PathLike)):
@@ -173,6 +150,21 @@ class BlipImageProcessor:
 
     Accepts PIL images (any mode), uint8 numpy arrays `(H, W)` / `(H, W, C)`, file paths, encoded bytes,
     or lists mixing them. Returns `pixel_values` as float32 `[N, 3, H, W]`.
+
+    Settings (transformers' names and defaults; read, checked and written by the core):
+
+    - `do_resize`, `size` (an int, `{"height": h, "width": w}` or `(h, w)`; default 384x384), `resample`
+      (a PIL filter number or `PIL.Image.Resampling`; default 3, bicubic);
+    - `do_rescale`, `rescale_factor` (default 1/255); `do_normalize`, `image_mean`, `image_std` (one number
+      or one per RGB channel; default OpenAI CLIP's); these must be finite, and `image_std` must not hold 0;
+    - `do_convert_rgb`;
+    - `max_image_pixels` (not a transformers setting, not saved): the most pixels an image may have, whether
+      read from a file, given decoded (PIL image, numpy array) or made by resizing to `size`; the default is
+      PIL's refusal threshold (twice `Image.MAX_IMAGE_PIXELS`), `None` is no limit and 0 is refused.
+
+    A `size` whose output could not be allocated is a ValueError naming the bytes it would need. Any of the
+    settings may be given per call (`processor(images, size=224)`; None keeps the setting) or assigned
+    (`processor.size = 224`), checked the same way; other keys of a settings file are kept and saved back.
     """
 
     model_input_names = ["pixel_values"]
@@ -180,7 +172,7 @@ class BlipImageProcessor:
     def __init__(
         self,
         do_resize: bool = True,
-        size: int | Mapping[str, int] | None = None,
+        size: int | Mapping[str, int] | Sequence[int] | None = None,
         resample: int = 3,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
@@ -191,72 +183,55 @@ class BlipImageProcessor:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs: Any,
     ) -> None:
-        self.do_resize = bool(do_resize)
-        self.size = _size_dict(size)
-        self.resample = int(resample)
-        self.do_rescale = bool(do_rescale)
-        self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
-        self.image_mean = list(OPENAI_CLIP_MEAN if image_mean is None else self._three(image_mean, "image_mean"))
-        self.image_std = list(OPENAI_CLIP_STD if image_std is None else self._three(image_std, "image_std"))
-        self.do_convert_rgb = bool(do_convert_rgb)
-        self.max_image_pixels = max_image_pixels
-        # Settings we do not use are kept so that save_pretrained writes them back.
-        self._extra = {k: v for k, v in kwargs.items() if k not in ("image_processor_type", "processor_class")}
-        self._native_cache: tuple[tuple[Any, ...], Any] | None = None
+        settings = dict(kwargs)
+        settings.update(
+            do_resize=do_resize,
+            size=size,
+            resample=resample,
+            do_rescale=do_rescale,
+            rescale_factor=rescale_factor,
+            do_normalize=do_normalize,
+            image_mean=image_mean,
+            image_std=image_std,
+            do_convert_rgb=do_convert_rgb,
+            max_image_pixels=max_image_pixels,
+        )
+        self._native = _blip_peft._ImageProcessor(settings)
 
-    @staticmethod
-    def _three(value: float | Sequence[float], name: str) -> list[float]:
-        if isinstance(value, (int, float)):
-            return [float(value)] * 3
-        values = [float(v) for v in value]
-        if len(values) != 3:
-            raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(values)}")
-        return values
+    @classmethod
+    def _wrap(cls, native: _blip_peft._ImageProcessor) -> BlipImageProcessor:
+        self = cls.__new__(cls)
+        self._native = native
+        return self
+
+    # -- settings (held by the core) ---------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        native = self.__dict__.get("_native")
+        if native is not None and name in _IMAGE_SETTINGS:
+            return native.settings()[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _IMAGE_SETTINGS:
+            object.__setattr__(self, "_native", self._native.with_overrides({name: value}))
+        else:
+            object.__setattr__(self, name, value)
 
     # -- configuration ----------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], **kwargs: Any) -> BlipImageProcessor:
-        merged = dict(config)
-        merged.update(kwargs)
-        return cls(**merged)
+        return cls._wrap(_blip_peft._ImageProcessor({**config, **kwargs}))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> BlipImageProcessor:
         """Reads `preprocessor_config.json` (older layout) or the `image_processor` entry of
-        `processor_config.json` (transformers 5 layout)."""
-        folder = os.fspath(path)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"processor folder not found: {folder}")
-        older = os.path.join(folder, IMAGE_PROCESSOR_CONFIG)
-        newer = os.path.join(folder, PROCESSOR_CONFIG)
-        if os.path.isfile(older):
-            config = _read_json(older)
-        elif os.path.isfile(newer) and isinstance(_read_json(newer).get("image_processor"), dict):
-            config = _read_json(newer)["image_processor"]
-        else:
-            raise FileNotFoundError(
-                f"no image processor settings in {folder}: expected {IMAGE_PROCESSOR_CONFIG} or an "
-                f"'image_processor' entry in {PROCESSOR_CONFIG}"
-            )
-        return cls.from_dict(config, **kwargs)
+        `processor_config.json` (transformers 5 layout); `kwargs` override its settings."""
+        return cls._wrap(_blip_peft._ImageProcessor.from_pretrained(os.fspath(path), kwargs))
 
     def to_dict(self) -> dict[str, Any]:
-        out = dict(self._extra)
-        out.update(
-            do_convert_rgb=self.do_convert_rgb,
-            do_normalize=self.do_normalize,
-            do_rescale=self.do_rescale,
-            do_resize=self.do_resize,
-            image_mean=list(self.image_mean),
-            image_processor_type="BlipImageProcessor",
-            image_std=list(self.image_std),
-            resample=self.resample,
-            rescale_factor=self.rescale_factor,
-            size=dict(self.size),
-        )
-        return out
+        return self._native.to_dict()
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -273,71 +248,21 @@ class BlipImageProcessor:
 
     # -- processing -------------------------------------------------------------------------------------
 
-    def _native(self, overrides: Mapping[str, Any]) -> Any:
-        unknown = set(overrides) - _IMAGE_KWARGS
-        if unknown:
-            raise TypeError(f"unexpected image processor arguments: {sorted(unknown)}")
-        settings: dict[str, Any] = {
-            "do_resize": self.do_resize,
-            "size": self.size,
-            "resample": self.resample,
-            "do_rescale": self.do_rescale,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-            "do_convert_rgb": self.do_convert_rgb,
-            "max_image_pixels": self.max_image_pixels,
-        }
-        settings.update({k: v for k, v in overrides.items() if v is not None or k == "max_image_pixels"})
-        size = _size_dict(settings["size"])
-        key = (
-            bool(settings["do_convert_rgb"]),
-            bool(settings["do_resize"]),
-            size["height"],
-            size["width"],
-            int(settings["resample"]),
-            bool(settings["do_rescale"]),
-            float(settings["rescale_factor"]),
-            bool(settings["do_normalize"]),
-            tuple(self._three(settings["image_mean"], "image_mean")),
-            tuple(self._three(settings["image_std"], "image_std")),
-            settings["max_image_pixels"],
-        )
-        if self._native_cache is not None and self._native_cache[0] == key:
-            return self._native_cache[1]
-        native = _blip_peft._ImageProcessor(
-            do_convert_rgb=key[0],
-            do_resize=key[1],
-            height=key[2],
-            width=key[3],
-            resample=key[4],
-            do_rescale=key[5],
-            rescale_factor=key[6],
-            do_normalize=key[7],
-            image_mean=key[8],
-            image_std=key[9],
-            max_image_pixels=key[10],
-        )
-        self._native_cache = (key, native)
-        return native
-
     def __call__(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchEncoding:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
 
     def preprocess(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchEncoding:
         """Images to `{"pixel_values": ...}`: a torch tensor (`"pt"`), a numpy array (`"np"`) or, like
-        transformers, a list of per-image arrays (`None`)."""
+        transformers, a list of per-image arrays (`None`). Settings given as keywords apply to this call."""
         kind = _check_return_tensors(return_tensors)
         kwargs.pop("input_data_format", None)
         kwargs.pop("data_format", None)
-        native = self._native(kwargs)
-        convert_rgb = bool(kwargs.get("do_convert_rgb", self.do_convert_rgb))
+        native = self._native.with_overrides(kwargs) if kwargs else self._native
         flat = _flat_images(images)
         if not flat:
             raise ValueError("no images given")
-        items = [_native_image(image, i, convert_rgb) for i, image in enumerate(flat)]
-        pixels = native(items)
+        convert_rgb = native.settings()["do_convert_rgb"]
+        pixels = native([_native_image(image, i, convert_rgb) for i, image in enumerate(flat)])
         if kind is None:
             return BatchEncoding(pixel_values=list(pixels))
         if isinstance(pixels, list):
@@ -498,50 +423,6 @@ class BlipTokenizer:
 
     # -- encoding ---------------------------------------------------------------------------------------
 
-    def _strategies(
-        self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None
-    ) -> tuple[str, int | None, int | None]:
-        """transformers' `_get_padding_truncation_strategies`: (padding, pad length, truncation length)."""
-        if max_length is not None and padding is False and truncation is None:
-            truncation = "longest_first"
-        padding = getattr(padding, "value", padding)
-        if padding is True or padding == "longest":
-            pad = "longest"
-        elif padding is False or padding is None or padding == "do_not_pad":
-            pad = "none"
-        elif padding == "max_length":
-            pad = "max_length"
-        else:
-            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        truncation = getattr(truncation, "value", truncation)
-        if truncation is True or truncation in ("longest_first", "only_first"):
-            truncate = True
-        elif truncation is False or truncation is None or truncation == "do_not_truncate":
-            truncate = False
-        elif truncation == "only_second":
-            raise ValueError("truncation='only_second' needs text pairs, which BLIP does not use")
-        else:
-            raise ValueError(f"unknown truncation strategy {truncation!r}")
-        if max_length is None:
-            if pad == "max_length":
-                if self.model_max_length > LARGE_INTEGER:
-                    pad = "none"
-                else:
-                    max_length = self.model_max_length
-            if truncate:
-                if self.model_max_length > LARGE_INTEGER:
-                    truncate = False
-                else:
-                    max_length = self.model_max_length
-        if pad != "none" and self.pad_token_id is None:
-            raise ValueError("asking to pad but the tokenizer has no padding token")
-        if truncate and pad != "none" and pad_to_multiple_of and max_length and max_length % pad_to_multiple_of:
-            raise ValueError(
-                f"truncation and padding are both on: max_length ({max_length}) must be a multiple of "
-                f"pad_to_multiple_of ({pad_to_multiple_of})"
-            )
-        return pad, (max_length if pad == "max_length" else None), (max_length if truncate else None)
-
     def __call__(
         self,
         text: str | Sequence[str] | None = None,
@@ -558,7 +439,16 @@ class BlipTokenizer:
         return_attention_mask: bool | None = None,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenises one text or a list of texts (transformers' `tokenizer(...)`)."""
+        """Tokenises one text or a list of texts (transformers' `tokenizer(...)`).
+
+        `padding`: `True`/`"longest"` (to the longest row), `"max_length"`, `False`/`"do_not_pad"`.
+        `truncation`: `True`/`"longest_first"`/`"only_first"` (to `max_length`, special tokens included),
+        `False`/`"do_not_truncate"`. As in transformers: a `max_length` without `padding` or `truncation`
+        truncates; a missing `max_length` falls back to `model_max_length` (none when that is transformers'
+        "no limit"); `pad_to_multiple_of` rounds padded rows up, and with truncation `max_length` must be its
+        multiple; `padding=True` with a `max_length` and no truncation warns that `max_length` is ignored
+        (`verbose=False` silences it). The core resolves these arguments, so the Rust tokenizer alone follows
+        transformers."""
         if text is None:
             raise ValueError("text is required")
         if text_pair is not None:
@@ -568,7 +458,7 @@ class BlipTokenizer:
         for flag in ("return_overflowing_tokens", "return_special_tokens_mask", "return_offsets_mapping"):
             if kwargs.pop(flag, False):
                 raise ValueError(f"{flag}=True is not supported")
-        kwargs.pop("verbose", None)
+        verbose = kwargs.pop("verbose", True)
         kwargs.pop("return_length", None)
         if kwargs:
             raise TypeError(f"unexpected tokenizer arguments: {sorted(kwargs)}")
@@ -584,17 +474,22 @@ class BlipTokenizer:
                     raise TypeError(f"text {i} is {type(t).__name__}, not a string")
         else:
             raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
-        pad, pad_len, trunc_len = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
+        # The core resolves these as transformers does (max_length falling back to model_max_length, ...).
+        args = {
+            "add_special_tokens": add_special_tokens,
+            "padding": padding,
+            "truncation": truncation,
+            "max_length": max_length,
+            "pad_to_multiple_of": pad_to_multiple_of,
+            "padding_side": padding_side,
+            "verbose": verbose,
+        }
         ids, mask, types = self._native.encode_batch(
             texts,
-            add_special_tokens=bool(add_special_tokens),
-            padding=pad,
-            max_length=pad_len,
-            truncation=trunc_len,
-            pad_to_multiple_of=pad_to_multiple_of,
-            pad_id=self.pad_token_id or 0,
-            pad_token=self.pad_token or "[PAD]",
-            padding_side=padding_side or self.padding_side,
+            args,
+            model_max_length=self.model_max_length,
+            pad_token=self.pad_token,
+            padding_side=self.padding_side,
             truncation_side=self.truncation_side,
         )
         want_types = return_token_type_ids if return_token_type_ids is not None else self.return_token_type_ids
@@ -697,7 +592,7 @@ class BlipProcessor:
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"processor folder not found: {folder}")
-        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_SETTINGS}
         return cls(
             image_processor=BlipImageProcessor.from_pretrained(folder, **image_kwargs),
             tokenizer=BlipTokenizer.from_pretrained(folder, **kwargs),
@@ -726,7 +621,7 @@ class BlipProcessor:
     ) -> BatchEncoding:
         if images is None and text is None:
             raise ValueError("You have to specify either images or text.")
-        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_SETTINGS}
         out = BatchEncoding()
         if images is not None:
             out.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))

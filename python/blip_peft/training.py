@@ -155,7 +155,7 @@ def _encode(
                 raise type(e)(f"{what} item {i}: {e}") from None
         captions = [list(ids) for ids in processor.tokenizer(texts)["input_ids"]]
         data = _blip_peft._ImageCaptionData(
-            image_processor._native({}),
+            image_processor._native,
             native_images,
             captions,
             bos,

@@ -176,7 +176,8 @@ impl From<String> for LoadError {
 }
 
 /// Loads any source into RGB. `convert_rgb = false` refuses non-RGB pixels instead of converting them,
-/// as transformers would fail on them later with `do_convert_rgb=False`.
+/// as transformers would fail on them later with `do_convert_rgb=False`. `max_pixels` applies to every
+/// source: encoded images are refused before decoding, decoded pixels (arrays, PIL) before conversion.
 pub fn load_rgb(
     source: &ImageSource,
     max_pixels: Option<u64>,
@@ -203,6 +204,8 @@ pub fn load_rgb(
                     mode.name()
                 )));
             }
+            // Pixels decoded elsewhere (numpy arrays, PIL images) are held to the same limit.
+            check_size(*width, *height, max_pixels)?;
             raw_to_rgb(mode, *width, *height, data).map_err(LoadError::Invalid)
         }
     }
@@ -212,7 +215,7 @@ fn check_size(width: usize, height: usize, max_pixels: Option<u64>) -> Result<()
     if width == 0 || height == 0 {
         return Err(format!("empty image ({width}x{height} pixels)"));
     }
-    let pixels = width as u64 * height as u64;
+    let pixels = (width as u64).saturating_mul(height as u64);
     if let Some(limit) = max_pixels {
         if pixels > limit {
             return Err(format!(

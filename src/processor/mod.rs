@@ -1,15 +1,17 @@
 //! Preparing model inputs: images to normalised pixel tensors, captions to token ids — the numbers
 //! transformers' `BlipProcessor` (PIL backend) produces, computed on all cores.
 //!
+//! * `config.rs`: the image settings (`preprocessor_config.json`), their checks and call-time overrides.
 //! * `image.rs`: decoding and PIL-exact conversion to RGB.
 //! * `resize.rs`: PIL-exact resampling.
 //! * `tokenizer.rs`: BERT WordPiece through the `tokenizers` crate, with transformers' padding,
 //!   truncation and decoding rules.
 //!
-//! This module holds the image settings and the batch pipeline (decode → RGB → resize → rescale →
+//! This module holds the batch pipeline (decode → RGB → resize → rescale →
 //! normalise → float32 NCHW), one image per rayon task.
 
 mod buffers;
+pub mod config;
 pub mod image;
 pub mod resize;
 pub mod tokenizer;
@@ -17,82 +19,13 @@ pub mod tokenizer;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+pub use config::{ImageProcessorConfig, ImageSize};
 pub use image::{ImageSource, PixelMode, RgbImage, DEFAULT_MAX_IMAGE_PIXELS};
 pub use resize::Resample;
-pub use tokenizer::{BlipTokenizer, Encoding, Padding, TokenizeOptions};
-
-/// The image settings of a `preprocessor_config.json` (transformers' field names and defaults for BLIP).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ImageProcessorConfig {
-    pub do_convert_rgb: bool,
-    pub do_resize: bool,
-    /// Output height and width when resizing.
-    pub height: usize,
-    pub width: usize,
-    pub resample: Resample,
-    pub do_rescale: bool,
-    pub rescale_factor: f64,
-    pub do_normalize: bool,
-    pub image_mean: [f64; 3],
-    pub image_std: [f64; 3],
-    /// Refuse encoded images with more pixels than this (`None`: no limit).
-    pub max_image_pixels: Option<u64>,
-}
-
-impl Default for ImageProcessorConfig {
-    fn default() -> Self {
-        ImageProcessorConfig {
-            do_convert_rgb: true,
-            do_resize: true,
-            height: 384,
-            width: 384,
-            resample: Resample::Bicubic,
-            do_rescale: true,
-            rescale_factor: 1.0 / 255.0,
-            do_normalize: true,
-            // OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
-            image_mean: [0.48145466, 0.4578275, 0.40821073],
-            image_std: [0.26862954, 0.26130258, 0.27577711],
-            max_image_pixels: Some(DEFAULT_MAX_IMAGE_PIXELS),
-        }
-    }
-}
-
-impl ImageProcessorConfig {
-    pub fn validate(&self) -> Result<()> {
-        if self.do_resize && (self.height == 0 || self.width == 0) {
-            return Err(Error::invalid(format!(
-                "size must be positive, got height={} width={}",
-                self.height, self.width
-            )));
-        }
-        if self.do_normalize && self.image_std.contains(&0.0) {
-            return Err(Error::invalid("image_std must not contain 0"));
-        }
-        Ok(())
-    }
-
-    /// uint8 value -> output float for each channel. transformers' numpy path computes
-    /// `float32(float64(v) * rescale_factor)`, then `(x - float32(mean)) / float32(std)` in float32; a
-    /// table built with exactly those operations gives exactly its numbers.
-    fn lookup(&self) -> [[f32; 256]; 3] {
-        let mut lut = [[0f32; 256]; 3];
-        for (c, table) in lut.iter_mut().enumerate() {
-            for (v, out) in table.iter_mut().enumerate() {
-                let mut x = if self.do_rescale {
-                    (v as f64 * self.rescale_factor) as f32
-                } else {
-                    v as f32
-                };
-                if self.do_normalize {
-                    x = (x - self.image_mean[c] as f32) / self.image_std[c] as f32;
-                }
-                *out = x;
-            }
-        }
-        lut
-    }
-}
+pub use tokenizer::{
+    BlipTokenizer, EncodeArgs, Encoding, Padding, PaddingStrategy, Side, TokenizeOptions, TokenizerSettings,
+    TruncationStrategy,
+};
 
 /// Preprocessed pixels, float32, channels first.
 #[derive(Debug)]
@@ -125,20 +58,14 @@ fn at(index: usize, source: &ImageSource, err: image::LoadError) -> Error {
 fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Result<RgbImage> {
     let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
         .map_err(|e| at(index, source, e))?;
-    if !cfg.do_resize || (rgb.width == cfg.width && rgb.height == cfg.height) {
+    let ImageSize { height, width } = cfg.size;
+    if !cfg.do_resize || (rgb.width == width && rgb.height == height) {
         return Ok(rgb);
     }
-    let data = resize::resize_rgbx(
-        &rgb.data,
-        rgb.width,
-        rgb.height,
-        cfg.width,
-        cfg.height,
-        cfg.resample,
-    );
+    let data = resize::resize_rgbx(&rgb.data, rgb.width, rgb.height, width, height, cfg.resample);
     Ok(RgbImage {
-        width: cfg.width,
-        height: cfg.height,
+        width,
+        height,
         data,
     })
 }
@@ -155,10 +82,32 @@ fn write_chw(rgb: &RgbImage, lut: &[[f32; 256]; 3], out: &mut [f32]) {
     }
 }
 
-/// A zeroed float buffer for a batch's output. On Linux, large buffers ask for transparent huge pages:
+/// A zeroed float buffer for a batch's output, or an error naming `size` when it cannot be allocated
+/// (rather than the abort `vec!` would give). On Linux, large buffers ask for transparent huge pages:
 /// otherwise the first touch of each 4 KiB page of a ~100 MB output costs as much as resizing does.
-fn output_buffer(len: usize) -> Vec<f32> {
-    let buffer = vec![0f32; len];
+fn output_buffer(len: usize, cfg: &ImageProcessorConfig) -> Result<Vec<f32>> {
+    let refused = || {
+        let ImageSize { height, width } = cfg.size;
+        Error::invalid(format!(
+            "size={height}x{width}: cannot allocate pixel_values of {} bytes; use a smaller size or fewer \
+             images at a time",
+            len as u128 * std::mem::size_of::<f32>() as u128
+        ))
+    };
+    let buffer = if len == 0 {
+        Vec::new()
+    } else {
+        let layout = std::alloc::Layout::array::<f32>(len).map_err(|_| refused())?;
+        // SAFETY: the layout has a non-zero size; a non-null pointer from `alloc_zeroed` holds `len`
+        // zeroed (valid) f32s allocated by the global allocator with exactly the layout `Vec` frees.
+        unsafe {
+            let ptr = std::alloc::alloc_zeroed(layout) as *mut f32;
+            if ptr.is_null() {
+                return Err(refused());
+            }
+            Vec::from_raw_parts(ptr, len, len)
+        }
+    };
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
@@ -173,7 +122,7 @@ fn output_buffer(len: usize) -> Vec<f32> {
             }
         }
     }
-    buffer
+    Ok(buffer)
 }
 
 /// Keeps the error of the lowest index, so messages do not depend on thread timing.
@@ -196,7 +145,7 @@ pub fn preprocess_selected(
         ));
     }
     let lut = cfg.lookup();
-    let plane = 3 * cfg.height * cfg.width;
+    let plane = 3 * cfg.size.height * cfg.size.width;
     Ok(indices
         .par_iter()
         .map(|&i| {
@@ -217,8 +166,9 @@ pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) ->
     cfg.validate()?;
     let lut = cfg.lookup();
     if cfg.do_resize {
-        let plane = 3 * cfg.height * cfg.width;
-        let mut data = output_buffer(sources.len() * plane);
+        cfg.check_output(sources.len())?;
+        let plane = 3 * cfg.size.height * cfg.size.width;
+        let mut data = output_buffer(sources.len() * plane, cfg)?;
         let results: Vec<Result<()>> = data
             .par_chunks_mut(plane)
             .zip(sources.par_iter())
@@ -233,8 +183,8 @@ pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) ->
         first_error(results)?;
         return Ok(PixelValues::Batch {
             n: sources.len(),
-            height: cfg.height,
-            width: cfg.width,
+            height: cfg.size.height,
+            width: cfg.size.width,
             data,
         });
     }
@@ -311,6 +261,43 @@ mod tests {
         let missing = ImageSource::Path("/nonexistent/x.jpg".into());
         let err = preprocess_images(&cfg, &[missing]).unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_pixel_limit_applies_to_decoded_pixels_too() {
+        let cfg = ImageProcessorConfig {
+            max_image_pixels: Some(100),
+            ..Default::default()
+        };
+        preprocess_images(&cfg, &[raw(10, 10, 1)]).unwrap();
+        let err = preprocess_images(&cfg, &[raw(10, 10, 1), raw(11, 10, 1)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("image 1: image size (110 pixels, 11x10) exceeds the limit of 100 pixels"),
+            "{err}"
+        );
+        let array = ImageSource::from_hwc(&[20, 20], vec![0; 400]).unwrap();
+        assert!(preprocess_images(&cfg, &[array]).is_err());
+    }
+
+    #[test]
+    fn a_batch_too_large_to_allocate_is_an_error_naming_size() {
+        let cfg = ImageProcessorConfig {
+            size: ImageSize {
+                height: 4096,
+                width: 4096,
+            },
+            max_image_pixels: None,
+            ..Default::default()
+        };
+        let memory = config::memory_bytes();
+        let images = usize::try_from(memory / (3 * 4096 * 4096 * 4) + 1).unwrap_or(usize::MAX);
+        // Never decoded: the sources are checked for the output's size before anything is read.
+        let sources = vec![ImageSource::Encoded(Vec::new()); images.min(1 << 20)];
+        if images <= 1 << 20 {
+            let err = preprocess_images(&cfg, &sources).unwrap_err().to_string();
+            assert!(err.starts_with("size=4096x4096: pixel_values for"), "{err}");
+        }
     }
 
     #[test]

@@ -1,14 +1,21 @@
 //! Captions to token ids and back, with the same `tokenizer.json` and the same rules as transformers'
-//! fast BERT tokenizer: truncation counts the special tokens inside `max_length`, padding goes to the
-//! longest row or to a fixed length (optionally rounded up to a multiple), and decoding may apply
+//! fast BERT tokenizer: a call's `padding` / `truncation` / `max_length` / `pad_to_multiple_of` resolved as
+//! transformers' `_get_padding_truncation_strategies` resolves them (the one implementation: the Python face
+//! passes the arguments through), truncation counting the special tokens inside `max_length`, padding to the
+//! longest row or to a fixed length (optionally rounded up to a multiple), and decoding that may apply
 //! transformers' `clean_up_tokenization` on top of the tokenizer's own decoder.
 
 use std::path::Path;
 
 use rayon::prelude::*;
-use tokenizers::utils::padding::{pad_encodings, PaddingDirection, PaddingParams, PaddingStrategy};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_json::Value;
+use tokenizers::utils::padding::{
+    pad_encodings, PaddingDirection, PaddingParams, PaddingStrategy as TkPadding,
+};
 use tokenizers::utils::truncation::{
-    truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+    truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy as TkTruncation,
 };
 use tokenizers::{PostProcessor, Tokenizer};
 
@@ -22,6 +29,153 @@ pub enum Padding {
     Longest,
     /// To this many tokens (rows already longer stay longer).
     MaxLength(usize),
+}
+
+/// transformers' `padding` argument as given (`PaddingStrategy`). `True` and `"longest"` pad alike, and
+/// `False` and `"do_not_pad"` do not pad, but transformers tells them apart (`True` warns when `max_length`
+/// is ignored; only `False` lets a lone `max_length` turn truncation on). None reads as `"do_not_pad"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PaddingStrategy {
+    True,
+    Longest,
+    MaxLength,
+    DoNotPad,
+    #[default]
+    False,
+}
+
+impl<'de> Deserialize<'de> for PaddingStrategy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::Bool(true) => Ok(Self::True),
+            Value::Bool(false) => Ok(Self::False),
+            Value::Null => Ok(Self::DoNotPad),
+            Value::String(s) if s == "longest" => Ok(Self::Longest),
+            Value::String(s) if s == "max_length" => Ok(Self::MaxLength),
+            Value::String(s) if s == "do_not_pad" => Ok(Self::DoNotPad),
+            other => Err(de::Error::custom(format!(
+                "padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {other}"
+            ))),
+        }
+    }
+}
+
+/// transformers' `truncation` argument as given (`TruncationStrategy`; `True` is `"longest_first"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TruncationStrategy {
+    LongestFirst,
+    OnlyFirst,
+    OnlySecond,
+    DoNotTruncate,
+}
+
+impl<'de> Deserialize<'de> for TruncationStrategy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::Bool(true) => Ok(Self::LongestFirst),
+            Value::Bool(false) => Ok(Self::DoNotTruncate),
+            Value::String(s) if s == "longest_first" => Ok(Self::LongestFirst),
+            Value::String(s) if s == "only_first" => Ok(Self::OnlyFirst),
+            Value::String(s) if s == "only_second" => Ok(Self::OnlySecond),
+            Value::String(s) if s == "do_not_truncate" => Ok(Self::DoNotTruncate),
+            other => Err(de::Error::custom(format!(
+                "truncation must be True, False, 'longest_first', 'only_first', 'only_second' or \
+                 'do_not_truncate', got {other}"
+            ))),
+        }
+    }
+}
+
+/// Which end padding or truncation works on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    #[default]
+    Right,
+}
+
+impl<'de> Deserialize<'de> for Side {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::String(s) if s == "left" => Ok(Self::Left),
+            Value::String(s) if s == "right" => Ok(Self::Right),
+            other => Err(de::Error::custom(format!("must be 'left' or 'right', got {other}"))),
+        }
+    }
+}
+
+impl Side {
+    /// `"left"` / `"right"`, for the tokenizer's own settings (`tokenizer_config.json`).
+    pub fn parse(name: &str, value: &str) -> Result<Self> {
+        Self::deserialize(Value::from(value))
+            .map_err(|e: serde_json::Error| Error::invalid(format!("{name} {e}")))
+    }
+}
+
+/// One call's arguments as transformers' tokenizer takes them (`tokenizer(texts, padding=True, ...)`): its
+/// names and defaults, before resolution. Read with [`EncodeArgs::from_keywords`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncodeArgs {
+    pub add_special_tokens: bool,
+    pub padding: PaddingStrategy,
+    /// None: not given (a lone `max_length` then turns truncation on, as in transformers).
+    pub truncation: Option<TruncationStrategy>,
+    pub max_length: Option<usize>,
+    pub pad_to_multiple_of: Option<usize>,
+    /// None: the tokenizer's own side.
+    pub padding_side: Option<Side>,
+    /// False: no warnings.
+    pub verbose: bool,
+}
+
+impl Default for EncodeArgs {
+    fn default() -> Self {
+        Self {
+            add_special_tokens: true,
+            padding: PaddingStrategy::False,
+            truncation: None,
+            max_length: None,
+            pad_to_multiple_of: None,
+            padding_side: None,
+            verbose: true,
+        }
+    }
+}
+
+impl EncodeArgs {
+    /// The arguments from keywords (`{"padding": true, "max_length": 16}`; absent ones take transformers'
+    /// defaults). An unknown keyword is a type error; a bad value an invalid argument naming it.
+    pub fn from_keywords(keywords: Value) -> Result<Self> {
+        crate::config::settings_from_keywords(keywords, "tokenizer()")
+    }
+}
+
+/// transformers' `LARGE_INTEGER`: a `model_max_length` above it means "no predefined maximum length".
+pub const LARGE_INTEGER: u128 = 100_000_000_000_000_000_000;
+/// transformers' `VERY_LARGE_INTEGER` (1e30): the `model_max_length` of a tokenizer that sets none.
+pub const VERY_LARGE_INTEGER: u128 = 1_000_000_000_000_000_000_000_000_000_000;
+
+/// What a tokenizer's own configuration (`tokenizer_config.json`) brings to every call.
+#[derive(Clone, Debug)]
+pub struct TokenizerSettings {
+    /// The longest input the model takes; above [`LARGE_INTEGER`]: none.
+    pub model_max_length: u128,
+    /// The padding token (None: the tokenizer cannot pad).
+    pub pad_token: Option<String>,
+    pub padding_side: Side,
+    pub truncation_side: Side,
+}
+
+impl Default for TokenizerSettings {
+    fn default() -> Self {
+        Self {
+            model_max_length: VERY_LARGE_INTEGER,
+            pad_token: Some("[PAD]".into()),
+            padding_side: Side::Right,
+            truncation_side: Side::Right,
+        }
+    }
 }
 
 /// One call's settings, already resolved the way transformers resolves `padding`/`truncation`/`max_length`.
@@ -106,7 +260,115 @@ impl BlipTokenizer {
             .map_or(0, |p| p.added_tokens(false))
     }
 
-    /// Tokenises a batch of texts (in parallel).
+    /// transformers' `_get_padding_truncation_strategies`: the call's arguments and the tokenizer's settings
+    /// to the padding and truncation to apply, with the warnings transformers gives (`warnings.warn`) and its
+    /// errors. Unlike transformers, `padding=None` reads as `"do_not_pad"` and `pad_to_multiple_of=0` as
+    /// unset.
+    pub fn resolve(&self, args: &EncodeArgs, settings: &TokenizerSettings) -> Result<(TokenizeOptions, Vec<String>)> {
+        let mut warnings = Vec::new();
+        let mut max_length = args.max_length;
+        // Backward compatibility in transformers: a lone max_length truncates.
+        let truncation = match args.truncation {
+            None if max_length.is_some() && args.padding == PaddingStrategy::False => {
+                Some(TruncationStrategy::LongestFirst)
+            }
+            t => t,
+        };
+        let mut truncate = match truncation {
+            Some(TruncationStrategy::LongestFirst | TruncationStrategy::OnlyFirst) => true,
+            Some(TruncationStrategy::OnlySecond) => {
+                return Err(Error::invalid(
+                    "truncation='only_second' needs text pairs, which BLIP does not use",
+                ))
+            }
+            Some(TruncationStrategy::DoNotTruncate) | None => false,
+        };
+        #[derive(PartialEq)]
+        enum Pad {
+            No,
+            Longest,
+            MaxLength,
+        }
+        let mut pad = match args.padding {
+            PaddingStrategy::True => {
+                if args.verbose && max_length.is_some() && !truncate {
+                    warnings.push(
+                        "`max_length` is ignored when `padding`=`True` and there is no truncation strategy. \
+                         To pad to max length, use `padding='max_length'`."
+                            .to_string(),
+                    );
+                }
+                Pad::Longest
+            }
+            PaddingStrategy::Longest => Pad::Longest,
+            PaddingStrategy::MaxLength => Pad::MaxLength,
+            PaddingStrategy::DoNotPad | PaddingStrategy::False => Pad::No,
+        };
+        let model_max_length = (settings.model_max_length <= LARGE_INTEGER)
+            .then(|| usize::try_from(settings.model_max_length).unwrap_or(usize::MAX));
+        if max_length.is_none() {
+            if pad == Pad::MaxLength {
+                match model_max_length {
+                    Some(n) => max_length = Some(n),
+                    None => pad = Pad::No,
+                }
+            }
+            if truncate {
+                match model_max_length {
+                    Some(n) => max_length = Some(n),
+                    None => truncate = false,
+                }
+            }
+        }
+        let pad_id = settings.pad_token.as_deref().and_then(|t| self.token_to_id(t));
+        if pad != Pad::No && pad_id.is_none() {
+            return Err(Error::invalid(
+                "Asking to pad but the tokenizer does not have a padding token. Please select a token to use as \
+                 `pad_token` `(tokenizer.pad_token = tokenizer.eos_token e.g.)` or add a new pad token via \
+                 `tokenizer.add_special_tokens({'pad_token': '[PAD]'})`.",
+            ));
+        }
+        let pad_to_multiple_of = args.pad_to_multiple_of.filter(|&m| m > 0);
+        if let (true, true, Some(multiple), Some(length)) = (truncate, pad != Pad::No, pad_to_multiple_of, max_length) {
+            if length % multiple != 0 {
+                return Err(Error::invalid(format!(
+                    "Truncation and padding are both activated but truncation length ({length}) is not a \
+                     multiple of pad_to_multiple_of ({multiple})."
+                )));
+            }
+        }
+        let padding = match (pad, max_length) {
+            (Pad::No, _) => Padding::None,
+            (Pad::Longest, _) => Padding::Longest,
+            (Pad::MaxLength, Some(n)) => Padding::MaxLength(n),
+            (Pad::MaxLength, None) => unreachable!("padding to max_length has a length by now"),
+        };
+        let options = TokenizeOptions {
+            add_special_tokens: args.add_special_tokens,
+            padding,
+            pad_to_multiple_of,
+            truncation: if truncate { max_length } else { None },
+            pad_left: args.padding_side.unwrap_or(settings.padding_side) == Side::Left,
+            truncate_left: settings.truncation_side == Side::Left,
+            pad_id: pad_id.unwrap_or(0),
+            pad_token: settings.pad_token.clone().unwrap_or_else(|| "[PAD]".into()),
+        };
+        Ok((options, warnings))
+    }
+
+    /// Tokenises a batch of texts as transformers' `tokenizer(texts, **args)` does: the arguments resolved by
+    /// [`resolve`](Self::resolve), then [`encode_batch`](Self::encode_batch). Returns the warnings too.
+    pub fn encode<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        args: &EncodeArgs,
+        settings: &TokenizerSettings,
+    ) -> Result<(Encoding, Vec<String>)> {
+        let (options, warnings) = self.resolve(args, settings)?;
+        Ok((self.encode_batch(texts, &options)?, warnings))
+    }
+
+    /// Tokenises a batch of texts (in parallel) with settings already resolved.
     pub fn encode_batch<S: AsRef<str> + Sync>(
         &self,
         texts: &[S],
@@ -125,7 +387,7 @@ impl BlipTokenizer {
             }
             Some(max) => Some(TruncationParams {
                 max_length: max - added,
-                strategy: TruncationStrategy::LongestFirst,
+                strategy: TkTruncation::LongestFirst,
                 stride: 0,
                 direction: if opts.truncate_left {
                     TruncationDirection::Left
@@ -156,8 +418,8 @@ impl BlipTokenizer {
         let mut encodings = encodings.into_iter().collect::<Result<Vec<_>>>()?;
         let strategy = match opts.padding {
             Padding::None => None,
-            Padding::Longest => Some(PaddingStrategy::BatchLongest),
-            Padding::MaxLength(n) => Some(PaddingStrategy::Fixed(n)),
+            Padding::Longest => Some(TkPadding::BatchLongest),
+            Padding::MaxLength(n) => Some(TkPadding::Fixed(n)),
         };
         if let Some(strategy) = strategy {
             let params = PaddingParams {
@@ -232,7 +494,136 @@ pub fn clean_up_tokenization(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    /// Whitespace words over a tiny vocabulary, with BERT's [CLS] ... [SEP].
+    fn tiny() -> BlipTokenizer {
+        let words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "g", "h"];
+        let vocab: serde_json::Map<String, Value> =
+            words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+        let added: Vec<Value> = words[..4]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": true})
+            })
+            .collect();
+        let json = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        BlipTokenizer::from_json(&json.to_string()).unwrap()
+    }
+
+    const TEXTS: [&str; 2] = ["a b c d e f", "g h"];
+
+    fn encode(args: Value, settings: &TokenizerSettings) -> Result<(Vec<Vec<u32>>, Vec<String>)> {
+        let args = EncodeArgs::from_keywords(args)?;
+        tiny().encode(&TEXTS, &args, settings).map(|(e, w)| (e.input_ids, w))
+    }
+
+    fn lengths(args: Value, settings: &TokenizerSettings) -> Vec<usize> {
+        encode(args, settings).unwrap().0.iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn padding_and_truncation_resolve_as_in_transformers() {
+        let no_limit = TokenizerSettings::default();
+        let limit5 = TokenizerSettings {
+            model_max_length: 5,
+            ..Default::default()
+        };
+        // Defaults: neither; a lone max_length truncates (transformers' backward compatibility).
+        assert_eq!(lengths(json!({}), &no_limit), [8, 4]);
+        assert_eq!(lengths(json!({"max_length": 4}), &no_limit), [4, 4]);
+        assert_eq!(lengths(json!({"max_length": 4, "padding": "do_not_pad"}), &no_limit), [8, 4]);
+        assert_eq!(lengths(json!({"padding": true}), &no_limit), [8, 8]);
+        assert_eq!(lengths(json!({"padding": "longest", "max_length": 3}), &no_limit), [8, 8]);
+        assert_eq!(lengths(json!({"padding": null}), &no_limit), [8, 4]);
+        // max_length falls back to model_max_length, and a huge one means "none".
+        assert_eq!(lengths(json!({"padding": "max_length"}), &no_limit), [8, 4]);
+        assert_eq!(lengths(json!({"padding": "max_length"}), &limit5), [8, 5]);
+        assert_eq!(lengths(json!({"truncation": true}), &no_limit), [8, 4]);
+        assert_eq!(lengths(json!({"truncation": "only_first"}), &limit5), [5, 4]);
+        assert_eq!(
+            lengths(json!({"padding": "max_length", "truncation": "longest_first"}), &limit5),
+            [5, 5]
+        );
+        assert_eq!(
+            lengths(json!({"padding": "max_length", "max_length": 10, "truncation": false}), &limit5),
+            [10, 10]
+        );
+        assert_eq!(lengths(json!({"padding": true, "pad_to_multiple_of": 3}), &no_limit), [9, 9]);
+        assert_eq!(lengths(json!({"padding": true, "pad_to_multiple_of": 0}), &no_limit), [8, 8]);
+        assert_eq!(lengths(json!({"max_length": 3, "add_special_tokens": false}), &no_limit), [3, 2]);
+    }
+
+    #[test]
+    fn sides_come_from_the_call_or_the_tokenizer() {
+        let left = TokenizerSettings {
+            padding_side: Side::Left,
+            truncation_side: Side::Left,
+            ..Default::default()
+        };
+        let (ids, _) = encode(json!({"padding": true, "max_length": 3, "truncation": true}), &left).unwrap();
+        assert_eq!(ids, [vec![2, 9, 3], vec![2, 11, 3]]);
+        let (ids, _) = encode(json!({"padding": true}), &left).unwrap();
+        assert_eq!(ids[1], [0, 0, 0, 0, 2, 10, 11, 3]);
+        let (ids, _) = encode(json!({"padding": true, "padding_side": "right"}), &left).unwrap();
+        assert_eq!(ids[1], [2, 10, 11, 3, 0, 0, 0, 0]);
+        assert_eq!(Side::parse("truncation_side", "left").unwrap(), Side::Left);
+        let e = Side::parse("truncation_side", "middle").unwrap_err().to_string();
+        assert!(e.starts_with("truncation_side must be 'left' or 'right'"), "{e}");
+    }
+
+    #[test]
+    fn transformers_warning_and_errors() {
+        let settings = TokenizerSettings::default();
+        let (_, warnings) = encode(json!({"padding": true, "max_length": 4}), &settings).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("`max_length` is ignored when `padding`=`True`"));
+        let (_, warnings) = encode(json!({"padding": "longest", "max_length": 4}), &settings).unwrap();
+        assert!(warnings.is_empty());
+        let (_, warnings) = encode(json!({"padding": true, "max_length": 4, "verbose": false}), &settings).unwrap();
+        assert!(warnings.is_empty());
+        let (_, warnings) = encode(json!({"padding": true, "max_length": 4, "truncation": true}), &settings).unwrap();
+        assert!(warnings.is_empty());
+
+        let invalid = |args: Value, settings: &TokenizerSettings, message: &str| {
+            let e = encode(args.clone(), settings).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(ref m) if m.contains(message)), "{args}: {e}");
+        };
+        let no_pad = TokenizerSettings {
+            pad_token: None,
+            ..Default::default()
+        };
+        invalid(json!({"padding": true}), &no_pad, "Asking to pad but the tokenizer does not have a padding token");
+        let unknown_pad = TokenizerSettings {
+            pad_token: Some("[NOPE]".into()),
+            ..Default::default()
+        };
+        invalid(json!({"padding": "max_length", "max_length": 4}), &unknown_pad, "padding token");
+        encode(json!({"max_length": 4}), &no_pad).unwrap();
+        invalid(
+            json!({"padding": true, "truncation": true, "max_length": 6, "pad_to_multiple_of": 4}),
+            &settings,
+            "truncation length (6) is not a multiple of pad_to_multiple_of (4)",
+        );
+        invalid(json!({"truncation": "only_second"}), &settings, "needs text pairs");
+        invalid(json!({"padding": "sideways"}), &settings, "argument padding: padding must be True, False");
+        invalid(json!({"truncation": "middle"}), &settings, "argument truncation: truncation must be");
+        invalid(json!({"max_length": -1}), &settings, "argument max_length");
+        invalid(json!({"pad_to_multiple_of": "8"}), &settings, "argument pad_to_multiple_of");
+        invalid(json!({"padding_side": "up"}), &settings, "argument padding_side: must be 'left' or 'right'");
+        invalid(json!({"truncation": true, "max_length": 1}), &settings, "smaller than the 2 special tokens");
+        let e = encode(json!({"stride": 2}), &settings).unwrap_err();
+        assert!(matches!(e, Error::Type(ref m) if m.contains("\"stride\"")), "{e}");
+    }
 
     #[test]
     fn clean_up_matches_transformers_rules() {

@@ -1,10 +1,10 @@
-//! Python keyword arguments to the JSON values the core's settings are read from. Each value keeps its type
-//! (a bool stays a bool, an int an int), so the core's checks see what the caller passed; what JSON cannot
-//! hold is refused here, naming the argument.
+//! Python keyword arguments to the JSON values the core's settings are read from, and settings back to Python.
+//! Each value keeps its type (a bool stays a bool, an int an int), so the core's checks see what the caller
+//! passed; what JSON cannot hold is refused here, naming the argument.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 use serde_json::Value;
 
 /// A dict of keyword arguments (string keys) to a JSON object.
@@ -52,8 +52,45 @@ fn from_value(value: &Bound<'_, PyAny>, name: &str) -> PyResult<Value> {
             .collect::<PyResult<Vec<_>>>()?;
         return Ok(Value::Array(items));
     }
+    if let Ok(mapping) = value.cast::<PyMapping>() {
+        let mut map = serde_json::Map::new();
+        for item in mapping.items()?.iter() {
+            let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+            let key: String = key
+                .extract()
+                .map_err(|_| PyTypeError::new_err(format!("{name}: dict keys must be strings")))?;
+            let inner = from_value(&value, &format!("{name}[{key:?}]"))?;
+            map.insert(key, inner);
+        }
+        return Ok(Value::Object(map));
+    }
     Err(PyTypeError::new_err(format!(
-        "{name} must be a number, a string, a bool or None, got {}",
+        "{name} must be a number, a string, a bool, a list, a dict or None, got {}",
         value.get_type().name()?
     )))
+}
+
+/// A JSON value as the Python object `json.loads` would give (objects as dicts, arrays as lists).
+pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any(),
+            (None, Some(u)) => u.into_pyobject(py)?.into_any(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(items) => {
+            let items = items.iter().map(|v| to_py(py, v)).collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any()
+        }
+        Value::Object(map) => {
+            let dict = PyDict::new(py);
+            for (k, v) in map {
+                dict.set_item(k, to_py(py, v)?)?;
+            }
+            dict.into_any()
+        }
+    })
 }

@@ -5,76 +5,97 @@
 use std::path::PathBuf;
 
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyUserWarning, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::errors::IntoPyResult;
+use super::json;
 use crate::processor::{
-    preprocess_images, BlipTokenizer, ImageProcessorConfig, ImageSource, Padding, PixelMode, PixelValues,
-    Resample, TokenizeOptions,
+    preprocess_images, BlipTokenizer, EncodeArgs, ImageProcessorConfig, ImageSource, PixelMode, PixelValues, Side,
+    TokenizerSettings,
 };
 
-/// The image half of the processor: decode, convert to RGB, resize, rescale, normalise.
+/// The image half of the processor: its settings (read, checked and written by the core) and the batch
+/// pipeline (decode, convert to RGB, resize, rescale, normalise).
 #[pyclass(module = "blip_peft._blip_peft", name = "_ImageProcessor", frozen)]
 pub struct PyImageProcessor {
     cfg: ImageProcessorConfig,
 }
 
+fn dict_value(dict: Option<&Bound<'_, PyDict>>) -> PyResult<serde_json::Value> {
+    dict.map_or(Ok(serde_json::Value::Null), json::from_dict)
+}
+
 #[pymethods]
 impl PyImageProcessor {
+    /// Settings from a dict: the keywords of `BlipImageProcessor(...)` or a `preprocessor_config.json`'s keys
+    /// (absent or None: the default; keys that are not settings are kept and written back).
     #[new]
-    #[pyo3(signature = (
-        *, do_convert_rgb, do_resize, height, width, resample, do_rescale, rescale_factor, do_normalize,
-        image_mean, image_std, max_image_pixels
-    ))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        do_convert_rgb: bool,
-        do_resize: bool,
-        height: usize,
-        width: usize,
-        resample: i64,
-        do_rescale: bool,
-        rescale_factor: f64,
-        do_normalize: bool,
-        image_mean: [f64; 3],
-        image_std: [f64; 3],
-        max_image_pixels: Option<u64>,
-    ) -> PyResult<Self> {
-        let resample = Resample::from_pil(resample).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "unknown resample filter {resample}: use 0 (nearest), 1 (lanczos), 2 (bilinear), 3 (bicubic), \
-                 4 (box) or 5 (hamming)"
-            ))
-        })?;
-        let cfg = ImageProcessorConfig {
-            do_convert_rgb,
-            do_resize,
-            height,
-            width,
-            resample,
-            do_rescale,
-            rescale_factor,
-            do_normalize,
-            image_mean,
-            image_std,
-            max_image_pixels,
+    #[pyo3(signature = (settings=None))]
+    fn new(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let settings = match settings {
+            Some(d) => json::from_dict(d)?,
+            None => serde_json::Value::Object(Default::default()),
         };
-        cfg.validate().py()?;
-        Ok(Self { cfg })
+        Ok(Self {
+            cfg: ImageProcessorConfig::from_json(settings).py()?,
+        })
+    }
+
+    /// Reads `preprocessor_config.json` or the `image_processor` entry of `processor_config.json` in a
+    /// folder, with `overrides` over the file's values.
+    #[staticmethod]
+    #[pyo3(signature = (path, overrides=None))]
+    fn from_pretrained(path: PathBuf, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        Ok(Self {
+            cfg: ImageProcessorConfig::from_pretrained(&path, dict_value(overrides)?).py()?,
+        })
+    }
+
+    /// The names of the settings (the keywords `BlipImageProcessor` and its calls take).
+    #[staticmethod]
+    fn setting_names() -> Vec<&'static str> {
+        ImageProcessorConfig::setting_names().to_vec()
+    }
+
+    /// This processor with a call's keywords applied (None: the setting as it is; `max_image_pixels=None`:
+    /// no limit); an unknown keyword is a TypeError, a bad value a ValueError naming it.
+    fn with_overrides(&self, overrides: &Bound<'_, PyDict>) -> PyResult<Self> {
+        Ok(Self {
+            cfg: self.cfg.with_overrides(json::from_dict(overrides)?).py()?,
+        })
+    }
+
+    /// Every setting by name.
+    fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json::to_py(py, &self.cfg.settings())
+    }
+
+    /// The settings file's contents (`preprocessor_config.json`), as transformers writes them.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json::to_py(py, &self.cfg.to_json())
     }
 
     /// Preprocesses a list of images. Each item is a path (str), encoded bytes, a uint8 numpy array
     /// (H, W) or (H, W, C), or a tuple `(mode, width, height, data, palette)` of decoded PIL pixels.
     /// Returns a float32 array `[N, 3, H, W]`, or a list of `[3, h, w]` arrays when sizes differ.
-    fn __call__<'py>(&self, py: Python<'py>, images: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyAny>> {
+    #[pyo3(signature = (images, overrides=None))]
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        images: &Bound<'py, PyList>,
+        overrides: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let cfg = match overrides {
+            Some(d) if !d.is_empty() => self.cfg.with_overrides(json::from_dict(d)?).py()?,
+            _ => self.cfg.clone(),
+        };
         let sources = images
             .iter()
             .enumerate()
             .map(|(i, obj)| to_source(i, &obj))
             .collect::<PyResult<Vec<_>>>()?;
-        let cfg = self.cfg.clone();
         let pixels = py.detach(move || preprocess_images(&cfg, &sources)).py()?;
         match pixels {
             PixelValues::Batch {
@@ -196,59 +217,39 @@ impl PyTokenizer {
         self.inner.vocab_size(with_added_tokens)
     }
 
-    /// Tokenises texts. `padding` is "none", "longest" or "max_length"; `max_length` is the padding
-    /// length for "max_length"; `truncation` the row length limit (None: no truncation).
+    /// Tokenises texts as transformers' `tokenizer(texts, **args)` does: `args` holds the call's arguments as
+    /// given (`add_special_tokens`, `padding`, `truncation`, `max_length`, `pad_to_multiple_of`,
+    /// `padding_side`), resolved by the core with the tokenizer's own settings; transformers' warnings are
+    /// issued as Python warnings.
     #[pyo3(signature = (
-        texts, *, add_special_tokens, padding, max_length, truncation, pad_to_multiple_of, pad_id, pad_token,
-        padding_side="right", truncation_side="right"
+        texts, args, *, model_max_length, pad_token, padding_side="right", truncation_side="right"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn encode_batch(
         &self,
         py: Python<'_>,
         texts: Vec<String>,
-        add_special_tokens: bool,
-        padding: &str,
-        max_length: Option<usize>,
-        truncation: Option<usize>,
-        pad_to_multiple_of: Option<usize>,
-        pad_id: u32,
-        pad_token: String,
+        args: &Bound<'_, PyDict>,
+        model_max_length: u128,
+        pad_token: Option<String>,
         padding_side: &str,
         truncation_side: &str,
     ) -> PyResult<EncodedLists> {
-        let padding = match (padding, max_length) {
-            ("none", _) => Padding::None,
-            ("longest", _) => Padding::Longest,
-            ("max_length", Some(n)) => Padding::MaxLength(n),
-            ("max_length", None) => {
-                return Err(PyValueError::new_err("padding='max_length' needs max_length"))
-            }
-            (other, _) => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown padding strategy {other:?}"
-                )))
-            }
-        };
-        let side = |name: &str, value: &str| match value {
-            "left" => Ok(true),
-            "right" => Ok(false),
-            _ => Err(PyValueError::new_err(format!(
-                "{name} must be 'left' or 'right', got {value:?}"
-            ))),
-        };
-        let opts = TokenizeOptions {
-            add_special_tokens,
-            padding,
-            pad_to_multiple_of,
-            truncation,
-            pad_left: side("padding_side", padding_side)?,
-            truncate_left: side("truncation_side", truncation_side)?,
-            pad_id,
+        let args = EncodeArgs::from_keywords(json::from_dict(args)?).py()?;
+        let settings = TokenizerSettings {
+            model_max_length,
             pad_token,
+            padding_side: Side::parse("padding_side", padding_side).py()?,
+            truncation_side: Side::parse("truncation_side", truncation_side).py()?,
         };
+        let (options, warnings) = self.inner.resolve(&args, &settings).py()?;
+        let category = py.get_type::<PyUserWarning>();
+        for warning in warnings {
+            let message = std::ffi::CString::new(warning).unwrap_or_default();
+            PyErr::warn(py, &category, &message, 2)?;
+        }
         let inner = &self.inner;
-        let enc = py.detach(|| inner.encode_batch(&texts, &opts)).py()?;
+        let enc = py.detach(|| inner.encode_batch(&texts, &options)).py()?;
         Ok((enc.input_ids, enc.attention_mask, enc.token_type_ids))
     }
 

@@ -232,7 +232,8 @@ impl BatchSource for ImageCaptionSource {
             Some(pool) => pool.install(|| preprocess_selected(&self.config, &self.images, indices))?,
             None => preprocess_selected(&self.config, &self.images, indices)?,
         };
-        let mut data = Vec::with_capacity(indices.len() * 3 * self.config.size.height * self.config.size.width);
+        let mut data =
+            Vec::with_capacity(indices.len() * 3 * self.config.size.height * self.config.size.width);
         let mut captions = Vec::with_capacity(indices.len());
         for (&i, result) in indices.iter().zip(pixels) {
             match result {

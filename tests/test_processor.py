@@ -7,6 +7,8 @@ import io
 import json
 import os
 import random
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -303,6 +305,16 @@ TEXT_MODES = [
     {"padding": True, "pad_to_multiple_of": 8},
     {"padding": True, "add_special_tokens": False},
     {"truncation": True, "max_length": 5, "add_special_tokens": False},
+    # More of transformers' resolution rules, resolved by the core.
+    {"padding": "do_not_pad", "max_length": 9},
+    {"padding": False, "truncation": False, "max_length": 9},
+    {"truncation": "only_first", "max_length": 9},
+    {"truncation": "do_not_truncate", "max_length": 9},
+    {"padding": "longest", "max_length": 10},
+    {"padding": "max_length", "truncation": True},
+    {"padding": "max_length", "max_length": 30, "pad_to_multiple_of": 8},
+    {"padding": True, "truncation": True, "max_length": 24, "pad_to_multiple_of": 8},
+    {"padding": True, "padding_side": "left"},
 ]
 
 
@@ -369,6 +381,199 @@ def test_decoding(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
     assert ours.tokenizer.bos_token_id == theirs.tokenizer.bos_token_id
     assert sorted(ours.tokenizer.all_special_ids) == sorted(theirs.tokenizer.all_special_ids)
     assert len(ours.tokenizer) == len(theirs.tokenizer)
+
+
+def test_tokenizer_resolution_warnings_and_errors_as_transformers(
+    processor_dir: str, theirs: HFProcessor, ours: bp.BlipProcessor
+) -> None:
+    """The core resolves padding/truncation/max_length as transformers' `_get_padding_truncation_strategies`:
+    the same warning, the same errors, and model_max_length as the fallback (or as "no limit")."""
+    texts = captions()[:60]
+    # padding=True with a max_length and no truncation: transformers warns that max_length is ignored.
+    with pytest.warns(UserWarning, match="`max_length` is ignored when `padding`=`True`"):
+        b = theirs.tokenizer(texts, padding=True, max_length=10)
+    with pytest.warns(UserWarning, match="`max_length` is ignored when `padding`=`True`"):
+        a = ours.tokenizer(texts, padding=True, max_length=10)
+    assert dict(a) == {k: b[k] for k in a}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.tokenizer(texts, padding=True, max_length=10, verbose=False)
+        ours.tokenizer(texts, padding=True, max_length=10, truncation=True)
+    # Truncation and padding together need max_length to be a multiple of pad_to_multiple_of.
+    bad = {"padding": True, "truncation": True, "max_length": 10, "pad_to_multiple_of": 4}
+    with pytest.raises(ValueError, match=r"truncation length \(10\) is not a multiple of pad_to_multiple_of \(4\)"):
+        theirs.tokenizer(texts, **bad)
+    with pytest.raises(ValueError, match=r"truncation length \(10\) is not a multiple of pad_to_multiple_of \(4\)"):
+        ours.tokenizer(texts, **bad)
+    # model_max_length is the fallback for a missing max_length, and transformers' 1e30 means "none".
+    for model_max_length in (16, int(1e30)):
+        mine = bp.BlipTokenizer.from_pretrained(processor_dir, model_max_length=model_max_length)
+        hf = BertTokenizerFast.from_pretrained(processor_dir, model_max_length=model_max_length)
+        for kwargs in ({"truncation": True}, {"padding": "max_length"}, {"padding": "max_length", "truncation": True}):
+            assert dict(mine(texts, **kwargs)) == {k: hf(texts, **kwargs)[k] for k in mine(texts, **kwargs)}, kwargs
+        # The tokenizer's own sides, set as attributes.
+        mine.padding_side = hf.padding_side = "left"
+        mine.truncation_side = hf.truncation_side = "left"
+        kwargs = {"padding": True, "truncation": True, "max_length": 12}
+        assert dict(mine(texts, **kwargs)) == {k: hf(texts, **kwargs)[k] for k in mine(texts, **kwargs)}
+    # A tokenizer without a padding token cannot pad (but can truncate).
+    no_pad = bp.BlipTokenizer.from_pretrained(processor_dir, pad_token=None)
+    with pytest.raises(ValueError, match="Asking to pad but the tokenizer does not have a padding token"):
+        no_pad(texts, padding=True)
+    assert no_pad(texts, max_length=5)["input_ids"] == ours.tokenizer(texts, max_length=5)["input_ids"]
+
+
+def test_tokenizer_bad_arguments_are_named(ours: bp.BlipProcessor) -> None:
+    tok = ours.tokenizer
+    cases = [
+        ({"padding": "sideways"}, "argument padding: padding must be True, False, 'longest', 'max_length'"),
+        ({"truncation": "middle"}, "argument truncation: truncation must be True, False, 'longest_first'"),
+        ({"truncation": "only_second"}, "truncation='only_second' needs text pairs"),
+        ({"max_length": -1}, "argument max_length"),
+        ({"max_length": "10"}, "argument max_length"),
+        ({"pad_to_multiple_of": -8, "padding": True}, "argument pad_to_multiple_of"),
+        ({"padding_side": "up", "padding": True}, "argument padding_side: must be 'left' or 'right'"),
+        ({"add_special_tokens": "yes"}, "argument add_special_tokens"),
+        ({"truncation": True, "max_length": 1}, "max_length=1 is smaller than the 2 special tokens"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tok("a dog", **kwargs)
+    tok.truncation_side = "middle"
+    try:
+        with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+            tok("a dog")
+    finally:
+        tok.truncation_side = "right"
+
+
+# -------------------------------------------------------------------------------------------------------
+# Image settings (defined in the core)
+# -------------------------------------------------------------------------------------------------------
+
+
+def test_image_settings_match_transformers(tmp_path, theirs: HFProcessor) -> None:
+    ours = bp.BlipImageProcessor()
+    assert ours.to_json_string() == HFImageProcessor().to_json_string()
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text()) == json.loads(
+        HFImageProcessor().to_json_string()
+    )
+    # Built from transformers' settings (an IntEnum resample, tuples), with a key that is not ours kept.
+    custom = HFImageProcessor(
+        size={"height": 224, "width": 160}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    mine = bp.BlipImageProcessor.from_dict({**custom.to_dict(), "crop_pct": 0.9})
+    assert mine.size == {"height": 224, "width": 160} and mine.resample == 2 and mine.image_mean == [0.5] * 3
+    assert mine.to_dict() == {**json.loads(custom.to_json_string()), "crop_pct": 0.9}
+    image = photo(120, 90, 4)
+    a = mine(image, return_tensors="np")["pixel_values"]
+    assert np.array_equal(a, custom(image, return_tensors="np")["pixel_values"])
+    # Sizes in the forms transformers takes; defaults for None.
+    for size in (300, {"height": 300, "width": 300}, (300, 300)):
+        assert bp.BlipImageProcessor(size=size).size == {"height": 300, "width": 300}
+    defaults = bp.BlipImageProcessor(size=None, image_mean=None, image_std=None)
+    assert defaults.to_dict() == bp.BlipImageProcessor().to_dict()
+    assert defaults.image_mean == list(theirs.image_processor.image_mean)
+
+
+def test_image_settings_overrides_and_assignment() -> None:
+    ip = bp.BlipImageProcessor()
+    image = photo(64, 48, 1)
+    assert ip(image, return_tensors="np", size=96)["pixel_values"].shape == (1, 3, 96, 96)
+    assert ip(image, return_tensors="np", size=None)["pixel_values"].shape == (1, 3, 384, 384)
+    assert ip.size == {"height": 384, "width": 384}  # a call's settings apply to that call only
+    ip.size = 64
+    ip.do_normalize = False
+    assert ip.size == {"height": 64, "width": 64} and ip.do_normalize is False
+    out = ip(image, return_tensors="np")["pixel_values"]
+    assert out.shape == (1, 3, 64, 64) and out.min() >= 0 and out.max() <= 1
+    assert ip.to_dict()["size"] == {"height": 64, "width": 64}
+    with pytest.raises(TypeError, match='unsupported keyword argument "sizes"'):
+        ip(image, sizes=3)
+    with pytest.raises(ValueError, match="argument do_resize"):
+        ip(image, do_resize="yes")
+    with pytest.raises(ValueError, match="size must be positive"):
+        ip.size = 0
+    assert ip.size == {"height": 64, "width": 64}
+    with pytest.raises(AttributeError, match="no attribute 'not_a_setting'"):
+        _ = ip.not_a_setting
+    # The processor passes image settings through, and reads them from the folder with overrides.
+    processor_kwargs = {"size": 32, "resample": 0}
+    assert bp.BlipImageProcessor(**processor_kwargs)(image, return_tensors="pt").pixel_values.shape[-1] == 32
+
+
+def test_image_settings_bad_values_are_named() -> None:
+    cases = [
+        ({"size": "big"}, "argument size: size must be a non-negative int or a dict with 'height' and 'width'"),
+        ({"size": {"shortest_edge": 224}}, "argument size: size must be"),
+        ({"size": -3}, "argument size"),
+        ({"size": 0}, "size must be positive"),
+        ({"resample": 9}, "argument resample: unknown resample filter 9"),
+        ({"do_resize": "yes"}, "argument do_resize"),
+        ({"image_mean": [0.5, 0.5]}, "argument image_mean: expected a number or 3 numbers (one per RGB channel)"),
+        ({"image_std": [0.5, 0.0, 0.5]}, "image_std must not contain 0"),
+        ({"rescale_factor": float("nan")}, "rescale_factor must be a finite number"),
+        ({"rescale_factor": float("inf")}, "rescale_factor must be a finite number"),
+        ({"image_mean": [0.5, float("nan"), 0.5]}, "image_mean must be a finite number"),
+        ({"image_std": float("-inf")}, "image_std must be a finite number"),
+        ({"max_image_pixels": 0}, "max_image_pixels=0 would refuse every image; use None for no limit"),
+        ({"max_image_pixels": -1}, "argument max_image_pixels"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bp.BlipImageProcessor(**kwargs)
+        # The same checks for a call's settings and for settings files.
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bp.BlipImageProcessor()(photo(4, 4, 0), **kwargs)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bp.BlipImageProcessor.from_dict(kwargs)
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_image_sizes_too_large_to_allocate_are_value_errors() -> None:
+    """Refused before anything is allocated (an abort before), naming size and the bytes it needs."""
+    for size in (10**6, 10**9, 2**62):
+        need = 3 * size * size * 4
+        with pytest.raises(
+            ValueError, match=rf"size={size}x{size}: pixel_values for 1 image\(s\) would need {need} bytes"
+        ):
+            bp.BlipImageProcessor(size=size)
+        with pytest.raises(ValueError, match=rf"size={size}x{size}.* bytes of memory"):
+            bp.BlipImageProcessor()(photo(4, 4, 0), size=size)
+    # 46341 x 46341 (past 2**31 pixels): 25.8 GB of pixel_values, refused where that is more than memory.
+    if 3 * 46341 * 46341 * 4 > _memory_bytes():
+        with pytest.raises(
+            ValueError, match="size=46341x46341: pixel_values for 1 image\\(s\\) would need 25769859372 bytes"
+        ):
+            bp.BlipImageProcessor(size=46341)
+    # A batch is counted whole: each image fits, all of them would not.
+    side = 8192
+    count = _memory_bytes() // (3 * side * side * 4) + 1
+    if count <= 4096:
+        ip = bp.BlipImageProcessor(size=side)
+        with pytest.raises(ValueError, match=f"pixel_values for {count} image"):
+            ip([np.zeros((1, 1, 3), np.uint8)] * count, return_tensors="np")
+
+
+def test_pixel_limit_applies_to_arrays_and_pil_images() -> None:
+    strict = bp.BlipImageProcessor(max_image_pixels=10_000)
+    small = np.zeros((100, 100, 3), np.uint8)
+    assert strict(small, return_tensors="np")["pixel_values"].shape == (1, 3, 384, 384)
+    with pytest.raises(ValueError, match=r"image 1: image size \(10100 pixels, 101x100\) exceeds the limit of 10000"):
+        strict([small, np.zeros((100, 101), np.uint8)])
+    with pytest.raises(ValueError, match="image 0: .*exceeds the limit of 10000 pixels"):
+        strict(Image.new("RGB", (200, 100)))
+    assert bp.BlipImageProcessor(max_image_pixels=None)(np.zeros((200, 100), np.uint8))["pixel_values"][0].shape == (
+        3,
+        384,
+        384,
+    )
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        bp.BlipImageProcessor()(small, max_image_pixels=100)
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -158,11 +158,12 @@ class BlipImageProcessor:
     - `do_rescale`, `rescale_factor` (default 1/255); `do_normalize`, `image_mean`, `image_std` (one number
       or one per RGB channel; default OpenAI CLIP's); these must be finite, and `image_std` must not hold 0;
     - `do_convert_rgb`;
-    - `max_image_pixels` (not a transformers setting, not saved): the most pixels an image may have, whether
-      read from a file, given decoded (PIL image, numpy array) or made by resizing to `size`; the default is
+    - `max_image_pixels` (not a transformers setting, not saved): the most pixels an input image may have,
+      whether encoded (checked before decoding) or given decoded (PIL image, numpy array); the default is
       PIL's refusal threshold (twice `Image.MAX_IMAGE_PIXELS`), `None` is no limit and 0 is refused.
 
-    A `size` whose output could not be allocated is a ValueError naming the bytes it would need. Any of the
+    A `size` whose `pixel_values` would not fit in this machine's memory is a ValueError naming the bytes it
+    would need, raised before anything is allocated. Any of the
     settings may be given per call (`processor(images, size=224)`; None keeps the setting) or assigned
     (`processor.size = 224`), checked the same way; other keys of a settings file are kept and saved back.
     """

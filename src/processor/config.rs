@@ -42,16 +42,23 @@ impl<'de> Deserialize<'de> for ImageSize {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         let value = Value::deserialize(deserializer)?;
         // A whole number (384 or 384.0), as Python's int() takes it.
-        let dim = |v: &Value| match v {
-            Value::Number(n) => n.as_u64().or_else(|| {
-                n.as_f64()
-                    .filter(|x| x.fract() == 0.0 && *x >= 0.0 && *x < u64::MAX as f64)
-                    .map(|x| x as u64)
-            }),
-            _ => None,
-        }
-        .and_then(|n| usize::try_from(n).ok());
-        let pair = |h: &Value, w: &Value| Some(ImageSize { height: dim(h)?, width: dim(w)? });
+        let dim = |v: &Value| {
+            match v {
+                Value::Number(n) => n.as_u64().or_else(|| {
+                    n.as_f64()
+                        .filter(|x| x.fract() == 0.0 && *x >= 0.0 && *x < u64::MAX as f64)
+                        .map(|x| x as u64)
+                }),
+                _ => None,
+            }
+            .and_then(|n| usize::try_from(n).ok())
+        };
+        let pair = |h: &Value, w: &Value| {
+            Some(ImageSize {
+                height: dim(h)?,
+                width: dim(w)?,
+            })
+        };
         let size = match &value {
             Value::Number(_) => dim(&value).map(|n| ImageSize { height: n, width: n }),
             Value::Object(m) => match (m.get("height"), m.get("width")) {
@@ -98,7 +105,11 @@ mod per_channel {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<[f64; 3], D::Error> {
         let value = Value::deserialize(d)?;
-        let bad = || de::Error::custom(format!("expected a number or 3 numbers (one per RGB channel), got {value}"));
+        let bad = || {
+            de::Error::custom(format!(
+                "expected a number or 3 numbers (one per RGB channel), got {value}"
+            ))
+        };
         match &value {
             Value::Number(n) => n.as_f64().map(|x| [x; 3]).ok_or_else(bad),
             Value::Array(items) if items.len() == 3 => {
@@ -129,7 +140,7 @@ pub struct ImageProcessorConfig {
     #[serde(with = "per_channel")]
     pub image_std: [f64; 3],
     pub do_convert_rgb: bool,
-    /// The most pixels an image may have, read or made by resizing (`None`: no limit). Not a transformers
+    /// The most pixels an input image may have, encoded or decoded (`None`: no limit). Not a transformers
     /// setting, so it is not written to the settings file.
     pub max_image_pixels: Option<u64>,
     /// Keys of a settings file that are not ours (another processor's settings), written back as read.
@@ -165,11 +176,18 @@ fn given(key: &str, value: &Value) -> bool {
 }
 
 fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     match serde_json::from_str(&text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::config(format!("{} does not hold a JSON object", path.display()))),
-        Err(e) => Err(Error::config(format!("{} is not valid JSON: {e}", path.display()))),
+        Ok(_) => Err(Error::config(format!(
+            "{} does not hold a JSON object",
+            path.display()
+        ))),
+        Err(e) => Err(Error::config(format!(
+            "{} is not valid JSON: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -323,25 +341,16 @@ impl ImageProcessorConfig {
     }
 
     /// Refuses a resized output of `images` images that could not be allocated, before anything is: more
-    /// pixels per image than `max_image_pixels`, or more bytes than this machine's memory.
+    /// bytes than this machine's memory (or its cgroup's limit).
     pub fn check_output(&self, images: usize) -> Result<()> {
         if !self.do_resize {
             return Ok(());
         }
         let ImageSize { height, width } = self.size;
-        let pixels = height as u128 * width as u128;
         // 3 float32 channels; saturating: a count past u128 is past any memory too.
-        let per_image = pixels.saturating_mul(3 * std::mem::size_of::<f32>() as u128);
+        let per_image =
+            (height as u128 * width as u128).saturating_mul(3 * std::mem::size_of::<f32>() as u128);
         let bytes = per_image.saturating_mul(images as u128);
-        if let Some(limit) = self.max_image_pixels {
-            if pixels > limit as u128 {
-                return Err(Error::invalid(format!(
-                    "size={height}x{width} makes images of {pixels} pixels (pixel_values of {per_image} bytes \
-                     each), more than max_image_pixels={limit}; use a smaller size, or raise max_image_pixels \
-                     (None: no limit)"
-                )));
-            }
-        }
         let memory = memory_bytes().min(isize::MAX as u128);
         if bytes > memory {
             return Err(Error::invalid(format!(
@@ -384,7 +393,12 @@ pub fn memory_bytes() -> u128 {
         #[cfg(unix)]
         {
             // SAFETY: sysconf only reads system constants.
-            let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+            let (pages, page) = unsafe {
+                (
+                    libc::sysconf(libc::_SC_PHYS_PAGES),
+                    libc::sysconf(libc::_SC_PAGESIZE),
+                )
+            };
             if pages > 0 && page > 0 {
                 memory = pages as u128 * page as u128;
             }
@@ -434,9 +448,14 @@ mod tests {
             ]
         );
         // None is "not given": the default, except max_image_pixels (no limit).
-        let c = ImageProcessorConfig::from_json(json!({"size": null, "image_mean": null, "max_image_pixels": null}))
-            .unwrap();
-        assert_eq!((c.size.height, c.image_mean, c.max_image_pixels), (384, OPENAI_CLIP_MEAN, None));
+        let c = ImageProcessorConfig::from_json(
+            json!({"size": null, "image_mean": null, "max_image_pixels": null}),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.size.height, c.image_mean, c.max_image_pixels),
+            (384, OPENAI_CLIP_MEAN, None)
+        );
     }
 
     #[test]
@@ -448,7 +467,10 @@ mod tests {
             "size": {"height": 224, "width": 160}, "crop_size": {"height": 3}
         });
         let c = ImageProcessorConfig::from_json(file).unwrap();
-        assert_eq!((c.size.height, c.size.width, c.resample), (224, 160, Resample::Bilinear));
+        assert_eq!(
+            (c.size.height, c.size.width, c.resample),
+            (224, 160, Resample::Bilinear)
+        );
         assert_eq!(c.image_std, [0.5; 3]);
         let out = c.to_json();
         assert_eq!(out["crop_size"], json!({"height": 3}));
@@ -457,24 +479,48 @@ mod tests {
         assert_eq!(out["image_std"], json!([0.5, 0.5, 0.5]));
         assert!(out.get("processor_class").is_none() && out.get("max_image_pixels").is_none());
         assert_eq!(ImageProcessorConfig::from_json(out).unwrap(), c);
-        for size in [json!(300), json!([300, 300]), json!({"height": 300, "width": 300.0})] {
+        for size in [
+            json!(300),
+            json!([300, 300]),
+            json!({"height": 300, "width": 300.0}),
+        ] {
             let c = ImageProcessorConfig::from_json(json!({ "size": size })).unwrap();
-            assert_eq!(c.size, ImageSize { height: 300, width: 300 });
+            assert_eq!(
+                c.size,
+                ImageSize {
+                    height: 300,
+                    width: 300
+                }
+            );
         }
     }
 
     #[test]
     fn overrides_merge_and_none_keeps_the_setting() {
-        let base = ImageProcessorConfig::from_json(json!({"size": 224, "max_image_pixels": 1000000})).unwrap();
-        let c = base.with_overrides(json!({"do_resize": false, "size": null})).unwrap();
-        assert_eq!((c.do_resize, c.size.height, c.max_image_pixels), (false, 224, Some(1000000)));
-        let c = base.with_overrides(json!({"max_image_pixels": null, "resample": 0})).unwrap();
+        let base =
+            ImageProcessorConfig::from_json(json!({"size": 224, "max_image_pixels": 1000000})).unwrap();
+        let c = base
+            .with_overrides(json!({"do_resize": false, "size": null}))
+            .unwrap();
+        assert_eq!(
+            (c.do_resize, c.size.height, c.max_image_pixels),
+            (false, 224, Some(1000000))
+        );
+        let c = base
+            .with_overrides(json!({"max_image_pixels": null, "resample": 0}))
+            .unwrap();
         assert_eq!((c.max_image_pixels, c.resample), (None, Resample::Nearest));
         assert_eq!(base.with_overrides(json!({})).unwrap(), base);
         let e = base.with_overrides(json!({"sizes": 3})).unwrap_err();
-        assert!(matches!(e, Error::Type(ref m) if m.contains("unsupported keyword argument \"sizes\"")), "{e}");
+        assert!(
+            matches!(e, Error::Type(ref m) if m.contains("unsupported keyword argument \"sizes\"")),
+            "{e}"
+        );
         let e = base.with_overrides(json!({"do_resize": "yes"})).unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(ref m) if m.contains("do_resize")), "{e}");
+        assert!(
+            matches!(e, Error::InvalidArgument(ref m) if m.contains("do_resize")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -484,15 +530,27 @@ mod tests {
             (json!({"size": -4}), "size must be"),
             (json!({"size": 0}), "size must be positive"),
             (json!({"resample": 9}), "unknown resample filter 9"),
-            (json!({"image_mean": [0.5, 0.5]}), "argument image_mean: expected a number or 3 numbers"),
-            (json!({"image_std": [0.5, 0.0, 0.5]}), "image_std must not contain 0"),
-            (json!({"max_image_pixels": 0}), "max_image_pixels=0 would refuse every image; use None"),
+            (
+                json!({"image_mean": [0.5, 0.5]}),
+                "argument image_mean: expected a number or 3 numbers",
+            ),
+            (
+                json!({"image_std": [0.5, 0.0, 0.5]}),
+                "image_std must not contain 0",
+            ),
+            (
+                json!({"max_image_pixels": 0}),
+                "max_image_pixels=0 would refuse every image; use None",
+            ),
             (json!({"max_image_pixels": -1}), "argument max_image_pixels"),
             (json!({"rescale_factor": "x"}), "argument rescale_factor"),
         ];
         for (settings, message) in cases {
             let e = err(settings.clone());
-            assert!(matches!(e, Error::InvalidArgument(ref m) if m.contains(message)), "{settings}: {e}");
+            assert!(
+                matches!(e, Error::InvalidArgument(ref m) if m.contains(message)),
+                "{settings}: {e}"
+            );
         }
         let e = ImageProcessorConfig::from_json(json!([1])).unwrap_err();
         assert!(e.to_string().contains("must be a dict"), "{e}");
@@ -501,9 +559,27 @@ mod tests {
     #[test]
     fn non_finite_numbers_are_refused() {
         for (name, c) in [
-            ("rescale_factor", ImageProcessorConfig { rescale_factor: f64::NAN, ..Default::default() }),
-            ("image_mean", ImageProcessorConfig { image_mean: [0.5, f64::INFINITY, 0.5], ..Default::default() }),
-            ("image_std", ImageProcessorConfig { image_std: [f64::NAN; 3], ..Default::default() }),
+            (
+                "rescale_factor",
+                ImageProcessorConfig {
+                    rescale_factor: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "image_mean",
+                ImageProcessorConfig {
+                    image_mean: [0.5, f64::INFINITY, 0.5],
+                    ..Default::default()
+                },
+            ),
+            (
+                "image_std",
+                ImageProcessorConfig {
+                    image_std: [f64::NAN; 3],
+                    ..Default::default()
+                },
+            ),
         ] {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.starts_with(name) && e.contains("finite"), "{e}");
@@ -512,35 +588,47 @@ mod tests {
 
     #[test]
     fn outputs_too_large_to_allocate_are_refused_first() {
-        // More pixels than max_image_pixels (the default: PIL's refusal threshold).
-        let e = err(json!({"size": 46341})).to_string();
-        assert!(e.contains("size=46341x46341") && e.contains("25769859372 bytes"), "{e}");
-        assert!(e.contains("max_image_pixels=178956970"), "{e}");
-        // No pixel limit: the machine's memory is the bound.
-        let e = err(json!({"size": 1_000_000, "max_image_pixels": null})).to_string();
-        assert!(e.contains("size=1000000x1000000") && e.contains("12000000000000 bytes"), "{e}");
+        let e = err(json!({"size": 1_000_000})).to_string();
+        assert!(
+            e.contains("size=1000000x1000000") && e.contains("12000000000000 bytes"),
+            "{e}"
+        );
         assert!(e.contains("bytes of memory"), "{e}");
-        // Sizes that overflow 64 bits are still counted.
-        let e = err(json!({"size": u64::MAX, "max_image_pixels": null})).to_string();
+        // Sizes whose byte count overflows 64 bits are still counted.
+        let e = err(json!({"size": u64::MAX})).to_string();
         assert!(e.contains("bytes of memory"), "{e}");
+        // 46341 x 46341 (past 2^31 pixels): refused where 25.8 GB does not fit.
+        let bytes = 3 * 46341u128 * 46341 * 4;
+        match ImageProcessorConfig::from_json(json!({"size": 46341})) {
+            Err(e) => assert!(
+                bytes > memory_bytes() && e.to_string().contains("25769859372 bytes"),
+                "{e}"
+            ),
+            Ok(_) => assert!(bytes <= memory_bytes()),
+        }
         // A batch is counted whole.
         let c = ImageProcessorConfig {
-            size: ImageSize { height: 10_000, width: 10_000 },
-            max_image_pixels: None,
+            size: ImageSize {
+                height: 10_000,
+                width: 10_000,
+            },
             ..Default::default()
         };
         c.check_output(1).unwrap();
         let e = c.check_output(1 << 40).unwrap_err().to_string();
         assert!(e.contains("for 1099511627776 image(s)"), "{e}");
         // Without resizing the size is not used.
-        ImageProcessorConfig::from_json(json!({"size": 46341, "do_resize": false})).unwrap();
+        ImageProcessorConfig::from_json(json!({"size": 1_000_000, "do_resize": false})).unwrap();
     }
 
     #[test]
     fn folders_in_both_layouts() {
         let dir = tempfile::tempdir().unwrap();
         let e = ImageProcessorConfig::from_pretrained(dir.path(), Value::Null).unwrap_err();
-        assert!(matches!(e, Error::NotFound { .. }) && e.to_string().contains("preprocessor_config.json"), "{e}");
+        assert!(
+            matches!(e, Error::NotFound { .. }) && e.to_string().contains("preprocessor_config.json"),
+            "{e}"
+        );
         std::fs::write(
             dir.path().join(PROCESSOR_CONFIG),
             r#"{"image_processor": {"size": {"height": 32, "width": 32}}, "processor_class": "BlipProcessor"}"#,

@@ -63,11 +63,7 @@ fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Re
         return Ok(rgb);
     }
     let data = resize::resize_rgbx(&rgb.data, rgb.width, rgb.height, width, height, cfg.resample);
-    Ok(RgbImage {
-        width,
-        height,
-        data,
-    })
+    Ok(RgbImage { width, height, data })
 }
 
 /// Writes a 4-byte-pixel image into a CHW float buffer through the per-channel table.
@@ -266,6 +262,7 @@ mod tests {
     #[test]
     fn the_pixel_limit_applies_to_decoded_pixels_too() {
         let cfg = ImageProcessorConfig {
+            do_resize: false,
             max_image_pixels: Some(100),
             ..Default::default()
         };
@@ -287,7 +284,6 @@ mod tests {
                 height: 4096,
                 width: 4096,
             },
-            max_image_pixels: None,
             ..Default::default()
         };
         let memory = config::memory_bytes();

@@ -99,7 +99,9 @@ impl<'de> Deserialize<'de> for Side {
         match Value::deserialize(deserializer)? {
             Value::String(s) if s == "left" => Ok(Self::Left),
             Value::String(s) if s == "right" => Ok(Self::Right),
-            other => Err(de::Error::custom(format!("must be 'left' or 'right', got {other}"))),
+            other => Err(de::Error::custom(format!(
+                "must be 'left' or 'right', got {other}"
+            ))),
         }
     }
 }
@@ -264,7 +266,11 @@ impl BlipTokenizer {
     /// to the padding and truncation to apply, with the warnings transformers gives (`warnings.warn`) and its
     /// errors. Unlike transformers, `padding=None` reads as `"do_not_pad"` and `pad_to_multiple_of=0` as
     /// unset.
-    pub fn resolve(&self, args: &EncodeArgs, settings: &TokenizerSettings) -> Result<(TokenizeOptions, Vec<String>)> {
+    pub fn resolve(
+        &self,
+        args: &EncodeArgs,
+        settings: &TokenizerSettings,
+    ) -> Result<(TokenizeOptions, Vec<String>)> {
         let mut warnings = Vec::new();
         let mut max_length = args.max_length;
         // Backward compatibility in transformers: a lone max_length truncates.
@@ -329,7 +335,9 @@ impl BlipTokenizer {
             ));
         }
         let pad_to_multiple_of = args.pad_to_multiple_of.filter(|&m| m > 0);
-        if let (true, true, Some(multiple), Some(length)) = (truncate, pad != Pad::No, pad_to_multiple_of, max_length) {
+        if let (true, true, Some(multiple), Some(length)) =
+            (truncate, pad != Pad::No, pad_to_multiple_of, max_length)
+        {
             if length % multiple != 0 {
                 return Err(Error::invalid(format!(
                     "Truncation and padding are both activated but truncation length ({length}) is not a \
@@ -500,9 +508,14 @@ mod tests {
 
     /// Whitespace words over a tiny vocabulary, with BERT's [CLS] ... [SEP].
     fn tiny() -> BlipTokenizer {
-        let words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "g", "h"];
-        let vocab: serde_json::Map<String, Value> =
-            words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+        let words = [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "g", "h",
+        ];
+        let vocab: serde_json::Map<String, Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), json!(i)))
+            .collect();
         let added: Vec<Value> = words[..4]
             .iter()
             .enumerate()
@@ -524,7 +537,9 @@ mod tests {
 
     fn encode(args: Value, settings: &TokenizerSettings) -> Result<(Vec<Vec<u32>>, Vec<String>)> {
         let args = EncodeArgs::from_keywords(args)?;
-        tiny().encode(&TEXTS, &args, settings).map(|(e, w)| (e.input_ids, w))
+        tiny()
+            .encode(&TEXTS, &args, settings)
+            .map(|(e, w)| (e.input_ids, w))
     }
 
     fn lengths(args: Value, settings: &TokenizerSettings) -> Vec<usize> {
@@ -541,9 +556,15 @@ mod tests {
         // Defaults: neither; a lone max_length truncates (transformers' backward compatibility).
         assert_eq!(lengths(json!({}), &no_limit), [8, 4]);
         assert_eq!(lengths(json!({"max_length": 4}), &no_limit), [4, 4]);
-        assert_eq!(lengths(json!({"max_length": 4, "padding": "do_not_pad"}), &no_limit), [8, 4]);
+        assert_eq!(
+            lengths(json!({"max_length": 4, "padding": "do_not_pad"}), &no_limit),
+            [8, 4]
+        );
         assert_eq!(lengths(json!({"padding": true}), &no_limit), [8, 8]);
-        assert_eq!(lengths(json!({"padding": "longest", "max_length": 3}), &no_limit), [8, 8]);
+        assert_eq!(
+            lengths(json!({"padding": "longest", "max_length": 3}), &no_limit),
+            [8, 8]
+        );
         assert_eq!(lengths(json!({"padding": null}), &no_limit), [8, 4]);
         // max_length falls back to model_max_length, and a huge one means "none".
         assert_eq!(lengths(json!({"padding": "max_length"}), &no_limit), [8, 4]);
@@ -551,16 +572,31 @@ mod tests {
         assert_eq!(lengths(json!({"truncation": true}), &no_limit), [8, 4]);
         assert_eq!(lengths(json!({"truncation": "only_first"}), &limit5), [5, 4]);
         assert_eq!(
-            lengths(json!({"padding": "max_length", "truncation": "longest_first"}), &limit5),
+            lengths(
+                json!({"padding": "max_length", "truncation": "longest_first"}),
+                &limit5
+            ),
             [5, 5]
         );
         assert_eq!(
-            lengths(json!({"padding": "max_length", "max_length": 10, "truncation": false}), &limit5),
+            lengths(
+                json!({"padding": "max_length", "max_length": 10, "truncation": false}),
+                &limit5
+            ),
             [10, 10]
         );
-        assert_eq!(lengths(json!({"padding": true, "pad_to_multiple_of": 3}), &no_limit), [9, 9]);
-        assert_eq!(lengths(json!({"padding": true, "pad_to_multiple_of": 0}), &no_limit), [8, 8]);
-        assert_eq!(lengths(json!({"max_length": 3, "add_special_tokens": false}), &no_limit), [3, 2]);
+        assert_eq!(
+            lengths(json!({"padding": true, "pad_to_multiple_of": 3}), &no_limit),
+            [9, 9]
+        );
+        assert_eq!(
+            lengths(json!({"padding": true, "pad_to_multiple_of": 0}), &no_limit),
+            [8, 8]
+        );
+        assert_eq!(
+            lengths(json!({"max_length": 3, "add_special_tokens": false}), &no_limit),
+            [3, 2]
+        );
     }
 
     #[test]
@@ -570,7 +606,11 @@ mod tests {
             truncation_side: Side::Left,
             ..Default::default()
         };
-        let (ids, _) = encode(json!({"padding": true, "max_length": 3, "truncation": true}), &left).unwrap();
+        let (ids, _) = encode(
+            json!({"padding": true, "max_length": 3, "truncation": true}),
+            &left,
+        )
+        .unwrap();
         assert_eq!(ids, [vec![2, 9, 3], vec![2, 11, 3]]);
         let (ids, _) = encode(json!({"padding": true}), &left).unwrap();
         assert_eq!(ids[1], [0, 0, 0, 0, 2, 10, 11, 3]);
@@ -589,38 +629,81 @@ mod tests {
         assert!(warnings[0].starts_with("`max_length` is ignored when `padding`=`True`"));
         let (_, warnings) = encode(json!({"padding": "longest", "max_length": 4}), &settings).unwrap();
         assert!(warnings.is_empty());
-        let (_, warnings) = encode(json!({"padding": true, "max_length": 4, "verbose": false}), &settings).unwrap();
+        let (_, warnings) = encode(
+            json!({"padding": true, "max_length": 4, "verbose": false}),
+            &settings,
+        )
+        .unwrap();
         assert!(warnings.is_empty());
-        let (_, warnings) = encode(json!({"padding": true, "max_length": 4, "truncation": true}), &settings).unwrap();
+        let (_, warnings) = encode(
+            json!({"padding": true, "max_length": 4, "truncation": true}),
+            &settings,
+        )
+        .unwrap();
         assert!(warnings.is_empty());
 
         let invalid = |args: Value, settings: &TokenizerSettings, message: &str| {
             let e = encode(args.clone(), settings).unwrap_err();
-            assert!(matches!(e, Error::InvalidArgument(ref m) if m.contains(message)), "{args}: {e}");
+            assert!(
+                matches!(e, Error::InvalidArgument(ref m) if m.contains(message)),
+                "{args}: {e}"
+            );
         };
         let no_pad = TokenizerSettings {
             pad_token: None,
             ..Default::default()
         };
-        invalid(json!({"padding": true}), &no_pad, "Asking to pad but the tokenizer does not have a padding token");
+        invalid(
+            json!({"padding": true}),
+            &no_pad,
+            "Asking to pad but the tokenizer does not have a padding token",
+        );
         let unknown_pad = TokenizerSettings {
             pad_token: Some("[NOPE]".into()),
             ..Default::default()
         };
-        invalid(json!({"padding": "max_length", "max_length": 4}), &unknown_pad, "padding token");
+        invalid(
+            json!({"padding": "max_length", "max_length": 4}),
+            &unknown_pad,
+            "padding token",
+        );
         encode(json!({"max_length": 4}), &no_pad).unwrap();
         invalid(
             json!({"padding": true, "truncation": true, "max_length": 6, "pad_to_multiple_of": 4}),
             &settings,
             "truncation length (6) is not a multiple of pad_to_multiple_of (4)",
         );
-        invalid(json!({"truncation": "only_second"}), &settings, "needs text pairs");
-        invalid(json!({"padding": "sideways"}), &settings, "argument padding: padding must be True, False");
-        invalid(json!({"truncation": "middle"}), &settings, "argument truncation: truncation must be");
+        invalid(
+            json!({"truncation": "only_second"}),
+            &settings,
+            "needs text pairs",
+        );
+        invalid(
+            json!({"padding": "sideways"}),
+            &settings,
+            "argument padding: padding must be True, False",
+        );
+        invalid(
+            json!({"truncation": "middle"}),
+            &settings,
+            "argument truncation: truncation must be",
+        );
         invalid(json!({"max_length": -1}), &settings, "argument max_length");
-        invalid(json!({"pad_to_multiple_of": "8"}), &settings, "argument pad_to_multiple_of");
-        invalid(json!({"padding_side": "up"}), &settings, "argument padding_side: must be 'left' or 'right'");
-        invalid(json!({"truncation": true, "max_length": 1}), &settings, "smaller than the 2 special tokens");
+        invalid(
+            json!({"pad_to_multiple_of": "8"}),
+            &settings,
+            "argument pad_to_multiple_of",
+        );
+        invalid(
+            json!({"padding_side": "up"}),
+            &settings,
+            "argument padding_side: must be 'left' or 'right'",
+        );
+        invalid(
+            json!({"truncation": true, "max_length": 1}),
+            &settings,
+            "smaller than the 2 special tokens",
+        );
         let e = encode(json!({"stride": 2}), &settings).unwrap_err();
         assert!(matches!(e, Error::Type(ref m) if m.contains("\"stride\"")), "{e}");
     }

@@ -12,8 +12,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use super::errors::IntoPyResult;
 use super::json;
 use crate::processor::{
-    preprocess_images, BlipTokenizer, EncodeArgs, ImageProcessorConfig, ImageSource, PixelMode, PixelValues, Side,
-    TokenizerSettings,
+    preprocess_images, BlipTokenizer, EncodeArgs, ImageProcessorConfig, ImageSource, PixelMode, PixelValues,
+    Side, TokenizerSettings,
 };
 
 /// The image half of the processor: its settings (read, checked and written by the core) and the batch

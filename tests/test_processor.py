@@ -3,9 +3,11 @@ decoding, save/load round trips and bad input."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
+import pickle
 import random
 import re
 import warnings
@@ -498,9 +500,15 @@ def test_image_settings_overrides_and_assignment() -> None:
     assert ip.size == {"height": 64, "width": 64}
     with pytest.raises(AttributeError, match="no attribute 'not_a_setting'"):
         _ = ip.not_a_setting
-    # The processor passes image settings through, and reads them from the folder with overrides.
-    processor_kwargs = {"size": 32, "resample": 0}
-    assert bp.BlipImageProcessor(**processor_kwargs)(image, return_tensors="pt").pixel_values.shape[-1] == 32
+    # numpy values are plain numbers to the core; copies and pickles keep every setting.
+    ip.image_mean = np.array([0.5, 0.5, 0.5], np.float32)
+    ip.max_image_pixels = np.int64(10**6)
+    assert ip.image_mean == [0.5] * 3 and ip.max_image_pixels == 10**6
+    for twin in (copy.deepcopy(ip), pickle.loads(pickle.dumps(ip))):
+        assert twin.to_dict() == ip.to_dict() and twin.max_image_pixels == 10**6
+        assert np.array_equal(
+            twin(image, return_tensors="np")["pixel_values"], ip(image, return_tensors="np")["pixel_values"]
+        )
 
 
 def test_image_settings_bad_values_are_named() -> None:

@@ -29,8 +29,6 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 # The image settings are defined in the core (their names, defaults and checks); these are read from it.
 _IMAGE_SETTINGS = frozenset(_blip_peft._ImageProcessor.setting_names())
 _IMAGE_DEFAULTS = _blip_peft._ImageProcessor().settings()
-OPENAI_CLIP_MEAN: list[float] = _IMAGE_DEFAULTS["image_mean"]
-OPENAI_CLIP_STD: list[float] = _IMAGE_DEFAULTS["image_std"]
 # PIL raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS; so do we, by default.
 DEFAULT_MAX_IMAGE_PIXELS: int = _IMAGE_DEFAULTS["max_image_pixels"]
 # transformers' "no limit" for model_max_length.
@@ -99,6 +97,11 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as the core reads them: numpy and torch values (arrays, scalars) as Python lists and numbers."""
+    return {k: v.tolist() if isinstance(v, (np.ndarray, np.generic, torch.Tensor)) else v for k, v in settings.items()}
 
 
 def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
@@ -197,7 +200,7 @@ class BlipImageProcessor:
             do_convert_rgb=do_convert_rgb,
             max_image_pixels=max_image_pixels,
         )
-        self._native = _blip_peft._ImageProcessor(settings)
+        self._native = _blip_peft._ImageProcessor(_plain(settings))
 
     @classmethod
     def _wrap(cls, native: _blip_peft._ImageProcessor) -> BlipImageProcessor:
@@ -215,21 +218,27 @@ class BlipImageProcessor:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _IMAGE_SETTINGS:
-            object.__setattr__(self, "_native", self._native.with_overrides({name: value}))
+            object.__setattr__(self, "_native", self._native.with_overrides(_plain({name: value})))
         else:
             object.__setattr__(self, name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": {**self.to_dict(), "max_image_pixels": self.max_image_pixels}}
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_native", _blip_peft._ImageProcessor(dict(state["settings"])))
 
     # -- configuration ----------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], **kwargs: Any) -> BlipImageProcessor:
-        return cls._wrap(_blip_peft._ImageProcessor({**config, **kwargs}))
+        return cls._wrap(_blip_peft._ImageProcessor(_plain({**config, **kwargs})))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> BlipImageProcessor:
         """Reads `preprocessor_config.json` (older layout) or the `image_processor` entry of
         `processor_config.json` (transformers 5 layout); `kwargs` override its settings."""
-        return cls._wrap(_blip_peft._ImageProcessor.from_pretrained(os.fspath(path), kwargs))
+        return cls._wrap(_blip_peft._ImageProcessor.from_pretrained(os.fspath(path), _plain(kwargs)))
 
     def to_dict(self) -> dict[str, Any]:
         return self._native.to_dict()
@@ -258,7 +267,7 @@ class BlipImageProcessor:
         kind = _check_return_tensors(return_tensors)
         kwargs.pop("input_data_format", None)
         kwargs.pop("data_format", None)
-        native = self._native.with_overrides(kwargs) if kwargs else self._native
+        native = self._native.with_overrides(_plain(kwargs)) if kwargs else self._native
         flat = _flat_images(images)
         if not flat:
             raise ValueError("no images given")

@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::adapter::Adapter;
+use super::context::ForwardContext;
 use super::few_rows;
 use super::module::{AdaptableLayer, Module};
 use super::params::{join, Init, ParamSource};
@@ -78,14 +79,19 @@ impl Linear {
         }
     }
 
+    /// Inference forward (torch's kernels, no dropout).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, false)
+        self.forward_t(x, &ForwardContext::INFERENCE)
     }
 
-    /// Forward with LoRA dropout active when `train`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Forward under `cx`: the adapter's dropout when training, the decoding kernel when asked for.
+    pub fn forward_t(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let kind = x.kind();
-        let y = match few_rows::linear(x, &self.weight, self.bias.as_ref())? {
+        let kernel = match cx.decoding_kernel {
+            true => few_rows::linear(x, &self.weight, self.bias.as_ref())?,
+            false => None,
+        };
+        let y = match kernel {
             Some(y) => y,
             None => x.f_linear(
                 &in_kind(&self.weight, kind)?,
@@ -93,7 +99,7 @@ impl Linear {
             )?,
         };
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx.train),
             None => Ok(y),
         }
     }
@@ -101,14 +107,14 @@ impl Linear {
     /// Inference into a reused buffer: `x Wᵀ + b` written over `out` (which must not need a graph) when the
     /// layer has no adapter and its weights are `x`'s kind; anything else gets a fresh [`Self::forward`].
     /// `out` is resized as needed, so one buffer serves every layer of a tower.
-    pub fn forward_into(&self, x: &Tensor, out: &mut Tensor) -> Result<Tensor> {
+    pub fn forward_into(&self, x: &Tensor, out: &mut Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let plain = self.lora.is_none()
             && self.weight.kind() == x.kind()
             && self.bias.as_ref().is_none_or(|b| b.kind() == x.kind())
             && out.kind() == x.kind()
             && out.device() == x.device();
         let (Some(bias), true) = (&self.bias, plain) else {
-            return self.forward(x);
+            return self.forward_t(x, cx);
         };
         let size = x.size();
         let rows: i64 = size[..size.len() - 1].iter().product();
@@ -123,13 +129,13 @@ impl Linear {
     /// `x Wᵀ + b` for `x` of shape `[B, N, in]`, returned features-first, `[B, out, N]` and contiguous. Without
     /// adapters one batched GEMM (`W · xᵀ` per entry) writes that layout directly, with no transposing copy;
     /// with them (or mixed kinds) it is [`Self::forward`]'s result transposed.
-    pub fn forward_features_first(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward_features_first(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let kind = x.kind();
         let plain = self.lora.is_none()
             && self.weight.kind() == kind
             && self.bias.as_ref().is_none_or(|b| b.kind() == kind);
         if !plain {
-            return Ok(self.forward(x)?.f_transpose(1, 2)?.f_contiguous()?);
+            return Ok(self.forward_t(x, cx)?.f_transpose(1, 2)?.f_contiguous()?);
         }
         let (b, _, _) = x.size3()?;
         let weight = self
@@ -199,8 +205,8 @@ impl Conv2d {
         })
     }
 
-    /// Forward with LoRA dropout active when `train`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Forward with the adapter's dropout active when `cx` trains.
+    pub fn forward_t(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let stride = [self.stride, self.stride];
         let kind = x.kind();
         let y = x.f_conv2d(
@@ -212,7 +218,7 @@ impl Conv2d {
             1,
         )?;
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx.train),
             None => Ok(y),
         }
     }

@@ -26,6 +26,19 @@ fn in_kind_opt(t: Option<&Tensor>, kind: Kind) -> Result<Option<Tensor>> {
     t.map(|t| in_kind(t, kind)).transpose()
 }
 
+/// A layer's `weight` of `shape` (initialised N(0, `init_std`)) and its `bias` (zeros, one per output).
+fn weight_and_bias(
+    src: &mut dyn ParamSource,
+    path: &str,
+    shape: &[i64],
+    init_std: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let kind = src.kind();
+    let weight = src.param(&join(path, "weight"), shape, Init::Normal(init_std), kind)?;
+    let bias = src.param(&join(path, "bias"), &shape[..1], Init::Zeros, kind)?;
+    Ok((weight, Some(bias)))
+}
+
 /// A dense layer `y = x Wᵀ + b`, with `weight` of shape `[out, in]` (torch's layout). This is the
 /// hook LoRA attaches to: with adapters, it becomes peft's `lora.Linear` around the same base weights.
 #[derive(Debug)]
@@ -48,14 +61,7 @@ impl Linear {
         out_features: i64,
         init_std: f64,
     ) -> Result<Self> {
-        let kind = src.kind();
-        let weight = src.param(
-            &join(path, "weight"),
-            &[out_features, in_features],
-            Init::Normal(init_std),
-            kind,
-        )?;
-        let bias = Some(src.param(&join(path, "bias"), &[out_features], Init::Zeros, kind)?);
+        let (weight, bias) = weight_and_bias(src, path, &[out_features, in_features], init_std)?;
         Ok(Self {
             weight,
             bias,
@@ -186,14 +192,8 @@ impl Conv2d {
         stride: i64,
         init_std: f64,
     ) -> Result<Self> {
-        let kind = src.kind();
-        let weight = src.param(
-            &join(path, "weight"),
-            &[out_channels, in_channels, kernel, kernel],
-            Init::Normal(init_std),
-            kind,
-        )?;
-        let bias = Some(src.param(&join(path, "bias"), &[out_channels], Init::Zeros, kind)?);
+        let shape = [out_channels, in_channels, kernel, kernel];
+        let (weight, bias) = weight_and_bias(src, path, &shape, init_std)?;
         Ok(Self {
             weight,
             bias,
@@ -381,68 +381,48 @@ fn wrapped_repr(base: ReprNode, adapter: Option<&dyn Adapter>, base_in: i64, bas
     }
 }
 
-/// transformers' names (`weight`, `bias`), or peft's with adapters (`base_layer.weight`, `lora_A.<name>.weight`).
-impl Module for Linear {
-    fn type_name(&self) -> &str {
-        "Linear"
-    }
+/// The `Module` of a layer adapters can wrap: transformers' names (`weight`, `bias`), or peft's with adapters
+/// (`base_layer.weight`, `lora_A.<name>.weight`); `$owned` says whether the weights are the layer's own.
+macro_rules! wrappable_module {
+    ($ty:ident, owned: |$layer:ident| $owned:expr, sizes: ($in:ident, $out:ident)) => {
+        impl Module for $ty {
+            fn type_name(&self) -> &str {
+                stringify!($ty)
+            }
 
-    fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        visit_wrapped(
-            &self.weight,
-            self.bias.as_ref(),
-            !self.tied,
-            self.lora.as_deref(),
-            f,
-        );
-    }
+            fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+                let $layer = self;
+                visit_wrapped(
+                    &self.weight,
+                    self.bias.as_ref(),
+                    $owned,
+                    self.lora.as_deref(),
+                    f,
+                );
+            }
 
-    fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        let adapter = self.lora.as_deref_mut();
-        visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), !self.tied, adapter, f);
-    }
+            fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+                let owned = {
+                    let $layer = &*self;
+                    $owned
+                };
+                let adapter = self.lora.as_deref_mut();
+                visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), owned, adapter, f);
+            }
 
-    fn repr(&self) -> ReprNode {
-        wrapped_repr(
-            self.base_repr(),
-            self.lora.as_deref(),
-            self.in_features,
-            self.out_features,
-        )
-    }
+            fn repr(&self) -> ReprNode {
+                wrapped_repr(self.base_repr(), self.lora.as_deref(), self.$in, self.$out)
+            }
 
-    fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
-        Some(AdaptableLayer::Linear(self))
-    }
+            fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
+                Some(AdaptableLayer::$ty(self))
+            }
+        }
+    };
 }
 
-impl Module for Conv2d {
-    fn type_name(&self) -> &str {
-        "Conv2d"
-    }
-
-    fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        visit_wrapped(&self.weight, self.bias.as_ref(), true, self.lora.as_deref(), f);
-    }
-
-    fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        let adapter = self.lora.as_deref_mut();
-        visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), true, adapter, f);
-    }
-
-    fn repr(&self) -> ReprNode {
-        wrapped_repr(
-            self.base_repr(),
-            self.lora.as_deref(),
-            self.in_channels,
-            self.out_channels,
-        )
-    }
-
-    fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
-        Some(AdaptableLayer::Conv2d(self))
-    }
-}
+wrappable_module!(Linear, owned: |layer| !layer.tied, sizes: (in_features, out_features));
+wrappable_module!(Conv2d, owned: |_layer| true, sizes: (in_channels, out_channels));
 
 crate::module!(LayerNorm: "LayerNorm" {
     params: ["weight" => weight, "bias" => bias],

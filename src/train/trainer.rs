@@ -80,6 +80,9 @@ pub struct TrainConfig {
     pub warmup_ratio: f64,
     pub gradient_accumulation_steps: i64,
     pub max_grad_norm: f64,
+    /// Label smoothing of the caption loss for this run (torch's `label_smoothing`; LAVIS trains BLIP with
+    /// 0.1). None: the checkpoint's `text_config.label_smoothing`, as transformers' loss reads it.
+    pub label_smoothing: Option<f64>,
     #[serde(rename = "mixed_precision", deserialize_with = "by_name::precision")]
     pub precision: Precision,
     /// Keep only each transformer layer's input from the forward pass and recompute the layers during the
@@ -117,6 +120,7 @@ impl Default for TrainConfig {
             warmup_ratio: 0.0,
             gradient_accumulation_steps: 1,
             max_grad_norm: 1.0,
+            label_smoothing: None,
             precision: Precision::Float32,
             gradient_checkpointing: false,
             shuffle: true,
@@ -216,6 +220,13 @@ impl TrainConfig {
         for (name, v) in [("save_steps", self.save_steps), ("eval_steps", self.eval_steps)] {
             if v.is_some_and(|v| v < 1) {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if let Some(ls) = self.label_smoothing {
+            if !(0.0..=1.0).contains(&ls) {
+                return Err(Error::invalid(format!(
+                    "label_smoothing must be in [0, 1], got {ls}"
+                )));
             }
         }
         if self.save_total_limit == Some(0) {
@@ -574,6 +585,10 @@ impl Trainer {
             state.total_steps = plan.total_steps;
         }
         let guard = PrecisionGuard::lower(model, precision.kind())?;
+        let config_smoothing = model.config.text_config.label_smoothing;
+        if let Some(ls) = config.label_smoothing {
+            model.config.text_config.label_smoothing = ls;
+        }
         let was_training = model.training;
         model.training = true;
         let flush = super::denormals::FlushDenormals::enable();
@@ -606,6 +621,7 @@ impl Trainer {
         drop(flush);
         model.training = was_training;
         model.dropout_seed = None;
+        model.config.text_config.label_smoothing = config_smoothing;
         guard.restore(model)?;
         let _ = optimizer.zero_grad();
         let interrupted = result?;

@@ -338,15 +338,15 @@ impl BlipForConditionalGeneration {
             .hidden_states(ids, image_embeds, &masks, &text_cx)?;
         let logits = self.text_decoder.logits(&hidden, &text_cx)?;
         let loss = match labels {
-            Some(labels) => Some(self.caption_loss(&logits, labels)?),
+            Some(labels) => Some(self.caption_loss(&logits, labels, cx)?),
             None => None,
         };
         Ok((logits, loss))
     }
 
     /// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` (ignoring -100), in float32, with
-    /// the configured label smoothing.
-    pub fn caption_loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    /// `cx`'s label smoothing, else the configured one.
+    pub fn caption_loss(&self, logits: &Tensor, labels: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let (b, t, v) = logits.size3()?;
         let shifted = logits
             .f_narrow(1, 0, t - 1)?
@@ -358,7 +358,8 @@ impl BlipForConditionalGeneration {
             None,
             Reduction::Mean,
             -100,
-            self.config.text_config.label_smoothing,
+            cx.label_smoothing
+                .unwrap_or(self.config.text_config.label_smoothing),
         )?)
     }
 

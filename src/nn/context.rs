@@ -19,6 +19,9 @@ pub struct ForwardContext {
     /// `generate` asks for it: its sums round differently from MKL's, and a checkpointed training step, for
     /// one, must get exactly the numbers its recomputation with torch gets.
     pub decoding_kernel: bool,
+    /// The caption loss's label smoothing when the caller overrides the checkpoint's
+    /// (`text_config.label_smoothing`): `train(label_smoothing=...)` does, for its run only.
+    pub label_smoothing: Option<f64>,
 }
 
 impl ForwardContext {
@@ -28,6 +31,7 @@ impl ForwardContext {
         dropout_seed: None,
         compute_kind: None,
         decoding_kernel: false,
+        label_smoothing: None,
     };
 
     /// Inference while generating: the decoding kernel allowed.
@@ -50,7 +54,7 @@ impl ForwardContext {
             train: true,
             dropout_seed: Some(dropout_seed),
             compute_kind,
-            decoding_kernel: false,
+            ..Self::INFERENCE
         }
     }
 

@@ -60,7 +60,7 @@ pub fn loss_backward(
         .text_decoder
         .hidden_states_checkpointed(ids, &image_leaf, &masks, &text_cx)?;
     let logits = model.text_decoder.logits(&hidden, &text_cx)?;
-    let loss = model.caption_loss(&logits, labels)?;
+    let loss = model.caption_loss(&logits, labels, cx)?;
     loss.f_mul(multiplier)?.f_backward()?;
     text.backward()?;
     if let Some(tower) = vision {

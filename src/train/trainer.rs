@@ -82,6 +82,9 @@ pub struct TrainConfig {
     pub warmup_ratio: f64,
     pub gradient_accumulation_steps: i64,
     pub max_grad_norm: f64,
+    /// Label smoothing of the caption loss for this run (torch's `label_smoothing`; LAVIS trains BLIP with
+    /// 0.1). None: the checkpoint's `text_config.label_smoothing`, as transformers' loss reads it.
+    pub label_smoothing: Option<f64>,
     #[serde(rename = "mixed_precision", deserialize_with = "by_name::precision")]
     pub precision: Precision,
     /// Keep only each transformer layer's input from the forward pass and recompute the layers during the
@@ -119,6 +122,7 @@ impl Default for TrainConfig {
             warmup_ratio: 0.0,
             gradient_accumulation_steps: 1,
             max_grad_norm: 1.0,
+            label_smoothing: None,
             precision: Precision::Float32,
             gradient_checkpointing: false,
             shuffle: true,
@@ -218,6 +222,13 @@ impl TrainConfig {
         for (name, v) in [("save_steps", self.save_steps), ("eval_steps", self.eval_steps)] {
             if v.is_some_and(|v| v < 1) {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if let Some(ls) = self.label_smoothing {
+            if !(0.0..=1.0).contains(&ls) {
+                return Err(Error::invalid(format!(
+                    "label_smoothing must be in [0, 1], got {ls}"
+                )));
             }
         }
         if self.save_total_limit == Some(0) {
@@ -683,7 +694,10 @@ impl TrainingRun<'_> {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(step * 64 + m as i64);
             tch::manual_seed(dropout_seed);
-            let cx = ForwardContext::training(dropout_seed, self.compute_kind);
+            let cx = ForwardContext {
+                label_smoothing: config.label_smoothing,
+                ..ForwardContext::training(dropout_seed, self.compute_kind)
+            };
             let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
             let ids = batch.input_ids.f_to_device(device)?;
             let mask = batch.attention_mask.f_to_device(device)?;
@@ -843,6 +857,7 @@ impl TrainingRun<'_> {
         };
         let cx = ForwardContext {
             compute_kind: self.compute_kind,
+            label_smoothing: self.config.label_smoothing,
             ..ForwardContext::INFERENCE
         };
         let loss = evaluate_sharded(

@@ -154,6 +154,35 @@ def _load(lib: str, ckpt: str, device: str, dtype: str, lora: bool):
     return model
 
 
+# A benchmark whose tensors hold more than this share of denormal floats times x86's microcode slow path, not the
+# model (transformers' vision default initialiser did that to every training ratio before 2026-12).
+DENORMAL_LIMIT = 1e-4
+
+
+def denormal_share(tensors) -> float:
+    """The share of the values in `tensors` that are float denormals (non-zero, below the smallest normal)."""
+    import torch
+
+    denormal = total = 0
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            continue
+        t = t.detach()
+        tiny = torch.finfo(t.dtype).tiny
+        denormal += int(((t != 0) & (t.abs() < tiny)).sum())
+        total += t.numel()
+    return denormal / max(total, 1)
+
+
+def check_denormals(what: str, share: float) -> float:
+    if share > DENORMAL_LIMIT:
+        raise RuntimeError(
+            f"{share:.2%} of the benchmark model's {what} are denormal floats: its timings would measure the CPU's "
+            "slow path for them, not the model; build the model at a trained model's weight scale (presets.py)"
+        )
+    return share
+
+
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -212,6 +241,8 @@ def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmu
             labels=labels[sl].to(device),
         )
         out.loss.backward()
+        if step == 0:  # before the clock matters: the gradients a denormal-prone model would show first
+            check_denormals("gradients", denormal_share(p.grad for p in params))
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -333,6 +364,7 @@ def job_train(spec: dict[str, Any]) -> dict[str, Any]:
     lib = spec["lib"]
     model = _load(lib, spec["ckpt"], spec["device"], spec["dtype"], lora=True)
     model.train()
+    weights_denormal = check_denormals("weights", denormal_share(p for _, p in model.named_parameters()))
     mem = Memory(spec["device"])
     before = mem.current()
     mem.reset()
@@ -344,6 +376,7 @@ def job_train(spec: dict[str, Any]) -> dict[str, Any]:
         before_mib=before,
         memory_kind=mem.kind,
         trainable=_trainable(model),
+        denormal_weights=weights_denormal,
     )
 
 

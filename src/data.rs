@@ -38,6 +38,20 @@ pub fn collate_captions(
     pad: i64,
     max_length: Option<usize>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    collate_prompted_captions(captions, bos, pad, max_length, 0)
+}
+
+/// [`collate_captions`] for captions that start with a prompt of `prompt_tokens` tokens (after the first
+/// token): the prompt's labels are -100 too, so the loss learns only what follows it (LAVIS's
+/// `decoder_targets[:, :prompt_length] = -100`, its prompt length counting the BOS; the BOS label stays as
+/// [`collate_captions`] writes it, the loss never reads it).
+pub fn collate_prompted_captions(
+    captions: &[Vec<i64>],
+    bos: i64,
+    pad: i64,
+    max_length: Option<usize>,
+    prompt_tokens: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     if captions.is_empty() {
         return Err(Error::invalid("cannot collate an empty batch"));
     }
@@ -71,7 +85,11 @@ pub fn collate_captions(
             let real = i < r.len();
             ids.push(if real { r[i] } else { pad });
             mask.push(i64::from(real));
-            labels.push(if real { r[i] } else { -100 });
+            labels.push(if real && !(1..=prompt_tokens).contains(&i) {
+                r[i]
+            } else {
+                -100
+            });
         }
     }
     let shape = [rows.len() as i64, width as i64];
@@ -171,6 +189,8 @@ pub struct ImageCaptionSource {
     pub bos: i64,
     pub pad: i64,
     pub max_length: Option<usize>,
+    /// Tokens of a prompt every caption starts with (after BOS), left out of the loss.
+    pub prompt_tokens: usize,
     /// Skip unreadable images (recording their indices) instead of failing.
     pub skip_bad: bool,
     pub skipped: Arc<Mutex<BTreeSet<usize>>>,
@@ -202,6 +222,7 @@ impl ImageCaptionSource {
             bos,
             pad,
             max_length,
+            prompt_tokens: 0,
             skip_bad,
             skipped: Arc::default(),
             pool: None,
@@ -258,7 +279,7 @@ impl BatchSource for ImageCaptionSource {
         let (h, w) = (self.config.size.height as i64, self.config.size.width as i64);
         let pixel_values = Tensor::f_from_slice(&data)?.f_view([n, 3, h, w])?;
         let (input_ids, attention_mask, labels) =
-            collate_captions(&captions, self.bos, self.pad, self.max_length)?;
+            collate_prompted_captions(&captions, self.bos, self.pad, self.max_length, self.prompt_tokens)?;
         Ok(Batch {
             pixel_values,
             input_ids,
@@ -283,6 +304,19 @@ mod tests {
         assert_eq!(row(&data.labels, 0), vec![30522, 7, 102, -100]);
         assert_eq!(row(&data.labels, 1), vec![30522, 8, 9, 102]);
         assert_eq!(row(&ids, 0), vec![5, 7, 102, 0]); // the caller's tensor is untouched
+    }
+
+    #[test]
+    fn prompted_collation_masks_the_prompt() {
+        let caps = [vec![101, 1, 2, 5, 6, 102], vec![101, 1, 2, 7, 102]];
+        let (ids, mask, labels) = collate_prompted_captions(&caps, 30522, 0, None, 2).unwrap();
+        let row = |t: &Tensor, i: i64| Vec::<i64>::try_from(t.get(i)).unwrap();
+        assert_eq!(row(&ids, 1), vec![30522, 1, 2, 7, 102, 0]);
+        assert_eq!(row(&mask, 1), vec![1, 1, 1, 1, 1, 0]);
+        assert_eq!(row(&labels, 0), vec![30522, -100, -100, 5, 6, 102]);
+        assert_eq!(row(&labels, 1), vec![30522, -100, -100, 7, 102, -100]);
+        let (_, _, plain) = collate_prompted_captions(&caps, 30522, 0, None, 0).unwrap();
+        assert_eq!(row(&plain, 0), vec![30522, 1, 2, 5, 6, 102]);
     }
 
     #[test]

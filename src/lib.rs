@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod lora;
+pub mod metrics;
 pub mod nn;
 pub mod openmp;
 pub mod processor;

@@ -19,6 +19,7 @@ from blip_peft import _blip_peft, distributed, metrics  # noqa: I001
 from blip_peft._blip_peft import BlipPeftError
 from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate
+from blip_peft.evaluation import evaluate
 from blip_peft.data import ImageCaptionDataset
 from blip_peft.demo import bundled_model_path
 from blip_peft.training import TrainResult, flush_denormals, train
@@ -40,6 +41,7 @@ from blip_peft.modeling import (
 __version__: str = _blip_peft.__version__
 
 __all__ = [
+    "evaluate",
     "flush_denormals",
     "AutoModelForImageTextToText",
     "AutoModelForVision2Seq",

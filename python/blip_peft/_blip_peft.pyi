@@ -15,7 +15,9 @@ __all__ = [
     "_ImageProcessor",
     "_Tokenizer",
     "__version__",
+    "caption_scores",
     "collate_captions",
+    "ptb_tokenize",
     "set_flush_denormals",
     "cuda_is_available",
     "kernel_code_paths",
@@ -54,9 +56,17 @@ def train_native(
     distributed: _CollectiveLike | None = None,
 ) -> dict[str, Any]: ...
 def collate_captions(
-    captions: Sequence[Sequence[int]], bos_token_id: int, pad_token_id: int, max_length: int | None = None
+    captions: Sequence[Sequence[int]],
+    bos_token_id: int,
+    pad_token_id: int,
+    max_length: int | None = None,
+    prompt_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def set_flush_denormals(on: bool) -> bool: ...
+def caption_scores(
+    references: Sequence[Sequence[str]], candidates: Sequence[str], tokenize: bool
+) -> dict[str, float]: ...
+def ptb_tokenize(texts: Sequence[str]) -> list[str]: ...
 
 @final
 class _BlipModel:
@@ -158,6 +168,7 @@ class _ImageCaptionData:
         max_length: int | None = None,
         skip_bad: bool = False,
         num_workers: int | None = None,
+        prompt_tokens: int = 0,
     ) -> _ImageCaptionData: ...
     def __len__(self) -> int: ...
     def skipped(self) -> list[int]: ...

@@ -31,13 +31,19 @@ def generate(
     Images are preprocessed in batches of `batch_size` on a background thread while the previous batch
     decodes (decoding releases the GIL). Captions are decoded with special tokens skipped; with a `prompt`
     (e.g. "a photography of") the caption starts with it, as transformers returns it, unless
-    `strip_prompt=True`. Other keyword arguments go to `model.generate` (`max_new_tokens`, `num_beams`, ...).
+    `strip_prompt=True`. Without one, the model's `caption_prompt` is used when it has one (a `PeftModel`
+    whose adapter was trained with `train(prompt=...)`, saved with it in `caption_config.json`); pass
+    ``prompt=""`` for none. Other keyword arguments go to `model.generate` (`max_new_tokens`, `num_beams`, ...).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     items = _as_list(images)
     if not items:
         return []
+    if prompt is None:
+        prompt = getattr(model, "caption_prompt", None)
+    if prompt == "":
+        prompt = None
     prompts: list[str] | None
     if prompt is not None and not isinstance(prompt, str):
         prompts = list(prompt)

@@ -1,4 +1,4 @@
-"""The `blip-peft` command (also `python -m blip_peft`): train, caption, merge, demo."""
+"""The `blip-peft` command (also `python -m blip_peft`): train, caption, eval, merge, demo."""
 
 from __future__ import annotations
 
@@ -141,6 +141,40 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import blip_peft as bp
+
+    model_path = resolve_model(args.model)
+    processor = bp.AutoProcessor.from_pretrained(model_path)
+    model: Any = bp.BlipForConditionalGeneration.from_pretrained(model_path, device=args.device)
+    if args.adapter:
+        model = bp.PeftModel.from_pretrained(model, args.adapter)
+    result = bp.evaluate(
+        model,
+        processor,
+        _load_dataset(args.data),
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        tokenize=not args.no_tokenize,
+        return_captions=args.output is not None,
+    )
+    if args.output is not None:
+        lines = [
+            json.dumps({"caption": c, "references": r})
+            for c, r in zip(result.pop("captions"), result.pop("references"), strict=True)
+        ]
+        bp._blip_peft.write_text_atomic(args.output, "".join(line + "\n" for line in lines))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, value in result.items():
+            print(f"{name:<8} {value:.4f}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     import blip_peft as bp
 
@@ -210,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--device", default="cpu")
     caption.set_defaults(func=cmd_caption)
 
+    evaluate = sub.add_parser(
+        "eval", help="caption a dataset's images and print BLEU-1..4, ROUGE-L and CIDEr (pycocoevalcap's numbers)"
+    )
+    evaluate.add_argument("--model", required=True, help="checkpoint folder or a hub id in the local HF cache")
+    evaluate.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="imagefolder (metadata.jsonl), or a .jsonl / .csv file; rows with the same image, or a list of "
+        "captions in one row, are several references",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--num-beams", type=int, default=3)
+    evaluate.add_argument("--min-new-tokens", type=int, default=5)
+    evaluate.add_argument("--max-new-tokens", type=int, default=20)
+    evaluate.add_argument("--prompt", default=None, help="a text captions continue (stripped before scoring)")
+    evaluate.add_argument("--no-tokenize", action="store_true", help="score captions as given, no PTB tokenising")
+    evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    evaluate.add_argument("--output", default=None, help="also write each image's caption and references (JSONL)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=cmd_eval)
+
     merge = sub.add_parser("merge", help="merge an adapter into its base model and save a full checkpoint")
     merge.add_argument("--model", required=True)
     merge.add_argument("--adapter", required=True)
@@ -230,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "min_new_tokens", 0) < 0:
+        parser.error("--min-new-tokens must not be negative")
     if getattr(args, "data", None) and not os.path.exists(args.data):
         parser.error(f"--data {args.data!r} does not exist")
     if getattr(args, "adapter", None) and not os.path.isdir(args.adapter):

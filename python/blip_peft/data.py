@@ -53,9 +53,7 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
         cls, path: str | os.PathLike[str], text_column: str = "text", image_column: str = "file_name"
     ) -> ImageCaptionDataset:
         """One JSON object per line with the image file (relative to the file's folder) and its caption."""
-        file = fspath(path, "path")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"JSONL file not found: {file!r}")
+        file = _existing_file(path, "JSONL")
         rows = []
         with open(file, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -72,9 +70,7 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
         cls, path: str | os.PathLike[str], text_column: str = "text", image_column: str = "file_name"
     ) -> ImageCaptionDataset:
         """A CSV file with a header naming the image-file and caption columns."""
-        file = fspath(path, "path")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"CSV file not found: {file!r}")
+        file = _existing_file(path, "CSV")
         with open(file, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
         return cls._from_rows(rows, os.path.dirname(file), file, text_column, image_column)
@@ -95,6 +91,14 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
                 raise ValueError(f"{file}: row {i}: {image_column!r} must be a file name")
             items.append({"image": os.path.join(base, image), "text": row[text_column]})
         return cls(items)
+
+
+def _existing_file(path: str | os.PathLike[str], kind: str) -> str:
+    """`path` as a string, or FileNotFoundError naming the kind of file that was expected there."""
+    file = fspath(path, "path")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{kind} file not found: {file!r}")
+    return file
 
 
 def as_items(dataset: Any, image_column: str = "image", text_column: str = "text") -> Sequence[Any]:

@@ -47,6 +47,9 @@ class BlipForConditionalGeneration:
     """
 
     main_input_name = "pixel_values"
+    #: The prompt captions start with when `blip_peft.generate` / `evaluate` are given none (set by
+    #: `train(prompt=...)`; kept in memory: a `PeftModel` saves its adapter's with the adapter).
+    caption_prompt: str | None = None
 
     def __init__(self, native: _blip_peft._BlipModel) -> None:
         if not isinstance(native, _blip_peft._BlipModel):

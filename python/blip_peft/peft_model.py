@@ -22,6 +22,23 @@ from blip_peft.modeling import BlipForConditionalGeneration
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: blip_peft's file next to an adapter's config: how the adapter captions (`{"prompt": ...}`, written when
+#: `train(prompt=...)` trained it); peft ignores it.
+CAPTION_CONFIG_NAME = "caption_config.json"
+
+
+def _read_caption_prompt(path: str) -> str | None:
+    file = os.path.join(path, CAPTION_CONFIG_NAME)
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        data = json.load(f)
+    prompt = data.get("prompt") if isinstance(data, dict) else None
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"{file}: 'prompt' must be a string, got {prompt!r}")
+    return prompt
+
+
 PEFT_VERSION = "0.21.0"
 
 
@@ -187,8 +204,25 @@ class PeftModel:
         self.base_model = LoraModel(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
+        #: Each adapter's caption prompt (`train(prompt=...)`, `caption_config.json`), used by
+        #: `blip_peft.generate` and `blip_peft.evaluate` when they are given none.
+        self.caption_prompts: dict[str, str] = {}
         self._add(adapter_name, peft_config)
         self._refresh_trainable()
+
+    @property
+    def caption_prompt(self) -> str | None:
+        """The active adapter's caption prompt (None: captions start from BOS alone)."""
+        return self.caption_prompts.get(self.active_adapter)
+
+    @caption_prompt.setter
+    def caption_prompt(self, prompt: str | None) -> None:
+        if prompt is None:
+            self.caption_prompts.pop(self.active_adapter, None)
+        elif not isinstance(prompt, str):
+            raise TypeError(f"caption_prompt must be a string or None, got {type(prompt).__name__}")
+        else:
+            self.caption_prompts[self.active_adapter] = prompt
 
     @property
     def _native(self) -> _blip_peft._BlipModel:
@@ -283,6 +317,7 @@ class PeftModel:
             raise ValueError("cannot delete the only adapter; use unload() to get the base model back")
         self._native.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self.caption_prompts.pop(adapter_name, None)
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
 
@@ -340,6 +375,12 @@ class PeftModel:
             target = directory if name == "default" else os.path.join(directory, name)
             config = self.peft_config[name]
             self._native.save_adapter(target, name, config.bias, config.to_json())
+            prompt_file = os.path.join(target, CAPTION_CONFIG_NAME)
+            if name in self.caption_prompts:
+                text = json.dumps({"prompt": self.caption_prompts[name]}, indent=2) + "\n"
+                _blip_peft.write_text_atomic(prompt_file, text)
+            elif os.path.isfile(prompt_file):
+                os.remove(prompt_file)  # a stale prompt of an earlier adapter saved here
 
     @classmethod
     def from_pretrained(
@@ -367,6 +408,9 @@ class PeftModel:
             model.requires_grad_(True)
             raise
         peft_model._refresh_trainable()
+        prompt = _read_caption_prompt(path)
+        if prompt is not None:
+            peft_model.caption_prompts[adapter_name] = prompt
         if not is_trainable:
             model.eval()
         return peft_model
@@ -386,6 +430,9 @@ class PeftModel:
             del self.peft_config[adapter_name]
             raise
         self._refresh_trainable()
+        prompt = _read_caption_prompt(path)
+        if prompt is not None:
+            self.caption_prompts[adapter_name] = prompt
 
     # ------------------------------------------------------------------------------ device, mode, print
     def to(self, *args: Any, **kwargs: Any) -> PeftModel:

@@ -120,10 +120,17 @@ def _encode(
     on_bad_sample: str,
     what: str,
     num_workers: int | None = None,
+    prompt: str | None = None,
 ) -> tuple[Any, list[int]]:
-    """A dataset as the core trains on it (with the training collation: BOS first, pads -100): a streaming
-    image-caption source for our processor, tensors otherwise; and the indices skipped up front."""
+    """A dataset as the core trains on it (with the training collation: BOS first, pads -100, a prompt's
+    tokens -100): a streaming image-caption source for our processor, tensors otherwise; and the indices
+    skipped up front."""
     if isinstance(dataset, Mapping):
+        if prompt:
+            raise ValueError(
+                f"prompt= needs a {what} of images and captions; a mapping of tensors is used as given (put the "
+                "prompt in its input_ids and -100 in its labels yourself)"
+            )
         if "pixel_values" not in dataset or "input_ids" not in dataset:
             raise ValueError(f"{what} as a mapping of tensors needs 'pixel_values' and 'input_ids'")
         # The core applies the training collation (BOS first, labels with pads -100 where none are given).
@@ -141,7 +148,8 @@ def _encode(
         if not isinstance(text, str):
             raise TypeError(f"{what} item {i}: the caption must be a string, got {type(text).__name__}")
         images.append(image)
-        texts.append(text)
+        texts.append(prompt + text if prompt else text)
+    prompt_tokens = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
     image_processor = getattr(processor, "image_processor", None)
     if isinstance(image_processor, BlipImageProcessor):
         # Our processor: images are decoded and preprocessed batch by batch on Rust threads, ahead of the
@@ -163,6 +171,7 @@ def _encode(
             max_length,
             on_bad_sample == "skip",
             num_workers,
+            prompt_tokens,
         )
         return data, []
     # Another processor (e.g. transformers'): preprocess everything up front.
@@ -181,7 +190,7 @@ def _encode(
         token_lists.append(list(processor.tokenizer(text)["input_ids"]))
     if not pixels:
         raise ValueError(f"every item of the {what} was skipped as unreadable")
-    ids, mask, labels = _blip_peft.collate_captions(token_lists, bos, pad, max_length)
+    ids, mask, labels = _blip_peft.collate_captions(token_lists, bos, pad, max_length, prompt_tokens)
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
 
 
@@ -223,6 +232,8 @@ def train(
     warmup_ratio: float = 0.0,
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float = 1.0,
+    label_smoothing: float | None = None,
+    prompt: str | None = None,
     mixed_precision: str = "auto",
     gradient_checkpointing: bool = False,
     max_length: int | None = 64,
@@ -260,6 +271,16 @@ def train(
     Images are decoded and preprocessed batch by batch on Rust threads ahead of the model (`num_workers`
     threads, all cores by default) when `processor` is blip_peft's; other processors preprocess up front.
 
+    `label_smoothing` (e.g. 0.1, the BLIP authors' setting) smooths the caption loss as torch's
+    ``cross_entropy(label_smoothing=...)`` does (evaluation losses too); None uses the checkpoint's
+    ``text_config.label_smoothing`` (transformers' default 0.0), which is what the model's own loss reads.
+
+    `prompt` (e.g. ``"a picture of "``, LAVIS's) is put before every caption and its tokens are left out of
+    the loss (labels -100), as the BLIP authors train; only the caption after it is learned. The prompt is
+    remembered as the model's `caption_prompt` (saved with a `PeftModel`'s adapter in
+    ``caption_config.json``), so `blip_peft.generate` and `blip_peft.evaluate` start captions with it by
+    default.
+
     `callback(dict)` is called at every logging step with that step's record (and after each evaluation);
     returning True stops training. Ctrl-C stops after the current step, saves a checkpoint when `output_dir`
     is set, and returns the result so far. Checkpoints go to `output_dir/checkpoint-<step>/`; with a
@@ -282,6 +303,8 @@ def train(
         )
     if on_bad_sample not in ("raise", "skip"):
         raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string (e.g. 'a picture of '), got {type(prompt).__name__}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -302,11 +325,21 @@ def train(
         on_bad_sample,
         "train_dataset",
         num_workers,
+        prompt,
     )
     eval_tensors = None
     if eval_dataset is not None:
         eval_tensors, _ = _encode(
-            eval_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, "eval_dataset"
+            eval_dataset,
+            processor,
+            image_column,
+            text_column,
+            max_length,
+            bos,
+            pad,
+            on_bad_sample,
+            "eval_dataset",
+            prompt=prompt,
         )
     out = fspath(output_dir, "output_dir") if output_dir is not None else None
     # True: the core resumes from the newest complete checkpoint in output_dir.
@@ -326,6 +359,7 @@ def train(
         "warmup_ratio": float(warmup_ratio),
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "max_grad_norm": float(max_grad_norm),
+        "label_smoothing": label_smoothing,
         "mixed_precision": mixed_precision,
         "gradient_checkpointing": bool(gradient_checkpointing),
         "shuffle": shuffle,
@@ -356,6 +390,8 @@ def train(
             set(skipped) | set(train_tensors.skipped() if hasattr(train_tensors, "skipped") else [])
         ),
     )
+    if prompt is not None:
+        model.caption_prompt = prompt or None
     if train_result.skipped_samples and progress and main_process:
         n = len(train_result.skipped_samples)
         print(f"skipped {n} unreadable sample(s): {train_result.skipped_samples[:10]}", file=sys.stderr)

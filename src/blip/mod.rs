@@ -6,5 +6,5 @@ pub mod recompute;
 pub mod text;
 pub mod vision;
 
-pub(crate) use model::TEXT_SEED_OFFSET;
+pub(crate) use model::text_context;
 pub use model::{kind_name, BlipForConditionalGeneration, BlipOutput, ForwardInputs};

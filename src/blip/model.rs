@@ -11,7 +11,9 @@ use super::vision::BlipVisionModel;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::attention::causal_padding_mask;
-use crate::nn::{visit_adaptable, visit_params, visit_params_mut, Module, ParamSource, RandomInit};
+use crate::nn::{
+    visit_adaptable, visit_params, visit_params_mut, ForwardContext, Module, ParamSource, RandomInit,
+};
 use crate::repr::ReprNode;
 use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
 
@@ -41,17 +43,19 @@ pub struct BlipForConditionalGeneration {
     pub name_or_path: String,
     /// The modules adapters train in full (LoRA's `modules_to_save`), with their originals and copies.
     pub saved_modules: Vec<crate::nn::saved::SavedModule>,
-    /// Set by the training loop for each micro-batch: every transformer layer then runs under a seed derived
-    /// from it, so gradient checkpointing's recomputation and a plain step draw the same dropout masks.
-    pub dropout_seed: Option<i64>,
 }
 
 crate::module!(BlipForConditionalGeneration: "BlipForConditionalGeneration" {
     children: ["vision_model" => vision_model, "text_decoder" => text_decoder],
 });
 
-/// The decoder layers' seeds start here (the vision layers' at the step's seed itself).
-pub(crate) const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
+/// The decoder layers' dropout seeds start here (the vision layers' at the step's seed itself).
+const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
+
+/// The decoder's context for a forward under `cx`: its own dropout seeds.
+pub(crate) fn text_context(cx: &ForwardContext) -> ForwardContext {
+    cx.with_seed_offset(TEXT_SEED_OFFSET)
+}
 
 impl BlipForConditionalGeneration {
     /// Builds the model, taking every parameter from `src`.
@@ -70,7 +74,6 @@ impl BlipForConditionalGeneration {
             training: false,
             name_or_path: String::new(),
             saved_modules: Vec::new(),
-            dropout_seed: None,
         })
     }
 
@@ -172,9 +175,8 @@ impl BlipForConditionalGeneration {
     }
 
     /// Image embeddings `[B, 1 + patches, D]` (after the vision tower's final LayerNorm).
-    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let seed = self.dropout_seed.filter(|_| self.training);
-        self.vision_model.forward(pixel_values, self.training, seed)
+    pub fn encode_images(&self, pixel_values: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        self.vision_model.forward(pixel_values, cx)
     }
 
     /// Checks the inputs of [`Self::forward`] and brings them to the model's device and index type.
@@ -293,10 +295,17 @@ impl BlipForConditionalGeneration {
 
     /// The forward pass transformers' `BlipForConditionalGeneration.forward` computes: logits of every
     /// position, and (with labels) the mean cross-entropy of each position's prediction of the next label.
+    /// It runs as `model.training` says (dropout on in training mode), like torch's `module(...)`.
     pub fn forward(&self, inputs: &ForwardInputs) -> Result<BlipOutput> {
+        self.forward_with(inputs, &ForwardContext::mode(self.training))
+    }
+
+    /// [`Self::forward`] under a context its caller chose (a loop that drives the model).
+    pub fn forward_with(&self, inputs: &ForwardInputs, cx: &ForwardContext) -> Result<BlipOutput> {
         let (pixel_values, ids, mask, labels) = self.prepare(inputs)?;
-        let image_embeds = self.encode_images(&pixel_values)?;
-        let (logits, loss) = self.decode_with_loss(&ids, mask.as_ref(), &image_embeds, labels.as_ref())?;
+        let image_embeds = self.encode_images(&pixel_values, cx)?;
+        let (logits, loss) =
+            self.decode_with_loss(&ids, mask.as_ref(), &image_embeds, labels.as_ref(), cx)?;
         Ok(BlipOutput {
             loss,
             logits,
@@ -312,37 +321,32 @@ impl BlipForConditionalGeneration {
         mask: Option<&Tensor>,
         image_embeds: &Tensor,
         labels: Option<&Tensor>,
+        cx: &ForwardContext,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let t = ids.size()[1];
+        let text_cx = text_context(cx);
         let additive = match mask {
-            Some(m) => Some(causal_padding_mask(m, t, self.text_decoder.kind())?),
+            Some(m) => Some(causal_padding_mask(m, t, self.text_decoder.compute_kind(cx))?),
             None => None,
         };
         let masks = DecoderMasks {
             self_mask: additive.as_ref(),
             causal: additive.is_none(),
         };
-        let hidden =
-            self.text_decoder
-                .hidden_states(ids, image_embeds, &masks, self.training, self.text_seed())?;
-        let logits = self.text_decoder.logits(&hidden, self.training)?;
+        let hidden = self
+            .text_decoder
+            .hidden_states(ids, image_embeds, &masks, &text_cx)?;
+        let logits = self.text_decoder.logits(&hidden, &text_cx)?;
         let loss = match labels {
-            Some(labels) => Some(self.caption_loss(&logits, labels)?),
+            Some(labels) => Some(self.caption_loss(&logits, labels, cx)?),
             None => None,
         };
         Ok((logits, loss))
     }
 
-    /// The decoder layers' seed while training with `dropout_seed` set.
-    fn text_seed(&self) -> Option<i64> {
-        self.dropout_seed
-            .filter(|_| self.training)
-            .map(|s| s.wrapping_add(TEXT_SEED_OFFSET))
-    }
-
     /// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` (ignoring -100), in float32, with
-    /// the configured label smoothing.
-    pub fn caption_loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    /// `cx`'s label smoothing, else the configured one.
+    pub fn caption_loss(&self, logits: &Tensor, labels: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let (b, t, v) = logits.size3()?;
         let shifted = logits
             .f_narrow(1, 0, t - 1)?
@@ -354,7 +358,8 @@ impl BlipForConditionalGeneration {
             None,
             Reduction::Mean,
             -100,
-            self.config.text_config.label_smoothing,
+            cx.label_smoothing
+                .unwrap_or(self.config.text_config.label_smoothing),
         )?)
     }
 

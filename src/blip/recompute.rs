@@ -17,8 +17,9 @@ pub struct Checkpointed<'a> {
     inputs: Vec<Tensor>,
     /// The last layer's output as a leaf: the rest of the model's backward leaves its gradient here.
     last: Tensor,
-    /// The dropout seed of the step (each layer reruns with the draws it had).
-    seed: i64,
+    /// The dropout seed of the step (each layer reruns with the draws it had); without one (no dropout to
+    /// repeat) the layers run under torch's generator as it is.
+    seed: Option<i64>,
     /// Runs layer `i` on its input, with the graph.
     layer: LayerFn<'a>,
 }
@@ -32,14 +33,16 @@ pub fn layer_seed(seed: i64, i: usize) -> i64 {
 impl<'a> Checkpointed<'a> {
     /// Runs `layers` layers (layer `i` is `layer(i, input)`) on the embeddings' output `first` without a
     /// graph, each under its seed, keeping their inputs. The last output is [`Self::output`].
-    pub fn run(first: Tensor, layers: usize, seed: i64, layer: LayerFn<'a>) -> Result<Self> {
+    pub fn run(first: Tensor, layers: usize, seed: Option<i64>, layer: LayerFn<'a>) -> Result<Self> {
         let mut x = first.f_detach()?;
         let mut inputs = Vec::with_capacity(layers);
         {
             let _guard = tch::no_grad_guard();
             for i in 0..layers {
                 inputs.push(x.shallow_clone());
-                tch::manual_seed(layer_seed(seed, i));
+                if let Some(seed) = seed {
+                    tch::manual_seed(layer_seed(seed, i));
+                }
                 x = layer(i, &x)?;
             }
         }
@@ -66,7 +69,9 @@ impl<'a> Checkpointed<'a> {
         }
         for (i, input) in self.inputs.iter().enumerate().rev() {
             let x = input.f_detach()?.f_set_requires_grad(true)?;
-            tch::manual_seed(layer_seed(self.seed, i));
+            if let Some(seed) = self.seed {
+                tch::manual_seed(layer_seed(seed, i));
+            }
             let y = (self.layer)(i, &x)?;
             // d(sum(y·g))/dθ = gᵀ·dy/dθ: one backward accumulates the layer's parameter gradients.
             y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;

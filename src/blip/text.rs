@@ -9,7 +9,9 @@ use crate::config::BlipTextConfig;
 use crate::error::Result;
 use crate::module;
 use crate::nn::attention::{merge_heads, sdpa, split_heads};
-use crate::nn::{in_kind, join, Activation, Dropout, Embedding, Init, LayerNorm, Linear, ParamSource};
+use crate::nn::{
+    in_kind, join, Activation, Dropout, Embedding, ForwardContext, Init, LayerNorm, Linear, ParamSource,
+};
 
 /// Word and position embeddings, layer-normalised (no token types in BLIP).
 #[derive(Debug)]
@@ -58,10 +60,16 @@ impl BlipTextEmbeddings {
 
     /// `positions` is `[T]` (the same for every row) or `[B, T]` (per row, for left-padded prompts).
     /// `kind` is the decoder's compute kind.
-    fn forward(&self, input_ids: &Tensor, positions: &Tensor, kind: Kind, train: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        kind: Kind,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
         let x = in_kind(&self.word_embeddings.forward(input_ids)?, kind)?
             .f_add(&in_kind(&self.position_embeddings.forward(positions)?, kind)?)?;
-        self.dropout.forward(&self.layer_norm.forward(&x)?, train)
+        self.dropout.forward(&self.layer_norm.forward(&x)?, cx.train)
     }
 }
 
@@ -95,10 +103,10 @@ impl BlipTextSelfAttention {
     }
 
     /// Keys and values of `states`, split into heads.
-    pub fn key_value(&self, states: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    pub fn key_value(&self, states: &Tensor, cx: &ForwardContext) -> Result<(Tensor, Tensor)> {
         Ok((
-            split_heads(&self.key.forward_t(states, train)?, self.num_heads)?,
-            split_heads(&self.value.forward_t(states, train)?, self.num_heads)?,
+            split_heads(&self.key.forward_t(states, cx)?, self.num_heads)?,
+            split_heads(&self.value.forward_t(states, cx)?, self.num_heads)?,
         ))
     }
 
@@ -109,10 +117,10 @@ impl BlipTextSelfAttention {
         kv: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         causal: bool,
-        train: bool,
+        cx: &ForwardContext,
     ) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward_t(hidden, train)?, self.num_heads)?;
-        let p = if train { self.dropout.p } else { 0.0 };
+        let q = split_heads(&self.query.forward_t(hidden, cx)?, self.num_heads)?;
+        let p = if cx.train { self.dropout.p } else { 0.0 };
         merge_heads(&sdpa(&q, &kv.0, &kv.1, mask, p, causal)?)
     }
 
@@ -122,15 +130,15 @@ impl BlipTextSelfAttention {
         hidden: &Tensor,
         kv: &ImageKeysValues,
         layout: &CrossLayout,
-        train: bool,
+        cx: &ForwardContext,
     ) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward_t(hidden, train)?, self.num_heads)?; // [R, H, T, D]
+        let q = split_heads(&self.query.forward_t(hidden, cx)?, self.num_heads)?; // [R, H, T, D]
         merge_heads(&kv.attend_rows(&q, layout)?)
     }
 
     /// This cross-attention block's keys/values over the image embeddings `image`, `[images, N, C]`, in the
     /// layout decoding reads fastest (see [`ImageKeysValues`]).
-    fn image_keys_values(&self, image: &Tensor) -> Result<ImageKeysValues> {
+    fn image_keys_values(&self, image: &Tensor, cx: &ForwardContext) -> Result<ImageKeysValues> {
         if ImageKeysValues::features_first_for(image) {
             let (images, n, _) = image.size3()?;
             let h = self.num_heads;
@@ -139,11 +147,11 @@ impl BlipTextSelfAttention {
                 Ok(t.f_view([images, h, d, n])?)
             };
             return Ok(ImageKeysValues::FeaturesFirst {
-                keys: heads(self.key.forward_features_first(image)?)?,
-                values: heads(self.value.forward_features_first(image)?)?,
+                keys: heads(self.key.forward_features_first(image, cx)?)?,
+                values: heads(self.value.forward_features_first(image, cx)?)?,
             });
         }
-        let (keys, values) = self.key_value(image, false)?;
+        let (keys, values) = self.key_value(image, cx)?;
         Ok(ImageKeysValues::Heads {
             keys: keys.f_contiguous()?,
             values: values.f_contiguous()?,
@@ -188,8 +196,8 @@ impl BlipTextResidualOutput {
         })
     }
 
-    fn forward(&self, h: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.dropout.forward(&self.dense.forward_t(h, train)?, train)?;
+    fn forward(&self, h: &Tensor, residual: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        let h = self.dropout.forward(&self.dense.forward_t(h, cx)?, cx.train)?;
         self.layer_norm.forward(&h.f_add(residual)?)
     }
 }
@@ -298,14 +306,14 @@ impl BlipTextLayer {
         image: &Tensor,
         masks: &DecoderMasks,
         cache: Option<(&mut LayerCache, i64, &CrossLayout)>,
-        train: bool,
+        cx: &ForwardContext,
     ) -> Result<Tensor> {
         let attn = &self.attention.self_;
         let mut cache = cache;
         let self_kv = match &mut cache {
             Some((cache, pos, _)) => {
                 // Write this step's keys/values into the preallocated buffers, attend over all filled positions.
-                let (k, v) = attn.key_value(x, train)?;
+                let (k, v) = attn.key_value(x, cx)?;
                 let t = k.size()[2];
                 cache.k.f_narrow(2, *pos, t)?.f_copy_(&k)?;
                 cache.v.f_narrow(2, *pos, t)?.f_copy_(&v)?;
@@ -314,33 +322,33 @@ impl BlipTextLayer {
                     cache.v.f_narrow(2, 0, *pos + t)?,
                 )
             }
-            None => attn.key_value(x, train)?,
+            None => attn.key_value(x, cx)?,
         };
-        let h = attn.attend(x, &self_kv, masks.self_mask, masks.causal, train)?;
-        let mut x = self.attention.output.forward(&h, x, train)?;
+        let h = attn.attend(x, &self_kv, masks.self_mask, masks.causal, cx)?;
+        let mut x = self.attention.output.forward(&h, x, cx)?;
         if let Some(ca) = &self.crossattention {
             let h = match cache {
                 Some((cache, _, layout)) => {
                     let kv = match cache.cross_kv.take() {
                         Some(kv) => kv,
-                        None => ca.self_.image_keys_values(image)?,
+                        None => ca.self_.image_keys_values(image, cx)?,
                     };
-                    let h = ca.self_.attend_shared(&x, &kv, layout, train)?;
+                    let h = ca.self_.attend_shared(&x, &kv, layout, cx)?;
                     cache.cross_kv = Some(kv);
                     h
                 }
                 None => {
-                    let kv = ca.self_.key_value(image, train)?;
-                    ca.self_.attend(&x, &kv, None, false, train)?
+                    let kv = ca.self_.key_value(image, cx)?;
+                    ca.self_.attend(&x, &kv, None, false, cx)?
                 }
             };
-            x = ca.output.forward(&h, &x, train)?;
+            x = ca.output.forward(&h, &x, cx)?;
         }
         let h = self
             .intermediate
             .intermediate_act_fn
-            .forward(&self.intermediate.dense.forward_t(&x, train)?)?;
-        self.output.forward(&h, &x, train)
+            .forward(&self.intermediate.dense.forward_t(&x, cx)?)?;
+        self.output.forward(&h, &x, cx)
     }
 }
 
@@ -404,8 +412,6 @@ pub struct BlipTextLmHeadModel {
     pub bert: BlipTextModel,
     pub cls: BlipTextOnlyMlmHead,
     pub config: BlipTextConfig,
-    /// The kind to compute in when it differs from the weights' (mixed-precision training sets it).
-    pub compute_kind: Option<Kind>,
 }
 
 module!(BlipTextLmHeadModel: "BlipTextLMHeadModel" { children: ["bert" => bert, "cls" => cls] });
@@ -466,32 +472,31 @@ impl BlipTextLmHeadModel {
                 },
             },
             config: c.clone(),
-            compute_kind: None,
         })
     }
 
     /// Decoder hidden states `[B, T, D]` for `input_ids` `[B, T]` attending to `image` `[B, N, Dv]`
-    /// (training and scoring: positions 0..T, no cache). With `seed`, layer `i` runs under
-    /// `layer_seed(seed, i)` (training: the same dropout draws as `hidden_states_checkpointed`).
+    /// (training and scoring: positions 0..T, no cache). Training with a dropout seed, layer `i` runs under
+    /// `layer_seed(seed, i)` (the same dropout draws as `hidden_states_checkpointed`).
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         image: &Tensor,
         masks: &DecoderMasks,
-        train: bool,
-        seed: Option<i64>,
+        cx: &ForwardContext,
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
         let mut x = self
             .bert
             .embeddings
-            .forward(input_ids, &positions, self.kind(), train)?;
+            .forward(input_ids, &positions, self.compute_kind(cx), cx)?;
+        let seed = cx.layer_seed_base();
         for (i, layer) in self.bert.encoder.layer.iter().enumerate() {
             if let Some(seed) = seed {
                 tch::manual_seed(layer_seed(seed, i));
             }
-            x = layer.forward(&x, image, masks, None, train)?;
+            x = layer.forward(&x, image, masks, None, cx)?;
         }
         Ok(x)
     }
@@ -503,19 +508,18 @@ impl BlipTextLmHeadModel {
         input_ids: &Tensor,
         image: &'a Tensor,
         masks: &'a DecoderMasks<'a>,
-        train: bool,
-        seed: i64,
+        cx: &'a ForwardContext,
     ) -> Result<(Tensor, Checkpointed<'a>)> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
         let first = self
             .bert
             .embeddings
-            .forward(input_ids, &positions, self.kind(), train)?;
+            .forward(input_ids, &positions, self.compute_kind(cx), cx)?;
         let layer = Box::new(move |i: usize, x: &Tensor| {
-            self.bert.encoder.layer[i].forward(x, image, masks, None, train)
+            self.bert.encoder.layer[i].forward(x, image, masks, None, cx)
         });
-        let tower = Checkpointed::run(first, self.bert.encoder.layer.len(), seed, layer)?;
+        let tower = Checkpointed::run(first, self.bert.encoder.layer.len(), cx.dropout_seed, layer)?;
         Ok((tower.output(), tower))
     }
 
@@ -528,16 +532,17 @@ impl BlipTextLmHeadModel {
         image: &Tensor,
         masks: &DecoderMasks,
         cache: &mut DecoderCache,
+        cx: &ForwardContext,
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let mut x = self
             .bert
             .embeddings
-            .forward(input_ids, positions, self.kind(), false)?;
+            .forward(input_ids, positions, self.compute_kind(cx), cx)?;
         let pos = cache.len;
         let (layer_caches, layout) = cache.layers_and_layout();
         for (layer, layer_cache) in self.bert.encoder.layer.iter().zip(layer_caches) {
-            x = layer.forward(&x, image, masks, Some((layer_cache, pos, layout)), false)?;
+            x = layer.forward(&x, image, masks, Some((layer_cache, pos, layout)), cx)?;
         }
         cache.len += t;
         Ok(x)
@@ -553,17 +558,20 @@ impl BlipTextLmHeadModel {
     }
 
     /// Vocabulary logits `[B, T, V]` of hidden states.
-    pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn logits(&self, hidden: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let head = &self.cls.predictions;
         let t = &head.transform;
-        let x = t.transform_act_fn.forward(&t.dense.forward_t(hidden, train)?)?;
-        head.decoder.forward_t(&t.layer_norm.forward(&x)?, train)
+        let x = t.transform_act_fn.forward(&t.dense.forward_t(hidden, cx)?)?;
+        head.decoder.forward_t(&t.layer_norm.forward(&x)?, cx)
     }
 
-    /// The kind the decoder computes in.
-    /// The kind the decoder computes in: that of its weights, or the mixed-precision kind while training.
+    /// The kind of the decoder's weights.
     pub fn kind(&self) -> Kind {
-        self.compute_kind
-            .unwrap_or_else(|| self.bert.embeddings.word_embeddings.weight.kind())
+        self.bert.embeddings.word_embeddings.weight.kind()
+    }
+
+    /// The kind the decoder computes in under `cx`: its weights', or the mixed-precision kind while training.
+    pub fn compute_kind(&self, cx: &ForwardContext) -> Kind {
+        cx.kind(self.kind())
     }
 }

@@ -9,7 +9,8 @@ use crate::error::Result;
 use crate::module;
 use crate::nn::attention::{merge_heads, sdpa};
 use crate::nn::{
-    grad_enabled, join, visit_params, Activation, Conv2d, Dropout, Init, LayerNorm, Linear, ParamSource,
+    grad_enabled, join, visit_params, Activation, Conv2d, Dropout, ForwardContext, Init, LayerNorm, Linear,
+    ParamSource,
 };
 
 /// Class token, patch embedding (a strided Conv2d) and learned position embeddings.
@@ -60,11 +61,11 @@ impl BlipVisionEmbeddings {
     }
 
     /// `kind` is the tower's compute kind.
-    fn forward(&self, pixel_values: &Tensor, kind: Kind, train: bool) -> Result<Tensor> {
+    fn forward(&self, pixel_values: &Tensor, kind: Kind, cx: &ForwardContext) -> Result<Tensor> {
         let b = pixel_values.size()[0];
         let patches = self
             .patch_embedding
-            .forward_t(&pixel_values.f_to_kind(kind)?, train)?; // [B, D, g, g]
+            .forward_t(&pixel_values.f_to_kind(kind)?, cx)?; // [B, D, g, g]
         let patches = patches.f_flatten(2, -1)?.f_transpose(1, 2)?; // [B, g*g, D]
         let class = self
             .class_embedding
@@ -102,25 +103,25 @@ impl BlipAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
-        self.attend(x, qkv, train)
+    fn forward(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        let qkv = self.qkv.forward_t(x, cx)?;
+        self.attend(x, qkv, cx)
     }
 
     /// Inference with the query/key/value projection written into a reused buffer.
-    fn forward_into(&self, x: &Tensor, qkv: &mut Tensor) -> Result<Tensor> {
-        let qkv = self.qkv.forward_into(x, qkv)?;
-        self.attend(x, qkv, false)
+    fn forward_into(&self, x: &Tensor, qkv: &mut Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        let qkv = self.qkv.forward_into(x, qkv, cx)?;
+        self.attend(x, qkv, cx)
     }
 
-    fn attend(&self, x: &Tensor, qkv: Tensor, train: bool) -> Result<Tensor> {
+    fn attend(&self, x: &Tensor, qkv: Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let (b, l, d) = x.size3()?;
         let h = self.num_heads;
         let qkv = qkv.f_reshape([b, l, 3, h, d / h])?.f_permute([2, 0, 3, 1, 4])?;
         let (q, k, v) = (qkv.f_select(0, 0)?, qkv.f_select(0, 1)?, qkv.f_select(0, 2)?);
-        let p = if train { self.dropout.p } else { 0.0 };
-        let ctx = sdpa(&q, &k, &v, None, p, false)?;
-        self.projection.forward_t(&merge_heads(&ctx)?, train)
+        let p = if cx.train { self.dropout.p } else { 0.0 };
+        let attended = sdpa(&q, &k, &v, None, p, false)?;
+        self.projection.forward_t(&merge_heads(&attended)?, cx)
     }
 }
 
@@ -146,9 +147,9 @@ impl BlipMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         self.fc2
-            .forward_t(&self.activation.forward(&self.fc1.forward_t(x, train)?)?, train)
+            .forward_t(&self.activation.forward(&self.fc1.forward_t(x, cx)?)?, cx)
     }
 }
 
@@ -198,32 +199,34 @@ impl BlipEncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, train)?
+            .forward(&self.layer_norm1.forward(x)?, cx)?
             .f_add(x)?;
-        Ok(self
-            .mlp
-            .forward(&self.layer_norm2.forward(&h)?, train)?
-            .f_add(&h)?)
+        Ok(self.mlp.forward(&self.layer_norm2.forward(&h)?, cx)?.f_add(&h)?)
     }
 
     /// Inference without a graph: the residual sums and the activation are written in place, sparing three
     /// activation-sized tensors per layer. Each fresh one costs a round of page faults: glibc hands blocks
     /// this large back to the OS when they are freed (~8% of the tower's time at batch 8). `x` must be a
     /// tensor nothing else reads; the result is the same numbers as [`Self::forward`].
-    fn forward_in_place(&self, mut x: Tensor, buffers: &mut InferenceBuffers) -> Result<Tensor> {
+    fn forward_in_place(
+        &self,
+        mut x: Tensor,
+        buffers: &mut InferenceBuffers,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
         let attn = self
             .self_attn
-            .forward_into(&self.layer_norm1.forward(&x)?, &mut buffers.qkv)?;
+            .forward_into(&self.layer_norm1.forward(&x)?, &mut buffers.qkv, cx)?;
         let _ = x.f_add_(&attn)?;
-        let mut hidden = self
-            .mlp
-            .fc1
-            .forward_into(&self.layer_norm2.forward(&x)?, &mut buffers.hidden)?;
+        let mut hidden =
+            self.mlp
+                .fc1
+                .forward_into(&self.layer_norm2.forward(&x)?, &mut buffers.hidden, cx)?;
         self.mlp.activation.forward_in_place(&mut hidden)?;
-        let _ = x.f_add_(&self.mlp.fc2.forward(&hidden)?)?;
+        let _ = x.f_add_(&self.mlp.fc2.forward_t(&hidden, cx)?)?;
         Ok(x)
     }
 }
@@ -243,8 +246,6 @@ pub struct BlipVisionModel {
     pub encoder: BlipEncoder,
     pub post_layernorm: LayerNorm,
     pub config: BlipVisionConfig,
-    /// The kind to compute in when it differs from the weights' (mixed-precision training sets it).
-    pub compute_kind: Option<Kind>,
 }
 
 module!(BlipVisionModel: "BlipVisionModel" {
@@ -269,23 +270,23 @@ impl BlipVisionModel {
             encoder,
             post_layernorm,
             config: c.clone(),
-            compute_kind: None,
         })
     }
 
-    /// `[B, C, H, W]` pixels to `[B, 1 + patches, D]` image embeddings. With `seed`, layer `i` runs under
-    /// `layer_seed(seed, i)` (training: the same dropout draws as `forward_checkpointed`).
-    pub fn forward(&self, pixel_values: &Tensor, train: bool, seed: Option<i64>) -> Result<Tensor> {
-        let mut x = self.embeddings.forward(pixel_values, self.kind(), train)?;
+    /// `[B, C, H, W]` pixels to `[B, 1 + patches, D]` image embeddings. Training with a dropout seed, layer
+    /// `i` runs under `layer_seed(seed, i)` (the same dropout draws as `forward_checkpointed`).
+    pub fn forward(&self, pixel_values: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(pixel_values, self.compute_kind(cx), cx)?;
         let mut buffers = InferenceBuffers::new(&x)?;
+        let seed = cx.layer_seed_base();
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             if let Some(seed) = seed {
                 tch::manual_seed(layer_seed(seed, i));
             }
-            x = if train || grad_enabled() {
-                layer.forward(&x, train)?
+            x = if cx.train || grad_enabled() {
+                layer.forward(&x, cx)?
             } else {
-                layer.forward_in_place(x, &mut buffers)? // the embeddings' output and each layer's are ours alone
+                layer.forward_in_place(x, &mut buffers, cx)? // the embeddings' output and each layer's are ours alone
             };
         }
         self.post_layernorm.forward(&x)
@@ -294,15 +295,14 @@ impl BlipVisionModel {
     /// Forward for gradient checkpointing: the encoder layers run without a graph, keeping only their
     /// inputs; [`Checkpointed::backward`] recomputes each layer to take its gradient. The embeddings and
     /// `post_layernorm` keep their graph.
-    pub fn forward_checkpointed(
-        &self,
+    pub fn forward_checkpointed<'a>(
+        &'a self,
         pixel_values: &Tensor,
-        train: bool,
-        seed: i64,
-    ) -> Result<(Tensor, Checkpointed<'_>)> {
-        let first = self.embeddings.forward(pixel_values, self.kind(), train)?;
-        let layer = Box::new(move |i: usize, x: &Tensor| self.encoder.layers[i].forward(x, train));
-        let tower = Checkpointed::run(first, self.encoder.layers.len(), seed, layer)?;
+        cx: &'a ForwardContext,
+    ) -> Result<(Tensor, Checkpointed<'a>)> {
+        let first = self.embeddings.forward(pixel_values, self.compute_kind(cx), cx)?;
+        let layer = Box::new(move |i: usize, x: &Tensor| self.encoder.layers[i].forward(x, cx));
+        let tower = Checkpointed::run(first, self.encoder.layers.len(), cx.dropout_seed, layer)?;
         let out = self.post_layernorm.forward(&tower.output())?;
         Ok((out, tower))
     }
@@ -314,9 +314,13 @@ impl BlipVisionModel {
         any
     }
 
-    /// The kind the tower computes in: that of its weights, or the mixed-precision kind while training.
+    /// The kind of the tower's weights.
     pub fn kind(&self) -> Kind {
-        self.compute_kind
-            .unwrap_or_else(|| self.embeddings.patch_embedding.weight.kind())
+        self.embeddings.patch_embedding.weight.kind()
+    }
+
+    /// The kind the tower computes in under `cx`: its weights', or the mixed-precision kind while training.
+    pub fn compute_kind(&self, cx: &ForwardContext) -> Kind {
+        cx.kind(self.kind())
     }
 }

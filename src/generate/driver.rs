@@ -10,6 +10,10 @@ use crate::blip::text::DecoderMasks;
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::Result;
 use crate::nn::attention::finfo_min;
+use crate::nn::ForwardContext;
+
+/// Every decoding step runs as inference, with the decoding kernel for its few rows.
+const DECODING: ForwardContext = ForwardContext::DECODING;
 
 /// Everything one decoding run shares: the image keys/values, the cache, positions and the padding mask.
 pub(super) struct Decoder<'a> {
@@ -65,7 +69,7 @@ impl<'a> Decoder<'a> {
         };
         let hidden = model
             .text_decoder
-            .decode_step(&ids, &positions, &image, &masks, &mut cache)?;
+            .decode_step(&ids, &positions, &image, &masks, &mut cache, &DECODING)?;
         // The last real token of each row predicts its next token.
         let last = match hidden_idx {
             Some(idx) => hidden.f_gather(
@@ -78,7 +82,7 @@ impl<'a> Decoder<'a> {
         };
         let logits = model
             .text_decoder
-            .logits(&last, false)?
+            .logits(&last, &DECODING)?
             .f_squeeze_dim(1)?
             .f_to_kind(Kind::Float)?;
         let next_pos = lengths_t;
@@ -127,12 +131,13 @@ impl<'a> Decoder<'a> {
             &self.image,
             &masks,
             &mut self.cache,
+            &DECODING,
         )?;
         self.next_pos = self.next_pos.f_add_scalar(1)?;
         Ok(self
             .model
             .text_decoder
-            .logits(&hidden, false)?
+            .logits(&hidden, &DECODING)?
             .f_squeeze_dim(1)?
             .f_to_kind(Kind::Float)?)
     }

@@ -9,6 +9,7 @@ use super::logits::Processors;
 use super::prompt::{prompts, Prompts};
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
+use crate::nn::ForwardContext;
 
 /// One `generate` call, ready to decode.
 pub(super) struct Job<'a> {
@@ -59,7 +60,8 @@ impl<'a> Job<'a> {
         if let Some(seed) = config.seed {
             tch::manual_seed(seed);
         }
-        let image = model.encode_images(&pixel_values)?;
+        // Generation runs as inference (no dropout, whatever mode the model is in), with the decoding kernel.
+        let image = model.encode_images(&pixel_values, &ForwardContext::DECODING)?;
         Ok(Self {
             model,
             config,

@@ -51,7 +51,6 @@ pub fn generate_with_stats(
     config: &GenerationConfig,
 ) -> Result<(Tensor, GenerationStats)> {
     let _guard = tch::no_grad_guard();
-    let _kernels = crate::nn::few_rows::Enabled::new(); // decoding steps of a few rows: see few_rows.rs
     let job = job::Job::prepare(model, pixel_values, input_ids, attention_mask, config)?;
     let mut stats = GenerationStats::default();
     if !job.has_room() {

@@ -7,8 +7,9 @@
 //! streaming time for the other decoder layers). This kernel reads each weight row once, multiplies it with
 //! all rows of `x` (which stay in L1), and splits the output columns over libtorch's OpenMP threads.
 //!
-//! Used only while generating (inside [`Enabled`]) and without an autograd graph, for float32 CPU tensors;
-//! any other case, and CPUs without AVX2, take torch's `linear`. Summation order differs from MKL's, so
+//! Used only while generating (a [`ForwardContext`](super::ForwardContext) with `decoding_kernel`, which
+//! `generate` passes down) and without an autograd graph, for float32 CPU tensors; any other case, and CPUs
+//! without AVX2, take torch's `linear`. Summation order differs from MKL's, so
 //! results agree with torch's to float32 rounding, not bit for bit: that is why the kernel is opt-in. A
 //! checkpointed training step, for one, runs its layers without a graph and must get the very numbers its
 //! recomputation with torch will get.
@@ -24,35 +25,6 @@ use crate::error::Result;
 /// The most rows handled here; beyond that MKL's blocked GEMM is the better tool (weights are then reused
 /// enough times for its packing to pay off).
 pub const MAX_ROWS: i64 = 32;
-
-thread_local! {
-    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// While alive, dense layers called on this thread may use the kernel (generation holds one).
-pub struct Enabled {
-    was: bool,
-}
-
-impl Enabled {
-    pub fn new() -> Self {
-        Self {
-            was: ENABLED.with(|e| e.replace(true)),
-        }
-    }
-}
-
-impl Default for Enabled {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for Enabled {
-    fn drop(&mut self) {
-        ENABLED.with(|e| e.set(self.was));
-    }
-}
 
 /// The instruction set the kernel is compiled for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,12 +74,10 @@ fn kernel_available() -> bool {
     best_isa().is_some()
 }
 
-/// Whether [`linear`] would run the kernel for these tensors: inside [`Enabled`], float32 on the CPU, a
-/// contiguous `[out, in]` weight, at most [`MAX_ROWS`] rows, and no gradient to record.
+/// Whether [`linear`] would run the kernel for these tensors: float32 on the CPU, a contiguous `[out, in]`
+/// weight, at most [`MAX_ROWS`] rows, and no gradient to record. (Whether to ask is the caller's: see the
+/// module's comment.)
 pub fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
-    if !ENABLED.with(std::cell::Cell::get) {
-        return false;
-    }
     let float_cpu = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
     let size = x.size();
     let Some(&k) = size.last() else { return false };
@@ -419,7 +389,6 @@ mod tests {
         let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
         let b = bias.then(|| Tensor::randn([n], (Kind::Float, Device::Cpu)));
         let _guard = tch::no_grad_guard();
-        let _enabled = Enabled::new();
         let expected = x.linear(&w, b.as_ref());
         assert_eq!(applies(&x, &w, b.as_ref()), kernel_available());
         // Every instruction set this CPU has, not only the one `linear` picks.
@@ -459,11 +428,6 @@ mod tests {
     fn leaves_graphs_large_batches_and_other_kinds_to_torch() {
         let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
         let w = Tensor::randn([8, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        {
-            let _guard = tch::no_grad_guard();
-            assert!(!applies(&x, &w, None), "outside generation (no `Enabled`)");
-        }
-        let _enabled = Enabled::new();
         assert!(
             !applies(&x, &w, None),
             "a weight that needs its gradient, with grad mode on"
@@ -494,7 +458,6 @@ mod speed {
     #[ignore = "a measurement, not a check"]
     fn few_rows_speed() {
         let _guard = tch::no_grad_guard();
-        let _enabled = Enabled::new();
         let shapes = [(768, 768, 72), (768, 3072, 24), (3072, 768, 24), (768, 30524, 4)];
         for rows in [1i64, 8, 24] {
             for (k, n, copies) in shapes {

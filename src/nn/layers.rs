@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::adapter::Adapter;
+use super::context::ForwardContext;
 use super::few_rows;
 use super::module::{AdaptableLayer, Module};
 use super::params::{join, Init, ParamSource};
@@ -23,6 +24,19 @@ pub fn in_kind(t: &Tensor, kind: Kind) -> Result<Tensor> {
 
 fn in_kind_opt(t: Option<&Tensor>, kind: Kind) -> Result<Option<Tensor>> {
     t.map(|t| in_kind(t, kind)).transpose()
+}
+
+/// A layer's `weight` of `shape` (initialised N(0, `init_std`)) and its `bias` (zeros, one per output).
+fn weight_and_bias(
+    src: &mut dyn ParamSource,
+    path: &str,
+    shape: &[i64],
+    init_std: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let kind = src.kind();
+    let weight = src.param(&join(path, "weight"), shape, Init::Normal(init_std), kind)?;
+    let bias = src.param(&join(path, "bias"), &shape[..1], Init::Zeros, kind)?;
+    Ok((weight, Some(bias)))
 }
 
 /// A dense layer `y = x Wᵀ + b`, with `weight` of shape `[out, in]` (torch's layout). This is the
@@ -47,14 +61,7 @@ impl Linear {
         out_features: i64,
         init_std: f64,
     ) -> Result<Self> {
-        let kind = src.kind();
-        let weight = src.param(
-            &join(path, "weight"),
-            &[out_features, in_features],
-            Init::Normal(init_std),
-            kind,
-        )?;
-        let bias = Some(src.param(&join(path, "bias"), &[out_features], Init::Zeros, kind)?);
+        let (weight, bias) = weight_and_bias(src, path, &[out_features, in_features], init_std)?;
         Ok(Self {
             weight,
             bias,
@@ -78,14 +85,19 @@ impl Linear {
         }
     }
 
+    /// Inference forward (torch's kernels, no dropout).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, false)
+        self.forward_t(x, &ForwardContext::INFERENCE)
     }
 
-    /// Forward with LoRA dropout active when `train`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Forward under `cx`: the adapter's dropout when training, the decoding kernel when asked for.
+    pub fn forward_t(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let kind = x.kind();
-        let y = match few_rows::linear(x, &self.weight, self.bias.as_ref())? {
+        let kernel = match cx.decoding_kernel {
+            true => few_rows::linear(x, &self.weight, self.bias.as_ref())?,
+            false => None,
+        };
+        let y = match kernel {
             Some(y) => y,
             None => x.f_linear(
                 &in_kind(&self.weight, kind)?,
@@ -93,7 +105,7 @@ impl Linear {
             )?,
         };
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx.train),
             None => Ok(y),
         }
     }
@@ -101,14 +113,14 @@ impl Linear {
     /// Inference into a reused buffer: `x Wᵀ + b` written over `out` (which must not need a graph) when the
     /// layer has no adapter and its weights are `x`'s kind; anything else gets a fresh [`Self::forward`].
     /// `out` is resized as needed, so one buffer serves every layer of a tower.
-    pub fn forward_into(&self, x: &Tensor, out: &mut Tensor) -> Result<Tensor> {
+    pub fn forward_into(&self, x: &Tensor, out: &mut Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let plain = self.lora.is_none()
             && self.weight.kind() == x.kind()
             && self.bias.as_ref().is_none_or(|b| b.kind() == x.kind())
             && out.kind() == x.kind()
             && out.device() == x.device();
         let (Some(bias), true) = (&self.bias, plain) else {
-            return self.forward(x);
+            return self.forward_t(x, cx);
         };
         let size = x.size();
         let rows: i64 = size[..size.len() - 1].iter().product();
@@ -123,13 +135,13 @@ impl Linear {
     /// `x Wᵀ + b` for `x` of shape `[B, N, in]`, returned features-first, `[B, out, N]` and contiguous. Without
     /// adapters one batched GEMM (`W · xᵀ` per entry) writes that layout directly, with no transposing copy;
     /// with them (or mixed kinds) it is [`Self::forward`]'s result transposed.
-    pub fn forward_features_first(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward_features_first(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let kind = x.kind();
         let plain = self.lora.is_none()
             && self.weight.kind() == kind
             && self.bias.as_ref().is_none_or(|b| b.kind() == kind);
         if !plain {
-            return Ok(self.forward(x)?.f_transpose(1, 2)?.f_contiguous()?);
+            return Ok(self.forward_t(x, cx)?.f_transpose(1, 2)?.f_contiguous()?);
         }
         let (b, _, _) = x.size3()?;
         let weight = self
@@ -180,14 +192,8 @@ impl Conv2d {
         stride: i64,
         init_std: f64,
     ) -> Result<Self> {
-        let kind = src.kind();
-        let weight = src.param(
-            &join(path, "weight"),
-            &[out_channels, in_channels, kernel, kernel],
-            Init::Normal(init_std),
-            kind,
-        )?;
-        let bias = Some(src.param(&join(path, "bias"), &[out_channels], Init::Zeros, kind)?);
+        let shape = [out_channels, in_channels, kernel, kernel];
+        let (weight, bias) = weight_and_bias(src, path, &shape, init_std)?;
         Ok(Self {
             weight,
             bias,
@@ -199,8 +205,8 @@ impl Conv2d {
         })
     }
 
-    /// Forward with LoRA dropout active when `train`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Forward with the adapter's dropout active when `cx` trains.
+    pub fn forward_t(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let stride = [self.stride, self.stride];
         let kind = x.kind();
         let y = x.f_conv2d(
@@ -212,7 +218,7 @@ impl Conv2d {
             1,
         )?;
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx.train),
             None => Ok(y),
         }
     }
@@ -375,68 +381,48 @@ fn wrapped_repr(base: ReprNode, adapter: Option<&dyn Adapter>, base_in: i64, bas
     }
 }
 
-/// transformers' names (`weight`, `bias`), or peft's with adapters (`base_layer.weight`, `lora_A.<name>.weight`).
-impl Module for Linear {
-    fn type_name(&self) -> &str {
-        "Linear"
-    }
+/// The `Module` of a layer adapters can wrap: transformers' names (`weight`, `bias`), or peft's with adapters
+/// (`base_layer.weight`, `lora_A.<name>.weight`); `$owned` says whether the weights are the layer's own.
+macro_rules! wrappable_module {
+    ($ty:ident, owned: |$layer:ident| $owned:expr, sizes: ($in:ident, $out:ident)) => {
+        impl Module for $ty {
+            fn type_name(&self) -> &str {
+                stringify!($ty)
+            }
 
-    fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        visit_wrapped(
-            &self.weight,
-            self.bias.as_ref(),
-            !self.tied,
-            self.lora.as_deref(),
-            f,
-        );
-    }
+            fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+                let $layer = self;
+                visit_wrapped(
+                    &self.weight,
+                    self.bias.as_ref(),
+                    $owned,
+                    self.lora.as_deref(),
+                    f,
+                );
+            }
 
-    fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        let adapter = self.lora.as_deref_mut();
-        visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), !self.tied, adapter, f);
-    }
+            fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+                let owned = {
+                    let $layer = &*self;
+                    $owned
+                };
+                let adapter = self.lora.as_deref_mut();
+                visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), owned, adapter, f);
+            }
 
-    fn repr(&self) -> ReprNode {
-        wrapped_repr(
-            self.base_repr(),
-            self.lora.as_deref(),
-            self.in_features,
-            self.out_features,
-        )
-    }
+            fn repr(&self) -> ReprNode {
+                wrapped_repr(self.base_repr(), self.lora.as_deref(), self.$in, self.$out)
+            }
 
-    fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
-        Some(AdaptableLayer::Linear(self))
-    }
+            fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
+                Some(AdaptableLayer::$ty(self))
+            }
+        }
+    };
 }
 
-impl Module for Conv2d {
-    fn type_name(&self) -> &str {
-        "Conv2d"
-    }
-
-    fn own_params(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        visit_wrapped(&self.weight, self.bias.as_ref(), true, self.lora.as_deref(), f);
-    }
-
-    fn own_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        let adapter = self.lora.as_deref_mut();
-        visit_wrapped_mut(&mut self.weight, self.bias.as_mut(), true, adapter, f);
-    }
-
-    fn repr(&self) -> ReprNode {
-        wrapped_repr(
-            self.base_repr(),
-            self.lora.as_deref(),
-            self.in_channels,
-            self.out_channels,
-        )
-    }
-
-    fn adaptable(&mut self) -> Option<AdaptableLayer<'_>> {
-        Some(AdaptableLayer::Conv2d(self))
-    }
-}
+wrappable_module!(Linear, owned: |layer| !layer.tied, sizes: (in_features, out_features));
+wrappable_module!(Conv2d, owned: |_layer| true, sizes: (in_channels, out_channels));
 
 crate::module!(LayerNorm: "LayerNorm" {
     params: ["weight" => weight, "bias" => bias],

@@ -4,6 +4,7 @@
 mod activation;
 pub mod adapter;
 pub mod attention;
+mod context;
 pub mod few_rows;
 mod layers;
 pub mod module;
@@ -12,6 +13,7 @@ pub mod saved;
 
 pub use activation::Activation;
 pub use adapter::Adapter;
+pub use context::ForwardContext;
 pub use layers::{in_kind, Conv2d, Dropout, Embedding, LayerNorm, Linear};
 pub use module::{visit_adaptable, visit_params, visit_params_mut, AdaptableLayer, LayerVisitor, Module};
 pub use params::{join, Init, ParamSource, ParamVisitor, ParamVisitorMut, RandomInit};

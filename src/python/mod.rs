@@ -3,6 +3,7 @@
 
 mod errors;
 mod json;
+mod metrics;
 mod model;
 mod processor;
 mod tensor;
@@ -25,6 +26,8 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
     m.add_function(wrap_pyfunction!(train::set_flush_denormals, m)?)?;
     m.add_class::<train::PyImageCaptionData>()?;
+    m.add_function(wrap_pyfunction!(metrics::caption_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::ptb_tokenize, m)?)?;
     errors::register(m)?;
     Ok(())
 }

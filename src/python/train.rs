@@ -155,7 +155,7 @@ impl PyImageCaptionData {
     #[new]
     #[pyo3(signature = (
         image_processor, images, captions, bos_token_id, pad_token_id, max_length=None, skip_bad=false,
-        num_workers=None
+        num_workers=None, prompt_tokens=0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -167,13 +167,14 @@ impl PyImageCaptionData {
         max_length: Option<usize>,
         skip_bad: bool,
         num_workers: Option<usize>,
+        prompt_tokens: usize,
     ) -> PyResult<Self> {
         let sources = images
             .iter()
             .enumerate()
             .map(|(i, obj)| super::processor::to_source(i, &obj))
             .collect::<PyResult<Vec<_>>>()?;
-        let source = ImageCaptionSource::new(
+        let mut source = ImageCaptionSource::new(
             image_processor.config().clone(),
             sources,
             captions,
@@ -183,6 +184,7 @@ impl PyImageCaptionData {
             skip_bad,
         )
         .py()?;
+        source.prompt_tokens = prompt_tokens;
         let source = match num_workers {
             Some(n) => source.with_workers(n).py()?,
             None => source,
@@ -325,18 +327,26 @@ pub fn train_native<'py>(
     Ok(d)
 }
 
-/// Collates tokenised captions the way training does: `(input_ids, attention_mask, labels)` tensors.
+/// Collates tokenised captions the way training does: `(input_ids, attention_mask, labels)` tensors (the
+/// first `prompt_tokens` tokens after BOS left out of the labels).
 #[pyfunction]
-#[pyo3(signature = (captions, bos_token_id, pad_token_id, max_length=None))]
+#[pyo3(signature = (captions, bos_token_id, pad_token_id, max_length=None, prompt_tokens=0))]
 pub fn collate_captions<'py>(
     py: Python<'py>,
     captions: Vec<Vec<i64>>,
     bos_token_id: i64,
     pad_token_id: i64,
     max_length: Option<usize>,
+    prompt_tokens: usize,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let (ids, mask, labels) =
-        crate::data::collate_captions(&captions, bos_token_id, pad_token_id, max_length).py()?;
+    let (ids, mask, labels) = crate::data::collate_prompted_captions(
+        &captions,
+        bos_token_id,
+        pad_token_id,
+        max_length,
+        prompt_tokens,
+    )
+    .py()?;
     Ok((
         tensor::to_py(py, &ids)?,
         tensor::to_py(py, &mask)?,

@@ -6,48 +6,61 @@
 use tch::Tensor;
 
 use crate::blip::text::DecoderMasks;
-use crate::blip::{BlipForConditionalGeneration, TEXT_SEED_OFFSET};
+use crate::blip::{text_context, BlipForConditionalGeneration};
 use crate::error::Result;
 use crate::nn::attention::causal_padding_mask;
+use crate::nn::ForwardContext;
+
+/// Which towers hold trained weights: a tower without any runs once without a graph (nothing to recompute).
+#[derive(Clone, Copy, Debug)]
+pub struct TrainedTowers {
+    pub vision: bool,
+}
+
+impl TrainedTowers {
+    /// Read once per run: which parameters train does not change between steps.
+    pub fn of(model: &BlipForConditionalGeneration) -> Self {
+        Self {
+            vision: model.vision_model.has_trainable(),
+        }
+    }
+}
 
 /// The training loss with gradient checkpointing, backward included: the gradients of
 /// `loss · multiplier` are accumulated into the parameters, while only each transformer layer's input
 /// is kept from the forward pass (the layers are recomputed one at a time during the backward).
-/// `seed` fixes the dropout draws so the recomputation repeats them. Returns the loss, detached.
+/// `cx` carries the step's dropout seed, so the recomputation repeats its draws. Returns the loss, detached.
+#[allow(clippy::too_many_arguments)]
 pub fn loss_backward(
     model: &BlipForConditionalGeneration,
+    towers: TrainedTowers,
     pixel_values: &Tensor,
     ids: &Tensor,
     mask: &Tensor,
     labels: &Tensor,
     multiplier: &Tensor,
-    seed: i64,
+    cx: &ForwardContext,
 ) -> Result<Tensor> {
-    let train = model.training;
-    let vision_trains = model.vision_model.has_trainable();
-    let (image, vision) = if vision_trains {
-        let (image, tower) = model
-            .vision_model
-            .forward_checkpointed(pixel_values, train, seed)?;
+    let (image, vision) = if towers.vision {
+        let (image, tower) = model.vision_model.forward_checkpointed(pixel_values, cx)?;
         (image, Some(tower))
     } else {
         let _guard = tch::no_grad_guard();
-        (model.vision_model.forward(pixel_values, train, Some(seed))?, None)
+        (model.vision_model.forward(pixel_values, cx)?, None)
     };
     // The decoder's layers read the image through a leaf that gathers their gradients for the vision tower.
-    let image_leaf = image.f_detach()?.f_set_requires_grad(vision_trains)?;
-    let additive = causal_padding_mask(mask, ids.size()[1], model.text_decoder.kind())?;
+    let image_leaf = image.f_detach()?.f_set_requires_grad(towers.vision)?;
+    let additive = causal_padding_mask(mask, ids.size()[1], model.text_decoder.compute_kind(cx))?;
     let masks = DecoderMasks {
         self_mask: Some(&additive),
         causal: false,
     };
-    let text_seed = seed.wrapping_add(TEXT_SEED_OFFSET);
-    let (hidden, text) =
-        model
-            .text_decoder
-            .hidden_states_checkpointed(ids, &image_leaf, &masks, train, text_seed)?;
-    let logits = model.text_decoder.logits(&hidden, train)?;
-    let loss = model.caption_loss(&logits, labels)?;
+    let text_cx = text_context(cx);
+    let (hidden, text) = model
+        .text_decoder
+        .hidden_states_checkpointed(ids, &image_leaf, &masks, &text_cx)?;
+    let logits = model.text_decoder.logits(&hidden, &text_cx)?;
+    let loss = model.caption_loss(&logits, labels, cx)?;
     loss.f_mul(multiplier)?.f_backward()?;
     text.backward()?;
     if let Some(tower) = vision {

@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{self, TrainerState, WeightsFormat};
+use super::checkpointed_step::TrainedTowers;
 use super::optim::{clip_grad_norm, AdamW, LossScaler, Schedule};
 use crate::blip::BlipForConditionalGeneration;
 use crate::data::{Batch, BatchSource};
 use crate::error::{Error, Result};
+use crate::nn::ForwardContext;
 
 /// Numeric precision of the frozen base during training (`mixed_precision`). Trainable weights always stay
 /// float32.
@@ -80,6 +82,9 @@ pub struct TrainConfig {
     pub warmup_ratio: f64,
     pub gradient_accumulation_steps: i64,
     pub max_grad_norm: f64,
+    /// Label smoothing of the caption loss for this run (torch's `label_smoothing`; LAVIS trains BLIP with
+    /// 0.1). None: the checkpoint's `text_config.label_smoothing`, as transformers' loss reads it.
+    pub label_smoothing: Option<f64>,
     #[serde(rename = "mixed_precision", deserialize_with = "by_name::precision")]
     pub precision: Precision,
     /// Keep only each transformer layer's input from the forward pass and recompute the layers during the
@@ -117,6 +122,7 @@ impl Default for TrainConfig {
             warmup_ratio: 0.0,
             gradient_accumulation_steps: 1,
             max_grad_norm: 1.0,
+            label_smoothing: None,
             precision: Precision::Float32,
             gradient_checkpointing: false,
             shuffle: true,
@@ -216,6 +222,13 @@ impl TrainConfig {
         for (name, v) in [("save_steps", self.save_steps), ("eval_steps", self.eval_steps)] {
             if v.is_some_and(|v| v < 1) {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if let Some(ls) = self.label_smoothing {
+            if !(0.0..=1.0).contains(&ls) {
+                return Err(Error::invalid(format!(
+                    "label_smoothing must be in [0, 1], got {ls}"
+                )));
             }
         }
         if self.save_total_limit == Some(0) {
@@ -496,14 +509,10 @@ impl PrecisionGuard {
             target.f_set_data(&t.f_to_kind(kind)?)?;
             originals.push((t, original));
         }
-        model.vision_model.compute_kind = Some(kind);
-        model.text_decoder.compute_kind = Some(kind);
         Ok(Self { originals })
     }
 
-    fn restore(self, model: &mut BlipForConditionalGeneration) -> Result<()> {
-        model.vision_model.compute_kind = None;
-        model.text_decoder.compute_kind = None;
+    fn restore(self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for (t, original) in self.originals {
             let mut target = t.shallow_clone();
@@ -574,8 +583,7 @@ impl Trainer {
             state.total_steps = plan.total_steps;
         }
         let guard = PrecisionGuard::lower(model, precision.kind())?;
-        let was_training = model.training;
-        model.training = true;
+        let towers = TrainedTowers::of(model);
         let flush = super::denormals::FlushDenormals::enable();
         let mut run = TrainingRun {
             model,
@@ -589,6 +597,8 @@ impl Trainer {
             plan,
             optimizer,
             scaler,
+            compute_kind: precision.kind(),
+            towers,
             state,
             pending: Vec::new(),
             last_checkpoint: None,
@@ -597,16 +607,13 @@ impl Trainer {
         };
         let result = run.train(train);
         let TrainingRun {
-            model,
             mut optimizer,
             state,
             last_checkpoint,
             ..
         } = run;
         drop(flush);
-        model.training = was_training;
-        model.dropout_seed = None;
-        guard.restore(model)?;
+        guard.restore()?;
         let _ = optimizer.zero_grad();
         let interrupted = result?;
         Ok(TrainOutcome {
@@ -633,6 +640,10 @@ struct TrainingRun<'a> {
     plan: Plan,
     optimizer: AdamW,
     scaler: Option<LossScaler>,
+    /// The kind activations are computed in under mixed precision (`None`: the weights' own).
+    compute_kind: Option<Kind>,
+    /// Which towers train (for the checkpointed step), read once.
+    towers: TrainedTowers,
     state: TrainerState,
     /// Per-step values stay on the device until a logging step reads them all at once.
     pending: Vec<PendingStep>,
@@ -670,7 +681,7 @@ impl TrainingRun<'_> {
     /// Forward and backward over the micro-batches of optimizer step `step`, the gradients accumulating.
     /// Returns the step's mean loss (on the device) and its number of samples.
     fn forward_backward(&mut self, step: i64, micro: Vec<Result<Batch>>) -> Result<(Tensor, usize)> {
-        let (model, config, device) = (&mut *self.model, self.config, self.device);
+        let (model, config, device) = (&*self.model, self.config, self.device);
         let group = micro.len() as f64;
         let mut step_loss = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut step_samples = 0;
@@ -683,7 +694,10 @@ impl TrainingRun<'_> {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(step * 64 + m as i64);
             tch::manual_seed(dropout_seed);
-            model.dropout_seed = Some(dropout_seed);
+            let cx = ForwardContext {
+                label_smoothing: config.label_smoothing,
+                ..ForwardContext::training(dropout_seed, self.compute_kind)
+            };
             let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
             let ids = batch.input_ids.f_to_device(device)?;
             let mask = batch.attention_mask.f_to_device(device)?;
@@ -696,16 +710,17 @@ impl TrainingRun<'_> {
             let loss = if config.gradient_checkpointing {
                 super::checkpointed_step::loss_backward(
                     model,
+                    self.towers,
                     &pixel_values,
                     &ids,
                     &mask,
                     &labels,
                     &multiplier,
-                    dropout_seed,
+                    &cx,
                 )?
             } else {
-                let image = model.encode_images(&pixel_values)?;
-                let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels))?;
+                let image = model.encode_images(&pixel_values, &cx)?;
+                let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels), &cx)?;
                 let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
                 loss.f_mul(&multiplier)?.f_backward()?;
                 loss
@@ -840,11 +855,17 @@ impl TrainingRun<'_> {
         let Some(source) = &self.eval else {
             return Ok(Control::Continue);
         };
+        let cx = ForwardContext {
+            compute_kind: self.compute_kind,
+            label_smoothing: self.config.label_smoothing,
+            ..ForwardContext::INFERENCE
+        };
         let loss = evaluate_sharded(
             self.model,
             source.as_ref(),
             self.config,
             self.collective.as_deref_mut(),
+            &cx,
         )?;
         let step = self.state.global_step;
         self.state.eval_history.push((step, loss));
@@ -986,14 +1007,15 @@ fn evaluate_sharded(
     source: &dyn BatchSource,
     config: &TrainConfig,
     collective: Option<&mut (dyn Collective + '_)>,
+    cx: &ForwardContext,
 ) -> Result<f64> {
     let Some(c) = collective else {
-        return evaluate(model, source, config.batch_size);
+        return evaluate(model, source, config.batch_size, cx);
     };
     let shard: Vec<usize> = (config.rank..source.len())
         .step_by(config.world_size.max(1))
         .collect();
-    let (sum, count) = evaluate_indices(model, source, &shard, config.batch_size)?;
+    let (sum, count) = evaluate_indices(model, source, &shard, config.batch_size, cx)?;
     let totals = Tensor::f_from_slice(&[sum, count as f64])?;
     c.all_reduce_mean(&totals)?;
     let totals = Vec::<f64>::try_from(totals)?;
@@ -1003,14 +1025,15 @@ fn evaluate_sharded(
     Ok(totals[0] / totals[1])
 }
 
-/// Mean loss over an evaluation source, without gradients or dropout.
+/// Mean loss over an evaluation source, without gradients, under `cx` (no dropout: an inference context).
 pub fn evaluate(
-    model: &mut BlipForConditionalGeneration,
+    model: &BlipForConditionalGeneration,
     source: &dyn BatchSource,
     batch_size: usize,
+    cx: &ForwardContext,
 ) -> Result<f64> {
     let all: Vec<usize> = (0..source.len()).collect();
-    let (sum, batches) = evaluate_indices(model, source, &all, batch_size)?;
+    let (sum, batches) = evaluate_indices(model, source, &all, batch_size, cx)?;
     if batches == 0 {
         return Err(Error::invalid("the evaluation dataset is empty"));
     }
@@ -1019,14 +1042,13 @@ pub fn evaluate(
 
 /// The sum of per-batch mean losses over `indices`, and the number of batches.
 fn evaluate_indices(
-    model: &mut BlipForConditionalGeneration,
+    model: &BlipForConditionalGeneration,
     source: &dyn BatchSource,
     indices: &[usize],
     batch_size: usize,
+    cx: &ForwardContext,
 ) -> Result<(f64, usize)> {
     let _guard = tch::no_grad_guard();
-    let was = model.training;
-    model.training = false;
     let device = model.device();
     let mut total = Tensor::f_zeros([], (Kind::Double, device))?;
     let mut batches = 0;
@@ -1034,12 +1056,13 @@ fn evaluate_indices(
         for idx in indices.chunks(batch_size.max(1)) {
             let b = source.batch(idx)?;
             let pv = model.check_pixel_values(&b.pixel_values)?;
-            let image = model.encode_images(&pv)?;
+            let image = model.encode_images(&pv, cx)?;
             let (_, loss) = model.decode_with_loss(
                 &b.input_ids.f_to_device(device)?,
                 Some(&b.attention_mask.f_to_device(device)?),
                 &image,
                 Some(&b.labels.f_to_device(device)?),
+                cx,
             )?;
             if let Some(l) = loss {
                 total = total.f_add(&l.f_to_kind(Kind::Double)?)?;
@@ -1048,7 +1071,6 @@ fn evaluate_indices(
         }
         Ok(())
     })();
-    model.training = was;
     result?;
     Ok((f64::try_from(total)?, batches))
 }

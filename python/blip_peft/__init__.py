@@ -35,7 +35,9 @@ from blip_peft.modeling import (
     AutoModelForVision2Seq,
     BlipForConditionalGeneration,
     BlipForConditionalGenerationModelOutput,
+    ModelOutput,
 )
+from blip_peft.generation import GenerationConfig
 
 __version__: str = _blip_peft.__version__
 
@@ -48,6 +50,8 @@ __all__ = [
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
+    "GenerationConfig",
+    "ModelOutput",
     "BlipImageProcessor",
     "BlipPeftError",
     "ImageCaptionDataset",

@@ -300,13 +300,16 @@ class BlipForConditionalGeneration(torch.nn.Module):
         if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
             # A plain torch loop with gradient checkpointing: the forward keeps no activations; the backward
             # runs it again (same dropout draws: torch restores its generator state) to take the gradients.
-            from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+            from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop  # noqa: PLC0415
 
             def run(*tensors: Any) -> Any:
                 loss, logits, embeds, hidden, attn = self._native.forward(*tensors, **call)
                 return loss, logits, embeds, tuple(hidden or ()), tuple(attn or ())
 
-            loss, logits, image_embeds, hidden, attn = checkpoint(run, *native_args, use_reentrant=False)
+            # No early stop: torch ends a recomputation early by raising inside its hooks, which the core cannot
+            # pass through; the forward is rerun whole.
+            with set_checkpoint_early_stop(False):
+                loss, logits, image_embeds, hidden, attn = checkpoint(run, *native_args, use_reentrant=False)
             hidden, attn = (hidden or None) if output_hidden_states else None, (attn or None) if output_attentions else None
         else:
             loss, logits, image_embeds, hidden, attn = self._native.forward(*native_args, **call)
@@ -387,7 +390,8 @@ class BlipForConditionalGeneration(torch.nn.Module):
                 nodes[parent] = owner
             owner._parameters[leaf] = tensor  # the core's own tensor (not a copy), as torch.nn.Parameter would be
         if self._native.lm_head_tied:
-            for alias, source in self._tied_weights_keys.items():
+            # torch registers a Linear's weight before its bias
+            for alias, source in sorted(self._tied_weights_keys.items(), key=lambda kv: not kv[0].endswith("weight")):
                 parent, _, leaf = alias.rpartition(".")
                 src_parent, _, src_leaf = source.rpartition(".")
                 if parent in nodes and src_parent in nodes and src_leaf in nodes[src_parent]._parameters:

@@ -464,6 +464,36 @@ mod tests {
     }
 
     #[test]
+    fn either_tie_flag_ties_the_head() {
+        let tied = |top: bool, text: bool| {
+            BlipConfig::from_json(serde_json::json!({
+                "tie_word_embeddings": top, "text_config": {"tie_word_embeddings": text}
+            }))
+            .unwrap()
+            .tie_word_embeddings()
+        };
+        assert!(tied(true, true) && tied(true, false) && tied(false, true));
+        assert!(!tied(false, false));
+    }
+
+    #[test]
+    fn special_ids_outside_the_vocabulary_warn_and_pad_is_refused() {
+        let c = BlipConfig::from_json(serde_json::json!({
+            "text_config": {"vocab_size": 99, "bos_token_id": 97, "sep_token_id": 102}
+        }))
+        .unwrap();
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("sep_token_id"), "{warnings:?}");
+        let err = BlipConfig::from_json(serde_json::json!({
+            "text_config": {"vocab_size": 99, "bos_token_id": 97, "pad_token_id": 99}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pad_token_id"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_survive_round_trip() {
         let c = BlipConfig::from_json(serde_json::json!({"model_type": "blip", "foo": 3})).unwrap();
         assert_eq!(c.to_json()["foo"], 3);

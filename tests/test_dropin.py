@@ -78,7 +78,10 @@ def test_tied_config_over_a_different_stored_head_stays_untied(tmp_path) -> None
     px, ids, mask = tiny_batch()
     with torch.no_grad():
         torch.testing.assert_close(
-            ours(pixel_values=px, input_ids=ids).logits, hf(pixel_values=px, input_ids=ids).logits, atol=1e-5, rtol=1e-5
+            ours(pixel_values=px, input_ids=ids).logits,
+            hf(pixel_values=px, input_ids=ids).logits,
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 
@@ -94,7 +97,10 @@ def test_sep_token_outside_vocabulary_loads_with_a_warning(tmp_path) -> None:
     px, ids, _ = tiny_batch()
     with torch.no_grad():
         torch.testing.assert_close(
-            ours(pixel_values=px, input_ids=ids).logits, hf(pixel_values=px, input_ids=ids).logits, atol=1e-5, rtol=1e-5
+            ours(pixel_values=px, input_ids=ids).logits,
+            hf(pixel_values=px, input_ids=ids).logits,
+            atol=1e-5,
+            rtol=1e-5,
         )
     for kwargs in (dict(max_new_tokens=6), dict(max_new_tokens=6, min_new_tokens=3), dict(num_beams=2, max_length=8)):
         assert torch.equal(ours.generate(px, **kwargs), hf.generate(pixel_values=px, **kwargs)), kwargs
@@ -121,7 +127,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[HFBlip, bp.BlipForCo
 
 
 @pytest.mark.parametrize(
-    "flags", [{}, {"output_hidden_states": True}, {"output_attentions": True}, {"output_hidden_states": True, "output_attentions": True}]
+    "flags",
+    [
+        {},
+        {"output_hidden_states": True},
+        {"output_attentions": True},
+        {"output_hidden_states": True, "output_attentions": True},
+    ],
 )
 def test_hidden_states_and_attentions_match_transformers(pair, flags: dict[str, bool]) -> None:
     hf, ours = pair
@@ -133,7 +145,9 @@ def test_hidden_states_and_attentions_match_transformers(pair, flags: dict[str, 
     for key in ref.keys():
         a, b = out[key], ref[key]
         if isinstance(b, tuple):
-            assert isinstance(a, tuple) and len(a) == len(b) == TINY_VISION["num_hidden_layers"] + (key == "hidden_states")
+            assert isinstance(a, tuple) and len(a) == len(b) == TINY_VISION["num_hidden_layers"] + (
+                key == "hidden_states"
+            )
             for x, y in zip(a, b, strict=True):
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
         else:
@@ -168,7 +182,10 @@ def test_eager_attention_matches(tmp_path, pair) -> None:
     px, ids, _ = tiny_batch()
     with torch.no_grad():
         torch.testing.assert_close(
-            eager(pixel_values=px, input_ids=ids).logits, hf(pixel_values=px, input_ids=ids).logits, atol=1e-5, rtol=1e-5
+            eager(pixel_values=px, input_ids=ids).logits,
+            hf(pixel_values=px, input_ids=ids).logits,
+            atol=1e-5,
+            rtol=1e-5,
         )
     with pytest.raises(ValueError, match="attn_implementation"):
         bp.BlipForConditionalGeneration.from_pretrained(folder, attn_implementation="flash_attention_2")
@@ -304,7 +321,9 @@ def test_generation_config_round_trips(tmp_path, pair) -> None:
     )
     gc = bp.GenerationConfig(max_new_tokens=5, do_sample=False, num_beams=3, eos_token_id=2)
     hgc = HFGenerationConfig(max_new_tokens=5, do_sample=False, num_beams=3, eos_token_id=2)
-    assert torch.equal(again.generate(px, generation_config=gc), loaded_hf.generate(pixel_values=px, generation_config=hgc))
+    assert torch.equal(
+        again.generate(px, generation_config=gc), loaded_hf.generate(pixel_values=px, generation_config=hgc)
+    )
 
 
 # --------------------------------------------------------------------------------------------- embeddings
@@ -345,7 +364,9 @@ def test_resized_vocabulary_crosses_both_ways(tmp_path, mean_resizing: bool) -> 
     ours = bp.BlipForConditionalGeneration.from_pretrained(folder)
     old_rows = ours.get_input_embeddings().weight.detach().clone()
     emb = ours.resize_token_embeddings(vocab + 5, mean_resizing=mean_resizing)
-    assert emb.weight.shape == (vocab + 5, TINY_TEXT["hidden_size"]) and ours.config.text_config.vocab_size == vocab + 5
+    assert (
+        emb.weight.shape == (vocab + 5, TINY_TEXT["hidden_size"]) and ours.config.text_config.vocab_size == vocab + 5
+    )
     assert torch.equal(emb.weight[:vocab], old_rows)
     bias = ours.get_submodule("text_decoder.cls.predictions").bias
     assert bias.shape == (vocab + 5,) and torch.all(bias[vocab:] == 0)  # tied: padded with zeros, as transformers
@@ -371,7 +392,9 @@ def test_resize_untied_head_and_pad_to_multiple(tmp_path) -> None:
     ours = bp.BlipForConditionalGeneration.from_pretrained(_save_hf(make_hf_model(config), tmp_path / "base"))
     ours.resize_token_embeddings(101, pad_to_multiple_of=8)  # -> 104
     head = ours.get_submodule("text_decoder.cls.predictions.decoder")
-    assert head.weight.shape == (104, TINY_TEXT["hidden_size"]) and head.weight is not ours.get_input_embeddings().weight
+    assert (
+        head.weight.shape == (104, TINY_TEXT["hidden_size"]) and head.weight is not ours.get_input_embeddings().weight
+    )
     px, ids, _ = tiny_batch()
     assert _logits(ours, px, ids).shape[-1] == 104
     ours.save_pretrained(tmp_path / "ours")
@@ -466,7 +489,9 @@ def test_state_dict_round_trips_with_transformers(tmp_path, pair) -> None:
     result = fresh.load_state_dict(make_hf_model(tiny_hf_config(), seed=7).state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     assert all(p is before[n] for n, p in fresh.named_parameters())
-    torch.testing.assert_close(_logits(fresh.eval(), px, ids), _logits(make_hf_model(tiny_hf_config(), seed=7), px, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _logits(fresh.eval(), px, ids), _logits(make_hf_model(tiny_hf_config(), seed=7), px, ids), atol=1e-5, rtol=1e-5
+    )
     bad = dict(hf.state_dict())
     bad.pop("vision_model.post_layernorm.weight")
     with pytest.raises(RuntimeError, match="Missing key"):

@@ -224,7 +224,12 @@ class BlipForConditionalGeneration(torch.nn.Module):
         model._attn_implementation = attn_implementation or "sdpa"
         model.eval()
         if output_loading_info:
-            info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+            info: dict[str, Any] = {
+                "missing_keys": set(),
+                "unexpected_keys": set(),
+                "mismatched_keys": set(),
+                "error_msgs": [],
+            }
             return model, info
         return model
 
@@ -310,7 +315,10 @@ class BlipForConditionalGeneration(torch.nn.Module):
             # pass through; the forward is rerun whole.
             with set_checkpoint_early_stop(False):
                 loss, logits, image_embeds, hidden, attn = checkpoint(run, *native_args, use_reentrant=False)
-            hidden, attn = (hidden or None) if output_hidden_states else None, (attn or None) if output_attentions else None
+            hidden, attn = (
+                (hidden or None) if output_hidden_states else None,
+                (attn or None) if output_attentions else None,
+            )
         else:
             loss, logits, image_embeds, hidden, attn = self._native.forward(*native_args, **call)
         out = BlipForConditionalGenerationModelOutput(
@@ -386,16 +394,16 @@ class BlipForConditionalGeneration(torch.nn.Module):
                 for part in parent.split("."):
                     if part not in owner._modules:
                         owner.add_module(part, _shell("Module"))
-                    owner = owner._modules[part]  # type: ignore[assignment]
+                    owner = _child(owner, part)
                 nodes[parent] = owner
-            owner._parameters[leaf] = tensor  # the core's own tensor (not a copy), as torch.nn.Parameter would be
+            _params(owner)[leaf] = tensor  # the core's own tensor (not a copy), as torch.nn.Parameter would be
         if self._native.lm_head_tied:
             # torch registers a Linear's weight before its bias
             for alias, source in sorted(self._tied_weights_keys.items(), key=lambda kv: not kv[0].endswith("weight")):
                 parent, _, leaf = alias.rpartition(".")
                 src_parent, _, src_leaf = source.rpartition(".")
                 if parent in nodes and src_parent in nodes and src_leaf in nodes[src_parent]._parameters:
-                    nodes[parent]._parameters[leaf] = nodes[src_parent]._parameters[src_leaf]
+                    _params(nodes[parent])[leaf] = nodes[src_parent]._parameters[src_leaf]
         words = nodes.get("text_decoder.bert.embeddings.word_embeddings")
         if isinstance(words, torch.nn.Embedding) and "weight" in words._parameters:
             _fill_attributes(words)
@@ -439,19 +447,24 @@ class BlipForConditionalGeneration(torch.nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         # The two towers read through the tree: rebuilt first when adapters changed it (not while building).
-        if name in ("vision_model", "text_decoder") and "_tree_key" in self.__dict__ and not self.__dict__.get("_syncing"):
+        if (
+            name in ("vision_model", "text_decoder")
+            and "_tree_key" in self.__dict__
+            and not self.__dict__.get("_syncing")
+        ):
             self._sync_tree()
         return super().__getattr__(name)
 
     # -------------------------------------------------------------------------------------- parameters
-    def named_parameters(
+    # The core's tensors are plain tensors, not Parameters (hence the override ignores).
+    def named_parameters(  # type: ignore[override]
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """`(name, parameter)` pairs with transformers' names, in its order (tied weights once)."""
         for name, param in self._native.named_parameters():
             yield (f"{prefix}.{name}" if prefix else name), param
 
-    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
         """The model's parameters: the tensors themselves, so an optimizer updates the model in place."""
         for _, param in self.named_parameters():
             yield param
@@ -507,25 +520,29 @@ class BlipForConditionalGeneration(torch.nn.Module):
         follows. Returns the input embeddings."""
         if new_num_tokens is None and pad_to_multiple_of is None:
             return self.get_input_embeddings()
-        old = self.get_input_embeddings().weight
+        old = _tensor(self.get_input_embeddings(), "weight")
         new = old.shape[0] if new_num_tokens is None else new_num_tokens
         if isinstance(new, bool) or not isinstance(new, int) or new < 1:
             raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
         if pad_to_multiple_of is not None:
-            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            if (
+                isinstance(pad_to_multiple_of, bool)
+                or not isinstance(pad_to_multiple_of, int)
+                or pad_to_multiple_of < 1
+            ):
                 raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
             new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
         std = self.config.text_config.initializer_range
         with torch.no_grad():
             weight = _resized_rows(old, new, mean_resizing, std)
-            bias_param = self.get_submodule("text_decoder.cls.predictions")._parameters["bias"]
+            bias_param = _tensor(self.get_submodule("text_decoder.cls.predictions"), "bias")
             if self._native.lm_head_tied:
                 bias = torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new]
                 self._native.resize_vocab(weight, bias)
             else:
                 head = self.get_submodule("text_decoder.cls.predictions.decoder")
-                dec_w = _resized_rows(head.weight, new, mean_resizing, std)
-                dec_b = _resized_bias(head.bias, new, mean_resizing)
+                dec_w = _resized_rows(_tensor(head, "weight"), new, mean_resizing, std)
+                dec_b = _resized_bias(_tensor(head, "bias"), new, mean_resizing)
                 bias = _resized_bias(bias_param, new, mean_resizing)
                 self._native.resize_vocab(weight, bias, dec_w, dec_b)
         self._tree_key = ()
@@ -549,7 +566,9 @@ class BlipForConditionalGeneration(torch.nn.Module):
         `use_reentrant` (either value: the recomputation is the same here)."""
         extra = set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
         if extra:
-            raise ValueError(f"gradient_checkpointing_kwargs accepts use_reentrant only, got {', '.join(sorted(extra))}")
+            raise ValueError(
+                f"gradient_checkpointing_kwargs accepts use_reentrant only, got {', '.join(sorted(extra))}"
+            )
         self._gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -613,7 +632,8 @@ class BlipForConditionalGeneration(torch.nn.Module):
             raise ValueError("training mode is expected to be boolean")
         self._native.set_training(mode)
         for module in self._modules.values():
-            module.train(mode)
+            if module is not None:
+                module.train(mode)
         return self
 
     def eval(self) -> BlipForConditionalGeneration:
@@ -753,13 +773,32 @@ def _shell(type_name: str) -> torch.nn.Module:
     """An empty module of torch's class `type_name` (a torch one when torch has it, else a class of that name)."""
     torch_class = _TORCH_LEAVES.get(type_name)
     if torch_class is not None:
-        module = torch_class.__new__(torch_class)
+        module: torch.nn.Module = object.__new__(torch_class)
         torch.nn.Module.__init__(module)
         return module
     cls = _SHELLS.get(type_name)
     if cls is None:
         cls = _SHELLS[type_name] = type(type_name, (_CoreModule,), {"__module__": __name__})
     return cls()
+
+
+def _child(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    child = module._modules[name]
+    assert child is not None
+    return child
+
+
+def _params(module: torch.nn.Module) -> dict[str, Any]:
+    """A module's own parameter table, which takes the core's plain tensors."""
+    return module._parameters  # type: ignore[return-value]
+
+
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter of a module of the tree, by name."""
+    t = module._parameters.get(name)
+    if t is None:
+        raise ValueError(f"{type(module).__name__} has no {name}")
+    return t
 
 
 def _fill_attributes(module: torch.nn.Module) -> None:

@@ -330,7 +330,9 @@ def train(
         "mixed_precision": mixed_precision,
         # None: as the model says (`model.gradient_checkpointing_enable()`), as transformers' Trainer reads it.
         "gradient_checkpointing": bool(
-            getattr(model, "is_gradient_checkpointing", False) if gradient_checkpointing is None else gradient_checkpointing
+            getattr(model, "is_gradient_checkpointing", False)
+            if gradient_checkpointing is None
+            else gradient_checkpointing
         ),
         "shuffle": shuffle,
         "drop_last": drop_last,

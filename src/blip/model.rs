@@ -206,7 +206,12 @@ impl BlipForConditionalGeneration {
     /// `weight` (`[V', D]`) and the LM head's bias `bias` (`[V']`), an untied decoder `decoder` (its weight
     /// and bias); the parameters keep their identity (their data is replaced, as transformers does), and
     /// `text_config.vocab_size` becomes `V'`. Refused once adapters wrap the head or copies of modules exist.
-    pub fn resize_vocab(&mut self, weight: &Tensor, bias: &Tensor, decoder: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    pub fn resize_vocab(
+        &mut self,
+        weight: &Tensor,
+        bias: &Tensor,
+        decoder: Option<(&Tensor, &Tensor)>,
+    ) -> Result<()> {
         let tc = &self.config.text_config;
         let (v, d) = weight.size2()?;
         if d != tc.hidden_size || v < 1 {
@@ -217,7 +222,10 @@ impl BlipForConditionalGeneration {
             )));
         }
         if bias.size() != [v] {
-            return Err(Error::invalid(format!("the resized LM-head bias must have shape [{v}], got {:?}", bias.size())));
+            return Err(Error::invalid(format!(
+                "the resized LM-head bias must have shape [{v}], got {:?}",
+                bias.size()
+            )));
         }
         let head = &self.text_decoder.cls.predictions;
         if !self.saved_modules.is_empty() || head.decoder.lora.is_some() {
@@ -425,9 +433,9 @@ impl BlipForConditionalGeneration {
                 options.logits_to_keep
             )));
         }
-        let (image_embeds, recorded) = self
-            .vision_model
-            .forward_recording(&pixel_values, cx, options.record)?;
+        let (image_embeds, recorded) =
+            self.vision_model
+                .forward_recording(&pixel_values, cx, options.record)?;
         let t = ids.size()[1];
         let text_cx = text_context(cx);
         let additive = match &mask {

@@ -10,11 +10,11 @@ use pyo3::types::PyDict;
 use super::errors::IntoPyResult;
 use super::{json, tensor};
 use crate::blip::{BlipForConditionalGeneration, ForwardInputs, ForwardOptions, Record};
-use crate::nn::ForwardContext;
 use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
 use crate::generate::GenerationConfig;
 use crate::lora::{self, LoraConfig};
+use crate::nn::ForwardContext;
 use crate::weights::SafetensorsFiles;
 
 /// A BLIP captioning model held by the Rust core. Use `blip_peft.BlipForConditionalGeneration`.
@@ -159,7 +159,9 @@ impl PyBlipModel {
         let loss = out.loss.as_ref().map(|l| tensor::to_py(py, l)).transpose()?;
         let list = |wanted: bool, ts: &[tch::Tensor]| -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
             match wanted {
-                true => Ok(Some(ts.iter().map(|t| tensor::to_py(py, t)).collect::<PyResult<_>>()?)),
+                true => Ok(Some(
+                    ts.iter().map(|t| tensor::to_py(py, t)).collect::<PyResult<_>>()?,
+                )),
                 false => Ok(None),
             }
         };
@@ -189,7 +191,11 @@ impl PyBlipModel {
         let decoder = match (&decoder_weight, &decoder_bias) {
             (Some(w), Some(b)) => Some((w, b)),
             (None, None) => None,
-            _ => return Err(PyValueError::new_err("pass both decoder_weight and decoder_bias, or neither")),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "pass both decoder_weight and decoder_bias, or neither",
+                ))
+            }
         };
         self.lock()?.resize_vocab(&weight, &bias, decoder).py()
     }

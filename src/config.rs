@@ -277,28 +277,52 @@ impl BlipConfig {
                 t.label_smoothing
             )));
         }
-        for (name, id) in [
-            ("text_config.bos_token_id", t.bos_token_id),
-            ("text_config.pad_token_id", t.pad_token_id),
-            ("text_config.sep_token_id", t.sep_token_id),
-        ] {
-            if id < 0 || id >= t.vocab_size {
-                return Err(Error::config(format!(
-                    "config.json: field `{name}` ({id}) must be a token id below `text_config.vocab_size` ({})",
-                    t.vocab_size
-                )));
-            }
+        // The padding id is the word embeddings' `padding_idx`, which torch (and so transformers) refuses
+        // outside the table. The other special ids are only compared with tokens, or indexed where they are
+        // used (BOS by `generate`, which checks it there): out of range they are a warning, as in transformers.
+        if t.pad_token_id < 0 || t.pad_token_id >= t.vocab_size {
+            return Err(Error::config(format!(
+                "config.json: field `text_config.pad_token_id` ({}) must be a token id below \
+                 `text_config.vocab_size` ({}): it is the word embeddings' padding_idx",
+                t.pad_token_id, t.vocab_size
+            )));
         }
         Ok(())
     }
 
+    /// What transformers warns about when it loads this configuration, and we too: special token ids outside
+    /// the vocabulary (harmless unless they are used: `generate` refuses a BOS it would have to embed, and an
+    /// EOS outside the vocabulary is simply never produced).
+    pub fn warnings(&self) -> Vec<String> {
+        let t = &self.text_config;
+        [
+            ("bos_token_id", t.bos_token_id),
+            ("eos_token_id", t.eos_token_id),
+            ("sep_token_id", t.sep_token_id),
+        ]
+        .into_iter()
+        .filter(|&(_, id)| id < 0 || id >= t.vocab_size)
+        .map(|(name, id)| {
+            format!(
+                "config.json: text_config.{name} ({id}) is not a token id of the vocabulary (0 to {}); it \
+                 is never generated, and generate() refuses it where it would be embedded",
+                t.vocab_size - 1
+            )
+        })
+        .collect()
+    }
+
     /// Whether the LM head's decoder weight is the word-embedding matrix (and its bias
-    /// `cls.predictions.bias`). As in transformers, the top-level field decides; it defaults to true.
+    /// `cls.predictions.bias`). As in transformers 5: the head is tied when the top-level field (default
+    /// true) or `text_config.tie_word_embeddings` (the decoder's own model reads it) says so; the two
+    /// mappings of tied keys are merged, so either one ties.
     pub fn tie_word_embeddings(&self) -> bool {
-        self.raw
+        let top = self
+            .raw
             .get("tie_word_embeddings")
             .and_then(Value::as_bool)
-            .unwrap_or(true)
+            .unwrap_or(true);
+        top || self.text_config.tie_word_embeddings
     }
 
     /// Number of image patches plus the class token: the length of the image-embedding sequence.
@@ -437,6 +461,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn either_tie_flag_ties_the_head() {
+        let tied = |top: bool, text: bool| {
+            BlipConfig::from_json(serde_json::json!({
+                "tie_word_embeddings": top, "text_config": {"tie_word_embeddings": text}
+            }))
+            .unwrap()
+            .tie_word_embeddings()
+        };
+        assert!(tied(true, true) && tied(true, false) && tied(false, true));
+        assert!(!tied(false, false));
+    }
+
+    #[test]
+    fn special_ids_outside_the_vocabulary_warn_and_pad_is_refused() {
+        let c = BlipConfig::from_json(serde_json::json!({
+            "text_config": {"vocab_size": 99, "bos_token_id": 97, "sep_token_id": 102}
+        }))
+        .unwrap();
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("sep_token_id"), "{warnings:?}");
+        let err = BlipConfig::from_json(serde_json::json!({
+            "text_config": {"vocab_size": 99, "bos_token_id": 97, "pad_token_id": 99}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pad_token_id"), "{err}");
     }
 
     #[test]

@@ -233,6 +233,10 @@ impl<'a> CheckpointSource<'a> {
 }
 
 impl ParamSource for CheckpointSource<'_> {
+    fn stored(&mut self, name: &str) -> Result<Option<Tensor>> {
+        self.files.read(name)
+    }
+
     fn param(&mut self, name: &str, shape: &[i64], _init: Init, kind: Kind) -> Result<Tensor> {
         let t = self.files.read(name)?.ok_or_else(|| {
             Error::checkpoint(format!(

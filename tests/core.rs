@@ -347,3 +347,58 @@ fn loading_and_every_walk_agree_on_the_tree() {
         assert!(printed.contains(&t.path), "{} is not in the printed tree", t.path);
     }
 }
+
+#[test]
+fn recording_forward_returns_vision_hidden_states_and_attentions() {
+    use blip_peft::blip::{ForwardInputs, ForwardOptions, Record};
+    use blip_peft::nn::ForwardContext;
+    let _rng = global_rng();
+    let model = BlipForConditionalGeneration::random(tiny_config(), 2, Kind::Float, Device::Cpu).unwrap();
+    let pixels = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let ids = Tensor::from_slice(&[97i64, 5, 6, 3, 97, 7, 3, 0]).view([2, 4]);
+    let inputs = ForwardInputs {
+        pixel_values: &pixels,
+        input_ids: &ids,
+        attention_mask: None,
+        labels: Some(&ids),
+    };
+    let cx = ForwardContext::mode(false);
+    let plain = model.forward(&inputs).unwrap();
+    let record = Record {
+        hidden_states: true,
+        attentions: true,
+        eager: false,
+    };
+    let options = ForwardOptions {
+        record,
+        ..Default::default()
+    };
+    let out = model.forward_options(&inputs, &cx, &options).unwrap();
+    // embeddings' output + one per layer; one attention map per layer, rows summing to 1
+    assert_eq!(out.recorded.hidden_states.len(), 3);
+    assert_eq!(out.recorded.attentions.len(), 2);
+    assert_eq!(out.recorded.attentions[0].size(), [2, 4, 17, 17]);
+    let rows = out.recorded.attentions[1].sum_dim_intlist(-1, false, Kind::Float);
+    assert!(f64::try_from((rows - 1.0).abs().max()).unwrap() < 1e-5);
+    // the eager path computes what SDPA computes
+    let diff = f64::try_from((&out.logits - &plain.logits).abs().max()).unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    let loss = |o: &blip_peft::blip::BlipOutput| f64::try_from(o.loss.as_ref().unwrap()).unwrap();
+    assert!((loss(&out) - loss(&plain)).abs() < 1e-6);
+    // logits of the last position only
+    let last = ForwardOptions {
+        logits_to_keep: 1,
+        ..Default::default()
+    };
+    let no_labels = ForwardInputs {
+        pixel_values: &pixels,
+        input_ids: &ids,
+        attention_mask: None,
+        labels: None,
+    };
+    let kept = model.forward_options(&no_labels, &cx, &last).unwrap();
+    assert_eq!(kept.logits.size(), [2, 1, 99]);
+    let tail = plain.logits.narrow(1, 3, 1);
+    assert!(f64::try_from((kept.logits - tail).abs().max()).unwrap() < 1e-5);
+    assert!(model.forward_options(&inputs, &cx, &last).is_err()); // labels need every position
+}

@@ -145,7 +145,11 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, tiny_checkpo
     model = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)
     out_dir = tmp_path / "saved"
     model.save_pretrained(out_dir)
-    assert sorted(os.listdir(out_dir)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out_dir)) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]  # as transformers
     ref_model, info = HFBlip.from_pretrained(out_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     px, ids, mask = tiny_batch()

@@ -36,7 +36,9 @@ from blip_peft.modeling import (
     AutoModelForVision2Seq,
     BlipForConditionalGeneration,
     BlipForConditionalGenerationModelOutput,
+    ModelOutput,
 )
+from blip_peft.generation import GenerationConfig
 
 __version__: str = _blip_peft.__version__
 
@@ -50,6 +52,8 @@ __all__ = [
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
+    "GenerationConfig",
+    "ModelOutput",
     "BlipImageProcessor",
     "BlipPeftError",
     "ImageCaptionDataset",

@@ -71,7 +71,9 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]: ...
 @final
 class _BlipModel:
     @staticmethod
-    def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu") -> _BlipModel: ...
+    def from_pretrained(
+        path: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu", config_json: str | None = None
+    ) -> _BlipModel: ...
     @staticmethod
     def from_config(config_json: str, seed: int = 0, dtype: str | None = None, device: str = "cpu") -> _BlipModel: ...
     def forward(
@@ -80,7 +82,26 @@ class _BlipModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]: ...
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        eager: bool = False,
+        logits_to_keep: int = 0,
+        shift_labels: torch.Tensor | None = None,
+    ) -> tuple[
+        torch.Tensor | None, torch.Tensor, torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor] | None
+    ]: ...
+    def resize_vocab(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        decoder_weight: torch.Tensor | None = None,
+        decoder_bias: torch.Tensor | None = None,
+    ) -> None: ...
+    @property
+    def lm_head_tied(self) -> bool: ...
+    def module_tree(self) -> list[tuple[str, str]]: ...
+    def config_warnings(self) -> list[str]: ...
     def generate(
         self,
         pixel_values: torch.Tensor,

@@ -7,7 +7,10 @@ optimizer updates in place, `to`, `train`/`eval`, `save_pretrained` and `print(m
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,39 +20,98 @@ import torch
 from blip_peft import _blip_peft
 from blip_peft._convert import device_name, dtype_name, fspath
 from blip_peft.configuration import BlipConfig
+from blip_peft.generation import GENERATION_CONFIG_NAME, GenerationConfig
 
 
-@dataclass
-class BlipForConditionalGenerationModelOutput:
-    """What a forward pass returns. Fields read as attributes or keys (`out.loss`, `out["logits"]`)."""
+class ModelOutput(OrderedDict):  # type: ignore[type-arg]
+    """transformers' `ModelOutput`: a dataclass that is also an ordered mapping of its non-None fields.
+
+    `out.logits`, `out["logits"]`, `out[0]` (the first non-None field), `out.keys()`, iteration over the keys,
+    `out.to_tuple()`, and `dict(out)` all behave as in transformers.
+    """
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None:
+                super().__setitem__(f.name, value)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return dict(self.items())[key]
+        return self.to_tuple()[key]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.keys() and value is not None:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        raise RuntimeError(f"You cannot use ``__delitem__`` on a {type(self).__name__} instance.")
+
+    def setdefault(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"You cannot use ``setdefault`` on a {type(self).__name__} instance.")
+
+    def pop(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"You cannot use ``pop`` on a {type(self).__name__} instance.")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"You cannot use ``update`` on a {type(self).__name__} instance.")
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The non-None fields in declaration order (what `return_dict=False` returns)."""
+        return tuple(self[k] for k in self.keys())
+
+    def __reduce__(self) -> Any:
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
+class BlipForConditionalGenerationModelOutput(ModelOutput):
+    """What a forward pass returns, with transformers' fields: `loss` (with labels), `logits`, `image_embeds`
+    (= `last_hidden_state`, the vision tower's output), and with `output_hidden_states` / `output_attentions`
+    the vision tower's `hidden_states` (embeddings' output, then every layer's) and `attentions` (per layer,
+    `[batch, heads, patches + 1, patches + 1]`)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, int):
-            return self.to_tuple()[key]
-        return getattr(self, key)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, k) for k in self.keys())
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class BlipForConditionalGeneration:
+_LOADING_KEYWORDS = {"low_cpu_mem_usage", "trust_remote_code", "local_files_only", "use_safetensors", "revision"}
+_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class BlipForConditionalGeneration(torch.nn.Module):
     """BLIP for image captioning, with transformers' API and weight names.
 
     Load a transformers checkpoint folder with :meth:`from_pretrained`, call the model like a torch
     module, and train it with any torch optimizer over :meth:`parameters`.
+
+    It is a `torch.nn.Module` whose module tree has transformers' names and classes (`modules()`,
+    `named_modules()`, `get_submodule`, `state_dict()`, `load_state_dict()`), each holding the very tensors the
+    Rust core computes with. The forward runs in the core, so hooks registered on the model itself fire, while
+    hooks on modules inside the tree never do (the core does not call them).
     """
 
     main_input_name = "pixel_values"
     #: The prompt captions start with when `blip_peft.generate` / `evaluate` are given none (set by
     #: `train(prompt=...)`; kept in memory: a `PeftModel` saves its adapter's with the adapter).
     caption_prompt: str | None = None
+    base_model_prefix = "blip"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BlipEncoderLayer", "BlipTextEmbeddings"]
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    }
 
     def __init__(self, native: _blip_peft._BlipModel) -> None:
         if not isinstance(native, _blip_peft._BlipModel):
@@ -57,69 +119,147 @@ class BlipForConditionalGeneration:
                 "BlipForConditionalGeneration is created with BlipForConditionalGeneration.from_pretrained(path) "
                 "or .from_config(config)"
             )
-        self._native = native
+        object.__setattr__(self, "_native", native)
+        mode = native.training
+        super().__init__()  # sets `training`, which is the core's flag: keep the mode the core has
+        native.set_training(mode)
+        self._attn_implementation = "sdpa"
+        self._gradient_checkpointing = False
+        self._input_require_grads = False
+        self._tree_key: tuple[str, ...] = ()
+        self.generation_config = GenerationConfig.from_model_config(self.config)
+        self._sync_tree()
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: str | os.PathLike[str],
-        *,
+        pretrained_model_name_or_path: str | os.PathLike[str] | None,
+        *model_args: Any,
+        config: Any = None,
         dtype: Any = None,
         device: Any = "cpu",
         torch_dtype: Any = None,
         device_map: Any = None,
+        attn_implementation: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        output_loading_info: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Loads a transformers checkpoint folder (`config.json` + `model.safetensors` or its shards).
+        """Loads a transformers checkpoint folder (`config.json` + `model.safetensors` or its shards), and its
+        `generation_config.json` when present.
 
         Args:
-            pretrained_model_name_or_path: the folder.
+            pretrained_model_name_or_path: the folder (None when `config` and `state_dict` give everything).
+            config: a configuration to use instead of the folder's `config.json` (ours, transformers'
+                `BlipConfig`, or a dict).
             dtype: `None` (the stored precision), "float32", "bfloat16", "float16" or a `torch.dtype`.
             device: "cpu", "cuda", "cuda:N" or a `torch.device`.
             torch_dtype: the older name of `dtype`, accepted as transformers accepts it.
-            device_map: accepted for a single device (e.g. "cuda" or "cpu") as a synonym of `device`.
+            device_map: a single device (e.g. "cuda", 0, `torch.device("cpu")` or `{"": "cuda:0"}`), a synonym
+                of `device`.
+            attn_implementation: "sdpa" (the default: fused attention) or "eager" (attention written out, as
+                transformers' BLIP computes it).
+            state_dict: weights to use instead of the folder's files (transformers' names, tied copies
+                allowed).
+            output_loading_info: also return `{"missing_keys", "unexpected_keys", "mismatched_keys",
+                "error_msgs"}` (empty: a checkpoint that does not fit is an error here).
 
         Returns:
             The model, in evaluation mode. A folder holding a PEFT adapter (`adapter_config.json`) loads the
             base model it names and returns a `PeftModel`.
         """
-        path = fspath(pretrained_model_name_or_path, "pretrained_model_name_or_path")
-        unknown = set(kwargs) - {"low_cpu_mem_usage", "trust_remote_code", "local_files_only", "use_safetensors"}
+        if model_args:
+            raise TypeError("from_pretrained() takes the folder as its only positional argument")
+        unknown = set(kwargs) - _LOADING_KEYWORDS
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass either dtype or torch_dtype (its older name), not both")
+        if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {', '.join(_ATTN_IMPLEMENTATIONS)} (or None), "
+                f"got {attn_implementation!r}"
+            )
         if device_map is not None:
-            if not isinstance(device_map, (str, torch.device, int)) or device_map == "auto":
-                raise ValueError("device_map must name a single device here (e.g. 'cuda' or 'cpu')")
-            device = device_map
+            device = _single_device(device_map)
         dtype_arg = dtype_name(dtype if dtype is not None else torch_dtype)
         device_arg = device_name(device) or "cpu"
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"model folder not found: {path!r}. blip_peft reads local checkpoint folders (config.json + "
-                "model.safetensors), e.g. a downloaded Salesforce/blip-image-captioning-base."
-            )
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            from blip_peft import peft_model  # noqa: PLC0415  (only when an adapter folder is given)
+        config_json = None if config is None else json.dumps(_config_dict(config))
+        path = None
+        if pretrained_model_name_or_path is not None:
+            path = fspath(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"model folder not found: {path!r}. blip_peft reads local checkpoint folders (config.json + "
+                    "model.safetensors), e.g. a downloaded Salesforce/blip-image-captioning-base."
+                )
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                from blip_peft import peft_model  # noqa: PLC0415  (only when an adapter folder is given)
 
-            return peft_model.load_adapter_folder(path, dtype=dtype_arg, device=device_arg)
-        native = _blip_peft._BlipModel.from_pretrained(path, dtype_arg, device_arg)
-        return cls(native)
+                return peft_model.load_adapter_folder(path, dtype=dtype_arg, device=device_arg)
+        if state_dict is not None:
+            if config_json is None:
+                if path is None:
+                    raise ValueError("from_pretrained(None, state_dict=...) needs config=")
+                config_json = json.dumps(BlipConfig.from_json_file(os.path.join(path, "config.json")).to_dict())
+            if dtype_arg is None:
+                floats = [t.dtype for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
+                dtype_arg = str(floats[0]).removeprefix("torch.") if floats else None
+            native = _blip_peft._BlipModel.from_config(config_json, 0, dtype_arg, device_arg)
+            model = cls(native)
+            state = dict(state_dict)
+            if native.lm_head_tied:  # transformers' tied keys may be left out (as its safetensors files do)
+                for alias, source in cls._tied_weights_keys.items():
+                    if alias not in state and source in state:
+                        state[alias] = state[source]
+            model.load_state_dict(state, strict=True)
+        elif path is None:
+            raise ValueError("from_pretrained() needs a folder, or config= and state_dict=")
+        else:
+            native = _blip_peft._BlipModel.from_pretrained(path, dtype_arg, device_arg, config_json)
+            model = cls(native)
+            gen_path = os.path.join(path, GENERATION_CONFIG_NAME)
+            if os.path.isfile(gen_path):
+                model.generation_config = GenerationConfig.from_pretrained(path)
+        for message in native.config_warnings():
+            warnings.warn(message, stacklevel=2)
+        model._attn_implementation = attn_implementation or "sdpa"
+        model.eval()
+        if output_loading_info:
+            info: dict[str, Any] = {
+                "missing_keys": set(),
+                "unexpected_keys": set(),
+                "mismatched_keys": set(),
+                "error_msgs": [],
+            }
+            return model, info
+        return model
 
     @classmethod
     def from_config(
-        cls, config: BlipConfig | dict[str, Any], *, seed: int = 0, dtype: Any = None, device: Any = "cpu"
+        cls, config: Any, *, seed: int = 0, dtype: Any = None, device: Any = "cpu", attn_implementation: Any = None
     ) -> BlipForConditionalGeneration:
-        """A randomly initialised model (transformers' initialisation) for a configuration."""
-        import json
-
-        data = config.to_dict() if isinstance(config, BlipConfig) else dict(config)
+        """A randomly initialised model (transformers' initialisation) for a configuration (ours, transformers'
+        `BlipConfig` or a dict)."""
+        if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {', '.join(_ATTN_IMPLEMENTATIONS)} (or None)")
         native = _blip_peft._BlipModel.from_config(
-            json.dumps(data), seed, dtype_name(dtype), device_name(device) or "cpu"
+            json.dumps(_config_dict(config)), seed, dtype_name(dtype), device_name(device) or "cpu"
         )
-        return cls(native)
+        model = cls(native)
+        model._attn_implementation = attn_implementation or "sdpa"
+        return model
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether `generate` works (it does: transformers' `GenerationMixin` question)."""
+        return True
+
+    @property
+    def base_model(self) -> BlipForConditionalGeneration:
+        """transformers' `getattr(self, base_model_prefix, self)`: BLIP has no `blip` submodule, so the model."""
+        return self
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(
@@ -128,15 +268,25 @@ class BlipForConditionalGeneration:
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        interpolate_pos_encoding: bool = False,
+        logits_to_keep: int = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        shift_labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Runs the model: logits of every caption position and, with `labels`, the mean cross-entropy of
         predicting `labels[:, 1:]` from positions `:-1` (exactly transformers' loss; -100 is ignored).
+
+        `output_hidden_states` / `output_attentions` add the vision tower's hidden states and attention
+        probabilities (attention then runs eagerly); `logits_to_keep=k` computes the logits of the last `k`
+        positions only; `shift_labels` are targets already aligned with the logits (used instead of shifting
+        `labels`); `return_dict=False` returns the output's non-None fields as a tuple.
         """
-        if kwargs.get("interpolate_pos_encoding"):
+        if interpolate_pos_encoding:
             raise ValueError("interpolate_pos_encoding is not supported; resize images to the model's image_size")
-        unknown = set(kwargs) - {"interpolate_pos_encoding", "output_attentions", "output_hidden_states"}
+        unknown = set(kwargs) - {"use_cache"}
         if unknown:
             raise TypeError(f"forward() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         if pixel_values is None:
@@ -145,11 +295,44 @@ class BlipForConditionalGeneration:
             raise ValueError(
                 "input_ids is required: BlipForConditionalGeneration scores captions; use generate() to write them"
             )
-        loss, logits, image_embeds = self._native.forward(pixel_values, input_ids, attention_mask, labels)
-        out = BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=image_embeds)
-        return out if return_dict else out.to_tuple()
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+            raise TypeError(f"logits_to_keep must be an int (0 keeps every position), got {type(logits_to_keep)}")
+        call = dict(
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+            eager=self._attn_implementation == "eager",
+            logits_to_keep=logits_to_keep,
+            shift_labels=shift_labels,
+        )
+        native_args = (pixel_values, input_ids, attention_mask, labels)
+        if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # A plain torch loop with gradient checkpointing: the forward keeps no activations; the backward
+            # runs it again (same dropout draws: torch restores its generator state) to take the gradients.
+            from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop  # noqa: PLC0415
 
-    __call__ = forward
+            def run(*tensors: Any) -> Any:
+                loss, logits, embeds, hidden, attn = self._native.forward(*tensors, **call)
+                return loss, logits, embeds, tuple(hidden or ()), tuple(attn or ())
+
+            # No early stop: torch ends a recomputation early by raising inside its hooks, which the core cannot
+            # pass through; the forward is rerun whole.
+            with set_checkpoint_early_stop(False):
+                loss, logits, image_embeds, hidden, attn = checkpoint(run, *native_args, use_reentrant=False)
+            hidden, attn = (
+                (hidden or None) if output_hidden_states else None,
+                (attn or None) if output_attentions else None,
+            )
+        else:
+            loss, logits, image_embeds, hidden, attn = self._native.forward(*native_args, **call)
+        out = BlipForConditionalGenerationModelOutput(
+            loss=loss,
+            logits=logits,
+            image_embeds=image_embeds,
+            last_hidden_state=image_embeds,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attn) if attn is not None else None,
+        )
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     @torch.no_grad()
     def generate(
@@ -165,8 +348,13 @@ class BlipForConditionalGeneration:
         Keyword arguments take transformers' names and defaults: `max_new_tokens`, `max_length` (20 when neither
         is given), `min_new_tokens`, `min_length`, `num_beams`, `length_penalty`, `early_stopping`,
         `num_return_sequences`, `do_sample`, `temperature`, `top_k` (50), `top_p`, `repetition_penalty`,
-        `no_repeat_ngram_size`, `bos_token_id`, `eos_token_id`, `pad_token_id`, and `seed` (an int or a
-        `torch.Generator`) for reproducible sampling.
+        `no_repeat_ngram_size`, `bos_token_id`, `eos_token_id`, `pad_token_id`, `generation_config` (a
+        `GenerationConfig`: its settings under the keywords; as in transformers, its special token ids give way
+        to BLIP's: captions end at `[SEP]`), and `seed` (an int or a `torch.Generator`) for reproducible sampling.
+
+        As in transformers' BLIP, `model.generation_config` (read from `generation_config.json`) is not applied
+        by itself (BLIP's `generate` runs its decoder's defaults); pass `generation_config=model.generation_config`
+        to use it.
 
         A prompt (`input_ids` from the processor, e.g. "a photography of") is continued. Prompts of different
         lengths in one batch (with their `attention_mask`) are each decoded as if alone and the rows are
@@ -176,13 +364,110 @@ class BlipForConditionalGeneration:
             raise ValueError("generate() needs pixel_values")
         return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs))
 
+    # ------------------------------------------------------------------------------------- module tree
+    def _sync_tree(self) -> None:
+        """(Re)builds the module tree when the core's parameters changed (adapters added or removed)."""
+        if self.__dict__.get("_syncing"):
+            return
+        named = self._native.named_parameters()
+        key = tuple(name for name, _ in named)
+        if key == self._tree_key and self._modules:
+            return
+        self.__dict__["_syncing"] = True
+        try:
+            self._build_tree(named)
+        finally:
+            self.__dict__["_syncing"] = False
+        self._tree_key = key
+
+    def _build_tree(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        types = dict(self._native.module_tree())
+        self._modules.clear()
+        nodes: dict[str, torch.nn.Module] = {"": self}
+        for path in [p for p, _ in self._native.module_tree() if p]:
+            parent, _, leaf = path.rpartition(".")
+            module = _shell(types[path])
+            nodes[parent].add_module(leaf, module)
+            nodes[path] = module
+        for name, tensor in named:
+            parent, _, leaf = name.rpartition(".")
+            owner = nodes.get(parent)
+            if owner is None:  # a module the printout folds away: make its path
+                owner = self
+                for part in parent.split("."):
+                    if part not in owner._modules:
+                        owner.add_module(part, _shell("Module"))
+                    owner = _child(owner, part)
+                nodes[parent] = owner
+            _params(owner)[leaf] = tensor  # the core's own tensor (not a copy), as torch.nn.Parameter would be
+        if self._native.lm_head_tied:
+            # torch registers a Linear's weight before its bias
+            for alias, source in sorted(self._tied_weights_keys.items(), key=lambda kv: not kv[0].endswith("weight")):
+                parent, _, leaf = alias.rpartition(".")
+                src_parent, _, src_leaf = source.rpartition(".")
+                if parent in nodes and src_parent in nodes and src_leaf in nodes[src_parent]._parameters:
+                    _params(nodes[parent])[leaf] = nodes[src_parent]._parameters[src_leaf]
+        words = nodes.get("text_decoder.bert.embeddings.word_embeddings")
+        if isinstance(words, torch.nn.Embedding) and "weight" in words._parameters:
+            _fill_attributes(words)
+            pad = self.config.text_config.pad_token_id
+            words.padding_idx = pad if isinstance(pad, int) and 0 <= pad < words.num_embeddings else None
+        for _, module in torch.nn.Module.named_modules(self):
+            if module is not self and module is not words:
+                object.__setattr__(module, "training", self.training)
+                _fill_attributes(module)
+
+    def named_modules(self, memo: Any = None, prefix: str = "", remove_duplicate: bool = True) -> Any:
+        self._sync_tree()
+        return super().named_modules(memo, prefix, remove_duplicate)
+
+    def children(self) -> Iterator[torch.nn.Module]:
+        self._sync_tree()
+        return super().children()
+
+    def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        self._sync_tree()
+        return super().named_children()
+
+    def get_submodule(self, target: str) -> torch.nn.Module:
+        self._sync_tree()
+        return super().get_submodule(target)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' state dict: every parameter by name (the tied LM-head copies too), detached."""
+        self._sync_tree()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Copies `state_dict` into the model's tensors in place (torch's semantics: `strict` reports
+        missing and unexpected keys); `assign=True` is refused (the core keeps its tensors)."""
+        if assign:
+            raise ValueError("load_state_dict(assign=True) is not supported: the core's tensors are updated in place")
+        self._sync_tree()
+        state = dict(state_dict)
+        state.pop("text_decoder.bert.embeddings.position_ids", None)  # a buffer older checkpoints keep
+        return super().load_state_dict(state, strict=strict)
+
+    def __getattr__(self, name: str) -> Any:
+        # The two towers read through the tree: rebuilt first when adapters changed it (not while building).
+        if (
+            name in ("vision_model", "text_decoder")
+            and "_tree_key" in self.__dict__
+            and not self.__dict__.get("_syncing")
+        ):
+            self._sync_tree()
+        return super().__getattr__(name)
+
     # -------------------------------------------------------------------------------------- parameters
-    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    # The core's tensors are plain tensors, not Parameters (hence the override ignores).
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """`(name, parameter)` pairs with transformers' names, in its order (tied weights once)."""
         for name, param in self._native.named_parameters():
             yield (f"{prefix}.{name}" if prefix else name), param
 
-    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
         """The model's parameters: the tensors themselves, so an optimizer updates the model in place."""
         for _, param in self.named_parameters():
             yield param
@@ -200,10 +485,6 @@ class BlipForConditionalGeneration:
             total += p.numel()
         return total
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters by name, detached (the layout `save_pretrained` writes)."""
-        return {name: p.detach() for name, p in self.named_parameters()}
-
     def requires_grad_(self, requires_grad: bool = True) -> BlipForConditionalGeneration:
         for p in self.parameters():
             p.requires_grad_(requires_grad)
@@ -217,8 +498,91 @@ class BlipForConditionalGeneration:
                 else:
                     p.grad.zero_()
 
+    # -------------------------------------------------------------------------------------- embeddings
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The word embeddings (`text_decoder.bert.embeddings.word_embeddings`): a `torch.nn.Embedding` over
+        the core's own table."""
+        return self.get_submodule("text_decoder.bert.embeddings.word_embeddings")
+
+    def get_output_embeddings(self) -> None:
+        """None, as transformers' `BlipForConditionalGeneration` returns (its LM head sits in `text_decoder`:
+        `model.get_submodule("text_decoder.cls.predictions.decoder")`)."""
+        return None
+
+    def tie_weights(self, missing_keys: Any = None, recompute_mapping: bool = True) -> None:
+        """Ties the LM head to the word embeddings when the config says so. The core ties them when the model
+        is built (and keeps them tied through `resize_token_embeddings`), so there is nothing left to do."""
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> torch.nn.Module:
+        """Resizes the vocabulary as transformers does: kept rows are copied, new rows are drawn from a normal
+        distribution with the old embeddings' mean and (1e-9 times) their covariance (`mean_resizing`), or
+        from N(0, initializer_range) otherwise; the LM head's bias grows with zeros when tied. An untied head is
+        resized too (transformers leaves it at the old size, which breaks its forward). `text_config.vocab_size`
+        follows. Returns the input embeddings."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        old = _tensor(self.get_input_embeddings(), "weight")
+        new = old.shape[0] if new_num_tokens is None else new_num_tokens
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+            raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            if (
+                isinstance(pad_to_multiple_of, bool)
+                or not isinstance(pad_to_multiple_of, int)
+                or pad_to_multiple_of < 1
+            ):
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
+        std = self.config.text_config.initializer_range
+        with torch.no_grad():
+            weight = _resized_rows(old, new, mean_resizing, std)
+            bias_param = _tensor(self.get_submodule("text_decoder.cls.predictions"), "bias")
+            if self._native.lm_head_tied:
+                bias = torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new]
+                self._native.resize_vocab(weight, bias)
+            else:
+                head = self.get_submodule("text_decoder.cls.predictions.decoder")
+                dec_w = _resized_rows(_tensor(head, "weight"), new, mean_resizing, std)
+                dec_b = _resized_bias(_tensor(head, "bias"), new, mean_resizing)
+                bias = _resized_bias(bias_param, new, mean_resizing)
+                self._native.resize_vocab(weight, bias, dec_w, dec_b)
+        self._tree_key = ()
+        self._sync_tree()
+        return self.get_input_embeddings()
+
+    def enable_input_require_grads(self) -> None:
+        """transformers' switch that makes the input embeddings' output require grad, so reentrant gradient
+        checkpointing over frozen embeddings (LoRA) gets gradients. Our checkpointing needs no such help; the
+        switch is kept (and reported by `_input_require_grads`) for code that calls it."""
+        self._input_require_grads = True
+
+    def disable_input_require_grads(self) -> None:
+        self._input_require_grads = False
+
+    # --------------------------------------------------------------------------- gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Turns gradient checkpointing on: `bp.train` then recomputes each transformer layer in the backward,
+        and a plain torch loop (`model(...)` in training mode, then `loss.backward()`) keeps no activations
+        of the forward and recomputes it in the backward. `gradient_checkpointing_kwargs` may only ask for
+        `use_reentrant` (either value: the recomputation is the same here)."""
+        extra = set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
+        if extra:
+            raise ValueError(
+                f"gradient_checkpointing_kwargs accepts use_reentrant only, got {', '.join(sorted(extra))}"
+            )
+        self._gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._gradient_checkpointing
+
     # ------------------------------------------------------------------------------ device, dtype, mode
-    def to(self, *args: Any, **kwargs: Any) -> BlipForConditionalGeneration:
+    def to(self, *args: Any, **kwargs: Any) -> BlipForConditionalGeneration:  # type: ignore[override]
         """Moves and/or casts the parameters in place, as `nn.Module.to` does: `to("cuda")`,
         `to(torch.bfloat16)`, `to("cuda", torch.float16)`, `to(device=..., dtype=...)`."""
         device = kwargs.pop("device", None)
@@ -245,24 +609,34 @@ class BlipForConditionalGeneration:
         self._native.to(device_name(device), dtype_name(dtype))
         return self
 
-    def cuda(self, device: int | None = None) -> BlipForConditionalGeneration:
+    def cuda(self, device: Any = None) -> BlipForConditionalGeneration:  # type: ignore[override]
         return self.to(f"cuda:{device or 0}")
 
-    def cpu(self) -> BlipForConditionalGeneration:
+    def cpu(self) -> BlipForConditionalGeneration:  # type: ignore[override]
         return self.to("cpu")
 
-    def float(self) -> BlipForConditionalGeneration:
+    def float(self) -> BlipForConditionalGeneration:  # type: ignore[override]
         return self.to(torch.float32)
 
-    def half(self) -> BlipForConditionalGeneration:
+    def half(self) -> BlipForConditionalGeneration:  # type: ignore[override]
         return self.to(torch.float16)
 
-    def bfloat16(self) -> BlipForConditionalGeneration:
+    def bfloat16(self) -> BlipForConditionalGeneration:  # type: ignore[override]
         return self.to(torch.bfloat16)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        raise NotImplementedError(
+            "the core keeps its tensors: use model.to(device/dtype), .cuda(), .cpu(), .float(), .half(), .bfloat16()"
+        )
 
     def train(self, mode: bool = True) -> BlipForConditionalGeneration:
         """Training mode (dropout active where the config sets it)."""
-        self._native.set_training(bool(mode))
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self._native.set_training(mode)
+        for module in self._modules.values():
+            if module is not None:
+                module.train(mode)
         return self
 
     def eval(self) -> BlipForConditionalGeneration:
@@ -270,8 +644,12 @@ class BlipForConditionalGeneration:
         return self.train(False)
 
     @property
-    def training(self) -> bool:
+    def training(self) -> bool:  # type: ignore[override]
         return self._native.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._native.set_training(bool(mode))
 
     @property
     def device(self) -> torch.device:
@@ -283,8 +661,11 @@ class BlipForConditionalGeneration:
 
     @property
     def config(self) -> BlipConfig:
-        """The parsed configuration (`config.text_config.vocab_size`, `config.to_dict()`)."""
-        return BlipConfig.from_json_string(self._native.config_json())
+        """The parsed configuration (`config.text_config.vocab_size`, `config.to_dict()`, transformers'
+        `PretrainedConfig` attributes such as `use_return_dict` and `get_text_config()`)."""
+        config = BlipConfig.from_json_string(self._native.config_json())
+        config._set_defaults(_attn_implementation=self._attn_implementation, name_or_path=self._native.name_or_path)
+        return config
 
     @property
     def name_or_path(self) -> str:
@@ -292,14 +673,155 @@ class BlipForConditionalGeneration:
 
     # -------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Writes `config.json` and `model.safetensors`, a folder transformers loads with no missing or
-        unexpected keys. Files are written atomically (temporary file, then rename)."""
+        """Writes `config.json`, `model.safetensors` and `generation_config.json`, a folder transformers loads
+        with no missing or unexpected keys. Files are written atomically (temporary file, then rename)."""
         if kwargs.get("safe_serialization") is False:
             raise ValueError("blip_peft writes safetensors only (safe_serialization=False is not supported)")
-        self._native.save_pretrained(fspath(save_directory, "save_directory"))
+        directory = fspath(save_directory, "save_directory")
+        self._native.save_pretrained(directory)
+        self.generation_config.save_pretrained(directory)
 
     def __repr__(self) -> str:
         return self._native.__repr__()
+
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError("BlipForConditionalGeneration cannot be unpickled; save_pretrained / from_pretrained it")
+
+    def __getstate__(self) -> Any:
+        raise TypeError("BlipForConditionalGeneration cannot be pickled; save it with save_pretrained")
+
+
+def _single_device(device_map: Any) -> Any:
+    """The one device a `device_map` names (`"cuda"`, `0`, `torch.device`, or `{"": device}`)."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) == 1:
+            (device_map,) = devices
+        else:
+            raise ValueError("device_map must place the whole model on one device here (e.g. {'': 'cuda:0'})")
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, torch.device, int)) or device_map == "auto":
+        raise ValueError("device_map must name a single device here (e.g. 'cuda' or 'cpu')")
+    return f"cuda:{device_map}" if isinstance(device_map, int) else device_map
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A configuration as the JSON document `config.json` holds: ours, transformers' `BlipConfig`, or a dict."""
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))
+    if hasattr(config, "to_dict"):
+        return json.loads(json.dumps(config.to_dict(), default=str))
+    raise TypeError(f"config must be a BlipConfig or a dict, got {type(config).__name__}")
+
+
+def _resized_rows(old: torch.Tensor, new: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """`old`'s first rows, with new ones as transformers initialises added embeddings."""
+    n_old, dim = old.shape
+    out = torch.empty(new, dim, dtype=old.dtype, device=old.device)
+    keep = min(n_old, new)
+    out[:keep] = old.detach()[:keep]
+    added = new - n_old
+    if added > 0:
+        if mean_resizing:
+            base = old.detach().to(torch.float32)
+            mean = base.mean(0)
+            centered = base - mean
+            covariance = centered.T @ centered / n_old
+            scaled = 1e-9 * covariance
+            if bool(torch.distributions.constraints.positive_definite.check(scaled).all()):
+                dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=scaled)
+                out[n_old:] = dist.sample((added,)).to(old.dtype)
+            else:
+                out[n_old:] = mean[None, :].repeat(added, 1).to(old.dtype)
+        else:
+            out[n_old:] = (torch.randn(added, dim, device=old.device) * std).to(old.dtype)
+    return out
+
+
+def _resized_bias(old: torch.Tensor, new: int, mean_resizing: bool) -> torch.Tensor:
+    out = torch.zeros(new, dtype=old.dtype, device=old.device)
+    keep = min(old.shape[0], new)
+    out[:keep] = old.detach()[:keep]
+    if new > old.shape[0] and mean_resizing:
+        mean = old.detach().float().mean()
+        spread = old.detach().float().std()
+        out[old.shape[0] :] = torch.empty(new - old.shape[0]).normal_(float(mean), float(1e-9 * spread)).to(old.dtype)
+    return out
+
+
+_SHELLS: dict[str, type] = {}
+
+
+class _CoreModule(torch.nn.Module):
+    """A module of the tree whose computation runs in the Rust core (hooks on it never fire)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{type(self).__name__} runs inside the Rust core; call the top-level BlipForConditionalGeneration"
+        )
+
+
+_TORCH_LEAVES = {
+    "Linear": torch.nn.Linear,
+    "Embedding": torch.nn.Embedding,
+    "LayerNorm": torch.nn.LayerNorm,
+    "Conv2d": torch.nn.Conv2d,
+    "Dropout": torch.nn.Dropout,
+    "Identity": torch.nn.Identity,
+    "ModuleList": torch.nn.ModuleList,
+    "ModuleDict": torch.nn.ModuleDict,
+}
+
+
+def _shell(type_name: str) -> torch.nn.Module:
+    """An empty module of torch's class `type_name` (a torch one when torch has it, else a class of that name)."""
+    torch_class = _TORCH_LEAVES.get(type_name)
+    if torch_class is not None:
+        module: torch.nn.Module = object.__new__(torch_class)
+        torch.nn.Module.__init__(module)
+        return module
+    cls = _SHELLS.get(type_name)
+    if cls is None:
+        cls = _SHELLS[type_name] = type(type_name, (_CoreModule,), {"__module__": __name__})
+    return cls()
+
+
+def _child(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    child = module._modules[name]
+    assert child is not None
+    return child
+
+
+def _params(module: torch.nn.Module) -> dict[str, Any]:
+    """A module's own parameter table, which takes the core's plain tensors."""
+    return module._parameters  # type: ignore[return-value]
+
+
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter of a module of the tree, by name."""
+    t = module._parameters.get(name)
+    if t is None:
+        raise ValueError(f"{type(module).__name__} has no {name}")
+    return t
+
+
+def _fill_attributes(module: torch.nn.Module) -> None:
+    """The attributes torch's leaf modules read in their forward and repr, from their tensors' shapes (so a
+    `get_input_embeddings()` table can be called from Python over the core's weights)."""
+    params = module._parameters
+    weight = params.get("weight")
+    if isinstance(module, torch.nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+        if "bias" not in params:
+            params["bias"] = None
+    elif isinstance(module, torch.nn.Embedding) and weight is not None:
+        module.num_embeddings, module.embedding_dim = weight.shape
+        module.padding_idx = None
+        module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse = None, 2.0, False, False
+    elif isinstance(module, torch.nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+        module.eps, module.elementwise_affine = 1e-5, True
+    elif isinstance(module, torch.nn.Dropout):
+        module.p, module.inplace = 0.0, False
 
 
 # Accepted for compatibility; they do not change what is generated here.
@@ -315,7 +837,8 @@ def _generation_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "generation_config":
             if value is not None:
-                names = set(_blip_peft.generation_setting_names())
+                # BLIP's generate passes its own special ids over the object's (captions end at [SEP]).
+                names = set(_blip_peft.generation_setting_names()) - {"bos_token_id", "eos_token_id", "pad_token_id"}
                 for k, v in value.to_dict().items():
                     if k in names and v is not None and k not in kwargs:
                         settings[k] = v

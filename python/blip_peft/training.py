@@ -235,7 +235,7 @@ def train(
     label_smoothing: float | None = None,
     prompt: str | None = None,
     mixed_precision: str = "auto",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     max_length: int | None = 64,
     shuffle: bool = True,
     drop_last: bool = False,
@@ -262,7 +262,8 @@ def train(
     `mixed_precision` ("auto": bf16 on CUDA, float32 on CPU) lowers the frozen weights for the run and
     restores them after; trained weights (adapters, `modules_to_save`, biases, or everything in full
     fine-tuning) stay float32. `gradient_checkpointing=True` keeps only each transformer layer's input and
-    recomputes the layers during the backward (same results, about a third of the activation memory).
+    recomputes the layers during the backward (same results, about a third of the activation memory); None (the
+    default) follows the model (`model.gradient_checkpointing_enable()`).
 
     Under `torchrun` (or with a `torch.distributed` process group initialised) training is data-parallel:
     each process takes a disjoint shard of every epoch (`batch_size` is per process), gradients are averaged
@@ -361,7 +362,12 @@ def train(
         "max_grad_norm": float(max_grad_norm),
         "label_smoothing": label_smoothing,
         "mixed_precision": mixed_precision,
-        "gradient_checkpointing": bool(gradient_checkpointing),
+        # None: as the model says (`model.gradient_checkpointing_enable()`), as transformers' Trainer reads it.
+        "gradient_checkpointing": bool(
+            getattr(model, "is_gradient_checkpointing", False)
+            if gradient_checkpointing is None
+            else gradient_checkpointing
+        ),
         "shuffle": shuffle,
         "drop_last": drop_last,
         "seed": seed,

@@ -7,4 +7,5 @@ pub mod text;
 pub mod vision;
 
 pub(crate) use model::text_context;
-pub use model::{kind_name, BlipForConditionalGeneration, BlipOutput, ForwardInputs};
+pub use model::{kind_name, BlipForConditionalGeneration, BlipOutput, ForwardInputs, ForwardOptions};
+pub use vision::{Record, Recorded};

@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use super::text::{BlipTextLmHeadModel, DecoderMasks};
-use super::vision::BlipVisionModel;
+use super::vision::{BlipVisionModel, Record, Recorded};
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::attention::causal_padding_mask;
@@ -25,11 +25,25 @@ pub struct ForwardInputs<'a> {
     pub labels: Option<&'a Tensor>,
 }
 
-/// What a forward pass returns: the loss when labels were given, the logits, and the image embeddings.
+/// What a forward pass returns: the loss when labels were given, the logits, and the image embeddings; and
+/// what it was asked to record of the vision tower (transformers returns the vision tower's `hidden_states`
+/// and `attentions`).
 pub struct BlipOutput {
     pub loss: Option<Tensor>,
     pub logits: Tensor,
     pub image_embeds: Tensor,
+    pub recorded: Recorded,
+}
+
+/// The options of a forward beyond its inputs, as transformers' `forward` keywords: what to record, the
+/// attention path, how many final positions get logits, and labels already aligned with the logits.
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    pub record: Record,
+    /// `logits_to_keep`: 0 computes every position's logits, `k` only the last `k`'s.
+    pub logits_to_keep: i64,
+    /// `shift_labels`: targets already aligned with the logits (no shift), `[B, kept positions]`.
+    pub shift_labels: Option<&'a Tensor>,
 }
 
 /// The whole captioning model.
@@ -87,6 +101,17 @@ impl BlipForConditionalGeneration {
 
     /// Loads a transformers checkpoint folder (`config.json` + safetensors weights).
     pub fn from_pretrained(dir: &Path, kind: Option<Kind>, device: Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, None, kind, device)
+    }
+
+    /// [`Self::from_pretrained`] with the folder's weights read under `config` when given (transformers'
+    /// `from_pretrained(path, config=...)`) instead of the folder's `config.json`.
+    pub fn from_pretrained_with(
+        dir: &Path,
+        config: Option<BlipConfig>,
+        kind: Option<Kind>,
+        device: Device,
+    ) -> Result<Self> {
         if !dir.exists() {
             return Err(Error::not_found("model folder", dir));
         }
@@ -97,7 +122,10 @@ impl BlipForConditionalGeneration {
                 dir.display()
             )));
         }
-        let config = BlipConfig::from_file(&dir.join("config.json"))?;
+        let config = match config {
+            Some(c) => c,
+            None => BlipConfig::from_file(&dir.join("config.json"))?,
+        };
         let files = SafetensorsFiles::open_folder(dir)?;
         let kind = match kind {
             Some(k) => k,
@@ -171,6 +199,79 @@ impl BlipForConditionalGeneration {
             let mut target = t.shallow_clone();
             target.f_set_data(&moved)?;
         }
+        Ok(())
+    }
+
+    /// Gives the vocabulary new sizes (transformers' `resize_token_embeddings`): the word embeddings take
+    /// `weight` (`[V', D]`) and the LM head's bias `bias` (`[V']`), an untied decoder `decoder` (its weight
+    /// and bias); the parameters keep their identity (their data is replaced, as transformers does), and
+    /// `text_config.vocab_size` becomes `V'`. Refused once adapters wrap the head or copies of modules exist.
+    pub fn resize_vocab(
+        &mut self,
+        weight: &Tensor,
+        bias: &Tensor,
+        decoder: Option<(&Tensor, &Tensor)>,
+    ) -> Result<()> {
+        let tc = &self.config.text_config;
+        let (v, d) = weight.size2()?;
+        if d != tc.hidden_size || v < 1 {
+            return Err(Error::invalid(format!(
+                "the resized word embeddings must have shape [new_num_tokens >= 1, {}], got {:?}",
+                tc.hidden_size,
+                weight.size()
+            )));
+        }
+        if bias.size() != [v] {
+            return Err(Error::invalid(format!(
+                "the resized LM-head bias must have shape [{v}], got {:?}",
+                bias.size()
+            )));
+        }
+        let head = &self.text_decoder.cls.predictions;
+        if !self.saved_modules.is_empty() || head.decoder.lora.is_some() {
+            return Err(Error::invalid(
+                "resize_token_embeddings must be called before adapters are added (the LM head or a copy of a \
+                 module would keep the old vocabulary); resize the base model, then add the adapter",
+            ));
+        }
+        let tied = head.decoder.tied;
+        match (tied, decoder) {
+            (true, Some(_)) => return Err(Error::invalid("the LM head is tied: pass no decoder weights")),
+            (false, None) => return Err(Error::invalid("the LM head is untied: pass its resized weights")),
+            (false, Some((w, b))) if w.size() != [v, d] || b.size() != [v] => {
+                return Err(Error::invalid(format!(
+                    "the resized decoder must have weight [{v}, {d}] and bias [{v}], got {:?} and {:?}",
+                    w.size(),
+                    b.size()
+                )))
+            }
+            _ => {}
+        }
+        let _guard = tch::no_grad_guard();
+        let put = |target: &Tensor, value: &Tensor| -> Result<()> {
+            let value = value.f_to_device(target.device())?.f_to_kind(target.kind())?;
+            let mut target = target.shallow_clone();
+            target.f_set_data(&value)?;
+            Ok(())
+        };
+        let emb = &mut self.text_decoder.bert.embeddings.word_embeddings;
+        put(&emb.weight, weight)?;
+        emb.num_embeddings = v;
+        // transformers drops the padding index when it no longer fits the table.
+        if emb.padding_idx.is_some_and(|p| p > v - 1) {
+            emb.padding_idx = None;
+        }
+        let head = &mut self.text_decoder.cls.predictions;
+        put(&head.bias, bias)?;
+        if let Some((w, b)) = decoder {
+            put(&head.decoder.weight, w)?;
+            if let Some(own) = &head.decoder.bias {
+                put(own, b)?;
+            }
+        }
+        head.decoder.out_features = v;
+        self.config.text_config.vocab_size = v;
+        self.text_decoder.config.vocab_size = v;
         Ok(())
     }
 
@@ -310,7 +411,111 @@ impl BlipForConditionalGeneration {
             loss,
             logits,
             image_embeds,
+            recorded: Recorded::default(),
         })
+    }
+
+    /// [`Self::forward_with`] with transformers' further `forward` keywords ([`ForwardOptions`]).
+    pub fn forward_options(
+        &self,
+        inputs: &ForwardInputs,
+        cx: &ForwardContext,
+        options: &ForwardOptions,
+    ) -> Result<BlipOutput> {
+        let plain = options.logits_to_keep == 0 && options.shift_labels.is_none();
+        if plain && options.record == Record::default() {
+            return self.forward_with(inputs, cx);
+        }
+        let (pixel_values, ids, mask, labels) = self.prepare(inputs)?;
+        if options.logits_to_keep < 0 {
+            return Err(Error::invalid(format!(
+                "logits_to_keep must be 0 (every position) or a positive number of final positions, got {}",
+                options.logits_to_keep
+            )));
+        }
+        let (image_embeds, recorded) =
+            self.vision_model
+                .forward_recording(&pixel_values, cx, options.record)?;
+        let t = ids.size()[1];
+        let text_cx = text_context(cx);
+        let additive = match &mask {
+            Some(m) => Some(causal_padding_mask(m, t, self.text_decoder.compute_kind(cx))?),
+            None => None,
+        };
+        let masks = DecoderMasks {
+            self_mask: additive.as_ref(),
+            causal: additive.is_none(),
+        };
+        let hidden = self
+            .text_decoder
+            .hidden_states(&ids, &image_embeds, &masks, &text_cx)?;
+        let keep = match options.logits_to_keep {
+            0 => t,
+            k => k.min(t),
+        };
+        let hidden = hidden.f_narrow(1, t - keep, keep)?;
+        let logits = self.text_decoder.logits(&hidden, &text_cx)?;
+        // As in transformers, a loss needs `labels`; `shift_labels` then replaces their shifted copy.
+        let loss = match (&labels, options.shift_labels) {
+            (Some(_), Some(shift)) => Some(self.aligned_loss(&logits, shift)?),
+            (Some(labels), None) => {
+                if keep != t {
+                    return Err(Error::invalid(format!(
+                        "labels score every position, but logits_to_keep={} keeps {keep} of {t}; pass \
+                         logits_to_keep=0 with labels (or shift_labels aligned with the kept logits)",
+                        options.logits_to_keep
+                    )));
+                }
+                Some(self.caption_loss(&logits, labels, cx)?)
+            }
+            (None, _) => None,
+        };
+        Ok(BlipOutput {
+            loss,
+            logits,
+            image_embeds,
+            recorded,
+        })
+    }
+
+    /// Mean cross-entropy of `logits` `[B, T, V]` against `targets` `[B, T]` already aligned with them
+    /// (transformers' `shift_labels`), ignoring -100, in float32 with the configured label smoothing.
+    fn aligned_loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.size3()?;
+        if targets.size() != [b, t] {
+            return Err(Error::invalid(format!(
+                "shift_labels has shape {:?} but the logits have {:?}; shift_labels must be aligned with the \
+                 (kept) logits",
+                targets.size(),
+                [b, t]
+            )));
+        }
+        if !is_index_kind(targets.kind()) {
+            return Err(Error::type_error(format!(
+                "shift_labels must hold integer token ids (torch.long, -100 to ignore), got {:?}",
+                targets.kind()
+            )));
+        }
+        let targets = targets.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
+        let allowed = targets
+            .f_ge(0)?
+            .f_logical_and(&targets.f_lt(v)?)?
+            .f_logical_or(&targets.f_eq(-100)?)?;
+        if !bool::try_from(allowed.f_all()?)? {
+            return Err(Error::invalid(format!(
+                "shift_labels must be token ids in [0, {v}) or -100 (ignored)"
+            )));
+        }
+        Ok(logits
+            .f_reshape([b * t, v])?
+            .f_to_kind(Kind::Float)?
+            .f_cross_entropy_loss::<Tensor>(
+                &targets.f_reshape([b * t])?,
+                None,
+                Reduction::Mean,
+                -100,
+                self.config.text_config.label_smoothing,
+            )?)
     }
 
     /// Decoder logits for `ids` over `image_embeds` and, with `labels`, the shifted cross-entropy.

@@ -439,7 +439,19 @@ impl BlipTextLmHeadModel {
             c.hidden_size,
             c.layer_norm_eps,
         )?;
-        let decoder = if tied {
+        // transformers ties only what the checkpoint allows: a stored decoder weight that differs from the word
+        // embeddings (the config says tied, the weights say otherwise) stays the decoder's own.
+        let differs = match tied
+            .then(|| src.stored(&join(&pred, "decoder.weight")))
+            .transpose()?
+        {
+            Some(Some(stored)) => {
+                let embeddings = embeddings.word_embeddings.weight.f_to_device(tch::Device::Cpu)?;
+                stored.size() != embeddings.size() || !stored.f_to_kind(embeddings.kind())?.equal(&embeddings)
+            }
+            _ => false,
+        };
+        let decoder = if tied && !differs {
             // Older checkpoints store the tied copies too; they are the same numbers.
             src.ignore(&join(&pred, "decoder.weight"));
             src.ignore(&join(&pred, "decoder.bias"));

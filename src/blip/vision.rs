@@ -114,6 +114,25 @@ impl BlipAttention {
         self.attend(x, qkv, cx)
     }
 
+    /// transformers' eager attention, returning the attention probabilities (after dropout, as transformers
+    /// returns them) with the output: `softmax(q kᵀ · scale)` written out, for `output_attentions`.
+    fn forward_eager(&self, x: &Tensor, cx: &ForwardContext) -> Result<(Tensor, Tensor)> {
+        let qkv = self.qkv.forward_t(x, cx)?;
+        let (b, l, d) = x.size3()?;
+        let h = self.num_heads;
+        let qkv = qkv.f_reshape([b, l, 3, h, d / h])?.f_permute([2, 0, 3, 1, 4])?;
+        let (q, k, v) = (qkv.f_select(0, 0)?, qkv.f_select(0, 1)?, qkv.f_select(0, 2)?);
+        let scale = ((d / h) as f64).powf(-0.5);
+        let scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(scale)?;
+        let mut probs = scores.f_softmax(-1, scores.kind())?;
+        if cx.train && self.dropout.p > 0.0 {
+            probs = probs.f_dropout(self.dropout.p, true)?;
+        }
+        let attended = probs.f_matmul(&v)?;
+        let out = self.projection.forward_t(&merge_heads(&attended)?, cx)?;
+        Ok((out, probs))
+    }
+
     fn attend(&self, x: &Tensor, qkv: Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let (b, l, d) = x.size3()?;
         let h = self.num_heads;
@@ -207,6 +226,14 @@ impl BlipEncoderLayer {
         Ok(self.mlp.forward(&self.layer_norm2.forward(&h)?, cx)?.f_add(&h)?)
     }
 
+    /// [`Self::forward`] with transformers' eager attention, also returning the attention probabilities.
+    fn forward_eager(&self, x: &Tensor, cx: &ForwardContext) -> Result<(Tensor, Tensor)> {
+        let (attn, probs) = self.self_attn.forward_eager(&self.layer_norm1.forward(x)?, cx)?;
+        let h = attn.f_add(x)?;
+        let out = self.mlp.forward(&self.layer_norm2.forward(&h)?, cx)?.f_add(&h)?;
+        Ok((out, probs))
+    }
+
     /// Inference without a graph: the residual sums and the activation are written in place, sparing three
     /// activation-sized tensors per layer. Each fresh one costs a round of page faults: glibc hands blocks
     /// this large back to the OS when they are freed (~8% of the tower's time at batch 8). `x` must be a
@@ -238,6 +265,25 @@ pub struct BlipEncoder {
 }
 
 module!(BlipEncoder: "BlipEncoder" { children: ["layers" => layers] });
+
+/// What a forward is asked to record besides its output (an explicit argument of the call, never a model
+/// setting), and which attention path it takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Record {
+    /// Every layer's input and the last layer's output (transformers' `output_hidden_states`).
+    pub hidden_states: bool,
+    /// Every layer's attention probabilities (transformers' `output_attentions`); implies eager attention.
+    pub attentions: bool,
+    /// Attention written out as transformers' eager path computes it, instead of SDPA.
+    pub eager: bool,
+}
+
+/// What a recording forward collected, in layer order (empty when not asked for).
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub hidden_states: Vec<Tensor>,
+    pub attentions: Vec<Tensor>,
+}
 
 /// The whole image encoder. Its output (after `post_layernorm`) is the decoder's cross-attention memory.
 #[derive(Debug)]
@@ -290,6 +336,46 @@ impl BlipVisionModel {
             };
         }
         self.post_layernorm.forward(&x)
+    }
+
+    /// [`Self::forward`] recording what `record` asks for (transformers' `output_hidden_states` /
+    /// `output_attentions`): the embeddings' output and every layer's (before `post_layernorm`), and each
+    /// layer's attention probabilities. Attention runs eagerly (written out) when its probabilities are
+    /// asked for or `record.eager`, through SDPA otherwise.
+    pub fn forward_recording(
+        &self,
+        pixel_values: &Tensor,
+        cx: &ForwardContext,
+        record: Record,
+    ) -> Result<(Tensor, Recorded)> {
+        let eager = record.attentions || record.eager;
+        if !eager && !record.hidden_states {
+            return Ok((self.forward(pixel_values, cx)?, Recorded::default()));
+        }
+        let mut recorded = Recorded::default();
+        let mut x = self.embeddings.forward(pixel_values, self.compute_kind(cx), cx)?;
+        let seed = cx.layer_seed_base();
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            if record.hidden_states {
+                recorded.hidden_states.push(x.shallow_clone());
+            }
+            if let Some(seed) = seed {
+                tch::manual_seed(layer_seed(seed, i));
+            }
+            x = if eager {
+                let (out, probs) = layer.forward_eager(&x, cx)?;
+                if record.attentions {
+                    recorded.attentions.push(probs);
+                }
+                out
+            } else {
+                layer.forward(&x, cx)?
+            };
+        }
+        if record.hidden_states {
+            recorded.hidden_states.push(x.shallow_clone());
+        }
+        Ok((self.post_layernorm.forward(&x)?, recorded))
     }
 
     /// Forward for gradient checkpointing: the encoder layers run without a graph, keeping only their

@@ -38,6 +38,18 @@ impl<'a> Job<'a> {
         // BLIP generates until [SEP] (transformers passes sep_token_id as the EOS) and pads with pad_token_id.
         let eos = Some(config.eos_token_id.unwrap_or(tc.sep_token_id));
         let pad = config.pad_token_id.unwrap_or(tc.pad_token_id);
+        // BOS is embedded (the first position of every row); an EOS outside the vocabulary is never produced.
+        if bos < 0 || bos >= tc.vocab_size {
+            let name = match config.bos_token_id {
+                Some(_) => "bos_token_id",
+                None => "the config's text_config.bos_token_id",
+            };
+            return Err(Error::invalid(format!(
+                "{name} ({bos}) is not a token id of the vocabulary (0 to {}): generate() starts every caption \
+                 with it; pass bos_token_id=<an id below text_config.vocab_size>",
+                tc.vocab_size - 1
+            )));
+        }
         let pixel_values = model.check_pixel_values(pixel_values)?;
         let batch = pixel_values.size()[0];
         let prompts = prompts(model, batch, input_ids, attention_mask, bos)?;

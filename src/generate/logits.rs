@@ -37,7 +37,8 @@ impl Processors<'_> {
         if c.no_repeat_ngram_size > 0 && cur_len >= c.no_repeat_ngram_size {
             scores = ban_repeated_ngrams(seqs, scores, c.no_repeat_ngram_size)?;
         }
-        if let Some(eos) = self.eos {
+        // An EOS outside the vocabulary has no score to mask (transformers' processor finds it with `isin`).
+        if let Some(eos) = self.eos.filter(|&e| e >= 0 && e < scores.size()[1]) {
             if cur_len < c.min_length || cur_len - self.prompt_len < c.min_new_tokens {
                 let _ = scores.f_narrow(1, eos, 1)?.f_fill_(f64::NEG_INFINITY)?;
             }

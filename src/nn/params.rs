@@ -24,6 +24,11 @@ pub trait ParamSource {
 
     /// Marks `name` as known but unused (a tied alias or a buffer that older checkpoints store).
     fn ignore(&mut self, _name: &str) {}
+
+    /// The tensor stored under `name`, if this source reads stored tensors and has it (not marked used).
+    fn stored(&mut self, _name: &str) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// Visits parameters in registration order with their full dotted paths. Tied parameters are visited once.

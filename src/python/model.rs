@@ -9,11 +9,12 @@ use pyo3::types::PyDict;
 
 use super::errors::IntoPyResult;
 use super::{json, tensor};
-use crate::blip::{BlipForConditionalGeneration, ForwardInputs};
+use crate::blip::{BlipForConditionalGeneration, ForwardInputs, ForwardOptions, Record};
 use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
 use crate::generate::GenerationConfig;
 use crate::lora::{self, LoraConfig};
+use crate::nn::ForwardContext;
 use crate::weights::SafetensorsFiles;
 
 /// A BLIP captioning model held by the Rust core. Use `blip_peft.BlipForConditionalGeneration`.
@@ -24,8 +25,15 @@ pub struct PyBlipModel {
     last_generate_rows: Mutex<Vec<i64>>,
 }
 
-/// `(loss or None, logits, image_embeds)` of a forward pass, as torch tensors.
-type ForwardResult<'py> = (Option<Bound<'py, PyAny>>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+/// `(loss or None, logits, image_embeds, vision hidden states or None, vision attentions or None)` of a
+/// forward pass, as torch tensors.
+type ForwardResult<'py> = (
+    Option<Bound<'py, PyAny>>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Vec<Bound<'py, PyAny>>>,
+    Option<Vec<Bound<'py, PyAny>>>,
+);
 
 /// Locks a shared model. A model already busy (e.g. a training callback calling `generate` on the model
 /// being trained, or another thread) is an error, never a deadlock: the one place that says so.
@@ -61,13 +69,24 @@ impl PyBlipModel {
 impl PyBlipModel {
     /// Loads a transformers checkpoint folder. `dtype` is None (the stored precision), "float32",
     /// "bfloat16" or "float16"; `device` is "cpu", "cuda" or "cuda:N".
+    /// `config_json`, when given, replaces the folder's `config.json` (transformers' `config=`).
     #[staticmethod]
-    #[pyo3(signature = (path, dtype=None, device="cpu"))]
-    fn from_pretrained(py: Python<'_>, path: PathBuf, dtype: Option<&str>, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, dtype=None, device="cpu", config_json=None))]
+    fn from_pretrained(
+        py: Python<'_>,
+        path: PathBuf,
+        dtype: Option<&str>,
+        device: &str,
+        config_json: Option<&str>,
+    ) -> PyResult<Self> {
         let kind = dtype.map(parse_dtype).transpose().py()?;
         let device = parse_device(device).py()?;
+        let config = match config_json {
+            Some(text) => Some(BlipConfig::from_json(parse_json(text)?).py()?),
+            None => None,
+        };
         let model = py
-            .detach(|| BlipForConditionalGeneration::from_pretrained(&path, kind, device))
+            .detach(|| BlipForConditionalGeneration::from_pretrained_with(&path, config, kind, device))
             .py()?;
         Ok(Self::wrap(model))
     }
@@ -89,8 +108,12 @@ impl PyBlipModel {
         ))
     }
 
-    /// Runs the model; returns `(loss or None, logits, image_embeds)` as torch tensors.
-    #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None))]
+    /// Runs the model; returns `(loss or None, logits, image_embeds, hidden_states, attentions)` as torch
+    /// tensors (the last two: lists of the vision tower's, when asked for, else None). `eager` writes
+    /// attention out instead of SDPA; `logits_to_keep` and `shift_labels` are transformers' keywords.
+    #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None, *, output_hidden_states=false,
+        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None))]
+    #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
         py: Python<'py>,
@@ -98,29 +121,108 @@ impl PyBlipModel {
         input_ids: &Bound<'py, PyAny>,
         attention_mask: Option<&Bound<'py, PyAny>>,
         labels: Option<&Bound<'py, PyAny>>,
+        output_hidden_states: bool,
+        output_attentions: bool,
+        eager: bool,
+        logits_to_keep: i64,
+        shift_labels: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<ForwardResult<'py>> {
         let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
         let input_ids = tensor::from_py(input_ids, "input_ids")?;
         let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
         let labels = tensor::from_py_opt(labels, "labels")?;
+        let shift_labels = tensor::from_py_opt(shift_labels, "shift_labels")?;
+        let record = Record {
+            hidden_states: output_hidden_states,
+            attentions: output_attentions,
+            eager,
+        };
         let inner = self.inner.clone();
         let out = py
             .detach(move || {
                 let model = locked(&inner)?;
-                model.forward(&ForwardInputs {
+                let cx = ForwardContext::mode(model.training);
+                let options = ForwardOptions {
+                    record,
+                    logits_to_keep,
+                    shift_labels: shift_labels.as_ref(),
+                };
+                let inputs = ForwardInputs {
                     pixel_values: &pixel_values,
                     input_ids: &input_ids,
                     attention_mask: attention_mask.as_ref(),
                     labels: labels.as_ref(),
-                })
+                };
+                model.forward_options(&inputs, &cx, &options)
             })
             .py()?;
         let loss = out.loss.as_ref().map(|l| tensor::to_py(py, l)).transpose()?;
+        let list = |wanted: bool, ts: &[tch::Tensor]| -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
+            match wanted {
+                true => Ok(Some(
+                    ts.iter().map(|t| tensor::to_py(py, t)).collect::<PyResult<_>>()?,
+                )),
+                false => Ok(None),
+            }
+        };
         Ok((
             loss,
             tensor::to_py(py, &out.logits)?,
             tensor::to_py(py, &out.image_embeds)?,
+            list(output_hidden_states, &out.recorded.hidden_states)?,
+            list(output_attentions, &out.recorded.attentions)?,
         ))
+    }
+
+    /// Replaces the vocabulary-sized tensors by resized ones (see `BlipForConditionalGeneration.
+    /// resize_token_embeddings`); `decoder_weight`/`decoder_bias` only for an untied head.
+    #[pyo3(signature = (weight, bias, decoder_weight=None, decoder_bias=None))]
+    fn resize_vocab(
+        &self,
+        weight: &Bound<'_, PyAny>,
+        bias: &Bound<'_, PyAny>,
+        decoder_weight: Option<&Bound<'_, PyAny>>,
+        decoder_bias: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let weight = tensor::from_py(weight, "weight")?;
+        let bias = tensor::from_py(bias, "bias")?;
+        let decoder_weight = tensor::from_py_opt(decoder_weight, "decoder_weight")?;
+        let decoder_bias = tensor::from_py_opt(decoder_bias, "decoder_bias")?;
+        let decoder = match (&decoder_weight, &decoder_bias) {
+            (Some(w), Some(b)) => Some((w, b)),
+            (None, None) => None,
+            _ => {
+                return Err(PyValueError::new_err(
+                    "pass both decoder_weight and decoder_bias, or neither",
+                ))
+            }
+        };
+        self.lock()?.resize_vocab(&weight, &bias, decoder).py()
+    }
+
+    /// Whether the LM head's decoder is the word embeddings (tied, as the config says).
+    #[getter]
+    fn lm_head_tied(&self) -> PyResult<bool> {
+        Ok(self.lock()?.text_decoder.cls.predictions.decoder.tied)
+    }
+
+    /// `(path, torch class name)` of every module in `named_modules()` order (the root as ""), as
+    /// `print(model)` shows the tree (peft's wrappers included).
+    fn module_tree(&self) -> PyResult<Vec<(String, String)>> {
+        fn walk(node: &crate::repr::ReprNode, path: &str, out: &mut Vec<(String, String)>) {
+            out.push((path.to_string(), node.type_name.clone()));
+            for (name, child) in &node.children {
+                walk(child, &crate::nn::join(path, name), out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.lock()?.repr_node(), "", &mut out);
+        Ok(out)
+    }
+
+    /// What loading this model's configuration warns about (transformers logs the same), one line each.
+    fn config_warnings(&self) -> PyResult<Vec<String>> {
+        Ok(self.lock()?.config.warnings())
     }
 
     /// `(name, parameter)` pairs in transformers' order; the tensors are the model's own.

@@ -62,3 +62,32 @@ pub fn device_name(device: Device) -> String {
         Device::Vulkan => "vulkan".into(),
     }
 }
+
+/// The host's physical memory in bytes (None where the system does not say).
+pub fn host_memory_bytes() -> Option<u128> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && page > 0).then(|| pages as u128 * page as u128)
+}
+
+/// Refuses, before allocating, a request whose memory (`bytes`, None when the count itself overflowed) is
+/// more than the machine has: a MemoryError naming `what` was asked and how to ask for less, never an abort
+/// or an allocator trace. Only the host's memory is known here; on CUDA libtorch's own out-of-memory error
+/// (also a MemoryError in Python) says it.
+pub fn check_fits(bytes: Option<u128>, device: Device, what: &str, fix: &str) -> Result<()> {
+    let limit = match device {
+        Device::Cpu => host_memory_bytes(),
+        _ => None,
+    };
+    match (bytes, limit) {
+        (None, _) => Err(Error::OutOfMemory(format!(
+            "{what} would need more memory than can be counted (over 2^128 bytes); {fix}"
+        ))),
+        (Some(b), Some(limit)) if b > limit => Err(Error::OutOfMemory(format!(
+            "{what} would need about {:.1} GiB, more than this machine's {:.1} GiB of memory; {fix}",
+            b as f64 / (1u128 << 30) as f64,
+            limit as f64 / (1u128 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -336,6 +336,7 @@ def train(
         "save_steps": save_steps,
         "save_total_limit": save_total_limit,
         "eval_steps": eval_steps,
+        "max_length": max_length,
         "resume_from_checkpoint": resume,
     }
     group = distributed.collective()

@@ -64,20 +64,34 @@ impl BlipTokenizer {
             return Err(Error::not_found("tokenizer file", path));
         }
         let inner = Tokenizer::from_file(path).map_err(tk_err(&format!("cannot load {}", path.display())))?;
-        Ok(Self::from_tokenizer(inner))
+        Self::from_tokenizer(inner)
     }
 
     /// Parses the JSON text of a `tokenizer.json`.
     pub fn from_json(json: &str) -> Result<Self> {
         let inner: Tokenizer = json.parse().map_err(tk_err("cannot parse tokenizer JSON"))?;
-        Ok(Self::from_tokenizer(inner))
+        Self::from_tokenizer(inner)
     }
 
-    fn from_tokenizer(mut inner: Tokenizer) -> Self {
+    fn from_tokenizer(mut inner: Tokenizer) -> Result<Self> {
+        // BLIP's tokenizer is BERT's WordPiece. Another model's tokenizer.json would load and quietly turn
+        // captions into unknown tokens (transformers' BertTokenizer keeps only its vocabulary): refused.
+        let kind = match inner.get_model() {
+            tokenizers::models::ModelWrapper::WordPiece(_) => None,
+            tokenizers::models::ModelWrapper::BPE(_) => Some("BPE"),
+            tokenizers::models::ModelWrapper::WordLevel(_) => Some("WordLevel"),
+            tokenizers::models::ModelWrapper::Unigram(_) => Some("Unigram"),
+        };
+        if let Some(kind) = kind {
+            return Err(Error::invalid(format!(
+                "this tokenizer.json holds a {kind} tokenizer (another model type's); BLIP uses BERT's WordPiece \
+                 tokenizer: use the tokenizer.json of a BLIP checkpoint (e.g. Salesforce/blip-image-captioning-base)"
+            )));
+        }
         inner.with_padding(None);
         // Removing truncation cannot fail (only setting a stride larger than max_length can).
         let _ = inner.with_truncation(None);
-        BlipTokenizer { inner }
+        Ok(BlipTokenizer { inner })
     }
 
     /// The `tokenizer.json` text.

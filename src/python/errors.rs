@@ -62,6 +62,10 @@ pub fn to_py(err: Error) -> PyErr {
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(msg)
         }
+        // A file that is not what it should be (e.g. not UTF-8 text) is bad input, not an OS failure.
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
+            PyValueError::new_err(format!("{msg} (the file is not valid text)"))
+        }
         Error::Io { .. } => PyOSError::new_err(msg),
         Error::Config(_) | Error::Checkpoint(_) | Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Type(_) => PyTypeError::new_err(msg),

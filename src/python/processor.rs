@@ -9,7 +9,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 
-use super::errors::IntoPyResult;
+use super::errors::{guard, IntoPyResult};
 use crate::processor::{
     preprocess_images, BlipTokenizer, ImageProcessorConfig, ImageSource, Padding, PixelMode, PixelValues,
     Resample, TokenizeOptions,
@@ -75,7 +75,7 @@ impl PyImageProcessor {
             .map(|(i, obj)| to_source(i, &obj))
             .collect::<PyResult<Vec<_>>>()?;
         let cfg = self.cfg.clone();
-        let pixels = py.detach(move || preprocess_images(&cfg, &sources)).py()?;
+        let pixels = guard("image processing", || py.detach(move || preprocess_images(&cfg, &sources)).py())?;
         match pixels {
             PixelValues::Batch {
                 n,
@@ -165,7 +165,7 @@ impl PyTokenizer {
     /// Loads a `tokenizer.json` file.
     #[staticmethod]
     fn from_file(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(move || BlipTokenizer::from_file(&path)).py()?;
+        let inner = guard("tokenizer loading", || py.detach(move || BlipTokenizer::from_file(&path)).py())?;
         Ok(Self { inner })
     }
 
@@ -248,7 +248,7 @@ impl PyTokenizer {
             pad_token,
         };
         let inner = &self.inner;
-        let enc = py.detach(|| inner.encode_batch(&texts, &opts)).py()?;
+        let enc = guard("tokenizing", || py.detach(|| inner.encode_batch(&texts, &opts)).py())?;
         Ok((enc.input_ids, enc.attention_mask, enc.token_type_ids))
     }
 
@@ -275,7 +275,9 @@ impl PyTokenizer {
             })
             .collect::<PyResult<Vec<_>>>()?;
         let inner = &self.inner;
-        py.detach(|| inner.decode_batch(&rows, skip_special_tokens, clean_up_tokenization_spaces))
-            .py()
+        guard("decoding", || {
+            py.detach(|| inner.decode_batch(&rows, skip_special_tokens, clean_up_tokenization_spaces))
+                .py()
+        })
     }
 }

@@ -66,7 +66,12 @@ pub fn device_name(device: Device) -> String {
 /// The host's physical memory in bytes (None where the system does not say).
 pub fn host_memory_bytes() -> Option<u128> {
     // SAFETY: sysconf only reads system constants.
-    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     (pages > 0 && page > 0).then(|| pages as u128 * page as u128)
 }
 

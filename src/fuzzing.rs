@@ -11,6 +11,15 @@ use crate::lora::LoraConfig;
 use crate::processor::{load_rgb, BlipTokenizer, ImageSource, Padding, TokenizeOptions};
 use crate::weights::SafetensorsFiles;
 
+/// For the cargo-fuzz targets: libFuzzer's Rust glue aborts in its panic hook, which would count a panic a
+/// loader catches on purpose (the tokenizers crate panics on some malformed files; ours turns that into an
+/// error) as a crash. A quiet hook instead; a panic that escapes a target still aborts the run (the glue's
+/// `catch_unwind` around every input).
+pub fn allow_caught_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+}
+
 /// The loaders, by the names of their fuzz targets and corpus folders.
 pub const TARGETS: [(&str, fn(&[u8])); 5] = [
     ("config_json", config_json),
@@ -59,7 +68,10 @@ fn shard_path(i: usize) -> PathBuf {
     let dir = std::env::var_os("FUZZ_TMP").map_or_else(std::env::temp_dir, PathBuf::from);
     let thread = format!("{:?}", std::thread::current().id());
     let thread: String = thread.chars().filter(char::is_ascii_digit).collect();
-    dir.join(format!("blip_peft_fuzz_{}_{thread}_{i}.safetensors", std::process::id()))
+    dir.join(format!(
+        "blip_peft_fuzz_{}_{thread}_{i}.safetensors",
+        std::process::id()
+    ))
 }
 
 fn read_all(files: &SafetensorsFiles) {
@@ -68,7 +80,11 @@ fn read_all(files: &SafetensorsFiles) {
         let shape = files.shape(name);
         let kind = files.kind(name);
         if let (Ok(Some(shape)), Ok(Some(_)), Ok(Some(t))) = (shape, kind, files.read(name)) {
-            assert_eq!(t.size(), shape, "{name}: the tensor read has the shape its header lists");
+            assert_eq!(
+                t.size(),
+                shape,
+                "{name}: the tensor read has the shape its header lists"
+            );
         }
     }
 }
@@ -84,7 +100,8 @@ pub fn safetensors(data: &[u8]) {
     let cut = (split as usize * rest.len() / 255).min(rest.len());
     let (a, b) = rest.split_at(cut);
     let paths = [shard_path(0), shard_path(1)];
-    let write = |i: usize, bytes: &[u8]| std::fs::write(&paths[i], bytes).expect("the fuzz folder is writable");
+    let write =
+        |i: usize, bytes: &[u8]| std::fs::write(&paths[i], bytes).expect("the fuzz folder is writable");
     write(0, rest);
     if let Ok(files) = SafetensorsFiles::open(&paths[..1]) {
         read_all(&files);

@@ -25,8 +25,18 @@ impl Rng {
 }
 
 const INTERESTING: [&[u8]; 12] = [
-    b"0", b"-1", b"1e309", b"NaN", b"18446744073709551616", b"9223372036854775807", b"null", b"[]", b"{}",
-    b"\"\"", b"\xff\xff\xff\xff", b"\x00\x00\x00\x00\x00\x00\x00\x80",
+    b"0",
+    b"-1",
+    b"1e309",
+    b"NaN",
+    b"18446744073709551616",
+    b"9223372036854775807",
+    b"null",
+    b"[]",
+    b"{}",
+    b"\"\"",
+    b"\xff\xff\xff\xff",
+    b"\x00\x00\x00\x00\x00\x00\x00\x80",
 ];
 
 fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
@@ -74,7 +84,10 @@ fn every_loader_survives_its_corpus_and_seeded_mutations() {
     let dir = tempfile::tempdir().unwrap();
     std::env::set_var("FUZZ_TMP", dir.path());
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus");
-    let runs: usize = std::env::var("FUZZ_SEEDED_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+    let runs: usize = std::env::var("FUZZ_SEEDED_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
     for (name, target) in blip_peft::fuzzing::TARGETS {
         let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(corpus.join(name))
             .unwrap_or_else(|e| panic!("the corpus of {name} is missing: {e}"))

@@ -166,7 +166,9 @@ impl GenerationConfig {
             ("min_length", self.min_length),
         ] {
             if value < 0 {
-                return Err(Error::invalid(format!("{name} must not be negative, got {value} (0 is off)")));
+                return Err(Error::invalid(format!(
+                    "{name} must not be negative, got {value} (0 is off)"
+                )));
             }
         }
         for (name, value) in [

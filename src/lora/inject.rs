@@ -271,7 +271,11 @@ pub fn inject(
     crate::device::check_fits(
         adapter_bytes,
         device,
-        &format!("LoRA adapter {name:?} with r={} on {} layers", config.r, targeted.len()),
+        &format!(
+            "LoRA adapter {name:?} with r={} on {} layers",
+            config.r,
+            targeted.len()
+        ),
         "use a smaller r (ranks of 4 to 64 are usual; r above a layer's width adds nothing)",
     )?;
     let saved_paths = match &config.modules_to_save {

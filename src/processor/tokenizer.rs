@@ -63,13 +63,19 @@ impl BlipTokenizer {
         if !path.exists() {
             return Err(Error::not_found("tokenizer file", path));
         }
-        let inner = Tokenizer::from_file(path).map_err(tk_err(&format!("cannot load {}", path.display())))?;
-        Self::from_tokenizer(inner)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        Self::from_json(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
     /// Parses the JSON text of a `tokenizer.json`.
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner: Tokenizer = json.parse().map_err(tk_err("cannot parse tokenizer JSON"))?;
+        // The tokenizers crate panics on some malformed documents (an unwrap in its model deserializer, found
+        // by fuzz/): that is bad input here, not a bug of ours.
+        let parsed = std::panic::catch_unwind(|| json.parse::<Tokenizer>()).map_err(|_| {
+            Error::invalid("cannot parse tokenizer JSON: the document is malformed (its \"model\" section)")
+        })?;
+        let inner = parsed.map_err(tk_err("cannot parse tokenizer JSON"))?;
         Self::from_tokenizer(inner)
     }
 

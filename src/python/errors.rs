@@ -25,7 +25,10 @@ pyo3::create_exception!(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BlipPeftError", m.py().get_type::<BlipPeftError>())?;
-    m.add("BlipPeftInternalError", m.py().get_type::<BlipPeftInternalError>())
+    m.add(
+        "BlipPeftInternalError",
+        m.py().get_type::<BlipPeftInternalError>(),
+    )
 }
 
 /// The last line of defence at the binding boundary: runs `f` and turns a Rust panic (in `f` or in a worker
@@ -83,9 +86,13 @@ pub fn to_py(err: Error) -> PyErr {
 
 /// Whether a libtorch message is an allocation failure (CPU or CUDA).
 fn is_out_of_memory(msg: &str) -> bool {
-    ["not enough memory", "out of memory", "Storage size calculation overflowed"]
-        .iter()
-        .any(|m| msg.contains(m))
+    [
+        "not enough memory",
+        "out of memory",
+        "Storage size calculation overflowed",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
 }
 
 /// `?`-friendly conversion for core results.

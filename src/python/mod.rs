@@ -63,8 +63,8 @@ fn generation_setting_names() -> Vec<&'static str> {
 #[pyfunction]
 fn write_text_atomic(path: std::path::PathBuf, text: &str) -> PyResult<()> {
     guard("write_text_atomic", || {
-    use errors::IntoPyResult;
-    crate::weights::write_atomic(&path, text.as_bytes()).py()
+        use errors::IntoPyResult;
+        crate::weights::write_atomic(&path, text.as_bytes()).py()
     })
 }
 

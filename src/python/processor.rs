@@ -75,7 +75,9 @@ impl PyImageProcessor {
             .map(|(i, obj)| to_source(i, &obj))
             .collect::<PyResult<Vec<_>>>()?;
         let cfg = self.cfg.clone();
-        let pixels = guard("image processing", || py.detach(move || preprocess_images(&cfg, &sources)).py())?;
+        let pixels = guard("image processing", || {
+            py.detach(move || preprocess_images(&cfg, &sources)).py()
+        })?;
         match pixels {
             PixelValues::Batch {
                 n,
@@ -165,7 +167,9 @@ impl PyTokenizer {
     /// Loads a `tokenizer.json` file.
     #[staticmethod]
     fn from_file(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = guard("tokenizer loading", || py.detach(move || BlipTokenizer::from_file(&path)).py())?;
+        let inner = guard("tokenizer loading", || {
+            py.detach(move || BlipTokenizer::from_file(&path)).py()
+        })?;
         Ok(Self { inner })
     }
 
@@ -248,7 +252,9 @@ impl PyTokenizer {
             pad_token,
         };
         let inner = &self.inner;
-        let enc = guard("tokenizing", || py.detach(|| inner.encode_batch(&texts, &opts)).py())?;
+        let enc = guard("tokenizing", || {
+            py.detach(|| inner.encode_batch(&texts, &opts)).py()
+        })?;
         Ok((enc.input_ids, enc.attention_mask, enc.token_type_ids))
     }
 

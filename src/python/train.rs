@@ -184,39 +184,39 @@ impl PyImageCaptionData {
         num_workers: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         guard("_ImageCaptionData()", || {
-        let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
-        let num_workers = match json::int_arg(num_workers, "num_workers")? {
-            Some(n) if n < 1 => {
-                return Err(PyValueError::new_err(format!(
-                    "num_workers must be a positive int (threads decoding images), got {n}"
-                )))
-            }
-            n => n.map(|n| n as usize),
-        };
-        let sources = images
-            .iter()
-            .enumerate()
-            .map(|(i, obj)| super::processor::to_source(i, &obj))
-            .collect::<PyResult<Vec<_>>>()?;
-        let source = ImageCaptionSource::new(
-            image_processor.config().clone(),
-            sources,
-            captions,
-            bos_token_id,
-            pad_token_id,
-            max_length,
-            skip_bad,
-        )
-        .py()?;
-        let source = match num_workers {
-            Some(n) => source.with_workers(n).py()?,
-            None => source,
-        };
-        let skipped = source.skipped.clone();
-        Ok(Self {
-            source: Some(source),
-            skipped,
-        })
+            let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
+            let num_workers = match json::int_arg(num_workers, "num_workers")? {
+                Some(n) if n < 1 => {
+                    return Err(PyValueError::new_err(format!(
+                        "num_workers must be a positive int (threads decoding images), got {n}"
+                    )))
+                }
+                n => n.map(|n| n as usize),
+            };
+            let sources = images
+                .iter()
+                .enumerate()
+                .map(|(i, obj)| super::processor::to_source(i, &obj))
+                .collect::<PyResult<Vec<_>>>()?;
+            let source = ImageCaptionSource::new(
+                image_processor.config().clone(),
+                sources,
+                captions,
+                bos_token_id,
+                pad_token_id,
+                max_length,
+                skip_bad,
+            )
+            .py()?;
+            let source = match num_workers {
+                Some(n) => source.with_workers(n).py()?,
+                None => source,
+            };
+            let skipped = source.skipped.clone();
+            Ok(Self {
+                source: Some(source),
+                skipped,
+            })
         })
     }
 
@@ -284,75 +284,75 @@ pub fn train_native<'py>(
     distributed: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     guard("train_native", || {
-    let (rank, world_size) = match &distributed {
-        Some(d) => (
-            d.bind(py).getattr("rank")?.extract::<usize>()?,
-            d.bind(py).getattr("world_size")?.extract::<usize>()?,
-        ),
-        None => (0, 1),
-    };
-    let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
-    let mut config = TrainConfig::from_settings(json::from_dict(settings)?).py()?;
-    config.rank = rank;
-    config.world_size = world_size;
-    let bos = model.lock()?.config.text_config.bos_token_id;
-    let train_source = batch_source(train, "train_dataset", bos)?;
-    let eval_source = match eval {
-        Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),
-        _ => None,
-    };
-    let mut observer = PyObserver {
-        inner: model.inner.clone(),
-        callback,
-        interrupted: false,
-        error: None,
-    };
-    let inner = model.inner.clone();
-    let outcome = py.detach(|| {
-        let mut m = locked(&inner)?;
-        let format = match &adapter {
-            Some((name, bias, config_json)) => WeightsFormat::Adapter {
-                name,
-                bias,
-                config_json,
-            },
-            None => WeightsFormat::Full,
+        let (rank, world_size) = match &distributed {
+            Some(d) => (
+                d.bind(py).getattr("rank")?.extract::<usize>()?,
+                d.bind(py).getattr("world_size")?.extract::<usize>()?,
+            ),
+            None => (0, 1),
         };
-        let collective = collective.as_mut().map(|c| c as &mut dyn Collective);
-        let outcome = Trainer::run(
-            &mut m,
-            train_source,
-            eval_source,
-            &config,
-            &format,
-            &mut observer,
-            collective,
-        );
-        model.refresh(&m);
-        outcome
-    });
-    if let Some(e) = observer.error.take() {
-        return Err(e);
-    }
-    if let Some(e) = collective.as_mut().and_then(|c| c.error.take()) {
-        return Err(e);
-    }
-    let outcome = outcome.py()?;
-    let d = PyDict::new(py);
-    let history = PyList::empty(py);
-    for l in &outcome.history {
-        history.append(log_dict(py, l)?)?;
-    }
-    d.set_item("history", history)?;
-    d.set_item("eval_history", outcome.eval_history.clone())?;
-    d.set_item("global_step", outcome.global_step)?;
-    d.set_item("total_steps", outcome.total_steps)?;
-    d.set_item("interrupted", outcome.interrupted || observer.interrupted)?;
-    d.set_item(
-        "last_checkpoint",
-        outcome.last_checkpoint.map(|p| p.to_string_lossy().into_owned()),
-    )?;
-    Ok(d)
+        let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
+        let mut config = TrainConfig::from_settings(json::from_dict(settings)?).py()?;
+        config.rank = rank;
+        config.world_size = world_size;
+        let bos = model.lock()?.config.text_config.bos_token_id;
+        let train_source = batch_source(train, "train_dataset", bos)?;
+        let eval_source = match eval {
+            Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),
+            _ => None,
+        };
+        let mut observer = PyObserver {
+            inner: model.inner.clone(),
+            callback,
+            interrupted: false,
+            error: None,
+        };
+        let inner = model.inner.clone();
+        let outcome = py.detach(|| {
+            let mut m = locked(&inner)?;
+            let format = match &adapter {
+                Some((name, bias, config_json)) => WeightsFormat::Adapter {
+                    name,
+                    bias,
+                    config_json,
+                },
+                None => WeightsFormat::Full,
+            };
+            let collective = collective.as_mut().map(|c| c as &mut dyn Collective);
+            let outcome = Trainer::run(
+                &mut m,
+                train_source,
+                eval_source,
+                &config,
+                &format,
+                &mut observer,
+                collective,
+            );
+            model.refresh(&m);
+            outcome
+        });
+        if let Some(e) = observer.error.take() {
+            return Err(e);
+        }
+        if let Some(e) = collective.as_mut().and_then(|c| c.error.take()) {
+            return Err(e);
+        }
+        let outcome = outcome.py()?;
+        let d = PyDict::new(py);
+        let history = PyList::empty(py);
+        for l in &outcome.history {
+            history.append(log_dict(py, l)?)?;
+        }
+        d.set_item("history", history)?;
+        d.set_item("eval_history", outcome.eval_history.clone())?;
+        d.set_item("global_step", outcome.global_step)?;
+        d.set_item("total_steps", outcome.total_steps)?;
+        d.set_item("interrupted", outcome.interrupted || observer.interrupted)?;
+        d.set_item(
+            "last_checkpoint",
+            outcome.last_checkpoint.map(|p| p.to_string_lossy().into_owned()),
+        )?;
+        Ok(d)
     })
 }
 
@@ -367,14 +367,14 @@ pub fn collate_captions<'py>(
     max_length: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     guard("collate_captions", || {
-    let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
-    let (ids, mask, labels) =
-        crate::data::collate_captions(&captions, bos_token_id, pad_token_id, max_length).py()?;
-    Ok((
-        tensor::to_py(py, &ids)?,
-        tensor::to_py(py, &mask)?,
-        tensor::to_py(py, &labels)?,
-    ))
+        let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
+        let (ids, mask, labels) =
+            crate::data::collate_captions(&captions, bos_token_id, pad_token_id, max_length).py()?;
+        Ok((
+            tensor::to_py(py, &ids)?,
+            tensor::to_py(py, &mask)?,
+            tensor::to_py(py, &labels)?,
+        ))
     })
 }
 

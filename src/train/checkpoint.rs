@@ -41,7 +41,10 @@ impl TrainerState {
             )))
         };
         if self.global_step < 0 {
-            return bad(format!("global_step is {} (a step count, never negative)", self.global_step));
+            return bad(format!(
+                "global_step is {} (a step count, never negative)",
+                self.global_step
+            ));
         }
         if self.total_steps < 0 {
             return bad(format!("total_steps is {} (never negative)", self.total_steps));
@@ -49,8 +52,16 @@ impl TrainerState {
         if let Some(scale) = self.loss_scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
             return bad(format!("loss_scale is {scale} (a positive finite number)"));
         }
-        if let Some(step) = self.history.iter().map(|l| l.step).find(|&s| s < 0 || s > self.global_step) {
-            return bad(format!("its history has a step {step} outside 0..={}", self.global_step));
+        if let Some(step) = self
+            .history
+            .iter()
+            .map(|l| l.step)
+            .find(|&s| s < 0 || s > self.global_step)
+        {
+            return bad(format!(
+                "its history has a step {step} outside 0..={}",
+                self.global_step
+            ));
         }
         Ok(())
     }

@@ -263,8 +263,12 @@ pub enum Control {
 /// `model` is the model being trained, lent for the call (read-only: a callback may caption samples with it);
 /// the run does not touch it until the call returns.
 pub trait Observer {
-    fn on_log(&mut self, model: &BlipForConditionalGeneration, logs: &[StepLog], total_steps: i64)
-        -> Result<Control>;
+    fn on_log(
+        &mut self,
+        model: &BlipForConditionalGeneration,
+        logs: &[StepLog],
+        total_steps: i64,
+    ) -> Result<Control>;
     fn on_eval(&mut self, model: &BlipForConditionalGeneration, step: i64, loss: f64) -> Result<Control>;
     /// Called after every optimizer step (cheap: e.g. a check for Ctrl-C).
     fn on_step_end(&mut self) -> Result<Control> {

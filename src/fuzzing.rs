@@ -20,8 +20,11 @@ pub fn allow_caught_panics() {
     ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
 }
 
+/// A fuzz target's body: any bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// The loaders, by the names of their fuzz targets and corpus folders.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("config_json", config_json),
     ("adapter_config_json", adapter_config_json),
     ("safetensors", safetensors),

@@ -52,6 +52,34 @@ pub struct BlipTokenizer {
     inner: Tokenizer,
 }
 
+/// A template post-processor must define every special token its templates use: the tokenizers crate loads
+/// such a file and then panics on every encode ("no entry found for key", found by fuzz/).
+fn check_templates(processor: &serde_json::Value) -> Result<()> {
+    use serde_json::Value;
+    match processor {
+        Value::Object(map) if map.get("type").and_then(Value::as_str) == Some("TemplateProcessing") => {
+            let defined = map.get("special_tokens").and_then(Value::as_object);
+            for part in ["single", "pair"] {
+                for piece in map.get(part).and_then(Value::as_array).into_iter().flatten() {
+                    let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(Error::invalid(format!(
+                            "tokenizer.json is malformed: its post_processor's {part} template uses the special \
+                             token {id:?}, which its special_tokens do not define"
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Value::Object(map) => map.values().try_for_each(check_templates),
+        Value::Array(items) => items.iter().try_for_each(check_templates),
+        _ => Ok(()),
+    }
+}
+
 fn tk_err(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
     move |e| Error::invalid(format!("{context}: {e}"))
 }
@@ -94,6 +122,7 @@ impl BlipTokenizer {
                  tokenizer: use the tokenizer.json of a BLIP checkpoint (e.g. Salesforce/blip-image-captioning-base)"
             )));
         }
+        check_templates(&serde_json::to_value(inner.get_post_processor()).unwrap_or_default())?;
         inner.with_padding(None);
         // Removing truncation cannot fail (only setting a stride larger than max_length can).
         let _ = inner.with_truncation(None);

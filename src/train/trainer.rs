@@ -214,10 +214,8 @@ impl TrainConfig {
                 "warmup_ratio must be in [0, 1) and warmup_steps not negative",
             ));
         }
-        if !(0.0..1.0).contains(&self.betas.0)
-            || !(0.0..1.0).contains(&self.betas.1)
-            || !(self.eps > 0.0 && self.eps.is_finite())
-        {
+        let betas_ok = (0.0..1.0).contains(&self.betas.0) && (0.0..1.0).contains(&self.betas.1);
+        if !(betas_ok && self.eps > 0.0 && self.eps.is_finite()) {
             return Err(Error::invalid(
                 "adam_betas must be in [0, 1) and adam_eps positive",
             ));

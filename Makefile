@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 PY := $(VIRTUAL_ENV)/bin/python
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: help install build demo test test-rs test-py lint format clean bench bench-kernel
+.PHONY: help install build demo test test-rs test-py lint format clean bench bench-kernel fuzz
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,17 @@ lint: build ## rustfmt, clippy, ruff and the stub check
 	$(PY) -m mypy --ignore-missing-imports python/blip_peft
 
 test: lint test-rs test-py ## everything: set up, build, lint, Rust tests, Python tests
+
+# The file loaders under cargo-fuzz (nightly + `cargo install cargo-fuzz`), FUZZ_RUNS executions each, from the
+# committed seeds in fuzz/corpus/<target>/ (new inputs go to fuzz/work/, crashes to fuzz/artifacts/). Outside
+# `make test`, which runs the same targets briefly over the seeds (tests/fuzz_seeded.rs). See fuzz/README.md.
+FUZZ_RUNS ?= 1000000
+FUZZ_TARGETS ?= config_json adapter_config_json safetensors tokenizer_json image
+fuzz: install ## fuzz the file loaders (cargo-fuzz), FUZZ_RUNS executions per loader
+	mkdir -p fuzz/work /tmp/blip-peft-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do mkdir -p work/$$t; \
+	  FUZZ_TMP=/tmp/blip-peft-fuzz LD_LIBRARY_PATH=$(TORCH_LIB) cargo +nightly fuzz run --sanitizer none $$t \
+	    work/$$t corpus/$$t -- -runs=$(FUZZ_RUNS) -max_len=65536 -rss_limit_mb=4096 -timeout=10 || exit 1; done
 
 format: install ## format Rust and Python sources
 	cargo fmt

@@ -29,6 +29,19 @@ pub trait BatchSource: Send {
     fn batch(&self, indices: &[usize]) -> Result<Batch>;
 }
 
+/// The caption length limit as the caller gave it (an int, or None for no limit), checked: a caption keeps
+/// BOS and its final `[SEP]`, so fewer than 2 tokens cannot be honoured (it is refused, not ignored).
+pub fn check_max_length(max_length: Option<i64>) -> Result<Option<usize>> {
+    match max_length {
+        None => Ok(None),
+        Some(m) if m >= 2 => Ok(Some(m as usize)),
+        Some(m) => Err(Error::invalid(format!(
+            "max_length must be at least 2 (a caption keeps its BOS and final [SEP] tokens), got {m}; use None \
+             for no truncation"
+        ))),
+    }
+}
+
 /// Collates tokenised captions (`[CLS] ... [SEP]` from the tokenizer) into a padded batch: the first token
 /// becomes `bos` (BLIP's `[DEC]`, what `generate` starts from), captions longer than `max_length` are cut
 /// (keeping the final `[SEP]`), and labels are the ids with padding set to -100.
@@ -55,12 +68,15 @@ pub fn collate_prompted_captions(
     if captions.is_empty() {
         return Err(Error::invalid("cannot collate an empty batch"));
     }
+    if let Some(m) = max_length {
+        check_max_length(Some(m as i64))?;
+    }
     let rows: Vec<Vec<i64>> = captions
         .iter()
         .map(|c| {
             let mut c = c.clone();
             if let Some(max) = max_length {
-                if c.len() > max && max >= 2 {
+                if c.len() > max {
                     let last = *c.last().unwrap_or(&pad);
                     c.truncate(max);
                     if let Some(end) = c.last_mut() {
@@ -208,6 +224,9 @@ impl ImageCaptionSource {
         max_length: Option<usize>,
         skip_bad: bool,
     ) -> Result<Self> {
+        if let Some(m) = max_length {
+            check_max_length(Some(m as i64))?;
+        }
         if images.len() != captions.len() {
             return Err(Error::invalid(format!(
                 "{} images but {} captions; every image needs its caption",

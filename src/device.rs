@@ -62,3 +62,50 @@ pub fn device_name(device: Device) -> String {
         Device::Vulkan => "vulkan".into(),
     }
 }
+
+/// The host's physical memory in bytes (None where the system does not say).
+pub fn host_memory_bytes() -> Option<u128> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && page > 0).then(|| pages as u128 * page as u128)
+}
+
+/// The memory the host can still give (Linux's `MemAvailable`: free memory plus what the page cache would
+/// give back), else its physical memory.
+pub fn host_available_bytes() -> Option<u128> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let available = meminfo.as_deref().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    available.or_else(host_memory_bytes)
+}
+
+/// Refuses, before allocating, a request whose memory (`bytes`, None when the count itself overflowed) is
+/// more than the host has available: a MemoryError naming what was asked and how to ask for less, never an
+/// abort, an allocator trace or the kernel's out-of-memory killer. Only the host's memory is known here; on
+/// CUDA libtorch's own out-of-memory error (also a MemoryError in Python) says it.
+pub fn check_fits(bytes: Option<u128>, device: Device, what: &str, fix: &str) -> Result<()> {
+    let limit = match device {
+        Device::Cpu => host_available_bytes(),
+        _ => None,
+    };
+    match (bytes, limit) {
+        (None, _) => Err(Error::OutOfMemory(format!(
+            "{what} would need more memory than can be counted (over 2^128 bytes); {fix}"
+        ))),
+        (Some(b), Some(limit)) if b > limit => Err(Error::OutOfMemory(format!(
+            "{what} would need about {:.1} GiB, more than the {:.1} GiB of memory this machine has available; \
+             {fix}",
+            b as f64 / (1u128 << 30) as f64,
+            limit as f64 / (1u128 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// A request needs more memory than the machine has (said before allocating); a `MemoryError` in Python.
+    #[error("{0}")]
+    OutOfMemory(String),
+
     /// The model is in use by another call (training or generating) and cannot be used until it returns.
     #[error("{0}")]
     Busy(String),

@@ -279,8 +279,11 @@ def test_bad_inputs(models) -> None:
 def test_generation_stops_at_the_position_limit(models) -> None:
     _, ours = models
     px, _, _ = tiny_batch(batch=1)
-    out = ours.generate(pixel_values=px, max_new_tokens=100, min_new_tokens=100)
+    out = ours.generate(pixel_values=px, max_new_tokens=100, min_new_tokens=39)
     assert out.shape[1] == 40  # text_config.max_position_embeddings of the tiny model
+    # A minimum the positions cannot reach is refused (it used to be quietly unmet; issue #23).
+    with pytest.raises(ValueError, match="min_new_tokens=100 .* could never be met"):
+        ours.generate(pixel_values=px, max_new_tokens=100, min_new_tokens=100)
 
 
 def test_generate_does_not_build_a_graph(models) -> None:

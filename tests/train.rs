@@ -16,7 +16,12 @@ use tch::{Device, Kind, Tensor};
 struct StopAt(Option<i64>);
 
 impl Observer for StopAt {
-    fn on_log(&mut self, logs: &[StepLog], _total_steps: i64) -> blip_peft::Result<Control> {
+    fn on_log(
+        &mut self,
+        _model: &blip_peft::blip::BlipForConditionalGeneration,
+        logs: &[StepLog],
+        _total_steps: i64,
+    ) -> blip_peft::Result<Control> {
         let last = logs.last().map_or(0, |l| l.step);
         Ok(if self.0.is_some_and(|s| last >= s) {
             Control::Stop
@@ -25,7 +30,12 @@ impl Observer for StopAt {
         })
     }
 
-    fn on_eval(&mut self, _step: i64, _loss: f64) -> blip_peft::Result<Control> {
+    fn on_eval(
+        &mut self,
+        _model: &blip_peft::blip::BlipForConditionalGeneration,
+        _step: i64,
+        _loss: f64,
+    ) -> blip_peft::Result<Control> {
         Ok(Control::Continue)
     }
 }

@@ -16,7 +16,7 @@ import torch  # noqa: F401, I001
 _cpu_capability.check()
 
 from blip_peft import _blip_peft, distributed, metrics  # noqa: I001
-from blip_peft._blip_peft import BlipPeftError
+from blip_peft._blip_peft import BlipPeftError, BlipPeftInternalError
 from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate
 from blip_peft.evaluation import evaluate
@@ -56,6 +56,7 @@ __all__ = [
     "ModelOutput",
     "BlipImageProcessor",
     "BlipPeftError",
+    "BlipPeftInternalError",
     "ImageCaptionDataset",
     "TrainResult",
     "train",

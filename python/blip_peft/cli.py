@@ -106,10 +106,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume_from_checkpoint=True if args.resume else None,
     )
+    if result.interrupted:
+        where = (
+            f"its last checkpoint is {result.last_checkpoint} (continue with --resume)"
+            if result.last_checkpoint
+            else "no checkpoint was written"
+        )
+        print(f"blip-peft train: interrupted after {result.global_step} steps; {where}", file=sys.stderr)
+        return 130
     if args.full:
         model.save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)
-    print(f"trained {result.global_step} steps, final loss {result.losses[-1]:.4f}; saved to {args.output_dir}")
+    final = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"trained {result.global_step} steps{final}; saved to {args.output_dir}")
     return 0
 
 
@@ -292,6 +301,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--data {args.data!r} does not exist")
     if getattr(args, "adapter", None) and not os.path.isdir(args.adapter):
         parser.error(f"--adapter {args.adapter!r} is not a folder")
+    # Output paths are checked before any work: a folder where a file goes (or the reverse) is an error now,
+    # not a traceback after training or captioning.
+    for name, kind in (("output_dir", "folder"), ("output", "folder" if args.command == "merge" else "file")):
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"{flag} {path!r} is a file; give a folder (it is created if missing)")
+        if kind == "file":
+            if os.path.isdir(path):
+                parser.error(f"{flag} {path!r} is a folder; give a file name (JSONL is written there)")
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                parser.error(f"{flag} {path!r}: the folder {parent!r} does not exist")
     try:
         return int(args.func(args))
     except (FileNotFoundError, ValueError, TypeError) as e:

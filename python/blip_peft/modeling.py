@@ -359,6 +359,12 @@ class BlipForConditionalGeneration(torch.nn.Module):
         A prompt (`input_ids` from the processor, e.g. "a photography of") is continued. Prompts of different
         lengths in one batch (with their `attention_mask`) are each decoded as if alone and the rows are
         right-padded; transformers mishandles that case.
+
+        Threads: calls to `generate` (and the forward pass) on one model from several threads take turns, each
+        running alone with the GIL released (so each gets what it would alone, seeded sampling included), while
+        `config`, `device`, `dtype` and `named_parameters()` answer at once. A training callback may call
+        `generate` on the model being trained (sample captions); while training runs, calls from other threads
+        that need the model raise a RuntimeError saying it is busy.
         """
         if pixel_values is None:
             raise ValueError("generate() needs pixel_values")

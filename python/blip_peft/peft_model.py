@@ -105,7 +105,7 @@ class LoraConfig:
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         # One set of checks, in the core: it raises ValueError naming the field.
-        _blip_peft.normalize_lora_config(json.dumps(self._fields()))
+        _blip_peft.normalize_lora_config(self._fields())
 
     def _fields(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -117,7 +117,7 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The `adapter_config.json` document peft writes for this config."""
-        doc = json.loads(_blip_peft.normalize_lora_config(json.dumps(self._fields())))
+        doc = json.loads(_blip_peft.normalize_lora_config(self._fields()))
         doc["peft_version"] = PEFT_VERSION
         doc["revision"] = self.revision
         return doc
@@ -233,7 +233,7 @@ class PeftModel:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
         if config.base_model_name_or_path is None:
             config = dataclasses.replace(config, base_model_name_or_path=self.base_model.model.name_or_path or None)
-        self._native.inject_lora(json.dumps(config._fields()), adapter_name)
+        self._native.inject_lora(config._fields(), adapter_name)
         self.peft_config[adapter_name] = config
 
     def _refresh_trainable(self) -> None:
@@ -369,6 +369,12 @@ class PeftModel:
         if os.path.isfile(directory):
             raise ValueError(f"save_directory {directory!r} is a file, not a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if not names:
+            raise ValueError(
+                "this PeftModel holds no adapter to save (merge_and_unload() or unload() removed them, or "
+                "selected_adapters is empty); save the model merge_and_unload() returned with its own "
+                "save_pretrained(...)"
+            )
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_config)}")

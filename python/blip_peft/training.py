@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,19 @@ def _encode(
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
 
 
+def _real(value: Any, name: str) -> Any:
+    """A real number as a float for the core (which checks its range and finiteness), or a TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _betas(value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"adam_betas must be a pair of numbers (beta1, beta2), got {value!r}")
+    return [_real(value[0], "adam_betas[0]"), _real(value[1], "adam_betas[1]")]
+
+
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
     """Treats denormal floats (below ~1.2e-38) as zero on the CPU while the block runs, on this thread and on
@@ -351,15 +365,15 @@ def train(
         "epochs": epochs,
         "max_steps": max_steps,
         "batch_size": batch_size,
-        "learning_rate": float(learning_rate),
-        "weight_decay": float(weight_decay),
-        "adam_betas": [float(adam_betas[0]), float(adam_betas[1])],
-        "adam_eps": float(adam_eps),
+        "learning_rate": _real(learning_rate, "learning_rate"),
+        "weight_decay": _real(weight_decay, "weight_decay"),
+        "adam_betas": _betas(adam_betas),
+        "adam_eps": _real(adam_eps, "adam_eps"),
         "lr_scheduler": lr_scheduler,
         "warmup_steps": warmup_steps,
-        "warmup_ratio": float(warmup_ratio),
+        "warmup_ratio": _real(warmup_ratio, "warmup_ratio"),
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "max_grad_norm": float(max_grad_norm),
+        "max_grad_norm": _real(max_grad_norm, "max_grad_norm"),
         "label_smoothing": label_smoothing,
         "mixed_precision": mixed_precision,
         # None: as the model says (`model.gradient_checkpointing_enable()`), as transformers' Trainer reads it.
@@ -376,6 +390,7 @@ def train(
         "save_steps": save_steps,
         "save_total_limit": save_total_limit,
         "eval_steps": eval_steps,
+        "max_length": max_length,
         "resume_from_checkpoint": resume,
     }
     group = distributed.collective()

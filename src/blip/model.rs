@@ -382,7 +382,12 @@ impl BlipForConditionalGeneration {
                 pixel_values.kind()
             )));
         }
-        if size[0] < 1 || size[1] != vc.num_channels || size[2] != vc.image_size || size[3] != vc.image_size {
+        if size[0] < 1 {
+            return Err(Error::invalid(format!(
+                "pixel_values holds no images (batch size 0, shape {size:?}); pass at least one image"
+            )));
+        }
+        if size[1] != vc.num_channels || size[2] != vc.image_size || size[3] != vc.image_size {
             return Err(Error::invalid(format!(
                 "pixel_values must have shape [batch, {}, {}, {}], got {size:?}; resize images with the \
                  model's processor",

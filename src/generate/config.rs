@@ -148,16 +148,57 @@ impl GenerationConfig {
                 self.top_k
             )));
         }
-        if self.repetition_penalty <= 0.0 {
+        if !self.length_penalty.is_finite() {
             return Err(Error::invalid(format!(
-                "repetition_penalty must be positive, got {}",
+                "length_penalty must be a finite number, got {} (1.0 is neutral)",
+                self.length_penalty
+            )));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(Error::invalid(format!(
+                "repetition_penalty must be a positive finite number, got {} (1.0 is off)",
                 self.repetition_penalty
             )));
         }
-        if self.no_repeat_ngram_size < 0 || self.min_new_tokens < 0 || self.min_length < 0 {
-            return Err(Error::invalid(
-                "no_repeat_ngram_size, min_new_tokens and min_length must not be negative",
-            ));
+        for (name, value) in [
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size),
+            ("min_new_tokens", self.min_new_tokens),
+            ("min_length", self.min_length),
+        ] {
+            if value < 0 {
+                return Err(Error::invalid(format!(
+                    "{name} must not be negative, got {value} (0 is off)"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if let Some(id) = value.filter(|&id| id < 0) {
+                return Err(Error::invalid(format!(
+                    "{name} must be a token id (0 or more), got {id}; leave it unset for the model's own"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks that need the model: special ids within its vocabulary.
+    pub fn validate_for(&self, vocab_size: i64) -> Result<()> {
+        for (name, value) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if let Some(id) = value.filter(|&id| id >= vocab_size) {
+                return Err(Error::invalid(format!(
+                    "{name}={id} is not a token of this model (its vocabulary has ids 0 to {}); leave it unset \
+                     for the model's own",
+                    vocab_size - 1
+                )));
+            }
         }
         Ok(())
     }

@@ -34,6 +34,7 @@ impl<'a> Job<'a> {
     ) -> Result<Self> {
         config.validate()?;
         let tc = &model.config.text_config;
+        config.validate_for(tc.vocab_size)?;
         let bos = config.bos_token_id.unwrap_or(tc.bos_token_id);
         // BLIP generates until [SEP] (transformers passes sep_token_id as the EOS) and pads with pad_token_id.
         let eos = Some(config.eos_token_id.unwrap_or(tc.sep_token_id));
@@ -55,7 +56,8 @@ impl<'a> Job<'a> {
         let prompts = prompts(model, batch, input_ids, attention_mask, bos)?;
         let prompt_len = prompts.width();
         let max_length = match (config.max_new_tokens, config.max_length) {
-            (Some(m), _) => prompt_len + m,
+            // Saturating: max_new_tokens=2**63-1 means "as many as fit", not an overflow to no tokens.
+            (Some(m), _) => prompt_len.saturating_add(m),
             (None, Some(m)) => m,
             // transformers: by default 20 new tokens, within the position limit.
             (None, None) => (prompt_len + 20).min(tc.max_position_embeddings),
@@ -69,6 +71,26 @@ impl<'a> Job<'a> {
         }
         // Generation stops at the model's position limit (transformers caps its default length the same way).
         let max_length = max_length.min(tc.max_position_embeddings);
+        // A minimum the positions cannot reach would be quietly unmet: refuse it (a user-set max_length below
+        // the minimum stays transformers' behaviour: generation stops at max_length).
+        let positions = tc.max_position_embeddings;
+        if config.min_length > positions {
+            return Err(Error::invalid(format!(
+                "min_length={} is past the model's {positions} positions (text_config.max_position_embeddings), \
+                 so it could never be met; use at most {positions}",
+                config.min_length
+            )));
+        }
+        if prompt_len.saturating_add(config.min_new_tokens) > positions {
+            return Err(Error::invalid(format!(
+                "min_new_tokens={} with a prompt of {prompt_len} tokens (BOS included) is past the model's \
+                 {positions} positions (text_config.max_position_embeddings), so it could never be met; use at \
+                 most {}",
+                config.min_new_tokens,
+                positions - prompt_len
+            )));
+        }
+        check_memory(model, config, batch, max_length)?;
         if let Some(seed) = config.seed {
             tch::manual_seed(seed);
         }
@@ -133,4 +155,41 @@ impl<'a> Job<'a> {
         let image = std::mem::replace(&mut self.image, Tensor::new());
         Decoder::prefill(self.model, image, &self.prompts, per_image, self.max_length)
     }
+}
+
+/// Refuses, before anything is allocated, a request (images x beams or returned sequences) whose decoding
+/// cache and logits alone need more memory than the machine has, naming the settings.
+fn check_memory(
+    model: &BlipForConditionalGeneration,
+    config: &GenerationConfig,
+    batch: i64,
+    max_length: i64,
+) -> Result<()> {
+    let tc = &model.config.text_config;
+    let per_image = if config.num_beams > 1 {
+        config.num_beams
+    } else {
+        config.num_return_sequences
+    };
+    let element = model.kind().elt_size_in_bytes() as u128;
+    let rows = (batch as u128).checked_mul(per_image.max(config.num_return_sequences) as u128);
+    // The self-attention cache (keys and values per layer and position) and a few logits buffers per row.
+    let per_row = (2 * tc.num_hidden_layers as u128)
+        .checked_mul(max_length as u128)
+        .and_then(|n| n.checked_mul(tc.hidden_size as u128))
+        .and_then(|n| n.checked_add(4 * tc.vocab_size as u128))
+        .and_then(|n| n.checked_mul(element.max(4)));
+    let bytes = rows.zip(per_row).and_then(|(r, p)| r.checked_mul(p));
+    crate::device::check_fits(
+        bytes,
+        model.device(),
+        &format!(
+            "generate() for {batch} image(s) with num_beams={} and num_return_sequences={} ({} decoder rows of up \
+             to {max_length} tokens)",
+            config.num_beams,
+            config.num_return_sequences,
+            rows.map_or("too many".to_string(), |r| r.to_string())
+        ),
+        "use fewer images per call, or lower num_beams / num_return_sequences",
+    )
 }

@@ -30,7 +30,7 @@ impl TargetModules {
         })
     }
 
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         match self {
             Self::List(items) => {
                 let mut sorted = items.clone();

@@ -242,9 +242,19 @@ pub fn inject(
     // Everything that can fail is checked before any layer changes (PiSSA/OLoRA rewrite base weights).
     let mut targeted = Vec::new();
     let mut all_names = Vec::new();
+    // What the new adapter weights take (float32 A and B), counted without overflow: an absurd `r` is a
+    // MemoryError naming it before anything is allocated, not libtorch's "Storage size calculation overflowed".
+    let mut adapter_bytes: Option<u128> = Some(0);
     model.for_each_layer(&mut |path, layer| {
-        all_names.push(path.to_string());
-        if is_targeted(config, path, matches!(layer, AdaptableLayer::Linear(_))) {
+        let is_linear = matches!(layer, AdaptableLayer::Linear(_));
+        all_names.push((path.to_string(), is_linear));
+        if is_targeted(config, path, is_linear) {
+            let (r, _) = config.rank_alpha(path);
+            let size = layer.weight().size();
+            let fan_in: u128 = size[1..].iter().map(|&d| d.max(0) as u128).product();
+            adapter_bytes = adapter_bytes
+                .zip((r.max(0) as u128).checked_mul(fan_in + size[0].max(0) as u128))
+                .and_then(|(total, n)| total.checked_add(n.checked_mul(4)?));
             if matches!(layer, AdaptableLayer::Conv2d(_)) && config.init_lora_weights.rewrites_base() {
                 return Err(Error::invalid(format!(
                     "Unknown initialization init_lora_weights={} for the Conv2d layer {path:?}: PiSSA and OLoRA \
@@ -257,6 +267,17 @@ pub fn inject(
         Ok(())
     })?;
     check_targets(config, &targeted, &all_names)?;
+    let device = model.device();
+    crate::device::check_fits(
+        adapter_bytes,
+        device,
+        &format!(
+            "LoRA adapter {name:?} with r={} on {} layers",
+            config.r,
+            targeted.len()
+        ),
+        "use a smaller r (ranks of 4 to 64 are usual; r above a layer's width adds nothing)",
+    )?;
     let saved_paths = match &config.modules_to_save {
         Some(names) if !names.is_empty() => {
             let mut lora_layers = layers_with_adapters(model)?;
@@ -300,11 +321,44 @@ fn layers_with_adapters(model: &mut BlipForConditionalGeneration) -> Result<Vec<
 }
 
 /// The checks that need the injection's outcome: something matched, and every rank/alpha pattern did.
-fn check_targets(config: &LoraConfig, targeted: &[String], all_names: &[String]) -> Result<()> {
+fn check_targets(config: &LoraConfig, targeted: &[String], all_names: &[(String, bool)]) -> Result<()> {
     if targeted.is_empty() {
+        // The modules exist but the filters left none: say which filter did it, not "not found".
+        let unfiltered = LoraConfig {
+            exclude_modules: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            modules_to_save: None,
+            ..config.clone()
+        };
+        let matched = all_names
+            .iter()
+            .filter(|(n, linear)| is_targeted(&unfiltered, n, *linear))
+            .count();
+        if matched > 0 {
+            let mut filters = Vec::new();
+            if let Some(e) = &config.exclude_modules {
+                filters.push(format!("exclude_modules={}", e.to_json()));
+            }
+            if let Some(l) = &config.layers_to_transform {
+                filters.push(format!("layers_to_transform={l:?}"));
+            }
+            if let Some(p) = &config.layers_pattern {
+                filters.push(format!("layers_pattern={p:?}"));
+            }
+            if let Some(m) = &config.modules_to_save {
+                filters.push(format!("modules_to_save={m:?}"));
+            }
+            return Err(Error::invalid(format!(
+                "target_modules match {matched} layers, but {} excluded all of them, so no layer would get the \
+                 adapter; loosen the filter (layer indexes count from 0; blip_peft.lora_targets(model) lists \
+                 every full name)",
+                filters.join(" and ")
+            )));
+        }
         let mut suffixes: Vec<&str> = all_names
             .iter()
-            .map(|n| n.rsplit('.').next().unwrap_or(n))
+            .map(|(n, _)| n.rsplit('.').next().unwrap_or(n))
             .collect();
         suffixes.sort();
         suffixes.dedup();

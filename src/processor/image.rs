@@ -175,6 +175,48 @@ impl From<String> for LoadError {
     }
 }
 
+/// The most bytes an image file may have: twice PIL's decompression-bomb pixel limit at 4 bytes a pixel,
+/// uncompressed (BMP, TIFF) included. A larger file is refused before it is read.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 8 * PIL_MAX_IMAGE_PIXELS;
+
+/// Reads an image file: only a regular file (not `/dev/zero`, a pipe or a folder, which would be read until
+/// memory runs out or block), at most [`MAX_IMAGE_FILE_BYTES`] (checked on the size and again while reading,
+/// for a file that grows).
+fn read_image_file(path: &std::path::Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => LoadError::NotFound(path.to_path_buf()),
+        _ => LoadError::Io(e),
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let too_big = || {
+        LoadError::Invalid(format!(
+            "{} is larger than {} MB, more than any image the pixel limit allows; pass an image file",
+            path.display(),
+            MAX_IMAGE_FILE_BYTES >> 20
+        ))
+    };
+    if !meta.is_file() {
+        return Err(LoadError::Invalid(format!(
+            "{} is not a regular file (a folder, device or pipe); pass an image file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_IMAGE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_IMAGE_FILE_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
 /// Loads any source into RGB. `convert_rgb = false` refuses non-RGB pixels instead of converting them,
 /// as transformers would fail on them later with `do_convert_rgb=False`. `max_pixels` applies to every
 /// source: encoded images are refused before decoding, decoded pixels (arrays, PIL) before conversion.
@@ -186,10 +228,7 @@ pub fn load_rgb(
     match source {
         ImageSource::Encoded(bytes) => decode(bytes, max_pixels, convert_rgb).map_err(LoadError::Invalid),
         ImageSource::Path(path) => {
-            let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => LoadError::NotFound(path.clone()),
-                _ => LoadError::Io(e),
-            })?;
+            let bytes = read_image_file(path)?;
             decode(&bytes, max_pixels, convert_rgb).map_err(LoadError::Invalid)
         }
         ImageSource::Raw {

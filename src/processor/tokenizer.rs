@@ -208,6 +208,34 @@ pub struct BlipTokenizer {
     inner: Tokenizer,
 }
 
+/// A template post-processor must define every special token its templates use: the tokenizers crate loads
+/// such a file and then panics on every encode ("no entry found for key", found by fuzz/).
+fn check_templates(processor: &serde_json::Value) -> Result<()> {
+    use serde_json::Value;
+    match processor {
+        Value::Object(map) if map.get("type").and_then(Value::as_str) == Some("TemplateProcessing") => {
+            let defined = map.get("special_tokens").and_then(Value::as_object);
+            for part in ["single", "pair"] {
+                for piece in map.get(part).and_then(Value::as_array).into_iter().flatten() {
+                    let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(Error::invalid(format!(
+                            "tokenizer.json is malformed: its post_processor's {part} template uses the special \
+                             token {id:?}, which its special_tokens do not define"
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Value::Object(map) => map.values().try_for_each(check_templates),
+        Value::Array(items) => items.iter().try_for_each(check_templates),
+        _ => Ok(()),
+    }
+}
+
 fn tk_err(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
     move |e| Error::invalid(format!("{context}: {e}"))
 }
@@ -219,21 +247,42 @@ impl BlipTokenizer {
         if !path.exists() {
             return Err(Error::not_found("tokenizer file", path));
         }
-        let inner = Tokenizer::from_file(path).map_err(tk_err(&format!("cannot load {}", path.display())))?;
-        Ok(Self::from_tokenizer(inner))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        Self::from_json(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
     /// Parses the JSON text of a `tokenizer.json`.
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner: Tokenizer = json.parse().map_err(tk_err("cannot parse tokenizer JSON"))?;
-        Ok(Self::from_tokenizer(inner))
+        // The tokenizers crate panics on some malformed documents (an unwrap in its model deserializer, found
+        // by fuzz/): that is bad input here, not a bug of ours.
+        let parsed = std::panic::catch_unwind(|| json.parse::<Tokenizer>()).map_err(|_| {
+            Error::invalid("cannot parse tokenizer JSON: the document is malformed (its \"model\" section)")
+        })?;
+        let inner = parsed.map_err(tk_err("cannot parse tokenizer JSON"))?;
+        Self::from_tokenizer(inner)
     }
 
-    fn from_tokenizer(mut inner: Tokenizer) -> Self {
+    fn from_tokenizer(mut inner: Tokenizer) -> Result<Self> {
+        // BLIP's tokenizer is BERT's WordPiece. Another model's tokenizer.json would load and quietly turn
+        // captions into unknown tokens (transformers' BertTokenizer keeps only its vocabulary): refused.
+        let kind = match inner.get_model() {
+            tokenizers::models::ModelWrapper::WordPiece(_) => None,
+            tokenizers::models::ModelWrapper::BPE(_) => Some("BPE"),
+            tokenizers::models::ModelWrapper::WordLevel(_) => Some("WordLevel"),
+            tokenizers::models::ModelWrapper::Unigram(_) => Some("Unigram"),
+        };
+        if let Some(kind) = kind {
+            return Err(Error::invalid(format!(
+                "this tokenizer.json holds a {kind} tokenizer (another model type's); BLIP uses BERT's WordPiece \
+                 tokenizer: use the tokenizer.json of a BLIP checkpoint (e.g. Salesforce/blip-image-captioning-base)"
+            )));
+        }
+        check_templates(&serde_json::to_value(inner.get_post_processor()).unwrap_or_default())?;
         inner.with_padding(None);
         // Removing truncation cannot fail (only setting a stride larger than max_length can).
         let _ = inner.with_truncation(None);
-        BlipTokenizer { inner }
+        Ok(BlipTokenizer { inner })
     }
 
     /// The `tokenizer.json` text.

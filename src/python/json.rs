@@ -94,3 +94,19 @@ pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
         }
     })
 }
+
+/// An optional integer argument, refused by name when it is not an int or does not fit 64 bits (instead of
+/// pyo3's bare `OverflowError` / "'str' object cannot be interpreted as an integer").
+pub fn int_arg(value: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<i64>> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_none() => Ok(None),
+        Some(v) => match from_value(v, name)? {
+            Value::Number(n) if n.is_i64() => Ok(n.as_i64()),
+            _ => Err(PyTypeError::new_err(format!(
+                "{name} must be an int or None, got {}",
+                v.get_type().name()?
+            ))),
+        },
+    }
+}

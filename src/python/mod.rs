@@ -11,6 +11,8 @@ mod train;
 
 use pyo3::prelude::*;
 
+use errors::guard;
+
 #[pymodule]
 fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -28,6 +30,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<train::PyImageCaptionData>()?;
     m.add_function(wrap_pyfunction!(metrics::caption_scores, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::ptb_tokenize, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     errors::register(m)?;
     Ok(())
 }
@@ -62,6 +65,26 @@ fn generation_setting_names() -> Vec<&'static str> {
 /// Writes `text` to `path` atomically (a temporary file, then a rename): the core's one writer.
 #[pyfunction]
 fn write_text_atomic(path: std::path::PathBuf, text: &str) -> PyResult<()> {
-    use errors::IntoPyResult;
-    crate::weights::write_atomic(&path, text.as_bytes()).py()
+    guard("write_text_atomic", || {
+        use errors::IntoPyResult;
+        crate::weights::write_atomic(&path, text.as_bytes()).py()
+    })
+}
+
+/// A hidden test hook: panics on purpose, so the tests can check that a Rust panic reaches Python as a
+/// `BlipPeftInternalError` saying it is a bug. `place`: "here" (with the GIL held), "detached" (with the GIL
+/// released, as the heavy calls run) or "worker" (on a rayon worker thread, as the processor's batches run).
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>, place: &str) -> PyResult<()> {
+    guard("_panic_for_test", || match place {
+        "here" => panic!("test panic with the GIL held"),
+        "detached" => py.detach(|| panic!("test panic with the GIL released")),
+        "worker" => py.detach(|| {
+            rayon::join(|| (), || panic!("test panic on a worker thread"));
+            Ok(())
+        }),
+        other => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "place must be \"here\", \"detached\" or \"worker\", got {other:?}"
+        ))),
+    })
 }

@@ -1,13 +1,23 @@
 //! `_BlipModel`: the native handle behind `blip_peft.BlipForConditionalGeneration`.
+//!
+//! Concurrency (docs/ARCHITECTURE.md, "Decisions"): the model sits behind a mutex. Read-only attributes
+//! (`device`, `dtype`, `config`, `name_or_path`, `training`, `named_parameters`) come from a snapshot taken
+//! after every call that changes the model, so they never wait for, or fail because of, another thread's
+//! call. `generate` and `forward` from different threads take turns (the second waits, with the GIL
+//! released); a call that would change the model while another one runs, or any call while training runs in
+//! another thread, is a clear `RuntimeError` (busy), never a deadlock. A training callback may call `generate`
+//! on the model being trained: the trainer lends it the weights for the callback's duration.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use tch::Tensor;
 
-use super::errors::IntoPyResult;
+use super::errors::{guard, IntoPyResult};
 use super::{json, tensor};
 use crate::blip::{BlipForConditionalGeneration, ForwardInputs, ForwardOptions, Record};
 use crate::config::BlipConfig;
@@ -17,12 +27,42 @@ use crate::lora::{self, LoraConfig};
 use crate::nn::ForwardContext;
 use crate::weights::SafetensorsFiles;
 
+type Model = BlipForConditionalGeneration;
+
 /// A BLIP captioning model held by the Rust core. Use `blip_peft.BlipForConditionalGeneration`.
 #[pyclass(module = "blip_peft._blip_peft", name = "_BlipModel", frozen)]
 pub struct PyBlipModel {
-    pub inner: Arc<Mutex<BlipForConditionalGeneration>>,
+    pub inner: Arc<Mutex<Model>>,
+    /// Inference calls (`generate`, `forward`) from different threads take turns on this, then the model.
+    turn: Mutex<()>,
+    /// What the read-only attributes report, read without the model's lock.
+    snapshot: Mutex<Snapshot>,
     /// The decoder rows of each forward pass of the last `generate` call (for tests and benchmarks).
     last_generate_rows: Mutex<Vec<i64>>,
+}
+
+/// The model's read-only attributes as of the last call that changed it. The parameters are the model's
+/// own tensors (the same `at::Tensor`s, so Python sees the very parameters), only the list is a copy.
+struct Snapshot {
+    device: String,
+    dtype: &'static str,
+    name_or_path: String,
+    config_json: String,
+    training: bool,
+    params: Vec<(String, Tensor)>,
+}
+
+impl Snapshot {
+    fn of(m: &Model) -> Self {
+        Self {
+            device: device_name(m.device()),
+            dtype: crate::blip::kind_name(m.kind()),
+            name_or_path: m.name_or_path.clone(),
+            config_json: m.config.to_json().to_string(),
+            training: m.training,
+            params: m.named_parameters(),
+        }
+    }
 }
 
 /// `(loss or None, logits, image_embeds, vision hidden states or None, vision attentions or None)` of a
@@ -35,33 +75,123 @@ type ForwardResult<'py> = (
     Option<Vec<Bound<'py, PyAny>>>,
 );
 
-/// Locks a shared model. A model already busy (e.g. a training callback calling `generate` on the model
-/// being trained, or another thread) is an error, never a deadlock: the one place that says so.
-pub fn locked(
-    inner: &Arc<Mutex<BlipForConditionalGeneration>>,
-) -> crate::Result<MutexGuard<'_, BlipForConditionalGeneration>> {
+/// Locks a shared model. A model already busy (another thread's call that changes it, or training) is an
+/// error, never a deadlock: the one place that says so.
+pub fn locked(inner: &Arc<Mutex<Model>>) -> crate::Result<MutexGuard<'_, Model>> {
     match inner.try_lock() {
         Ok(guard) => Ok(guard),
         Err(std::sync::TryLockError::WouldBlock) => Err(crate::Error::Busy(
-            "the model is busy in another call (training or generating); call it after that returns".into(),
+            "the model is busy in another call (training, or a call that changes it); call it after that \
+             returns (generate and the model's attributes may be used from a training callback)"
+                .into(),
         )),
         Err(std::sync::TryLockError::Poisoned(_)) => Err(crate::Error::Busy(
-            "the model is unusable after an earlier crash".into(),
+            "the model is unusable after an internal error in an earlier call (a bug in blip_peft, reported \
+             then); load the model again"
+                .into(),
         )),
     }
 }
 
+thread_local! {
+    /// The model a training run on this thread lends to its callback: (the handle's address, the model's).
+    static LENT: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+}
+
+/// Lends `model` (the one behind `inner`, which the trainer has locked) to calls made on this thread until
+/// dropped: the training callback's `generate`. Sound because the trainer holds the model borrowed shared
+/// for the whole callback and does not touch it until the callback returns, the lent address never leaves
+/// this thread, and only read-only calls use it.
+pub struct Lend(Option<(usize, usize)>);
+
+impl Lend {
+    pub fn new(inner: &Arc<Mutex<Model>>, model: &Model) -> Self {
+        let key = Arc::as_ptr(inner) as usize;
+        Self(LENT.with(|l| l.replace(Some((key, model as *const Model as usize)))))
+    }
+}
+
+impl Drop for Lend {
+    fn drop(&mut self) {
+        LENT.with(|l| l.set(self.0));
+    }
+}
+
+/// The address of the model lent to this thread for `inner`, if any.
+fn lent(inner: &Arc<Mutex<Model>>) -> Option<usize> {
+    let key = Arc::as_ptr(inner) as usize;
+    LENT.with(|l| l.get()).and_then(|(k, m)| (k == key).then_some(m))
+}
+
 impl PyBlipModel {
     /// Locks the model for a call made with the GIL held (see [`locked`]).
-    pub fn lock(&self) -> PyResult<MutexGuard<'_, BlipForConditionalGeneration>> {
+    pub fn lock(&self) -> PyResult<MutexGuard<'_, Model>> {
         locked(&self.inner).py()
     }
 
-    fn wrap(model: BlipForConditionalGeneration) -> Self {
+    fn wrap(model: Model) -> Self {
+        let snapshot = Snapshot::of(&model);
         Self {
             inner: Arc::new(Mutex::new(model)),
+            turn: Mutex::new(()),
+            snapshot: Mutex::new(snapshot),
             last_generate_rows: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Takes a new snapshot of the read-only attributes (after a call that may have changed the model).
+    pub fn refresh(&self, m: &Model) {
+        let fresh = Snapshot::of(m);
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+
+    fn snapshot(&self) -> MutexGuard<'_, Snapshot> {
+        self.snapshot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a call that changes the model (GIL held), then refreshes the snapshot.
+    fn mutate<R>(&self, f: impl FnOnce(&mut Model) -> crate::Result<R>) -> PyResult<R> {
+        let mut m = self.lock()?;
+        let result = f(&mut m);
+        self.refresh(&m);
+        result.py()
+    }
+
+    /// Runs a call that changes the model with the GIL released, then refreshes the snapshot.
+    fn mutate_detached<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Model) -> crate::Result<R> + Send,
+    ) -> PyResult<R> {
+        py.detach(|| {
+            let mut m = locked(&self.inner)?;
+            let result = f(&mut m);
+            self.refresh(&m);
+            result
+        })
+        .py()
+    }
+
+    /// Runs an inference call with the GIL released: on the model a training callback was lent (when
+    /// `lendable`), else after the inference calls of other threads (its turn), on the locked model.
+    fn infer<R: Send>(
+        &self,
+        py: Python<'_>,
+        lendable: bool,
+        f: impl FnOnce(&Model) -> crate::Result<R> + Send,
+    ) -> PyResult<R> {
+        let lent = if lendable { lent(&self.inner) } else { None };
+        py.detach(|| {
+            if let Some(addr) = lent {
+                // SAFETY: see `Lend`: the trainer on this very thread holds the model borrowed shared until
+                // the callback running this call returns.
+                return f(unsafe { &*(addr as *const Model) });
+            }
+            let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+            let m = locked(&self.inner)?;
+            f(&m)
+        })
+        .py()
     }
 }
 
@@ -79,33 +209,35 @@ impl PyBlipModel {
         device: &str,
         config_json: Option<&str>,
     ) -> PyResult<Self> {
-        let kind = dtype.map(parse_dtype).transpose().py()?;
-        let device = parse_device(device).py()?;
-        let config = match config_json {
-            Some(text) => Some(BlipConfig::from_json(parse_json(text)?).py()?),
-            None => None,
-        };
-        let model = py
-            .detach(|| BlipForConditionalGeneration::from_pretrained_with(&path, config, kind, device))
-            .py()?;
-        Ok(Self::wrap(model))
+        guard("from_pretrained", || {
+            let kind = dtype.map(parse_dtype).transpose().py()?;
+            let device = parse_device(device).py()?;
+            let config = match config_json {
+                Some(text) => Some(BlipConfig::from_json(parse_json(text)?).py()?),
+                None => None,
+            };
+            let model = py
+                .detach(|| Model::from_pretrained_with(&path, config, kind, device))
+                .py()?;
+            Ok(Self::wrap(model))
+        })
     }
 
     /// A freshly initialised model from a `config.json` document (a JSON string), seeded.
     #[staticmethod]
     #[pyo3(signature = (config_json, seed=0, dtype=None, device="cpu"))]
     fn from_config(config_json: &str, seed: i64, dtype: Option<&str>, device: &str) -> PyResult<Self> {
-        let raw = parse_json(config_json)?;
-        let config = BlipConfig::from_json(raw).py()?;
-        let kind = dtype
-            .map(parse_dtype)
-            .transpose()
-            .py()?
-            .unwrap_or(tch::Kind::Float);
-        let device = parse_device(device).py()?;
-        Ok(Self::wrap(
-            BlipForConditionalGeneration::random(config, seed, kind, device).py()?,
-        ))
+        guard("from_config", || {
+            let raw = parse_json(config_json)?;
+            let config = BlipConfig::from_json(raw).py()?;
+            let kind = dtype
+                .map(parse_dtype)
+                .transpose()
+                .py()?
+                .unwrap_or(tch::Kind::Float);
+            let device = parse_device(device).py()?;
+            Ok(Self::wrap(Model::random(config, seed, kind, device).py()?))
+        })
     }
 
     /// Runs the model; returns `(loss or None, logits, image_embeds, hidden_states, attentions)` as torch
@@ -127,20 +259,20 @@ impl PyBlipModel {
         logits_to_keep: i64,
         shift_labels: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<ForwardResult<'py>> {
-        let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
-        let input_ids = tensor::from_py(input_ids, "input_ids")?;
-        let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
-        let labels = tensor::from_py_opt(labels, "labels")?;
-        let shift_labels = tensor::from_py_opt(shift_labels, "shift_labels")?;
-        let record = Record {
-            hidden_states: output_hidden_states,
-            attentions: output_attentions,
-            eager,
-        };
-        let inner = self.inner.clone();
-        let out = py
-            .detach(move || {
-                let model = locked(&inner)?;
+        guard("forward", || {
+            let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
+            let input_ids = tensor::from_py(input_ids, "input_ids")?;
+            let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
+            let labels = tensor::from_py_opt(labels, "labels")?;
+            let shift_labels = tensor::from_py_opt(shift_labels, "shift_labels")?;
+            let record = Record {
+                hidden_states: output_hidden_states,
+                attentions: output_attentions,
+                eager,
+            };
+            // Not lent to a training callback: a forward there would build a graph on the parameters being
+            // trained (a loss.backward() would add into the trainer's gradients).
+            let out = self.infer(py, false, move |model| {
                 let cx = ForwardContext::mode(model.training);
                 let options = ForwardOptions {
                     record,
@@ -154,24 +286,24 @@ impl PyBlipModel {
                     labels: labels.as_ref(),
                 };
                 model.forward_options(&inputs, &cx, &options)
-            })
-            .py()?;
-        let loss = out.loss.as_ref().map(|l| tensor::to_py(py, l)).transpose()?;
-        let list = |wanted: bool, ts: &[tch::Tensor]| -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
-            match wanted {
-                true => Ok(Some(
-                    ts.iter().map(|t| tensor::to_py(py, t)).collect::<PyResult<_>>()?,
-                )),
-                false => Ok(None),
-            }
-        };
-        Ok((
-            loss,
-            tensor::to_py(py, &out.logits)?,
-            tensor::to_py(py, &out.image_embeds)?,
-            list(output_hidden_states, &out.recorded.hidden_states)?,
-            list(output_attentions, &out.recorded.attentions)?,
-        ))
+            })?;
+            let loss = out.loss.as_ref().map(|l| tensor::to_py(py, l)).transpose()?;
+            let list = |wanted: bool, ts: &[tch::Tensor]| -> PyResult<Option<Vec<Bound<'py, PyAny>>>> {
+                match wanted {
+                    true => Ok(Some(
+                        ts.iter().map(|t| tensor::to_py(py, t)).collect::<PyResult<_>>()?,
+                    )),
+                    false => Ok(None),
+                }
+            };
+            Ok((
+                loss,
+                tensor::to_py(py, &out.logits)?,
+                tensor::to_py(py, &out.image_embeds)?,
+                list(output_hidden_states, &out.recorded.hidden_states)?,
+                list(output_attentions, &out.recorded.attentions)?,
+            ))
+        })
     }
 
     /// Replaces the vocabulary-sized tensors by resized ones (see `BlipForConditionalGeneration.
@@ -227,70 +359,75 @@ impl PyBlipModel {
 
     /// `(name, parameter)` pairs in transformers' order; the tensors are the model's own.
     fn named_parameters<'py>(&self, py: Python<'py>) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
-        let params = self.lock()?.named_parameters();
-        params
-            .into_iter()
-            .map(|(n, t)| Ok((n, tensor::to_py(py, &t)?)))
-            .collect()
+        guard("named_parameters", || {
+            let params: Vec<(String, Tensor)> = self
+                .snapshot()
+                .params
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect();
+            params
+                .into_iter()
+                .map(|(n, t)| Ok((n, tensor::to_py(py, &t)?)))
+                .collect()
+        })
     }
 
     /// Moves parameters in place to `device` and/or casts floating ones to `dtype`.
     #[pyo3(signature = (device=None, dtype=None))]
     fn to(&self, py: Python<'_>, device: Option<&str>, dtype: Option<&str>) -> PyResult<()> {
-        let device = device.map(parse_device).transpose().py()?;
-        let kind = dtype.map(parse_dtype).transpose().py()?;
-        let inner = self.inner.clone();
-        py.detach(move || {
-            let model = locked(&inner)?;
-            model.to(device, kind)
+        guard("to", || {
+            let device = device.map(parse_device).transpose().py()?;
+            let kind = dtype.map(parse_dtype).transpose().py()?;
+            self.mutate_detached(py, move |model| model.to(device, kind))
         })
-        .py()
     }
 
     #[getter]
     fn training(&self) -> PyResult<bool> {
-        Ok(self.lock()?.training)
+        guard("training", || Ok(self.snapshot().training))
     }
 
     fn set_training(&self, mode: bool) -> PyResult<()> {
-        self.lock()?.training = mode;
-        Ok(())
+        guard("set_training", || {
+            self.mutate(|m| {
+                m.training = mode;
+                Ok(())
+            })
+        })
     }
 
     /// The device as torch spells it ("cpu", "cuda:0").
     #[getter]
     fn device(&self) -> PyResult<String> {
-        Ok(device_name(self.lock()?.device()))
+        guard("device", || Ok(self.snapshot().device.clone()))
     }
 
     /// The weights' dtype name ("float32", "bfloat16", "float16").
     #[getter]
     fn dtype(&self) -> PyResult<&'static str> {
-        Ok(crate::blip::kind_name(self.lock()?.kind()))
+        guard("dtype", || Ok(self.snapshot().dtype))
     }
 
     #[getter]
     fn name_or_path(&self) -> PyResult<String> {
-        Ok(self.lock()?.name_or_path.clone())
+        guard("name_or_path", || Ok(self.snapshot().name_or_path.clone()))
     }
 
     /// The configuration as a JSON string (transformers' `config.json` layout).
     fn config_json(&self) -> PyResult<String> {
-        Ok(self.lock()?.config.to_json().to_string())
+        guard("config_json", || Ok(self.snapshot().config_json.clone()))
     }
 
     /// Writes `config.json` and `model.safetensors` into `path` (created if needed), atomically.
     fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let inner = self.inner.clone();
-        py.detach(move || {
-            let model = locked(&inner)?;
-            model.save_pretrained(&path)
+        guard("save_pretrained", || {
+            self.infer(py, true, move |model| model.save_pretrained(&path))
         })
-        .py()
     }
 
     fn __repr__(&self) -> PyResult<String> {
-        Ok(self.lock()?.repr())
+        guard("__repr__", || Ok(self.lock()?.repr()))
     }
 
     /// Generates token ids with transformers' semantics (see `blip_peft.BlipForConditionalGeneration.generate`).
@@ -304,31 +441,29 @@ impl PyBlipModel {
         attention_mask: Option<&Bound<'py, PyAny>>,
         settings: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let settings = match settings {
-            Some(d) => json::from_dict(d)?,
-            None => serde_json::Value::Object(Default::default()),
-        };
-        let config = GenerationConfig::from_settings(settings).py()?;
-        let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
-        let input_ids = tensor::from_py_opt(input_ids, "input_ids")?;
-        let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
-        let inner = self.inner.clone();
-        let (ids, stats) = py
-            .detach(move || {
-                let model = locked(&inner)?;
+        guard("generate", || {
+            let settings = match settings {
+                Some(d) => json::from_dict(d)?,
+                None => serde_json::Value::Object(Default::default()),
+            };
+            let config = GenerationConfig::from_settings(settings).py()?;
+            let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
+            let input_ids = tensor::from_py_opt(input_ids, "input_ids")?;
+            let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
+            let (ids, stats) = self.infer(py, true, move |model| {
                 crate::generate::generate_with_stats(
-                    &model,
+                    model,
                     &pixel_values,
                     input_ids.as_ref(),
                     attention_mask.as_ref(),
                     &config,
                 )
-            })
-            .py()?;
-        if let Ok(mut rows) = self.last_generate_rows.lock() {
-            *rows = stats.rows_per_step;
-        }
-        tensor::to_py(py, &ids)
+            })?;
+            if let Ok(mut rows) = self.last_generate_rows.lock() {
+                *rows = stats.rows_per_step;
+            }
+            tensor::to_py(py, &ids)
+        })
     }
 
     /// The decoder rows of each forward pass of the last `generate` call: the prompt's, then one per new token
@@ -342,54 +477,70 @@ impl PyBlipModel {
 
     // ------------------------------------------------------------------------------------------ LoRA
 
-    /// Injects adapter `adapter_name` per a LoRA config (peft's adapter_config.json fields, as JSON);
-    /// returns the paths of the layers that got it.
-    fn inject_lora(&self, config_json: &str, adapter_name: &str) -> PyResult<Vec<String>> {
-        let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
-        lora::inject(&mut *self.lock()?, &config, adapter_name).py()
+    /// Injects adapter `adapter_name` per a LoRA config (peft's adapter_config.json fields, as a dict or
+    /// JSON text); returns the paths of the layers that got it.
+    fn inject_lora(&self, config: &Bound<'_, PyAny>, adapter_name: &str) -> PyResult<Vec<String>> {
+        guard("inject_lora", || {
+            let config = lora_config(config)?;
+            self.mutate(|m| lora::inject(m, &config, adapter_name))
+        })
     }
 
     /// Freezes the base and makes `adapter_name` (and the biases of `bias` mode) trainable.
     fn mark_trainable(&self, adapter_name: &str, bias: &str) -> PyResult<()> {
-        lora::inject::mark_trainable(&mut *self.lock()?, adapter_name, bias).py()
+        guard("mark_trainable", || {
+            self.mutate(|m| lora::inject::mark_trainable(m, adapter_name, bias))
+        })
     }
 
     /// `(path, layer type, in, out)` of every layer LoRA can target.
     fn lora_targets(&self) -> PyResult<Vec<(String, String, i64, i64)>> {
-        let targets = lora::inject::targetable_layers(&mut *self.lock()?).py()?;
-        Ok(targets
-            .into_iter()
-            .map(|t| (t.path, t.layer_type.to_string(), t.in_features, t.out_features))
-            .collect())
+        guard("lora_targets", || {
+            let targets = lora::inject::targetable_layers(&mut *self.lock()?).py()?;
+            Ok(targets
+                .into_iter()
+                .map(|t| (t.path, t.layer_type.to_string(), t.in_features, t.out_features))
+                .collect())
+        })
     }
 
     fn set_active_adapter(&self, adapter_name: &str) -> PyResult<()> {
-        lora::inject::set_active(&mut *self.lock()?, adapter_name).py()
+        guard("set_active_adapter", || {
+            self.mutate(|m| lora::inject::set_active(m, adapter_name))
+        })
     }
 
     fn merge_adapters(&self) -> PyResult<()> {
-        lora::inject::merge(&mut *self.lock()?).py()
+        guard("merge_adapters", || self.mutate(lora::inject::merge))
     }
 
     fn unmerge_adapters(&self) -> PyResult<()> {
-        lora::inject::unmerge(&mut *self.lock()?).py()
+        guard("unmerge_adapters", || self.mutate(lora::inject::unmerge))
     }
 
     fn set_adapters_disabled(&self, disabled: bool) -> PyResult<()> {
-        lora::inject::set_disabled(&mut *self.lock()?, disabled).py()
+        guard("set_adapters_disabled", || {
+            self.mutate(|m| lora::inject::set_disabled(m, disabled))
+        })
     }
 
     /// Removes every adapter, merging the active ones first when `merge`.
     fn unload_adapters(&self, merge: bool) -> PyResult<()> {
-        lora::inject::unload(&mut *self.lock()?, merge).py()
+        guard("unload_adapters", || {
+            self.mutate(|m| lora::inject::unload(m, merge))
+        })
     }
 
     fn delete_adapter(&self, adapter_name: &str) -> PyResult<()> {
-        lora::inject::delete(&mut *self.lock()?, adapter_name).py()
+        guard("delete_adapter", || {
+            self.mutate(|m| lora::inject::delete(m, adapter_name))
+        })
     }
 
     fn adapter_names(&self) -> PyResult<Vec<String>> {
-        lora::inject::adapter_names(&mut *self.lock()?).py()
+        guard("adapter_names", || {
+            lora::inject::adapter_names(&mut *self.lock()?).py()
+        })
     }
 
     /// `(peft file key, tensor)` pairs of an adapter, as peft saves them.
@@ -399,38 +550,56 @@ impl PyBlipModel {
         adapter_name: &str,
         bias: &str,
     ) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
-        let state = lora::inject::adapter_state(&mut *self.lock()?, adapter_name, bias).py()?;
-        state
-            .into_iter()
-            .map(|(k, t)| Ok((k, tensor::to_py(py, &t)?)))
-            .collect()
+        guard("adapter_state", || {
+            let state = lora::inject::adapter_state(&mut *self.lock()?, adapter_name, bias).py()?;
+            state
+                .into_iter()
+                .map(|(k, t)| Ok((k, tensor::to_py(py, &t)?)))
+                .collect()
+        })
     }
 
     /// Writes peft's adapter folder for `adapter_name` (`config_json`: its adapter_config.json text).
     fn save_adapter(&self, dir: PathBuf, adapter_name: &str, bias: &str, config_json: &str) -> PyResult<()> {
-        lora::inject::save_adapter(&mut *self.lock()?, &dir, adapter_name, bias, config_json).py()
+        guard("save_adapter", || {
+            lora::inject::save_adapter(&mut *self.lock()?, &dir, adapter_name, bias, config_json).py()
+        })
     }
 
     /// Loads an adapter file (safetensors) into the injected adapter `adapter_name`; every key must fit.
     fn load_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
-        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).py()?;
-        let mut tensors = std::collections::BTreeMap::new();
-        for name in files.names().cloned().collect::<Vec<_>>() {
-            if let Some(t) = files.read(&name).py()? {
-                tensors.insert(name, t);
+        guard("load_adapter", || {
+            let files = SafetensorsFiles::open(std::slice::from_ref(&path)).py()?;
+            let mut tensors = std::collections::BTreeMap::new();
+            for name in files.names().cloned().collect::<Vec<_>>() {
+                if let Some(t) = files.read(&name).py()? {
+                    tensors.insert(name, t);
+                }
             }
-        }
-        lora::inject::load_adapter_state(&mut *self.lock()?, adapter_name, bias, &tensors).py()
+            self.mutate(|m| lora::inject::load_adapter_state(m, adapter_name, bias, &tensors))
+        })
     }
+}
+
+/// A LoRA config given as a dict of its fields (values refused by name where JSON cannot hold them: NaN,
+/// infinities, integers past 64 bits) or as `adapter_config.json` text, checked by the core.
+fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
+    let raw = match config.cast::<PyDict>() {
+        Ok(d) => json::from_dict(d)?,
+        Err(_) => parse_json(&config.extract::<String>()?)?,
+    };
+    LoraConfig::from_json(&raw).py()
 }
 
 fn parse_json(text: &str) -> PyResult<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))
 }
 
-/// Validates a LoRA config given as JSON and returns it normalised to peft's `adapter_config.json`.
+/// Validates a LoRA config given as a dict (or JSON text) and returns it normalised to peft's
+/// `adapter_config.json`.
 #[pyfunction]
-pub fn normalize_lora_config(config_json: &str) -> PyResult<String> {
-    let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
-    Ok(config.to_json().to_string())
+pub fn normalize_lora_config(config: &Bound<'_, PyAny>) -> PyResult<String> {
+    guard("normalize_lora_config", || {
+        Ok(lora_config(config)?.to_json().to_string())
+    })
 }

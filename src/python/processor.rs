@@ -9,7 +9,7 @@ use pyo3::exceptions::{PyTypeError, PyUserWarning, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use super::errors::IntoPyResult;
+use super::errors::{guard, IntoPyResult};
 use super::json;
 use crate::processor::{
     preprocess_images, BlipTokenizer, EncodeArgs, ImageProcessorConfig, ImageSource, PixelMode, PixelValues,
@@ -96,7 +96,9 @@ impl PyImageProcessor {
             .enumerate()
             .map(|(i, obj)| to_source(i, &obj))
             .collect::<PyResult<Vec<_>>>()?;
-        let pixels = py.detach(move || preprocess_images(&cfg, &sources)).py()?;
+        let pixels = guard("image processing", || {
+            py.detach(move || preprocess_images(&cfg, &sources)).py()
+        })?;
         match pixels {
             PixelValues::Batch {
                 n,
@@ -186,7 +188,9 @@ impl PyTokenizer {
     /// Loads a `tokenizer.json` file.
     #[staticmethod]
     fn from_file(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(move || BlipTokenizer::from_file(&path)).py()?;
+        let inner = guard("tokenizer loading", || {
+            py.detach(move || BlipTokenizer::from_file(&path)).py()
+        })?;
         Ok(Self { inner })
     }
 
@@ -249,7 +253,9 @@ impl PyTokenizer {
             PyErr::warn(py, &category, &message, 2)?;
         }
         let inner = &self.inner;
-        let enc = py.detach(|| inner.encode_batch(&texts, &options)).py()?;
+        let enc = guard("tokenizing", || {
+            py.detach(|| inner.encode_batch(&texts, &options)).py()
+        })?;
         Ok((enc.input_ids, enc.attention_mask, enc.token_type_ids))
     }
 
@@ -276,7 +282,9 @@ impl PyTokenizer {
             })
             .collect::<PyResult<Vec<_>>>()?;
         let inner = &self.inner;
-        py.detach(|| inner.decode_batch(&rows, skip_special_tokens, clean_up_tokenization_spaces))
-            .py()
+        guard("decoding", || {
+            py.detach(|| inner.decode_batch(&rows, skip_special_tokens, clean_up_tokenization_spaces))
+                .py()
+        })
     }
 }

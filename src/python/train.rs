@@ -5,7 +5,7 @@ use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use super::errors::IntoPyResult;
+use super::errors::{guard, IntoPyResult};
 use super::model::{locked, PyBlipModel};
 use super::{json, tensor};
 use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
@@ -15,6 +15,8 @@ use crate::train::{StepLog, Trainer};
 
 /// Calls the Python callback at logging steps; Ctrl-C and a callback returning True stop training.
 struct PyObserver {
+    /// The handle of the model being trained: lent to the callback (see `model::Lend`).
+    inner: std::sync::Arc<std::sync::Mutex<crate::blip::BlipForConditionalGeneration>>,
     callback: Option<Py<PyAny>>,
     interrupted: bool,
     error: Option<PyErr>,
@@ -43,6 +45,7 @@ impl PyObserver {
 
     fn call(
         &mut self,
+        model: &crate::blip::BlipForConditionalGeneration,
         event: &str,
         payload: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
     ) -> crate::Result<Control> {
@@ -53,6 +56,8 @@ impl PyObserver {
             let Some(cb) = &self.callback else {
                 return Ok(Control::Continue);
             };
+            // The callback may generate with the model being trained (sample captions during training).
+            let _lend = super::model::Lend::new(&self.inner, model);
             let result = payload(py).and_then(|p| cb.call1(py, (event, p)));
             match result {
                 Ok(r) => Ok(if r.bind(py).is_truthy().unwrap_or(false) {
@@ -79,8 +84,13 @@ fn log_dict<'py>(py: Python<'py>, log: &StepLog) -> PyResult<Bound<'py, PyDict>>
 }
 
 impl Observer for PyObserver {
-    fn on_log(&mut self, logs: &[StepLog], total_steps: i64) -> crate::Result<Control> {
-        self.call("log", |py| {
+    fn on_log(
+        &mut self,
+        model: &crate::blip::BlipForConditionalGeneration,
+        logs: &[StepLog],
+        total_steps: i64,
+    ) -> crate::Result<Control> {
+        self.call(model, "log", |py| {
             let list = PyList::empty(py);
             for l in logs {
                 list.append(log_dict(py, l)?)?;
@@ -96,8 +106,13 @@ impl Observer for PyObserver {
         Python::attach(|py| self.check_signals(py))
     }
 
-    fn on_eval(&mut self, step: i64, loss: f64) -> crate::Result<Control> {
-        self.call("eval", |py| {
+    fn on_eval(
+        &mut self,
+        model: &crate::blip::BlipForConditionalGeneration,
+        step: i64,
+        loss: f64,
+    ) -> crate::Result<Control> {
+        self.call(model, "eval", |py| {
             let d = PyDict::new(py);
             d.set_item("step", step)?;
             d.set_item("eval_loss", loss)?;
@@ -164,35 +179,46 @@ impl PyImageCaptionData {
         captions: Vec<Vec<i64>>,
         bos_token_id: i64,
         pad_token_id: i64,
-        max_length: Option<usize>,
+        max_length: Option<&Bound<'_, PyAny>>,
         skip_bad: bool,
-        num_workers: Option<usize>,
+        num_workers: Option<&Bound<'_, PyAny>>,
         prompt_tokens: usize,
     ) -> PyResult<Self> {
-        let sources = images
-            .iter()
-            .enumerate()
-            .map(|(i, obj)| super::processor::to_source(i, &obj))
-            .collect::<PyResult<Vec<_>>>()?;
-        let mut source = ImageCaptionSource::new(
-            image_processor.config().clone(),
-            sources,
-            captions,
-            bos_token_id,
-            pad_token_id,
-            max_length,
-            skip_bad,
-        )
-        .py()?;
-        source.prompt_tokens = prompt_tokens;
-        let source = match num_workers {
-            Some(n) => source.with_workers(n).py()?,
-            None => source,
-        };
-        let skipped = source.skipped.clone();
-        Ok(Self {
-            source: Some(source),
-            skipped,
+        guard("_ImageCaptionData()", || {
+            let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
+            let num_workers = match json::int_arg(num_workers, "num_workers")? {
+                Some(n) if n < 1 => {
+                    return Err(PyValueError::new_err(format!(
+                        "num_workers must be a positive int (threads decoding images), got {n}"
+                    )))
+                }
+                n => n.map(|n| n as usize),
+            };
+            let sources = images
+                .iter()
+                .enumerate()
+                .map(|(i, obj)| super::processor::to_source(i, &obj))
+                .collect::<PyResult<Vec<_>>>()?;
+            let mut source = ImageCaptionSource::new(
+                image_processor.config().clone(),
+                sources,
+                captions,
+                bos_token_id,
+                pad_token_id,
+                max_length,
+                skip_bad,
+            )
+            .py()?;
+            source.prompt_tokens = prompt_tokens;
+            let source = match num_workers {
+                Some(n) => source.with_workers(n).py()?,
+                None => source,
+            };
+            let skipped = source.skipped.clone();
+            Ok(Self {
+                source: Some(source),
+                skipped,
+            })
         })
     }
 
@@ -259,72 +285,77 @@ pub fn train_native<'py>(
     callback: Option<Py<PyAny>>,
     distributed: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (rank, world_size) = match &distributed {
-        Some(d) => (
-            d.bind(py).getattr("rank")?.extract::<usize>()?,
-            d.bind(py).getattr("world_size")?.extract::<usize>()?,
-        ),
-        None => (0, 1),
-    };
-    let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
-    let mut config = TrainConfig::from_settings(json::from_dict(settings)?).py()?;
-    config.rank = rank;
-    config.world_size = world_size;
-    let bos = model.lock()?.config.text_config.bos_token_id;
-    let train_source = batch_source(train, "train_dataset", bos)?;
-    let eval_source = match eval {
-        Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),
-        _ => None,
-    };
-    let mut observer = PyObserver {
-        callback,
-        interrupted: false,
-        error: None,
-    };
-    let inner = model.inner.clone();
-    let outcome = py.detach(|| {
-        let mut m = locked(&inner)?;
-        let format = match &adapter {
-            Some((name, bias, config_json)) => WeightsFormat::Adapter {
-                name,
-                bias,
-                config_json,
-            },
-            None => WeightsFormat::Full,
+    guard("train_native", || {
+        let (rank, world_size) = match &distributed {
+            Some(d) => (
+                d.bind(py).getattr("rank")?.extract::<usize>()?,
+                d.bind(py).getattr("world_size")?.extract::<usize>()?,
+            ),
+            None => (0, 1),
         };
-        let collective = collective.as_mut().map(|c| c as &mut dyn Collective);
-        Trainer::run(
-            &mut m,
-            train_source,
-            eval_source,
-            &config,
-            &format,
-            &mut observer,
-            collective,
-        )
-    });
-    if let Some(e) = observer.error.take() {
-        return Err(e);
-    }
-    if let Some(e) = collective.as_mut().and_then(|c| c.error.take()) {
-        return Err(e);
-    }
-    let outcome = outcome.py()?;
-    let d = PyDict::new(py);
-    let history = PyList::empty(py);
-    for l in &outcome.history {
-        history.append(log_dict(py, l)?)?;
-    }
-    d.set_item("history", history)?;
-    d.set_item("eval_history", outcome.eval_history.clone())?;
-    d.set_item("global_step", outcome.global_step)?;
-    d.set_item("total_steps", outcome.total_steps)?;
-    d.set_item("interrupted", outcome.interrupted || observer.interrupted)?;
-    d.set_item(
-        "last_checkpoint",
-        outcome.last_checkpoint.map(|p| p.to_string_lossy().into_owned()),
-    )?;
-    Ok(d)
+        let mut collective = distributed.map(|handle| PyCollective { handle, error: None });
+        let mut config = TrainConfig::from_settings(json::from_dict(settings)?).py()?;
+        config.rank = rank;
+        config.world_size = world_size;
+        let bos = model.lock()?.config.text_config.bos_token_id;
+        let train_source = batch_source(train, "train_dataset", bos)?;
+        let eval_source = match eval {
+            Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),
+            _ => None,
+        };
+        let mut observer = PyObserver {
+            inner: model.inner.clone(),
+            callback,
+            interrupted: false,
+            error: None,
+        };
+        let inner = model.inner.clone();
+        let outcome = py.detach(|| {
+            let mut m = locked(&inner)?;
+            let format = match &adapter {
+                Some((name, bias, config_json)) => WeightsFormat::Adapter {
+                    name,
+                    bias,
+                    config_json,
+                },
+                None => WeightsFormat::Full,
+            };
+            let collective = collective.as_mut().map(|c| c as &mut dyn Collective);
+            let outcome = Trainer::run(
+                &mut m,
+                train_source,
+                eval_source,
+                &config,
+                &format,
+                &mut observer,
+                collective,
+            );
+            model.refresh(&m);
+            outcome
+        });
+        if let Some(e) = observer.error.take() {
+            return Err(e);
+        }
+        if let Some(e) = collective.as_mut().and_then(|c| c.error.take()) {
+            return Err(e);
+        }
+        let outcome = outcome.py()?;
+        let d = PyDict::new(py);
+        let history = PyList::empty(py);
+        for l in &outcome.history {
+            history.append(log_dict(py, l)?)?;
+        }
+        d.set_item("history", history)?;
+        d.set_item("eval_history", outcome.eval_history.clone())?;
+        d.set_item("global_step", outcome.global_step)?;
+        d.set_item("total_steps", outcome.total_steps)?;
+        d.set_item("interrupted", outcome.interrupted || observer.interrupted)?;
+        d.set_item(
+            "last_checkpoint",
+            outcome.last_checkpoint.map(|p| p.to_string_lossy().into_owned()),
+        )?;
+        Ok(d)
+    })
 }
 
 /// Collates tokenised captions the way training does: `(input_ids, attention_mask, labels)` tensors (the
@@ -336,22 +367,25 @@ pub fn collate_captions<'py>(
     captions: Vec<Vec<i64>>,
     bos_token_id: i64,
     pad_token_id: i64,
-    max_length: Option<usize>,
+    max_length: Option<&Bound<'py, PyAny>>,
     prompt_tokens: usize,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let (ids, mask, labels) = crate::data::collate_prompted_captions(
-        &captions,
-        bos_token_id,
-        pad_token_id,
-        max_length,
-        prompt_tokens,
-    )
-    .py()?;
-    Ok((
-        tensor::to_py(py, &ids)?,
-        tensor::to_py(py, &mask)?,
-        tensor::to_py(py, &labels)?,
-    ))
+    guard("collate_captions", || {
+        let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
+        let (ids, mask, labels) = crate::data::collate_prompted_captions(
+            &captions,
+            bos_token_id,
+            pad_token_id,
+            max_length,
+            prompt_tokens,
+        )
+        .py()?;
+        Ok((
+            tensor::to_py(py, &ids)?,
+            tensor::to_py(py, &mask)?,
+            tensor::to_py(py, &labels)?,
+        ))
+    })
 }
 
 /// Turns flush-to-zero for denormal floats on or off on this thread and libtorch's CPU threads; returns

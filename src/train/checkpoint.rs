@@ -30,6 +30,43 @@ pub struct TrainerState {
     pub eval_history: Vec<(i64, f64)>,
 }
 
+impl TrainerState {
+    /// The values a state file must hold to be resumed from (a file edited by hand or from elsewhere says
+    /// what is wrong in it, instead of failing later in the loop).
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| {
+            Err(Error::checkpoint(format!(
+                "{} is not a usable trainer state: {what}; resume from another checkpoint (or start afresh)",
+                path.display()
+            )))
+        };
+        if self.global_step < 0 {
+            return bad(format!(
+                "global_step is {} (a step count, never negative)",
+                self.global_step
+            ));
+        }
+        if self.total_steps < 0 {
+            return bad(format!("total_steps is {} (never negative)", self.total_steps));
+        }
+        if let Some(scale) = self.loss_scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return bad(format!("loss_scale is {scale} (a positive finite number)"));
+        }
+        if let Some(step) = self
+            .history
+            .iter()
+            .map(|l| l.step)
+            .find(|&s| s < 0 || s > self.global_step)
+        {
+            return bad(format!(
+                "its history has a step {step} outside 0..={}",
+                self.global_step
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How the trained weights are stored in a checkpoint.
 pub enum WeightsFormat<'a> {
     /// A PEFT adapter: `adapter_model.safetensors` + `adapter_config.json` (given as JSON text).
@@ -57,6 +94,7 @@ pub fn save(
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(output_dir)
         .map_err(|e| Error::io(format!("cannot create output_dir {}", output_dir.display()), e))?;
+    remove_leftovers(output_dir);
     let final_dir = checkpoint_dir(output_dir, state.global_step);
     let tmp = output_dir.join(format!(
         ".checkpoint-{}.tmp-{}",
@@ -108,6 +146,57 @@ pub fn save(
         }
     }
     Ok(final_dir)
+}
+
+/// Removes what a run killed midway left in `output_dir`: the hidden temporary folder of a checkpoint being
+/// written (`.checkpoint-<step>.tmp-<pid>`), a checkpoint being deleted (`.deleting-checkpoint-<step>-<pid>`)
+/// and a file being written atomically (`.<name>.tmp-<pid>`), each only when the process that made it is gone
+/// (a run still writing into the same folder keeps its own). Returns what was removed. Errors are ignored:
+/// leftovers are never loaded (their names are outside the `checkpoint-*` namespace), only untidy.
+pub fn remove_leftovers(output_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = leftover_pid(&name) else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// The writer's process id in the name of a temporary our writers make (see [`remove_leftovers`]).
+fn leftover_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let pid = if rest.starts_with("deleting-checkpoint-") {
+        rest.rsplit_once('-')?.1
+    } else {
+        rest.rsplit_once(".tmp-")?.1
+    };
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists (EPERM: it exists, owned by someone else).
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    alive || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Deletes a checkpoint folder so that a crash midway never leaves a half-deleted one under its name: it
@@ -188,6 +277,7 @@ pub fn load_state(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState> {
             state_path.display()
         ))
     })?;
+    state.check(&state_path)?;
     let names: Vec<&String> = optimizer.states.iter().map(|s| &s.name).collect();
     if state.trainable.iter().collect::<Vec<_>>() != names {
         return Err(Error::checkpoint(format!(

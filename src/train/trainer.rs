@@ -98,6 +98,9 @@ pub struct TrainConfig {
     pub save_steps: Option<i64>,
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<i64>,
+    /// The caption length limit (tokens, BOS and [SEP] included) the captions were tokenised to: checked
+    /// here with the other settings (at least 2, or None); encoded tensors are used as given.
+    pub max_length: Option<i64>,
     #[serde(rename = "resume_from_checkpoint", deserialize_with = "by_name::resume_from")]
     pub resume_from: Option<super::checkpoint::ResumeFrom>,
     /// This process's rank and the number of processes (data parallelism; 0 and 1 when alone).
@@ -133,6 +136,7 @@ impl Default for TrainConfig {
             save_steps: None,
             save_total_limit: None,
             eval_steps: None,
+            max_length: None,
             resume_from: None,
             rank: 0,
             world_size: 1,
@@ -191,9 +195,9 @@ impl TrainConfig {
                 self.learning_rate
             )));
         }
-        if self.weight_decay < 0.0 {
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return Err(Error::invalid(format!(
-                "weight_decay must not be negative, got {}",
+                "weight_decay must be a non-negative finite number, got {}",
                 self.weight_decay
             )));
         }
@@ -214,7 +218,8 @@ impl TrainConfig {
                 "warmup_ratio must be in [0, 1) and warmup_steps not negative",
             ));
         }
-        if !(0.0..1.0).contains(&self.betas.0) || !(0.0..1.0).contains(&self.betas.1) || self.eps <= 0.0 {
+        let betas_ok = (0.0..1.0).contains(&self.betas.0) && (0.0..1.0).contains(&self.betas.1);
+        if !(betas_ok && self.eps > 0.0 && self.eps.is_finite()) {
             return Err(Error::invalid(
                 "adam_betas must be in [0, 1) and adam_eps positive",
             ));
@@ -231,6 +236,7 @@ impl TrainConfig {
                 )));
             }
         }
+        crate::data::check_max_length(self.max_length)?;
         if self.save_total_limit == Some(0) {
             return Err(Error::invalid("save_total_limit must be at least 1"));
         }
@@ -262,9 +268,17 @@ pub enum Control {
 }
 
 /// Receives progress at every logging step and evaluation (the Python bindings call back into Python here).
+///
+/// `model` is the model being trained, lent for the call (read-only: a callback may caption samples with it);
+/// the run does not touch it until the call returns.
 pub trait Observer {
-    fn on_log(&mut self, logs: &[StepLog], total_steps: i64) -> Result<Control>;
-    fn on_eval(&mut self, step: i64, loss: f64) -> Result<Control>;
+    fn on_log(
+        &mut self,
+        model: &BlipForConditionalGeneration,
+        logs: &[StepLog],
+        total_steps: i64,
+    ) -> Result<Control>;
+    fn on_eval(&mut self, model: &BlipForConditionalGeneration, step: i64, loss: f64) -> Result<Control>;
     /// Called after every optimizer step (cheap: e.g. a check for Ctrl-C).
     fn on_step_end(&mut self) -> Result<Control> {
         Ok(Control::Continue)
@@ -275,10 +289,10 @@ pub trait Observer {
 pub struct Silent;
 
 impl Observer for Silent {
-    fn on_log(&mut self, _: &[StepLog], _: i64) -> Result<Control> {
+    fn on_log(&mut self, _: &BlipForConditionalGeneration, _: &[StepLog], _: i64) -> Result<Control> {
         Ok(Control::Continue)
     }
-    fn on_eval(&mut self, _: i64, _: f64) -> Result<Control> {
+    fn on_eval(&mut self, _: &BlipForConditionalGeneration, _: i64, _: f64) -> Result<Control> {
         Ok(Control::Continue)
     }
 }
@@ -536,6 +550,13 @@ impl Trainer {
         collective: Option<&mut dyn Collective>,
     ) -> Result<TrainOutcome> {
         config.validate()?;
+        if let (Some(steps), None) = (config.eval_steps, &eval) {
+            // transformers' Trainer refuses an evaluation strategy without an eval_dataset the same way.
+            return Err(Error::invalid(format!(
+                "eval_steps={steps} asks for an evaluation every {steps} steps, but no eval_dataset was given; \
+                 pass eval_dataset or leave eval_steps unset"
+            )));
+        }
         let plan = Plan::new(train.len(), config)?;
         let trainable: Vec<(String, Tensor)> = model
             .named_parameters()
@@ -573,6 +594,10 @@ impl Trainer {
             history: Vec::new(),
             eval_history: Vec::new(),
         };
+        if let (Some(out), 0) = (&config.output_dir, config.rank) {
+            // What a run killed midway left behind (hidden temporaries, never loaded) goes first.
+            checkpoint::remove_leftovers(out);
+        }
         if let Some(from) = &config.resume_from {
             let dir = from.folder(config.output_dir.as_deref())?;
             state = resume(&dir, model, &mut optimizer, format)?;
@@ -842,7 +867,7 @@ impl TrainingRun<'_> {
         self.state.history.extend(logs.iter().cloned());
         let mut control = Control::Continue;
         if config.rank == 0 {
-            control = self.observer.on_log(&logs, self.plan.total_steps)?;
+            control = self.observer.on_log(self.model, &logs, self.plan.total_steps)?;
         }
         if let Some(c) = self.collective.as_deref_mut() {
             check_in_sync(c, &self.optimizer, self.state.global_step)?;
@@ -869,7 +894,7 @@ impl TrainingRun<'_> {
         )?;
         let step = self.state.global_step;
         self.state.eval_history.push((step, loss));
-        if self.config.rank == 0 && self.observer.on_eval(step, loss)? == Control::Stop {
+        if self.config.rank == 0 && self.observer.on_eval(self.model, step, loss)? == Control::Stop {
             return Ok(Control::Stop);
         }
         Ok(Control::Continue)

@@ -70,6 +70,7 @@ class _BlipModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]: ...
     def generate(
         self,
@@ -77,6 +78,7 @@ class _BlipModel:
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         settings: dict[str, Any] | None = None,
+        adapter_names: list[str] | None = None,
     ) -> torch.Tensor: ...
     def _last_generate_rows_per_step(self) -> list[int]: ...
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]: ...

@@ -126,10 +126,14 @@ class BlipForConditionalGeneration:
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Runs the model: logits of every caption position and, with `labels`, the mean cross-entropy of
         predicting `labels[:, 1:]` from positions `:-1` (exactly transformers' loss; -100 is ignored).
+
+        `adapter_names` (peft's mixed-adapter batch, in evaluation mode): one adapter name per row, `"__base__"`
+        for the base model; each row then runs its own adapter in both towers, whatever adapter is active.
         """
         if kwargs.get("interpolate_pos_encoding"):
             raise ValueError("interpolate_pos_encoding is not supported; resize images to the model's image_size")
@@ -142,7 +146,8 @@ class BlipForConditionalGeneration:
             raise ValueError(
                 "input_ids is required: BlipForConditionalGeneration scores captions; use generate() to write them"
             )
-        loss, logits, image_embeds = self._native.forward(pixel_values, input_ids, attention_mask, labels)
+        names = _adapter_names(adapter_names)
+        loss, logits, image_embeds = self._native.forward(pixel_values, input_ids, attention_mask, labels, names)
         out = BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=image_embeds)
         return out if return_dict else out.to_tuple()
 
@@ -154,6 +159,7 @@ class BlipForConditionalGeneration:
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Generates captions as token ids, exactly as transformers' `generate` does for BLIP.
@@ -168,10 +174,15 @@ class BlipForConditionalGeneration:
         A prompt (`input_ids` from the processor, e.g. "a photography of") is continued. Prompts of different
         lengths in one batch (with their `attention_mask`) are each decoded as if alone and the rows are
         right-padded; transformers mishandles that case.
+
+        `adapter_names` (peft's mixed-adapter batch): one adapter name per image, `"__base__"` for the base model;
+        the image and every row decoded from it (its beams, its `num_return_sequences`) run that adapter, in
+        both towers, in one batch.
         """
         if pixel_values is None:
             raise ValueError("generate() needs pixel_values")
-        return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs))
+        names = _adapter_names(adapter_names)
+        return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs), names)
 
     # -------------------------------------------------------------------------------------- parameters
     def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -297,6 +308,18 @@ class BlipForConditionalGeneration:
 
     def __repr__(self) -> str:
         return self._native.__repr__()
+
+
+def _adapter_names(names: Any) -> list[str] | None:
+    """`adapter_names` as the core takes it: a list of str (one per row), or None."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per row), got {type(names).__name__}")
+    bad = [type(n).__name__ for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f'adapter_names must hold str names ("__base__" for the base model), got {bad[0]}')
+    return list(names)
 
 
 # Accepted for compatibility; they do not change what is generated here.

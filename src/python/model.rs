@@ -89,8 +89,9 @@ impl PyBlipModel {
         ))
     }
 
-    /// Runs the model; returns `(loss or None, logits, image_embeds)` as torch tensors.
-    #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None))]
+    /// Runs the model; returns `(loss or None, logits, image_embeds)` as torch tensors. `adapter_names`: one
+    /// adapter per row (a mixed-adapter batch, `"__base__"` for the base model).
+    #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None, adapter_names=None))]
     fn forward<'py>(
         &self,
         py: Python<'py>,
@@ -98,6 +99,7 @@ impl PyBlipModel {
         input_ids: &Bound<'py, PyAny>,
         attention_mask: Option<&Bound<'py, PyAny>>,
         labels: Option<&Bound<'py, PyAny>>,
+        adapter_names: Option<Vec<String>>,
     ) -> PyResult<ForwardResult<'py>> {
         let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
         let input_ids = tensor::from_py(input_ids, "input_ids")?;
@@ -107,12 +109,16 @@ impl PyBlipModel {
         let out = py
             .detach(move || {
                 let model = locked(&inner)?;
-                model.forward(&ForwardInputs {
+                let inputs = ForwardInputs {
                     pixel_values: &pixel_values,
                     input_ids: &input_ids,
                     attention_mask: attention_mask.as_ref(),
                     labels: labels.as_ref(),
-                })
+                };
+                match &adapter_names {
+                    Some(names) => lora::mixed::forward(&model, &inputs, names),
+                    None => model.forward(&inputs),
+                }
             })
             .py()?;
         let loss = out.loss.as_ref().map(|l| tensor::to_py(py, l)).transpose()?;
@@ -192,8 +198,9 @@ impl PyBlipModel {
     }
 
     /// Generates token ids with transformers' semantics (see `blip_peft.BlipForConditionalGeneration.generate`).
-    /// `settings` holds the decoding keywords as the caller gave them (`GenerationConfig` reads and checks them).
-    #[pyo3(signature = (pixel_values, input_ids=None, attention_mask=None, settings=None))]
+    /// `settings` holds the decoding keywords as the caller gave them (`GenerationConfig` reads and checks them);
+    /// `adapter_names`, one adapter per image (a mixed-adapter batch; its rows and beams inherit it).
+    #[pyo3(signature = (pixel_values, input_ids=None, attention_mask=None, settings=None, adapter_names=None))]
     fn generate<'py>(
         &self,
         py: Python<'py>,
@@ -201,6 +208,7 @@ impl PyBlipModel {
         input_ids: Option<&Bound<'py, PyAny>>,
         attention_mask: Option<&Bound<'py, PyAny>>,
         settings: Option<&Bound<'py, PyDict>>,
+        adapter_names: Option<Vec<String>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let settings = match settings {
             Some(d) => json::from_dict(d)?,
@@ -214,11 +222,12 @@ impl PyBlipModel {
         let (ids, stats) = py
             .detach(move || {
                 let model = locked(&inner)?;
-                crate::generate::generate_with_stats(
+                crate::generate::generate_with_adapters(
                     &model,
                     &pixel_values,
                     input_ids.as_ref(),
                     attention_mask.as_ref(),
+                    adapter_names.as_deref(),
                     &config,
                 )
             })

@@ -175,7 +175,9 @@ def test_prompts_and_ragged_prompts_follow_their_rows(tiny_checkpoint, lora_fold
             alone = _alone(
                 ours,
                 name,
-                lambda i=i, n=n: ours.generate(px[i : i + 1], ids[i : i + 1, :n], max_new_tokens=8, num_beams=beams),
+                lambda i=i, n=n, beams=beams: ours.generate(
+                    px[i : i + 1], ids[i : i + 1, :n], max_new_tokens=8, num_beams=beams
+                ),
             )
             assert torch.equal(got[i, : alone.shape[1]], alone[0]), (beams, name)
 

@@ -320,15 +320,28 @@ impl PyBlipModel {
 
     /// Loads an adapter file (safetensors) into the injected adapter `adapter_name`; every key must fit.
     fn load_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
-        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).py()?;
-        let mut tensors = std::collections::BTreeMap::new();
-        for name in files.names().cloned().collect::<Vec<_>>() {
-            if let Some(t) = files.read(&name).py()? {
-                tensors.insert(name, t);
-            }
-        }
+        let tensors = read_safetensors(&path)?;
         lora::inject::load_adapter_state(&mut *self.lock()?, adapter_name, bias, &tensors).py()
     }
+
+    /// Replaces adapter `adapter_name`'s weights in place by an adapter file made for the same layers and ranks
+    /// (`config_json`: its adapter_config.json), on the live model.
+    fn hotswap_adapter(&self, path: PathBuf, adapter_name: &str, config_json: &str) -> PyResult<()> {
+        let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
+        let tensors = read_safetensors(&path)?;
+        lora::inject::hotswap_adapter(&mut *self.lock()?, adapter_name, &config, &tensors).py()
+    }
+}
+
+fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
+    let files = SafetensorsFiles::open(&[path.to_path_buf()]).py()?;
+    let mut tensors = std::collections::BTreeMap::new();
+    for name in files.names().cloned().collect::<Vec<_>>() {
+        if let Some(t) = files.read(&name).py()? {
+            tensors.insert(name, t);
+        }
+    }
+    Ok(tensors)
 }
 
 fn parse_json(text: &str) -> PyResult<serde_json::Value> {

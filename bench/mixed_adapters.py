@@ -115,7 +115,7 @@ def main() -> None:
     )
     print(f"all variants wrote the same tokens: {same}")
     base = results["ours, mixed batch"][0]
-    print("| variant | best of %d (s) | vs ours mixed |" % args.reps)
+    print(f"| variant | best of {args.reps} (s) | vs ours mixed |")
     print("|---|---|---|")
     for name, (t, _) in results.items():
         print(f"| {name} | {t:.3f} | {t / base:.2f}x |")

@@ -402,8 +402,8 @@ class PeftModel:
         for key in ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora", "bias"):
             if getattr(config, key) != getattr(old, key):
                 raise ValueError(
-                    f"Configs are incompatible: for {key}, {getattr(old, key)!r} != {getattr(config, key)!r}; load the "
-                    "new adapter under its own name with load_adapter instead"
+                    f"Configs are incompatible: for {key}, {getattr(old, key)!r} != {getattr(config, key)!r}; "
+                    "load the new adapter under its own name with load_adapter instead"
                 )
         self._native.hotswap_adapter(_adapter_weights_file(path), adapter_name, json.dumps(config._fields()))
         self.peft_config[adapter_name] = dataclasses.replace(config, inference_mode=old.inference_mode)

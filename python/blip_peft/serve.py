@@ -337,7 +337,7 @@ def run(
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        sockets = getattr(site._server, "sockets", None) or []
         bound = sockets[0].getsockname()[1] if sockets else port
         print(f"serving on http://{host}:{bound}", flush=True)
         try:

@@ -30,7 +30,15 @@ from blip_peft.processing import (
     BlipProcessor,
     BlipTokenizer,
 )
-from blip_peft.peft_model import LoraConfig, LoraModel, PeftConfig, PeftModel, get_peft_model, lora_targets
+from blip_peft.peft_model import (
+    LoraConfig,
+    LoraModel,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    hotswap_adapter,
+    lora_targets,
+)
 from blip_peft.modeling import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
@@ -67,6 +75,7 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "get_peft_model",
+    "hotswap_adapter",
     "lora_targets",
     "__version__",
     "bundled_model_path",

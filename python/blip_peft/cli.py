@@ -206,6 +206,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_adapters(specs: Sequence[str]) -> dict[str, str]:
+    """`NAME=PATH` pairs as given to `serve --adapter`."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=PATH (an adapter folder), got {spec!r}")
+        if name == "__base__" or name in adapters:
+            raise ValueError(f"--adapter name {name!r} is reserved or given twice")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--adapter {name}: {path!r} is not a folder")
+        adapters[name] = path
+    return adapters
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import aiohttp  # noqa: F401
+
+        from blip_peft import serve
+    except ImportError as e:
+        raise ValueError(f"serve needs aiohttp (pip install aiohttp): {e}") from e
+    serve.run(
+        resolve_model(args.model),
+        _named_adapters(args.adapter or []),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_image_pixels=args.max_image_pixels,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-peft", description="Fine-tune BLIP with LoRA and caption images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="./blip-peft-demo")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="caption images over HTTP, one base model with several adapters")
+    serve.add_argument("--model", required=True)
+    serve.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter folder (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--max-batch", type=int, default=8, help="images in one mixed-adapter batch at most")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
+    serve.add_argument("--max-image-pixels", type=int, default=None, help="larger images get 413")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -299,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--min-new-tokens must not be negative")
     if getattr(args, "data", None) and not os.path.exists(args.data):
         parser.error(f"--data {args.data!r} does not exist")
-    if getattr(args, "adapter", None) and not os.path.isdir(args.adapter):
+    if isinstance(getattr(args, "adapter", None), str) and not os.path.isdir(args.adapter):
         parser.error(f"--adapter {args.adapter!r} is not a folder")
     # Output paths are checked before any work: a folder where a file goes (or the reverse) is an error now,
     # not a traceback after training or captioning.

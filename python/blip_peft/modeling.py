@@ -274,6 +274,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         shift_labels: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Runs the model: logits of every caption position and, with `labels`, the mean cross-entropy of
@@ -283,6 +284,9 @@ class BlipForConditionalGeneration(torch.nn.Module):
         probabilities (attention then runs eagerly); `logits_to_keep=k` computes the logits of the last `k`
         positions only; `shift_labels` are targets already aligned with the logits (used instead of shifting
         `labels`); `return_dict=False` returns the output's non-None fields as a tuple.
+
+        `adapter_names` (peft's mixed-adapter batch, in evaluation mode): one adapter name per row, `"__base__"`
+        for the base model; each row then runs its own adapter in both towers, whatever adapter is active.
         """
         if interpolate_pos_encoding:
             raise ValueError("interpolate_pos_encoding is not supported; resize images to the model's image_size")
@@ -303,6 +307,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
             eager=self._attn_implementation == "eager",
             logits_to_keep=logits_to_keep,
             shift_labels=shift_labels,
+            adapter_names=_adapter_names(adapter_names),
         )
         native_args = (pixel_values, input_ids, attention_mask, labels)
         if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -340,6 +345,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Generates captions as token ids, exactly as transformers' `generate` does for BLIP.
@@ -365,10 +371,15 @@ class BlipForConditionalGeneration(torch.nn.Module):
         `config`, `device`, `dtype` and `named_parameters()` answer at once. A training callback may call
         `generate` on the model being trained (sample captions); while training runs, calls from other threads
         that need the model raise a RuntimeError saying it is busy.
+
+        `adapter_names` (peft's mixed-adapter batch): one adapter name per image, `"__base__"` for the base model;
+        the image and every row decoded from it (its beams, its `num_return_sequences`) run that adapter, in
+        both towers, in one batch.
         """
         if pixel_values is None:
             raise ValueError("generate() needs pixel_values")
-        return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs))
+        names = _adapter_names(adapter_names)
+        return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs), names)
 
     # ------------------------------------------------------------------------------------- module tree
     def _sync_tree(self) -> None:
@@ -828,6 +839,18 @@ def _fill_attributes(module: torch.nn.Module) -> None:
         module.eps, module.elementwise_affine = 1e-5, True
     elif isinstance(module, torch.nn.Dropout):
         module.p, module.inplace = 0.0, False
+
+
+def _adapter_names(names: Any) -> list[str] | None:
+    """`adapter_names` as the core takes it: a list of str (one per row), or None."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per row), got {type(names).__name__}")
+    bad = [type(n).__name__ for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f'adapter_names must hold str names ("__base__" for the base model), got {bad[0]}')
+    return list(names)
 
 
 # Accepted for compatibility; they do not change what is generated here.

@@ -440,6 +440,39 @@ class PeftModel:
         if prompt is not None:
             self.caption_prompts[adapter_name] = prompt
 
+    def hotswap_adapter(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
+        """Replaces adapter `adapter_name`'s weights, in place on the live model, by the adapter folder `model_id`
+        (peft's `hotswap_adapter`): it must target the same layers with the same ranks, and agree with the old one on
+        what peft checks (`use_rslora`, `lora_dropout`, `alpha_pattern`, `use_dora`) and on `bias`; `lora_alpha`
+        may differ (each layer's scaling follows it). The base is not
+        reloaded and the parameters stay the same tensors, so an optimizer or a serving loop holding them keeps
+        working; a swap that does not fit is refused before anything changes."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r} to swap; have {sorted(self.peft_config)}")
+        path = fspath(model_id, "model_id")
+        config = LoraConfig.from_pretrained(path)
+        old = self.peft_config[adapter_name]
+        for key in ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora", "bias"):
+            if getattr(config, key) != getattr(old, key):
+                raise ValueError(
+                    f"Configs are incompatible: for {key}, {getattr(old, key)!r} != {getattr(config, key)!r}; "
+                    "load the new adapter under its own name with load_adapter instead"
+                )
+        self._native.hotswap_adapter(_adapter_weights_file(path), adapter_name, json.dumps(config._fields()))
+        self.peft_config[adapter_name] = dataclasses.replace(config, inference_mode=old.inference_mode)
+
+    def adapter_memory(self) -> dict[str, int]:
+        """The bytes each adapter's own tensors take (A, B and DoRA magnitudes in every layer, plus its
+        modules_to_save copies), by adapter name. The base model's weights are shared and not counted."""
+        sizes = dict.fromkeys(self.peft_config, 0)
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            for i, part in enumerate(parts[:-1]):
+                if part in ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save") and parts[i + 1] in sizes:
+                    sizes[parts[i + 1]] += p.numel() * p.element_size()
+                    break
+        return sizes
+
     # ------------------------------------------------------------------------------ device, mode, print
     def to(self, *args: Any, **kwargs: Any) -> PeftModel:
         self.base_model.model.to(*args, **kwargs)
@@ -467,6 +500,15 @@ def _adapter_weights_file(path: str) -> str:
             "(PeftModel.from_pretrained(...).save_pretrained(dir) writes adapter_model.safetensors)."
         )
     raise FileNotFoundError(f"{WEIGHTS_NAME} not found in {path!r}")
+
+
+def hotswap_adapter(
+    model: PeftModel, model_name_or_path: str | os.PathLike[str], adapter_name: str, **kwargs: Any
+) -> None:
+    """peft's `peft.utils.hotswap.hotswap_adapter`: `model.hotswap_adapter(model_name_or_path, adapter_name)`."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"hotswap_adapter expects a blip_peft PeftModel, got {type(model).__name__}")
+    model.hotswap_adapter(model_name_or_path, adapter_name)
 
 
 def get_peft_model(

@@ -67,7 +67,7 @@ crate::module!(BlipForConditionalGeneration: "BlipForConditionalGeneration" {
 const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
 
 /// The decoder's context for a forward under `cx`: its own dropout seeds.
-pub(crate) fn text_context(cx: &ForwardContext) -> ForwardContext {
+pub(crate) fn text_context<'a>(cx: &ForwardContext<'a>) -> ForwardContext<'a> {
     cx.with_seed_offset(TEXT_SEED_OFFSET)
 }
 

@@ -331,14 +331,14 @@ impl BlipTextLayer {
                 Some((cache, _, layout)) => {
                     let kv = match cache.cross_kv.take() {
                         Some(kv) => kv,
-                        None => ca.self_.image_keys_values(image, cx)?,
+                        None => ca.self_.image_keys_values(image, &cx.over_images())?,
                     };
                     let h = ca.self_.attend_shared(&x, &kv, layout, cx)?;
                     cache.cross_kv = Some(kv);
                     h
                 }
                 None => {
-                    let kv = ca.self_.key_value(image, cx)?;
+                    let kv = ca.self_.key_value(image, &cx.over_images())?;
                     ca.self_.attend(&x, &kv, None, false, cx)?
                 }
             };

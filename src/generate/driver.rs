@@ -10,7 +10,7 @@ use crate::blip::text::DecoderMasks;
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::Result;
 use crate::nn::attention::finfo_min;
-use crate::nn::ForwardContext;
+use crate::nn::{AdapterRows, ForwardContext};
 
 /// Every decoding step runs as inference, with the decoding kernel for its few rows.
 const DECODING: ForwardContext = ForwardContext::DECODING;
@@ -19,6 +19,10 @@ const DECODING: ForwardContext = ForwardContext::DECODING;
 pub(super) struct Decoder<'a> {
     model: &'a BlipForConditionalGeneration,
     image: Tensor,
+    /// A mixed-adapter batch: the adapter of each image still decoded, and of each row (its image's). They
+    /// follow the cache as rows leave and images drop; beams reorder only within an image, so keep them.
+    image_adapters: Option<AdapterRows>,
+    row_adapters: Option<AdapterRows>,
     cache: DecoderCache,
     /// `[R, max_len]` 1 where a key is real, only for ragged prompts (else a plain causal mask suffices).
     key_mask: Option<Tensor>,
@@ -33,6 +37,7 @@ impl<'a> Decoder<'a> {
     pub fn prefill(
         model: &'a BlipForConditionalGeneration,
         image: Tensor,
+        image_adapters: Option<AdapterRows>,
         prompts: &Prompts,
         per_image: i64,
         max_len: i64,
@@ -67,9 +72,11 @@ impl<'a> Decoder<'a> {
             self_mask: additive.as_ref(),
             causal: additive.is_none(),
         };
+        let row_adapters = image_adapters.as_ref().map(|a| a.repeat_each(per_image as usize));
+        let cx = DECODING.with_adapters(row_adapters.as_ref(), image_adapters.as_ref());
         let hidden = model
             .text_decoder
-            .decode_step(&ids, &positions, &image, &masks, &mut cache, &DECODING)?;
+            .decode_step(&ids, &positions, &image, &masks, &mut cache, &cx)?;
         // The last real token of each row predicts its next token.
         let last = match hidden_idx {
             Some(idx) => hidden.f_gather(
@@ -82,13 +89,15 @@ impl<'a> Decoder<'a> {
         };
         let logits = model
             .text_decoder
-            .logits(&last, &DECODING)?
+            .logits(&last, &cx)?
             .f_squeeze_dim(1)?
             .f_to_kind(Kind::Float)?;
         let next_pos = lengths_t;
         let mut decoder = Self {
             model,
             image,
+            image_adapters,
+            row_adapters,
             cache,
             key_mask,
             next_pos,
@@ -125,19 +134,20 @@ impl<'a> Decoder<'a> {
             self_mask: additive.as_ref(),
             causal: false,
         };
+        let cx = DECODING.with_adapters(self.row_adapters.as_ref(), self.image_adapters.as_ref());
         let hidden = self.model.text_decoder.decode_step(
             &tokens.f_unsqueeze(1)?,
             &positions,
             &self.image,
             &masks,
             &mut self.cache,
-            &DECODING,
+            &cx,
         )?;
         self.next_pos = self.next_pos.f_add_scalar(1)?;
         Ok(self
             .model
             .text_decoder
-            .logits(&hidden, &DECODING)?
+            .logits(&hidden, &cx)?
             .f_squeeze_dim(1)?
             .f_to_kind(Kind::Float)?)
     }
@@ -147,6 +157,13 @@ impl<'a> Decoder<'a> {
     pub fn select(&mut self, rows: &Tensor, row_image: &[i64]) -> Result<()> {
         if let Some(images) = self.cache.select_rows(rows, row_image)? {
             self.image = self.image.f_index_select(0, &images)?;
+        }
+        if let Some(adapters) = &self.image_adapters {
+            let mut kept = row_image.to_vec();
+            kept.dedup();
+            let images = adapters.select(&kept);
+            self.row_adapters = Some(images.select(self.cache.row_image()));
+            self.image_adapters = Some(images);
         }
         if let Some(km) = &self.key_mask {
             self.key_mask = Some(km.f_index_select(0, rows)?);

@@ -9,7 +9,7 @@ use super::logits::Processors;
 use super::prompt::{prompts, Prompts};
 use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
-use crate::nn::ForwardContext;
+use crate::nn::{AdapterRows, ForwardContext};
 
 /// One `generate` call, ready to decode.
 pub(super) struct Job<'a> {
@@ -17,6 +17,8 @@ pub(super) struct Job<'a> {
     pub config: &'a GenerationConfig,
     /// The image embeddings `[B, N, D]`, one row per image.
     pub image: Tensor,
+    /// A mixed-adapter batch: each image's adapter (its rows inherit it).
+    pub adapters: Option<AdapterRows>,
     pub prompts: Prompts,
     /// The length the sequences may reach, prompt included.
     pub max_length: i64,
@@ -30,6 +32,7 @@ impl<'a> Job<'a> {
         pixel_values: &Tensor,
         input_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
+        adapter_names: Option<&[String]>,
         config: &'a GenerationConfig,
     ) -> Result<Self> {
         config.validate()?;
@@ -53,6 +56,10 @@ impl<'a> Job<'a> {
         }
         let pixel_values = model.check_pixel_values(pixel_values)?;
         let batch = pixel_values.size()[0];
+        // Generation runs as inference whatever mode the model is in, so adapter_names is always allowed here.
+        let adapters = adapter_names
+            .map(|names| crate::lora::mixed::adapter_rows(model, names, batch, false))
+            .transpose()?;
         let prompts = prompts(model, batch, input_ids, attention_mask, bos)?;
         let prompt_len = prompts.width();
         let max_length = match (config.max_new_tokens, config.max_length) {
@@ -95,11 +102,13 @@ impl<'a> Job<'a> {
             tch::manual_seed(seed);
         }
         // Generation runs as inference (no dropout, whatever mode the model is in), with the decoding kernel.
-        let image = model.encode_images(&pixel_values, &ForwardContext::DECODING)?;
+        let cx = ForwardContext::DECODING.with_adapters(adapters.as_ref(), adapters.as_ref());
+        let image = model.encode_images(&pixel_values, &cx)?;
         Ok(Self {
             model,
             config,
             image,
+            adapters,
             prompts,
             max_length,
             eos,
@@ -138,6 +147,7 @@ impl<'a> Job<'a> {
             model: self.model,
             config: self.config,
             image: self.image.f_narrow(0, i, 1)?,
+            adapters: self.adapters.as_ref().map(|a| a.select(&[i])),
             prompts: Prompts {
                 ids: self.prompts.ids.f_narrow(0, i, 1)?.f_narrow(1, 0, l)?,
                 lengths: vec![l],
@@ -153,7 +163,15 @@ impl<'a> Job<'a> {
     /// Returns the decoder and the logits of each row's next token.
     pub fn start(&mut self, per_image: i64) -> Result<(Decoder<'a>, Tensor)> {
         let image = std::mem::replace(&mut self.image, Tensor::new());
-        Decoder::prefill(self.model, image, &self.prompts, per_image, self.max_length)
+        let adapters = self.adapters.clone();
+        Decoder::prefill(
+            self.model,
+            image,
+            adapters,
+            &self.prompts,
+            per_image,
+            self.max_length,
+        )
     }
 }
 

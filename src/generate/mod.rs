@@ -50,8 +50,29 @@ pub fn generate_with_stats(
     attention_mask: Option<&Tensor>,
     config: &GenerationConfig,
 ) -> Result<(Tensor, GenerationStats)> {
+    generate_with_adapters(model, pixel_values, input_ids, attention_mask, None, config)
+}
+
+/// [`generate_with_stats`] over a mixed-adapter batch when `adapter_names` is given (peft's
+/// `generate(adapter_names=[...])`): image `i` and every row decoded from it (its beams, its returned
+/// sequences) run adapter `adapter_names[i]` (`"__base__"`: the base model), in both towers.
+pub fn generate_with_adapters(
+    model: &BlipForConditionalGeneration,
+    pixel_values: &Tensor,
+    input_ids: Option<&Tensor>,
+    attention_mask: Option<&Tensor>,
+    adapter_names: Option<&[String]>,
+    config: &GenerationConfig,
+) -> Result<(Tensor, GenerationStats)> {
     let _guard = tch::no_grad_guard();
-    let job = job::Job::prepare(model, pixel_values, input_ids, attention_mask, config)?;
+    let job = job::Job::prepare(
+        model,
+        pixel_values,
+        input_ids,
+        attention_mask,
+        adapter_names,
+        config,
+    )?;
     let mut stats = GenerationStats::default();
     if !job.has_room() {
         return Ok((job.prompts_only()?, stats));

@@ -619,14 +619,14 @@ pub fn adapter_state(
     Ok(out)
 }
 
-/// Loads a peft adapter's tensors into adapter `adapter` (already injected with the matching config).
-/// Every expected key must be present with its shape, and no other key may be: a mismatch names the key.
-pub fn load_adapter_state(
+/// The adapter's tensors paired with the file's for them. Every expected key must be present with its shape, and
+/// no other key may be: a mismatch names the key. All are checked before the caller copies anything.
+fn fitting_state(
     model: &mut BlipForConditionalGeneration,
     adapter: &str,
     bias: &str,
     tensors: &BTreeMap<String, Tensor>,
-) -> Result<()> {
+) -> Result<Vec<(String, Tensor)>> {
     let expected = adapter_state(model, adapter, bias)?;
     let mut missing = Vec::new();
     for (key, _) in &expected {
@@ -663,9 +663,8 @@ pub fn load_adapter_state(
             parts.join("; ")
         )));
     }
-    let _guard = tch::no_grad_guard();
-    for (key, target) in expected {
-        let source = &tensors[&key];
+    for (key, target) in &expected {
+        let source = &tensors[key];
         if source.size() != target.size() {
             return Err(Error::checkpoint(format!(
                 "adapter tensor `{key}` has shape {:?} in the file but the model expects {:?} (an adapter made \
@@ -674,8 +673,70 @@ pub fn load_adapter_state(
                 target.size()
             )));
         }
+    }
+    Ok(expected)
+}
+
+/// Loads a peft adapter's tensors into adapter `adapter` (already injected with the matching config): copied
+/// into the adapter's own tensors (in place: parameter identity kept), after checking them all.
+pub fn load_adapter_state(
+    model: &mut BlipForConditionalGeneration,
+    adapter: &str,
+    bias: &str,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let expected = fitting_state(model, adapter, bias, tensors)?;
+    let _guard = tch::no_grad_guard();
+    for (key, target) in expected {
         let mut t = target.shallow_clone();
-        t.f_copy_(&source.f_to_kind(t.kind())?.f_to_device(t.device())?)?;
+        t.f_copy_(&tensors[&key].f_to_kind(t.kind())?.f_to_device(t.device())?)?;
     }
     Ok(())
+}
+
+/// peft's `hotswap_adapter`: replaces adapter `adapter`'s weights in place, on a live model, by another adapter
+/// made for the same layers and ranks (`config` its adapter_config.json; `lora_alpha`, `alpha_pattern`,
+/// `use_rslora` and `lora_dropout` may differ, and each layer's scaling follows them). The base is not touched
+/// or reloaded, and the tensors stay the same objects. Everything is checked before anything changes, so a
+/// refused swap leaves the adapter as it was.
+pub fn hotswap_adapter(
+    model: &mut BlipForConditionalGeneration,
+    adapter: &str,
+    config: &LoraConfig,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let mut merged = false;
+    let mut ranks = Vec::new();
+    for_each_slot(model, &mut |path, slot, _| {
+        if let Some(ad) = slot.get(adapter) {
+            merged |= slot.merged.iter().any(|n| n == adapter);
+            let (r, _) = config.rank_alpha(path);
+            if r != ad.r {
+                ranks.push(format!("{path}: {} here, {r} in the new adapter", ad.r));
+            }
+        }
+        Ok(())
+    })?;
+    if merged {
+        return Err(Error::invalid(format!(
+            "adapter {adapter:?} is merged into the base weights; call unmerge_adapter() before hot-swapping it"
+        )));
+    }
+    if !ranks.is_empty() {
+        return Err(Error::invalid(format!(
+            "the new adapter's ranks differ from {adapter:?}'s, so it cannot be swapped in place ({}); load it \
+             under its own name with load_adapter",
+            ranks.into_iter().take(3).collect::<Vec<_>>().join("; ")
+        )));
+    }
+    load_adapter_state(model, adapter, &config.bias, tensors)?;
+    for_each_slot(model, &mut |path, slot, _| {
+        if let Some((_, ad)) = slot.adapters.iter_mut().find(|(n, _)| n == adapter) {
+            let (r, alpha) = config.rank_alpha(path);
+            ad.alpha = alpha;
+            ad.scaling = config.scaling(r, alpha);
+            ad.dropout = config.lora_dropout;
+        }
+        Ok(())
+    })
 }

@@ -5,6 +5,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::nn::{AdapterRows, ForwardContext};
 use crate::repr::{py_float, ReprNode};
 
 /// One named adapter's weights.
@@ -209,19 +210,269 @@ pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
     Ok(Tensor::f_empty(shape, (Kind::Float, device))?.f_uniform_(-bound, bound)?)
 }
 
+impl LoraSlot {
+    /// `result` (the base output for `x`) plus one adapter's contribution, in the adapter's kind (the caller
+    /// casts back): `B(A(dropout(x))) · s`, or DoRA's rescaled form.
+    fn add_one(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        ad: &LoraAdapter,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mut xa = x.f_to_kind(ad.a.kind())?;
+        let dropped = train && ad.dropout > 0.0;
+        if dropped {
+            xa = xa.f_dropout(ad.dropout, true)?;
+        }
+        let low = self.low_rank(&xa, ad)?;
+        // A float32 adapter on a half-precision base accumulates in float32, then casts back.
+        Ok(match &ad.magnitude {
+            None => result.f_add(&low.f_mul_scalar(ad.scaling)?)?,
+            Some(m) => {
+                // DoRA: rescale the base output and the low-rank update by m / ‖W + s·BA‖.
+                let base_result = if dropped {
+                    self.base_op(&xa, &weight.f_to_kind(ad.a.kind())?)?
+                } else {
+                    match bias {
+                        Some(b) => result.f_sub(&self.broadcast_bias(b)?)?,
+                        None => result.shallow_clone(),
+                    }
+                };
+                let scale = self.dora_scale(ad, m, weight)?;
+                let dora = scale
+                    .f_sub_scalar(1.0)?
+                    .f_mul(&base_result)?
+                    .f_add(&scale.f_mul(&low)?.f_mul_scalar(ad.scaling)?)?;
+                result.f_add(&dora)?
+            }
+        })
+    }
+
+    /// A mixed-adapter batch: row `i` of `x` gets the adapter `rows` names for it (the base model for
+    /// `"__base__"`, and for an adapter this layer does not hold, as peft does). One adapter for every row is
+    /// the plain path; otherwise a Linear computes the adapter branch of all rows at once by gathered batched
+    /// matmuls (each row's A and B stacked, `bmm`, as Punica's BGMV), and a Conv2d (the patch embedding, once
+    /// per image) by one gathered sub-batch per adapter. Inference only (no dropout).
+    fn apply_mixed(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        rows: &AdapterRows,
+    ) -> Result<Tensor> {
+        if !self.merged.is_empty() {
+            return Err(Error::invalid(
+                "cannot pass adapter_names while adapters are merged into the base weights; call \
+                 unmerge_adapter() first",
+            ));
+        }
+        let n = x.size()[0];
+        if rows.len() as i64 != n {
+            return Err(Error::invalid(format!(
+                "adapter_names has {} names but the batch has {n} rows; give one name per row",
+                rows.len()
+            )));
+        }
+        // This layer's adapter for each name (peft: a name the layer lacks runs the base there).
+        let here: Vec<Option<&LoraAdapter>> = rows.names().iter().map(|name| self.get(name)).collect();
+        let row_group: Vec<Option<usize>> = rows
+            .rows()
+            .iter()
+            .map(|g| g.filter(|&g| here[g].is_some()))
+            .collect();
+        let with: Vec<i64> = (0..n).filter(|&r| row_group[r as usize].is_some()).collect();
+        let Some(first) = with.first().map(|&r| row_group[r as usize]) else {
+            return Ok(result);
+        };
+        let out_kind = result.kind();
+        let uniform = with.len() as i64 == n && row_group.iter().all(|&g| g == first);
+        let mixed = if uniform {
+            let ad = here[first.expect("a row with an adapter")].expect("held here");
+            self.add_one(x, result, ad, weight, bias, false)?
+        } else {
+            match self.base {
+                BaseKind::Linear => {
+                    self.gathered_linear(x, result, weight, bias, &here, &row_group, &with)?
+                }
+                BaseKind::Conv2d { .. } => self.grouped(x, result, weight, bias, &here, &row_group)?,
+            }
+        };
+        Ok(if mixed.kind() != out_kind {
+            mixed.f_to_kind(out_kind)?
+        } else {
+            mixed
+        })
+    }
+
+    /// The adapter branch of the rows `with` of a Linear's input, each row with its own adapter
+    /// (`here[row_group[r]]`), as two gathered batched matmuls: the rows' A (`[rows, r_max, in]`, smaller ranks
+    /// zero-padded) and B (`[rows, out, r_max]`) are stacked and `x·Aᵀ·Bᵀ` runs as one `bmm` each; the
+    /// per-row scaling and DoRA's per-row rescaling are broadcast. Rows without an adapter keep `result`.
+    #[allow(clippy::too_many_arguments)]
+    fn gathered_linear(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        here: &[Option<&LoraAdapter>],
+        row_group: &[Option<usize>],
+        with: &[i64],
+    ) -> Result<Tensor> {
+        let size = result.size();
+        let n = size[0];
+        let (in_f, out_f) = (
+            *x.size().last().expect("features"),
+            *size.last().expect("features"),
+        );
+        let device = x.device();
+        let akind = here.iter().flatten().next().expect("an adapter").a.kind();
+        let x3 = x.f_reshape([n, -1, in_f])?;
+        let res3 = result.f_reshape([n, -1, out_f])?;
+        let sub = if (with.len() as i64) < n {
+            Some(Tensor::f_from_slice(with)?.f_to_device(device)?)
+        } else {
+            None
+        };
+        let (xs, res) = match &sub {
+            Some(idx) => (x3.f_index_select(0, idx)?, res3.f_index_select(0, idx)?),
+            None => (x3.shallow_clone(), res3.shallow_clone()),
+        };
+        let xs = xs.f_to_kind(akind)?;
+        let r_max = here.iter().flatten().map(|ad| ad.r).max().expect("an adapter");
+        // Each adapter's A and B padded to r_max once; the rows then stack shallow copies of them.
+        let padded: Vec<Option<(Tensor, Tensor)>> = here
+            .iter()
+            .map(|ad| {
+                ad.map(|ad| -> Result<(Tensor, Tensor)> {
+                    let pad = r_max - ad.r;
+                    Ok(if pad == 0 {
+                        (ad.a.shallow_clone(), ad.b.shallow_clone())
+                    } else {
+                        (
+                            ad.a.f_constant_pad_nd([0, 0, 0, pad])?,
+                            ad.b.f_constant_pad_nd([0, pad])?,
+                        )
+                    })
+                })
+                .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let groups: Vec<usize> = with
+            .iter()
+            .map(|&r| row_group[r as usize].expect("a row with an adapter"))
+            .collect();
+        let pick = |g: usize| padded[g].as_ref().expect("held here");
+        let a_rows: Vec<&Tensor> = groups.iter().map(|&g| &pick(g).0).collect();
+        let b_rows: Vec<&Tensor> = groups.iter().map(|&g| &pick(g).1).collect();
+        let a = Tensor::f_stack(&a_rows, 0)?; // [rows, r_max, in]
+        let b = Tensor::f_stack(&b_rows, 0)?; // [rows, out, r_max]
+        let low = xs.f_bmm(&a.f_transpose(1, 2)?)?.f_bmm(&b.f_transpose(1, 2)?)?; // [rows, T, out]
+        let scalings: Vec<f64> = groups
+            .iter()
+            .map(|&g| here[g].expect("held here").scaling)
+            .collect();
+        let s = Tensor::f_from_slice(&scalings)?
+            .f_to_kind(akind)?
+            .f_to_device(device)?
+            .f_view([-1, 1, 1])?;
+        let dora = groups
+            .iter()
+            .any(|&g| here[g].is_some_and(|ad| ad.magnitude.is_some()));
+        let updated = if dora {
+            // Per row m / ‖W + s·BA‖ (ones for plain LoRA rows, where the formula reduces to LoRA's exactly).
+            let ones = Tensor::f_ones([1, out_f], (akind, device))?;
+            let scales: Vec<Option<Tensor>> = here
+                .iter()
+                .map(|ad| match ad {
+                    Some(ad) => match &ad.magnitude {
+                        Some(m) => self.dora_scale(ad, m, weight).map(Some),
+                        None => Ok(Some(ones.shallow_clone())),
+                    },
+                    None => Ok(None),
+                })
+                .collect::<Result<_>>()?;
+            let scale_rows: Vec<&Tensor> = groups
+                .iter()
+                .map(|&g| scales[g].as_ref().expect("held here"))
+                .collect();
+            let scale = Tensor::f_stack(&scale_rows, 0)?; // [rows, 1, out]
+            let base = match bias {
+                Some(b) => res.f_sub(b)?,
+                None => res.shallow_clone(),
+            };
+            let dora = scale
+                .f_sub_scalar(1.0)?
+                .f_mul(&base)?
+                .f_add(&scale.f_mul(&low)?.f_mul(&s)?)?;
+            res.f_add(&dora)?
+        } else {
+            res.f_add(&low.f_mul(&s)?)?
+        };
+        let updated = updated.f_to_kind(result.kind())?;
+        let out = match &sub {
+            Some(idx) => res3.f_index_copy(0, idx, &updated)?,
+            None => updated,
+        };
+        Ok(out.f_reshape(size.as_slice())?)
+    }
+
+    /// The adapter branch as one gathered sub-batch per adapter (rows `index_select`ed, the plain path, written
+    /// back with `index_copy`): for Conv2d, whose low-rank branch is two convolutions.
+    fn grouped(
+        &self,
+        x: &Tensor,
+        result: Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        here: &[Option<&LoraAdapter>],
+        row_group: &[Option<usize>],
+    ) -> Result<Tensor> {
+        let device = x.device();
+        let mut out = result;
+        for (g, ad) in here.iter().enumerate() {
+            let Some(ad) = ad else { continue };
+            let idx: Vec<i64> = (0..row_group.len() as i64)
+                .filter(|&r| row_group[r as usize] == Some(g))
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let idx = Tensor::f_from_slice(&idx)?.f_to_device(device)?;
+            let rows = self.add_one(
+                &x.f_index_select(0, &idx)?,
+                out.f_index_select(0, &idx)?,
+                ad,
+                weight,
+                bias,
+                false,
+            )?;
+            out = out.f_index_copy(0, &idx, &rows.f_to_kind(out.kind())?)?;
+        }
+        Ok(out)
+    }
+}
+
 impl crate::nn::Adapter for LoraSlot {
     /// Adds the contribution of every active, unmerged adapter to `result`, the base layer's output for
-    /// `x` (whose weights are `weight` and `bias`).
+    /// `x` (whose weights are `weight` and `bias`); in a mixed-adapter batch, each row's own adapter.
     fn apply(
         &self,
         x: &Tensor,
         result: Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
-        train: bool,
+        cx: &ForwardContext,
     ) -> Result<Tensor> {
         if self.disabled {
             return Ok(result);
+        }
+        if let Some(rows) = cx.adapters {
+            return self.apply_mixed(x, result, weight, bias, rows);
         }
         let out_kind = result.kind();
         let mut result = result;
@@ -231,33 +482,7 @@ impl crate::nn::Adapter for LoraSlot {
                 continue;
             }
             let Some(ad) = self.get(name) else { continue };
-            let mut xa = x.f_to_kind(ad.a.kind())?;
-            let dropped = train && ad.dropout > 0.0;
-            if dropped {
-                xa = xa.f_dropout(ad.dropout, true)?;
-            }
-            let low = self.low_rank(&xa, ad)?;
-            // A float32 adapter on a half-precision base accumulates in float32, then casts back.
-            result = match &ad.magnitude {
-                None => result.f_add(&low.f_mul_scalar(ad.scaling)?)?,
-                Some(m) => {
-                    // DoRA: rescale the base output and the low-rank update by m / ‖W + s·BA‖.
-                    let base_result = if dropped {
-                        self.base_op(&xa, &weight.f_to_kind(ad.a.kind())?)?
-                    } else {
-                        match bias {
-                            Some(b) => result.f_sub(&self.broadcast_bias(b)?)?,
-                            None => result.shallow_clone(),
-                        }
-                    };
-                    let scale = self.dora_scale(ad, m, weight)?;
-                    let dora = scale
-                        .f_sub_scalar(1.0)?
-                        .f_mul(&base_result)?
-                        .f_add(&scale.f_mul(&low)?.f_mul_scalar(ad.scaling)?)?;
-                    result.f_add(&dora)?
-                }
-            };
+            result = self.add_one(x, result, ad, weight, bias, cx.train)?;
             touched = true;
         }
         if touched && result.kind() != out_kind {

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod inject;
 pub mod layer;
+pub mod mixed;
 pub mod saved;
 
 pub use config::{LoraConfig, TargetModules};

@@ -4,9 +4,11 @@
 
 use tch::Kind;
 
+use super::adapter::AdapterRows;
+
 /// How one forward pass runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ForwardContext {
+pub struct ForwardContext<'a> {
     /// Dropout is active (the layers' and the adapters').
     pub train: bool,
     /// With `train`: each transformer layer draws its dropout under a seed derived from this one
@@ -22,9 +24,15 @@ pub struct ForwardContext {
     /// The caption loss's label smoothing when the caller overrides the checkpoint's
     /// (`text_config.label_smoothing`): `train(label_smoothing=...)` does, for its run only.
     pub label_smoothing: Option<f64>,
+    /// A mixed-adapter batch (peft's `adapter_names`): the adapter each row of the layers' inputs uses (their
+    /// first dimension). None: every row runs the active adapters.
+    pub adapters: Option<&'a AdapterRows>,
+    /// The adapters of the image embeddings' rows, for the layers that read them (the decoder's
+    /// cross-attention keys/values): one per image, where `adapters` has one per decoder row.
+    pub image_adapters: Option<&'a AdapterRows>,
 }
 
-impl ForwardContext {
+impl<'a> ForwardContext<'a> {
     /// Inference as torch runs it: no dropout, the weights' kind, torch's kernels.
     pub const INFERENCE: Self = Self {
         train: false,
@@ -32,6 +40,8 @@ impl ForwardContext {
         compute_kind: None,
         decoding_kernel: false,
         label_smoothing: None,
+        adapters: None,
+        image_adapters: None,
     };
 
     /// Inference while generating: the decoding kernel allowed.
@@ -58,6 +68,31 @@ impl ForwardContext {
         }
     }
 
+    /// The same context over a mixed-adapter batch: `rows` for the layers' inputs, `images` for the image
+    /// embeddings' rows (the same selection when every image has one row).
+    pub fn with_adapters<'b>(
+        self,
+        rows: Option<&'b AdapterRows>,
+        images: Option<&'b AdapterRows>,
+    ) -> ForwardContext<'b>
+    where
+        'a: 'b,
+    {
+        ForwardContext {
+            adapters: rows,
+            image_adapters: images,
+            ..self
+        }
+    }
+
+    /// The context for a layer whose input rows are the image embeddings' (cross-attention keys/values).
+    pub fn over_images(self) -> Self {
+        Self {
+            adapters: self.image_adapters,
+            ..self
+        }
+    }
+
     /// The kind a module whose weights are in `weights` computes in.
     pub fn kind(&self, weights: Kind) -> Kind {
         self.compute_kind.unwrap_or(weights)
@@ -77,7 +112,7 @@ impl ForwardContext {
     }
 }
 
-impl Default for ForwardContext {
+impl Default for ForwardContext<'_> {
     fn default() -> Self {
         Self::INFERENCE
     }

@@ -105,7 +105,7 @@ impl Linear {
             )?,
         };
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx.train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx),
             None => Ok(y),
         }
     }
@@ -218,7 +218,7 @@ impl Conv2d {
             1,
         )?;
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx.train),
+            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx),
             None => Ok(y),
         }
     }

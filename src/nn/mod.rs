@@ -12,7 +12,7 @@ mod params;
 pub mod saved;
 
 pub use activation::Activation;
-pub use adapter::Adapter;
+pub use adapter::{Adapter, AdapterRows, BASE_ADAPTER};
 pub use context::ForwardContext;
 pub use layers::{in_kind, Conv2d, Dropout, Embedding, LayerNorm, Linear};
 pub use module::{visit_adaptable, visit_params, visit_params_mut, AdaptableLayer, LayerVisitor, Module};

@@ -242,9 +242,10 @@ impl PyBlipModel {
 
     /// Runs the model; returns `(loss or None, logits, image_embeds, hidden_states, attentions)` as torch
     /// tensors (the last two: lists of the vision tower's, when asked for, else None). `eager` writes
-    /// attention out instead of SDPA; `logits_to_keep` and `shift_labels` are transformers' keywords.
+    /// attention out instead of SDPA; `logits_to_keep` and `shift_labels` are transformers' keywords;
+    /// `adapter_names`: one adapter per row (a mixed-adapter batch, `"__base__"` for the base model).
     #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None, *, output_hidden_states=false,
-        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None))]
+        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None, adapter_names=None))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -258,6 +259,7 @@ impl PyBlipModel {
         eager: bool,
         logits_to_keep: i64,
         shift_labels: Option<&Bound<'py, PyAny>>,
+        adapter_names: Option<Vec<String>>,
     ) -> PyResult<ForwardResult<'py>> {
         guard("forward", || {
             let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
@@ -273,7 +275,12 @@ impl PyBlipModel {
             // Not lent to a training callback: a forward there would build a graph on the parameters being
             // trained (a loss.backward() would add into the trainer's gradients).
             let out = self.infer(py, false, move |model| {
-                let cx = ForwardContext::mode(model.training);
+                let batch = pixel_values.size().first().copied().unwrap_or(0);
+                let rows = match &adapter_names {
+                    Some(names) => Some(lora::mixed::adapter_rows(model, names, batch, model.training)?),
+                    None => None,
+                };
+                let cx = ForwardContext::mode(model.training).with_adapters(rows.as_ref(), rows.as_ref());
                 let options = ForwardOptions {
                     record,
                     logits_to_keep,
@@ -329,7 +336,9 @@ impl PyBlipModel {
                 ))
             }
         };
-        self.lock()?.resize_vocab(&weight, &bias, decoder).py()
+        guard("resize_vocab", || {
+            self.mutate(|m| m.resize_vocab(&weight, &bias, decoder))
+        })
     }
 
     /// Whether the LM head's decoder is the word embeddings (tied, as the config says).
@@ -348,8 +357,10 @@ impl PyBlipModel {
             }
         }
         let mut out = Vec::new();
-        walk(&self.lock()?.repr_node(), "", &mut out);
-        Ok(out)
+        guard("module_tree", || {
+            walk(&self.lock()?.repr_node(), "", &mut out);
+            Ok(out)
+        })
     }
 
     /// What loading this model's configuration warns about (transformers logs the same), one line each.
@@ -431,8 +442,9 @@ impl PyBlipModel {
     }
 
     /// Generates token ids with transformers' semantics (see `blip_peft.BlipForConditionalGeneration.generate`).
-    /// `settings` holds the decoding keywords as the caller gave them (`GenerationConfig` reads and checks them).
-    #[pyo3(signature = (pixel_values, input_ids=None, attention_mask=None, settings=None))]
+    /// `settings` holds the decoding keywords as the caller gave them (`GenerationConfig` reads and checks them);
+    /// `adapter_names`, one adapter per image (a mixed-adapter batch; its rows and beams inherit it).
+    #[pyo3(signature = (pixel_values, input_ids=None, attention_mask=None, settings=None, adapter_names=None))]
     fn generate<'py>(
         &self,
         py: Python<'py>,
@@ -440,6 +452,7 @@ impl PyBlipModel {
         input_ids: Option<&Bound<'py, PyAny>>,
         attention_mask: Option<&Bound<'py, PyAny>>,
         settings: Option<&Bound<'py, PyDict>>,
+        adapter_names: Option<Vec<String>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guard("generate", || {
             let settings = match settings {
@@ -451,11 +464,12 @@ impl PyBlipModel {
             let input_ids = tensor::from_py_opt(input_ids, "input_ids")?;
             let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
             let (ids, stats) = self.infer(py, true, move |model| {
-                crate::generate::generate_with_stats(
+                crate::generate::generate_with_adapters(
                     model,
                     &pixel_values,
                     input_ids.as_ref(),
                     attention_mask.as_ref(),
+                    adapter_names.as_deref(),
                     &config,
                 )
             })?;
@@ -569,16 +583,31 @@ impl PyBlipModel {
     /// Loads an adapter file (safetensors) into the injected adapter `adapter_name`; every key must fit.
     fn load_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
         guard("load_adapter", || {
-            let files = SafetensorsFiles::open(std::slice::from_ref(&path)).py()?;
-            let mut tensors = std::collections::BTreeMap::new();
-            for name in files.names().cloned().collect::<Vec<_>>() {
-                if let Some(t) = files.read(&name).py()? {
-                    tensors.insert(name, t);
-                }
-            }
+            let tensors = read_safetensors(&path)?;
             self.mutate(|m| lora::inject::load_adapter_state(m, adapter_name, bias, &tensors))
         })
     }
+
+    /// Replaces adapter `adapter_name`'s weights in place by an adapter file made for the same layers and ranks
+    /// (`config_json`: its adapter_config.json), on the live model.
+    fn hotswap_adapter(&self, path: PathBuf, adapter_name: &str, config_json: &str) -> PyResult<()> {
+        guard("hotswap_adapter", || {
+            let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
+            let tensors = read_safetensors(&path)?;
+            self.mutate(|m| lora::inject::hotswap_adapter(m, adapter_name, &config, &tensors))
+        })
+    }
+}
+
+fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
+    let files = SafetensorsFiles::open(&[path.to_path_buf()]).py()?;
+    let mut tensors = std::collections::BTreeMap::new();
+    for name in files.names().cloned().collect::<Vec<_>>() {
+        if let Some(t) = files.read(&name).py()? {
+            tensors.insert(name, t);
+        }
+    }
+    Ok(tensors)
 }
 
 /// A LoRA config given as a dict of its fields (values refused by name where JSON cannot hold them: NaN,

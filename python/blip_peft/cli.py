@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
+def _model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
+    """`--model` (with `--adapter` when given) on `--device`, and the model's processor."""
     import blip_peft as bp
 
     model_path = resolve_model(args.model)
@@ -130,6 +131,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     model: Any = bp.BlipForConditionalGeneration.from_pretrained(model_path, device=args.device)
     if args.adapter:
         model = bp.PeftModel.from_pretrained(model, args.adapter)
+    return model, processor
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import blip_peft as bp
+
+    model, processor = _model_and_processor(args)
     images = _images(args.images)
     if not images:
         raise ValueError("no images given (pass files or folders holding images)")
@@ -153,11 +161,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import blip_peft as bp
 
-    model_path = resolve_model(args.model)
-    processor = bp.AutoProcessor.from_pretrained(model_path)
-    model: Any = bp.BlipForConditionalGeneration.from_pretrained(model_path, device=args.device)
-    if args.adapter:
-        model = bp.PeftModel.from_pretrained(model, args.adapter)
+    model, processor = _model_and_processor(args)
     result = bp.evaluate(
         model,
         processor,

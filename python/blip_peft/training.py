@@ -329,33 +329,16 @@ def train(
         isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
     ):
         raise ValueError(f"num_workers must be a positive int (threads decoding images), got {num_workers!r}")
-    train_tensors, skipped = _encode(
-        train_dataset,
-        processor,
-        image_column,
-        text_column,
-        max_length,
-        bos,
-        pad,
-        on_bad_sample,
-        "train_dataset",
-        num_workers,
-        prompt,
-    )
+
+    def encode(dataset: Any, what: str, workers: int | None = None) -> tuple[Any, list[int]]:
+        return _encode(
+            dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, what, workers, prompt
+        )
+
+    train_tensors, skipped = encode(train_dataset, "train_dataset", num_workers)
     eval_tensors = None
     if eval_dataset is not None:
-        eval_tensors, _ = _encode(
-            eval_dataset,
-            processor,
-            image_column,
-            text_column,
-            max_length,
-            bos,
-            pad,
-            on_bad_sample,
-            "eval_dataset",
-            prompt=prompt,
-        )
+        eval_tensors, _ = encode(eval_dataset, "eval_dataset")
     out = fspath(output_dir, "output_dir") if output_dir is not None else None
     # True: the core resumes from the newest complete checkpoint in output_dir.
     resume = resume_from_checkpoint

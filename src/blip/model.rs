@@ -443,17 +443,7 @@ impl BlipForConditionalGeneration {
                 .forward_recording(&pixel_values, cx, options.record)?;
         let t = ids.size()[1];
         let text_cx = text_context(cx);
-        let additive = match &mask {
-            Some(m) => Some(causal_padding_mask(m, t, self.text_decoder.compute_kind(cx))?),
-            None => None,
-        };
-        let masks = DecoderMasks {
-            self_mask: additive.as_ref(),
-            causal: additive.is_none(),
-        };
-        let hidden = self
-            .text_decoder
-            .hidden_states(&ids, &image_embeds, &masks, &text_cx)?;
+        let hidden = self.decoder_hidden(&ids, mask.as_ref(), &image_embeds, cx)?;
         let keep = match options.logits_to_keep {
             0 => t,
             k => k.min(t),
@@ -533,8 +523,25 @@ impl BlipForConditionalGeneration {
         labels: Option<&Tensor>,
         cx: &ForwardContext,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let t = ids.size()[1];
         let text_cx = text_context(cx);
+        let hidden = self.decoder_hidden(ids, mask, image_embeds, cx)?;
+        let logits = self.text_decoder.logits(&hidden, &text_cx)?;
+        let loss = match labels {
+            Some(labels) => Some(self.caption_loss(&logits, labels, cx)?),
+            None => None,
+        };
+        Ok((logits, loss))
+    }
+
+    /// The decoder's hidden states for `ids` (causal, with `mask`'s padding) over `image_embeds`, under `cx`.
+    fn decoder_hidden(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        image_embeds: &Tensor,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let t = ids.size()[1];
         let additive = match mask {
             Some(m) => Some(causal_padding_mask(m, t, self.text_decoder.compute_kind(cx))?),
             None => None,
@@ -543,15 +550,8 @@ impl BlipForConditionalGeneration {
             self_mask: additive.as_ref(),
             causal: additive.is_none(),
         };
-        let hidden = self
-            .text_decoder
-            .hidden_states(ids, image_embeds, &masks, &text_cx)?;
-        let logits = self.text_decoder.logits(&hidden, &text_cx)?;
-        let loss = match labels {
-            Some(labels) => Some(self.caption_loss(&logits, labels, cx)?),
-            None => None,
-        };
-        Ok((logits, loss))
+        self.text_decoder
+            .hidden_states(ids, image_embeds, &masks, &text_context(cx))
     }
 
     /// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` (ignoring -100), in float32, with

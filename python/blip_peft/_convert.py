@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -62,3 +63,16 @@ def fspath(path: Any, what: str) -> str:
         return os.fspath(path)
     except TypeError:
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}") from None
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in the file at `path`; ValueError naming the file when it is not valid JSON or not an
+    object."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data

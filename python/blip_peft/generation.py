@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from blip_peft._convert import fspath
+from blip_peft._convert import fspath, read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -107,13 +107,7 @@ class GenerationConfig:
             path = os.path.join(path, config_file_name or GENERATION_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no generation config at {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+        data = read_json_object(path)
         return cls(**data)
 
     @classmethod

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from blip_peft import _blip_peft
-from blip_peft._convert import fspath
+from blip_peft._convert import fspath, read_json_object
 from blip_peft.modeling import BlipForConditionalGeneration
 
 CONFIG_NAME = "adapter_config.json"
@@ -148,12 +148,7 @@ class LoraConfig:
         file = path if os.path.isfile(path) else os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{CONFIG_NAME} not found: {file!r}")
-        with open(file, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(file))
 
 
 PeftConfig = LoraConfig

@@ -555,7 +555,7 @@ mod tests {
 
     use super::*;
 
-    /// Whitespace words over a tiny vocabulary, with BERT's [CLS] ... [SEP].
+    /// Whitespace words over a tiny WordPiece vocabulary (each word a whole piece), with BERT's [CLS] ... [SEP].
     fn tiny() -> BlipTokenizer {
         let words = [
             "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "g", "h",
@@ -577,7 +577,9 @@ mod tests {
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
             "pre_tokenizer": {"type": "Whitespace"},
             "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
-            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+            "decoder": null,
+            "model": {"type": "WordPiece", "vocab": vocab, "unk_token": "[UNK]",
+                      "continuing_subword_prefix": "##", "max_input_chars_per_word": 100}
         });
         BlipTokenizer::from_json(&json.to_string()).unwrap()
     }

@@ -257,9 +257,11 @@ impl BlipTokenizer {
         // The tokenizers crate panics on some malformed documents (an unwrap in its model deserializer, found
         // by fuzz/): that is bad input here, not a bug of ours.
         let parsed = std::panic::catch_unwind(|| json.parse::<Tokenizer>()).map_err(|_| {
-            Error::invalid("cannot parse tokenizer JSON: the document is malformed (its \"model\" section)")
+            Error::invalid(
+                "cannot load the tokenizer JSON: the document is malformed (its \"model\" section)",
+            )
         })?;
-        let inner = parsed.map_err(tk_err("cannot parse tokenizer JSON"))?;
+        let inner = parsed.map_err(tk_err("cannot load the tokenizer JSON"))?;
         Self::from_tokenizer(inner)
     }
 

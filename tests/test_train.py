@@ -492,7 +492,7 @@ def test_model_usable_during_callback_errors_cleanly(peft_model) -> None:
         ids = peft_model.generate(pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=2)
         assert ids.shape[0] == 1
         with pytest.raises(RuntimeError, match="busy"):
-            peft_model.delete_adapter("default")
+            peft_model.set_adapter("default")
         calls.append(log)
 
     bp.train(peft_model, None, _data(4), max_steps=1, batch_size=4, callback=uses_model, progress=False)

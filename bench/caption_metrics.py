@@ -8,19 +8,9 @@ must agree within 1e-6. Usage: PYTHONPATH=python:<pycocoevalcap> python bench/ca
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from jobs import cpu_name
 
 
 def main() -> None:

@@ -298,7 +298,7 @@ def job_info(spec: dict[str, Any]) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         detail = f"{props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
     else:
-        name = _cpu_name()
+        name = cpu_name()
         detail = f"{torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs"
     on_gpu = device.startswith("cuda")
     # Memory bandwidth: y.copy_(x) moves 2 x nbytes (read + write); best of several.
@@ -349,7 +349,8 @@ def job_info(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the platform's name elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

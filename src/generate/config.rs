@@ -50,6 +50,9 @@ pub struct GenerationConfig {
     pub eos_token_id: Option<i64>,
     pub pad_token_id: Option<i64>,
     pub seed: Option<i64>,
+    /// Images at another resolution than the checkpoint's: the vision tower interpolates its position
+    /// embeddings (BLIP's `generate(interpolate_pos_encoding=True)`).
+    pub interpolate_pos_encoding: bool,
 }
 
 impl Default for GenerationConfig {
@@ -73,6 +76,7 @@ impl Default for GenerationConfig {
             eos_token_id: None,
             pad_token_id: None,
             seed: None,
+            interpolate_pos_encoding: false,
         }
     }
 }

@@ -50,7 +50,9 @@ impl<'a> Job<'a> {
                 tc.vocab_size - 1
             )));
         }
-        let pixel_values = model.check_pixel_values(pixel_values)?;
+        // Generation runs as inference (no dropout, whatever mode the model is in), with the decoding kernel.
+        let cx = ForwardContext::DECODING.with_interpolate_pos_encoding(config.interpolate_pos_encoding);
+        let pixel_values = model.check_pixel_values(pixel_values, &cx)?;
         let batch = pixel_values.size()[0];
         let prompts = prompts(model, batch, input_ids, attention_mask, bos)?;
         let prompt_len = prompts.width();
@@ -72,8 +74,7 @@ impl<'a> Job<'a> {
         if let Some(seed) = config.seed {
             tch::manual_seed(seed);
         }
-        // Generation runs as inference (no dropout, whatever mode the model is in), with the decoding kernel.
-        let image = model.encode_images(&pixel_values, &ForwardContext::DECODING)?;
+        let image = model.encode_images(&pixel_values, &cx)?;
         Ok(Self {
             model,
             config,

@@ -22,6 +22,9 @@ pub struct ForwardContext {
     /// The caption loss's label smoothing when the caller overrides the checkpoint's
     /// (`text_config.label_smoothing`): `train(label_smoothing=...)` does, for its run only.
     pub label_smoothing: Option<f64>,
+    /// Images may have another resolution than the checkpoint's `image_size`: the vision tower resamples its
+    /// patch position embeddings to the image's grid (transformers' `interpolate_pos_encoding=True`).
+    pub interpolate_pos_encoding: bool,
 }
 
 impl ForwardContext {
@@ -32,6 +35,7 @@ impl ForwardContext {
         compute_kind: None,
         decoding_kernel: false,
         label_smoothing: None,
+        interpolate_pos_encoding: false,
     };
 
     /// Inference while generating: the decoding kernel allowed.
@@ -55,6 +59,14 @@ impl ForwardContext {
             dropout_seed: Some(dropout_seed),
             compute_kind,
             ..Self::INFERENCE
+        }
+    }
+
+    /// The same context, with images at another resolution than the checkpoint's allowed (`interpolate`).
+    pub fn with_interpolate_pos_encoding(self, interpolate: bool) -> Self {
+        Self {
+            interpolate_pos_encoding: interpolate,
+            ..self
         }
     }
 

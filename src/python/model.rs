@@ -110,9 +110,10 @@ impl PyBlipModel {
 
     /// Runs the model; returns `(loss or None, logits, image_embeds, hidden_states, attentions)` as torch
     /// tensors (the last two: lists of the vision tower's, when asked for, else None). `eager` writes
-    /// attention out instead of SDPA; `logits_to_keep` and `shift_labels` are transformers' keywords.
+    /// attention out instead of SDPA; `logits_to_keep`, `shift_labels` and `interpolate_pos_encoding` are
+    /// transformers' keywords.
     #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None, *, output_hidden_states=false,
-        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None))]
+        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None, interpolate_pos_encoding=false))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -126,6 +127,7 @@ impl PyBlipModel {
         eager: bool,
         logits_to_keep: i64,
         shift_labels: Option<&Bound<'py, PyAny>>,
+        interpolate_pos_encoding: bool,
     ) -> PyResult<ForwardResult<'py>> {
         let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
         let input_ids = tensor::from_py(input_ids, "input_ids")?;
@@ -141,7 +143,8 @@ impl PyBlipModel {
         let out = py
             .detach(move || {
                 let model = locked(&inner)?;
-                let cx = ForwardContext::mode(model.training);
+                let cx = ForwardContext::mode(model.training)
+                    .with_interpolate_pos_encoding(interpolate_pos_encoding);
                 let options = ForwardOptions {
                     record,
                     logits_to_keep,

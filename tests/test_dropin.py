@@ -572,7 +572,7 @@ def test_interpolate_pos_encoding_matches_transformers(pair, height: int, width:
     assert out.image_embeds.shape[1] == grid
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
-    for a, b in zip(out.hidden_states, ref.vision_model_output.hidden_states, strict=True):
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for kwargs in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 5}):
         seed = {"seed": 3} if kwargs.get("do_sample") else {}

@@ -104,10 +104,11 @@ def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.tolist() if isinstance(v, (np.ndarray, np.generic, torch.Tensor)) else v for k, v in settings.items()}
 
 
-def _channels_last(array: np.ndarray) -> np.ndarray:
+def _channels_last(array: np.ndarray, last: tuple[int, ...] = (1, 2, 3, 4)) -> np.ndarray:
     """A 3-D image array channels last: `(C, H, W)` with 1 or 3 channels is transposed, as transformers infers
-    the layout (an array that reads both ways, e.g. `(3, H, 3)`, is taken as channels last)."""
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 2, 3, 4):
+    the layout, unless its last axis could be channels too (`last`: the channel counts channels last allows);
+    such an array, e.g. `(3, H, 3)`, is taken as channels last."""
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in last:
         return np.ascontiguousarray(np.transpose(array, (1, 2, 0)))
     return array
 
@@ -130,7 +131,7 @@ def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
         if image.dtype == np.float16:
             image = image.astype(np.float32)
         if image.dtype in (np.float32, np.float64):
-            image = _channels_last(image)
+            image = _channels_last(image, (1, 3))
             if image.ndim == 3 and image.shape[-1] == 1:  # one channel: gray as RGB
                 image = np.repeat(image, 3, axis=-1)
             return np.ascontiguousarray(image)

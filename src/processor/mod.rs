@@ -110,27 +110,32 @@ impl Prepared {
 /// Decode/convert/resize one image to RGB (4-byte pixels) at the output size; float pixels without resizing
 /// are rescaled and normalised as they are (transformers' numpy path).
 fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Result<Prepared> {
-    let mut unit_range = false;
-    if let ImageSource::Float {
-        width,
-        height,
-        data,
-        double,
-    } = source
-    {
-        let invalid = |msg: String| at(index, source, image::LoadError::Invalid(msg));
-        if !cfg.do_resize {
+    let (rgb, unit_range) = match source {
+        ImageSource::Float {
+            width,
+            height,
+            data,
+            double,
+        } => {
+            let invalid = |msg: String| at(index, source, image::LoadError::Invalid(msg));
             image::check_size(*width, *height, cfg.max_image_pixels).map_err(invalid)?;
-            return Ok(Prepared::Chw {
-                height: *height,
-                width: *width,
-                data: cfg.float_chw(data, *height * *width, *double),
-            });
+            if !cfg.do_resize {
+                return Ok(Prepared::Chw {
+                    height: *height,
+                    width: *width,
+                    data: cfg.float_chw(data, *height * *width, *double),
+                });
+            }
+            let (bytes, unit_range) = image::float_to_u8(data).map_err(invalid)?;
+            let rgb = image::raw_to_rgb(&PixelMode::RGB, *width, *height, &bytes).map_err(invalid)?;
+            (rgb, unit_range)
         }
-        unit_range = image::float_to_u8(data).map_err(invalid)?.1;
-    }
-    let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
-        .map_err(|e| at(index, source, e))?;
+        _ => {
+            let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
+                .map_err(|e| at(index, source, e))?;
+            (rgb, false)
+        }
+    };
     let ImageSize { height, width } = cfg.size;
     if !cfg.do_resize || (rgb.width == width && rgb.height == height) {
         return Ok(Prepared::Rgb {
@@ -369,6 +374,51 @@ mod tests {
             let err = preprocess_images(&cfg, &sources).unwrap_err().to_string();
             assert!(err.starts_with("size=4096x4096: pixel_values for"), "{err}");
         }
+    }
+
+    #[test]
+    fn float_pixels_follow_transformers() {
+        // Whole numbers in [0, 255] are cast; [0, 1] is scaled by 255 (truncated); anything else is refused.
+        assert_eq!(
+            image::float_to_u8(&[0.0, 12.0, 255.0]).unwrap(),
+            (vec![0, 12, 255], false)
+        );
+        assert_eq!(
+            image::float_to_u8(&[0.0, 0.5, 1.0]).unwrap(),
+            (vec![0, 127, 255], true)
+        );
+        assert!(image::float_to_u8(&[0.5, 2.0]).is_err());
+        assert!(image::float_to_u8(&[-1.0, 3.0]).is_err());
+        assert!(image::float_to_u8(&[f64::NAN]).is_err());
+        let float = |v: f64| ImageSource::Float {
+            width: 2,
+            height: 2,
+            data: vec![v; 12],
+            double: false,
+        };
+        // A [0, 1] image resized is divided by 255 once more before do_rescale (transformers' double rescale).
+        let cfg = ImageProcessorConfig {
+            do_normalize: false,
+            size: ImageSize { height: 3, width: 3 },
+            ..Default::default()
+        };
+        let PixelValues::Batch { data, .. } = preprocess_images(&cfg, &[float(0.5), float(127.0)]).unwrap()
+        else {
+            panic!("expected a batch")
+        };
+        let scaled = ((127.0f64 * (1.0 / 255.0)) as f32 as f64 * cfg.rescale_factor) as f32;
+        assert_eq!(data[0], scaled);
+        assert_eq!(data[27], (127.0f64 * cfg.rescale_factor) as f32);
+        // Without resizing the floats are rescaled as they are.
+        let cfg = ImageProcessorConfig {
+            do_resize: false,
+            do_normalize: false,
+            ..Default::default()
+        };
+        let PixelValues::Batch { data, .. } = preprocess_images(&cfg, &[float(0.5)]).unwrap() else {
+            panic!("expected a batch")
+        };
+        assert_eq!(data[0], (0.5 * cfg.rescale_factor) as f32);
     }
 
     #[test]

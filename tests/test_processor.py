@@ -721,7 +721,7 @@ def test_bad_text_and_files(tmp_path, ours: bp.BlipProcessor) -> None:
 
 
 def _float_inputs() -> list[tuple[str, object]]:
-    u8 = np.asarray(photo(70, 50, 3))
+    u8 = np.array(photo(70, 50, 3))
     unit = u8.astype(np.float32) / 255
     return [
         ("uint8 HWC", u8),

@@ -316,3 +316,36 @@ fn length_limits_and_ragged_prompts() {
         }
     }
 }
+
+/// `interpolate_pos_encoding`: other resolutions are refused without it; with it the position embeddings are
+/// resampled to the image's grid (unchanged at the checkpoint's size), and generate takes such images too.
+#[test]
+fn interpolate_pos_encoding_runs_other_resolutions() {
+    use blip_peft::nn::ForwardContext;
+    let model = tiny_model();
+    tch::manual_seed(5);
+    let big = Tensor::randn([2, 3, 48, 40], (Kind::Float, Device::Cpu));
+    let plain = ForwardContext::INFERENCE;
+    let interpolating = plain.with_interpolate_pos_encoding(true);
+    let err = model.check_pixel_values(&big, &plain).unwrap_err().to_string();
+    assert!(err.contains("interpolate_pos_encoding=True"), "{err}");
+    let pv = model.check_pixel_values(&big, &interpolating).unwrap();
+    let patch = model.config.vision_config.patch_size;
+    let embeds = model.encode_images(&pv, &interpolating).unwrap();
+    assert_eq!(embeds.size()[1], (48 / patch) * (40 / patch) + 1);
+    let small = Tensor::randn([1, 3, patch - 1, 32], (Kind::Float, Device::Cpu));
+    assert!(model.check_pixel_values(&small, &interpolating).is_err());
+    // At the checkpoint's size the interpolating path is the plain one, bit for bit.
+    let native = pixels(2, 1);
+    let a = model.encode_images(&native, &plain).unwrap();
+    let b = model.encode_images(&native, &interpolating).unwrap();
+    assert!(a.equal(&b));
+    let config = GenerationConfig {
+        max_new_tokens: Some(5),
+        interpolate_pos_encoding: true,
+        ..Default::default()
+    };
+    assert_eq!(gen(&model, &big, &config).size()[0], 2);
+    let refused = generate(&model, &big, None, None, &GenerationConfig::default());
+    assert!(refused.is_err());
+}

@@ -539,3 +539,59 @@ def test_tree_follows_adapters() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.state_dict()
+
+
+# ------------------------------------------------------------------------------ interpolate_pos_encoding
+@pytest.mark.parametrize(("height", "width"), [(48, 48), (24, 24), (40, 24), (37, 30), (32, 32)])
+def test_interpolate_pos_encoding_matches_transformers(pair, height: int, width: int) -> None:
+    """Images at another resolution than the checkpoint's (larger, smaller, not square, not a multiple of the
+    patch): the position embeddings resampled bicubically as transformers does; logits, loss, the vision
+    tower's hidden states and generated ids equal."""
+    hf, ours = pair
+    g = torch.Generator().manual_seed(height * 100 + width)
+    px = torch.randn(2, 3, height, width, generator=g)
+    _, ids, mask = tiny_batch(batch=2)
+    with torch.no_grad():
+        ref = hf(
+            pixel_values=px,
+            input_ids=ids,
+            attention_mask=mask,
+            labels=ids,
+            interpolate_pos_encoding=True,
+            output_hidden_states=True,
+        )
+        out = ours(
+            pixel_values=px,
+            input_ids=ids,
+            attention_mask=mask,
+            labels=ids,
+            interpolate_pos_encoding=True,
+            output_hidden_states=True,
+        )
+    grid = (height // TINY_VISION["patch_size"]) * (width // TINY_VISION["patch_size"]) + 1
+    assert out.image_embeds.shape[1] == grid
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for kwargs in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 5}):
+        seed = {"seed": 3} if kwargs.get("do_sample") else {}
+        if kwargs.get("do_sample"):
+            torch.manual_seed(3)
+        expected = hf.generate(pixel_values=px, interpolate_pos_encoding=True, max_new_tokens=8, **kwargs)
+        got = ours.generate(pixel_values=px, interpolate_pos_encoding=True, max_new_tokens=8, **kwargs, **seed)
+        assert torch.equal(got, expected), kwargs
+
+
+def test_other_resolutions_need_interpolate_pos_encoding(pair) -> None:
+    _, ours = pair
+    px = torch.randn(1, 3, 48, 48)
+    _, ids, _ = tiny_batch(batch=1)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        ours(pixel_values=px, input_ids=ids)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        ours.generate(pixel_values=px)
+    with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
+        ours(pixel_values=torch.randn(1, 3, 7, 32), input_ids=ids, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        ours(pixel_values=torch.randn(1, 1, 32, 32), input_ids=ids, interpolate_pos_encoding=True)

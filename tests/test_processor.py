@@ -467,7 +467,7 @@ def test_image_settings_match_transformers(tmp_path, theirs: HFProcessor) -> Non
     )
     mine = bp.BlipImageProcessor.from_dict({**custom.to_dict(), "crop_pct": 0.9})
     assert mine.size == {"height": 224, "width": 160} and mine.resample == 2 and mine.image_mean == [0.5] * 3
-    assert mine.to_dict() == {**json.loads(custom.to_json_string()), "crop_pct": 0.9}
+    assert mine.to_dict() == {**custom.to_dict(), "crop_pct": 0.9}
     image = photo(120, 90, 4)
     a = mine(image, return_tensors="np")["pixel_values"]
     assert np.array_equal(a, custom(image, return_tensors="np")["pixel_values"])
@@ -654,16 +654,20 @@ def test_bad_images(tmp_path, ours: bp.BlipProcessor) -> None:
         ip(Image.new("RGB", (0, 0)))
     with pytest.raises(ValueError, match="image 1: empty image"):
         ip([good, np.zeros((0, 5, 3), np.uint8)])
-    with pytest.raises(TypeError, match="image 0: numpy array of dtype float32"):
-        ip(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(TypeError, match="image 0: numpy array of dtype int32"):
+        ip(np.zeros((4, 4, 3), np.int32))
+    with pytest.raises(ValueError, match=r"image 0: float pixels must lie in \[0, 1\]"):
+        ip(np.full((4, 4, 3), 0.5, np.float32) - 1)
+    with pytest.raises(ValueError, match="image 0: unsupported float array shape"):
+        ip(np.zeros((4, 4, 2), np.float32))
     with pytest.raises(ValueError, match="image 0: unsupported array shape"):
         ip(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="image 0: unsupported array shape"):
         ip(np.zeros((2, 4, 4, 3, 1), np.uint8))
     with pytest.raises(TypeError, match="image 1: unsupported type int"):
         ip([good, 3])
-    with pytest.raises(TypeError, match="image 0: torch tensors"):
-        ip(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match=r"image 0: float pixels of whole numbers must lie in \[0, 255\]"):
+        ip(torch.full((3, 4, 4), 300.0))
     with pytest.raises(ValueError, match="no images"):
         ip([])
 
@@ -709,3 +713,107 @@ def test_bad_text_and_files(tmp_path, ours: bp.BlipProcessor) -> None:
         bp.BlipProcessor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="resample"):
         bp.BlipImageProcessor(resample=9)(photo(4, 4, 0))
+
+
+# -------------------------------------------------------------------------------------------------------
+# Arrays and tensors as images, serialisation, structured kwargs (issue #25, item 7)
+# -------------------------------------------------------------------------------------------------------
+
+
+def _float_inputs() -> list[tuple[str, object]]:
+    u8 = np.array(photo(70, 50, 3))
+    unit = u8.astype(np.float32) / 255
+    return [
+        ("uint8 HWC", u8),
+        ("uint8 CHW", np.ascontiguousarray(np.transpose(u8, (2, 0, 1)))),
+        ("float32 0-255", u8.astype(np.float32)),
+        ("float32 0-1", unit),
+        ("float64 0-1", u8.astype(np.float64) / 255),
+        ("float32 0-1 CHW", np.transpose(unit, (2, 0, 1))),
+        ("torch uint8 CHW", torch.from_numpy(u8).permute(2, 0, 1)),
+        ("torch uint8 HWC", torch.from_numpy(u8)),
+        ("torch float 0-1 CHW", torch.from_numpy(unit).permute(2, 0, 1)),
+        ("torch float 0-255 CHW", torch.from_numpy(u8).permute(2, 0, 1).float()),
+        ("torch float16 0-1", torch.from_numpy(unit).half()),
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"do_rescale": False},
+        {"do_resize": False},
+        {"do_resize": False, "do_rescale": False},
+        {"do_normalize": False},
+    ],
+)
+def test_arrays_and_tensors_as_transformers(theirs: HFProcessor, ours: bp.BlipProcessor, settings) -> None:
+    """numpy arrays and torch tensors, uint8 or float ([0, 1] or whole numbers in [0, 255]), channels first or
+    last: the same pixels as transformers' (a float image in [0, 1] is scaled by `do_rescale` like any other,
+    as transformers does)."""
+    for name, image in _float_inputs():
+        if name == "torch float16 0-1":
+            image_theirs = image.float()  # transformers' PIL backend cannot take float16 arrays
+        else:
+            image_theirs = image
+        b = theirs.image_processor(image_theirs, return_tensors="np", **settings)["pixel_values"]
+        a = ours.image_processor(image, return_tensors="np", **settings)["pixel_values"]
+        assert a.dtype == np.float32 and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b.astype(np.float32), err_msg=name)
+    # A 4-D tensor is a batch.
+    batch = torch.from_numpy(np.stack([np.asarray(photo(40, 30, s)) for s in range(2)])).permute(0, 3, 1, 2)
+    a = ours.image_processor(batch, return_tensors="pt", **settings)["pixel_values"]
+    b = theirs.image_processor(batch, return_tensors="pt", **settings)["pixel_values"]
+    assert torch.equal(a, b)
+
+
+def test_to_dict_and_json_as_transformers(tmp_path, theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    hf_ip, ip = theirs.image_processor, ours.image_processor
+    assert ip.to_dict() == hf_ip.to_dict()
+    assert isinstance(ip.to_dict()["image_mean"], tuple) and isinstance(ip.to_dict()["image_std"], tuple)
+    assert ip.to_json_string() == hf_ip.to_json_string()
+    ip.to_json_file(tmp_path / "ours.json")
+    hf_ip.to_json_file(tmp_path / "theirs.json")
+    assert (tmp_path / "ours.json").read_text() == (tmp_path / "theirs.json").read_text()
+    assert ours.to_dict() == theirs.to_dict()
+    assert ours.to_json_string() == theirs.to_json_string()
+    ours.to_json_file(tmp_path / "p_ours.json")
+    theirs.to_json_file(tmp_path / "p_theirs.json")
+    assert (tmp_path / "p_ours.json").read_text() == (tmp_path / "p_theirs.json").read_text()
+    custom = bp.BlipImageProcessor(size=224, image_mean=[0.5, 0.4, 0.3], resample=2)
+    hf_custom = HFImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5, 0.4, 0.3], resample=2)
+    assert custom.to_dict() == hf_custom.to_dict() and custom.to_json_string() == hf_custom.to_json_string()
+
+
+def test_get_vocab_as_transformers(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    vocab = ours.tokenizer.get_vocab()
+    assert vocab == theirs.tokenizer.get_vocab()
+    assert len(vocab) == len(ours.tokenizer) and vocab["[DEC]"] == ours.tokenizer.bos_token_id
+
+
+def test_structured_kwargs_as_transformers(theirs: HFProcessor, ours: bp.BlipProcessor) -> None:
+    images = [photo(60, 40, 1), photo(30, 50, 2)]
+    text = ["a dog on a beach", "two cats"]
+    calls = [
+        {
+            "text_kwargs": {"padding": "max_length", "max_length": 12},
+            "images_kwargs": {"size": {"height": 64, "width": 64}},
+        },
+        {"text_kwargs": {"padding": True}, "common_kwargs": {"return_tensors": "pt"}},
+        {"padding": "max_length", "max_length": 9, "images_kwargs": {"do_normalize": False}, "return_tensors": "pt"},
+        {"text_kwargs": {"padding": True, "return_tensors": "np"}, "images_kwargs": {"return_tensors": "np"}},
+    ]
+    for kwargs in calls:
+        a = ours(images=images, text=text, **copy.deepcopy(kwargs))
+        b = theirs(images=images, text=text, **copy.deepcopy(kwargs))
+        assert set(a) == set(b), kwargs
+        for key in b:
+            x, y = a[key], b[key]
+            if isinstance(y, torch.Tensor):
+                assert isinstance(x, torch.Tensor) and torch.equal(x, y), (kwargs, key)
+            else:
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{kwargs} {key}")
+    for processor in (ours, theirs):
+        with pytest.raises(ValueError, match="padding was passed two times"):
+            processor(text=text, padding=True, text_kwargs={"padding": "max_length"})

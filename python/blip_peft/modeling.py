@@ -283,13 +283,13 @@ class BlipForConditionalGeneration(torch.nn.Module):
         `output_hidden_states` / `output_attentions` add the vision tower's hidden states and attention
         probabilities (attention then runs eagerly); `logits_to_keep=k` computes the logits of the last `k`
         positions only; `shift_labels` are targets already aligned with the logits (used instead of shifting
-        `labels`); `return_dict=False` returns the output's non-None fields as a tuple.
+        `labels`); `return_dict=False` returns the output's non-None fields as a tuple;
+        `interpolate_pos_encoding=True` runs images at another resolution than the checkpoint's `image_size`
+        (the position embeddings resampled bicubically to the image's patch grid, as transformers does).
 
         `adapter_names` (peft's mixed-adapter batch, in evaluation mode): one adapter name per row, `"__base__"`
         for the base model; each row then runs its own adapter in both towers, whatever adapter is active.
         """
-        if interpolate_pos_encoding:
-            raise ValueError("interpolate_pos_encoding is not supported; resize images to the model's image_size")
         unknown = set(kwargs) - {"use_cache"}
         if unknown:
             raise TypeError(f"forward() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -308,6 +308,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
             logits_to_keep=logits_to_keep,
             shift_labels=shift_labels,
             adapter_names=_adapter_names(adapter_names),
+            interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
         native_args = (pixel_values, input_ids, attention_mask, labels)
         if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -356,7 +357,8 @@ class BlipForConditionalGeneration(torch.nn.Module):
         `num_return_sequences`, `do_sample`, `temperature`, `top_k` (50), `top_p`, `repetition_penalty`,
         `no_repeat_ngram_size`, `bos_token_id`, `eos_token_id`, `pad_token_id`, `generation_config` (a
         `GenerationConfig`: its settings under the keywords; as in transformers, its special token ids give way
-        to BLIP's: captions end at `[SEP]`), and `seed` (an int or a `torch.Generator`) for reproducible sampling.
+        to BLIP's: captions end at `[SEP]`), `interpolate_pos_encoding` (images at another resolution than the
+        checkpoint's, as in `forward`), and `seed` (an int or a `torch.Generator`) for reproducible sampling.
 
         As in transformers' BLIP, `model.generation_config` (read from `generation_config.json`) is not applied
         by itself (BLIP's `generate` runs its decoder's defaults); pass `generation_config=model.generation_config`

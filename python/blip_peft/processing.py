@@ -104,16 +104,38 @@ def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.tolist() if isinstance(v, (np.ndarray, np.generic, torch.Tensor)) else v for k, v in settings.items()}
 
 
+def _channels_last(array: np.ndarray, last: tuple[int, ...] = (1, 2, 3, 4)) -> np.ndarray:
+    """A 3-D image array channels last: `(C, H, W)` with 1 or 3 channels is transposed, as transformers infers
+    the layout, unless its last axis could be channels too (`last`: the channel counts channels last allows);
+    such an array, e.g. `(3, H, 3)`, is taken as channels last."""
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in last:
+        return np.ascontiguousarray(np.transpose(array, (1, 2, 0)))
+    return array
+
+
 def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
-    """What the core accepts: a path, encoded bytes, a uint8 array, or PIL pixels as a tuple."""
+    """What the core accepts: a path, encoded bytes, a uint8 array, a float32/float64 array of RGB pixels
+    (channels last), or PIL pixels as a tuple. torch tensors come as their numpy arrays."""
     if isinstance(image, (str, os.PathLike)):
         return os.fsdecode(image)
     if isinstance(image, (bytes, bytearray)):
         return image
     if isinstance(image, memoryview):
         return image.tobytes()
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.dtype in (torch.float16, torch.bfloat16):
+            image = image.float()
+        image = image.numpy()
     if isinstance(image, np.ndarray):
-        return image
+        if image.dtype == np.float16:
+            image = image.astype(np.float32)
+        if image.dtype in (np.float32, np.float64):
+            image = _channels_last(image, (1, 3))
+            if image.ndim == 3 and image.shape[-1] == 1:  # one channel: gray as RGB
+                image = np.repeat(image, 3, axis=-1)
+            return np.ascontiguousarray(image)
+        return _channels_last(image)
     if isinstance(image, Image.Image):
         mode = image.mode
         if mode not in _NATIVE_MODES:
@@ -123,19 +145,14 @@ def _native_image(image: Any, index: int, convert_rgb: bool) -> Any:
             image, mode = image.convert("RGB"), "RGB"
         palette = bytes(image.getpalette() or []) if mode in ("P", "PA") else None
         return (mode, image.width, image.height, image.tobytes(), palette)
-    if isinstance(image, torch.Tensor):
-        raise TypeError(
-            f"image {index}: torch tensors are not accepted (their channel layout is ambiguous); "
-            "pass a PIL image, a uint8 (height, width, channels) numpy array, a path or encoded bytes"
-        )
     raise TypeError(
-        f"image {index}: unsupported type {type(image).__name__}; expected a PIL image, a uint8 numpy array, "
-        "a path or encoded bytes"
+        f"image {index}: unsupported type {type(image).__name__}; expected a PIL image, a numpy array or torch "
+        "tensor (uint8, or float RGB pixels in [0, 1] or [0, 255]), a path or encoded bytes"
     )
 
 
 def _flat_images(images: Any) -> list[Any]:
-    if isinstance(images, np.ndarray) and images.ndim == 4:
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         return list(images)
     if isinstance(images, (list, tuple)):
         flat: list[Any] = []
@@ -148,11 +165,33 @@ def _flat_images(images: Any) -> list[Any]:
     return [images]
 
 
+def _as_transformers_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings dict as transformers' `to_dict` returns it: `image_mean` / `image_std` as tuples."""
+    return {k: tuple(v) if k in ("image_mean", "image_std") and isinstance(v, list) else v for k, v in config.items()}
+
+
+def _write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Writes `text` to a temporary file next to `path`, then renames it over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class BlipImageProcessor:
     """BLIP's image processor: transformers' `BlipImageProcessor` settings, PIL-exact numbers, in Rust.
 
-    Accepts PIL images (any mode), uint8 numpy arrays `(H, W)` / `(H, W, C)`, file paths, encoded bytes,
-    or lists mixing them. Returns `pixel_values` as float32 `[N, 3, H, W]`.
+    Accepts PIL images (any mode), numpy arrays and torch tensors (uint8 `(H, W)` / `(H, W, C)` / `(C, H, W)`,
+    or float RGB pixels as transformers takes them: values in `[0, 1]` or whole numbers in `[0, 255]`, which
+    `do_rescale` scales like any pixels; 4-D arrays or tensors are batches), file paths, encoded bytes, or lists
+    mixing them. Returns `pixel_values` as float32 `[N, 3, H, W]`.
 
     Settings (transformers' names and defaults; read, checked and written by the core):
 
@@ -223,7 +262,7 @@ class BlipImageProcessor:
             object.__setattr__(self, name, value)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"settings": {**self.to_dict(), "max_image_pixels": self.max_image_pixels}}
+        return {"settings": {**self._native.to_dict(), "max_image_pixels": self.max_image_pixels}}
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         object.__setattr__(self, "_native", _blip_peft._ImageProcessor(dict(state["settings"])))
@@ -241,16 +280,22 @@ class BlipImageProcessor:
         return cls._wrap(_blip_peft._ImageProcessor.from_pretrained(os.fspath(path), _plain(kwargs)))
 
     def to_dict(self) -> dict[str, Any]:
-        return self._native.to_dict()
+        """The settings as transformers' `to_dict` gives them (`image_mean` / `image_std` as tuples)."""
+        return _as_transformers_dict(self._native.to_dict())
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """`preprocessor_config.json`'s text, as transformers writes it (sorted keys, two-space indent)."""
+        return json.dumps(self._native.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike[str]) -> None:
+        """Writes `to_json_string()` to a file (atomically)."""
+        _write_text_atomic(json_file_path, self.to_json_string())
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> list[str]:
         """Writes `preprocessor_config.json` (what transformers' image processors write on their own)."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(os.fspath(save_directory), IMAGE_PROCESSOR_CONFIG)
-        _write_json(path, self.to_dict())
+        _write_json(path, self._native.to_dict())
         return [path]
 
     def __repr__(self) -> str:
@@ -388,6 +433,10 @@ class BlipTokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self._native.vocab_size(False))
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token with its id, the added tokens included (transformers' `get_vocab()`)."""
+        return dict(self._native.get_vocab(True))
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> Any:
         unk = self._token_id("unk_token")
@@ -614,7 +663,7 @@ class BlipProcessor:
         folder = os.fspath(save_directory)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, PROCESSOR_CONFIG)
-        _write_json(path, {"image_processor": self.image_processor.to_dict(), "processor_class": "BlipProcessor"})
+        _write_json(path, json.loads(self.to_json_string()))
         files = [path, *self.tokenizer.save_pretrained(folder)]
         config_file = os.path.join(folder, TOKENIZER_CONFIG)
         config = _read_json(config_file)
@@ -622,22 +671,61 @@ class BlipProcessor:
         _write_json(config_file, config)
         return files
 
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `ProcessorMixin.to_dict`: the image processor's settings and the processor class (the
+        tokenizer is saved in its own files)."""
+        return {"image_processor": self.image_processor.to_dict(), "processor_class": type(self).__name__}
+
+    def to_json_string(self) -> str:
+        """`processor_config.json`'s text, as transformers writes it."""
+        data = {"image_processor": self.image_processor._native.to_dict(), "processor_class": type(self).__name__}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike[str]) -> None:
+        """Writes `to_json_string()` to a file (atomically)."""
+        _write_text_atomic(json_file_path, self.to_json_string())
+
     def __call__(
         self,
         images: Any = None,
         text: str | Sequence[str] | None = None,
         return_tensors: Any = None,
+        *,
+        text_kwargs: Mapping[str, Any] | None = None,
+        images_kwargs: Mapping[str, Any] | None = None,
+        common_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> BatchEncoding:
+        """Images and/or captions to model inputs. Options go flat (`padding=True, size=224`: image settings to
+        the image processor, the rest to the tokenizer) or structured as transformers' processors take them:
+        `text_kwargs={...}`, `images_kwargs={...}`, `common_kwargs={...}` (to both, e.g. `return_tensors`). A
+        key given both flat and in a structured dict is a ValueError, as in transformers."""
         if images is None and text is None:
             raise ValueError("You have to specify either images or text.")
-        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_SETTINGS}
+        for name, given in (("text_kwargs", text_kwargs), ("images_kwargs", images_kwargs)):
+            for key in given or {}:
+                if key in kwargs:
+                    raise ValueError(
+                        f"Keyword argument {key} was passed two times: in a dictionary for {name} and as a **kwarg."
+                    )
+        common = dict(common_kwargs or {})
+        if "return_tensors" in common:
+            common_tensors = common.pop("return_tensors")
+            return_tensors = common_tensors if return_tensors is None else return_tensors
+        image_kwargs = {k: v for k, v in common.items() if k in _IMAGE_SETTINGS}
+        token_kwargs = {k: v for k, v in common.items() if k not in _IMAGE_SETTINGS}
+        image_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_SETTINGS})
+        image_kwargs.update(images_kwargs or {})
+        token_kwargs.update(kwargs)
+        token_kwargs.update(text_kwargs or {})
+        image_tensors = image_kwargs.pop("return_tensors", return_tensors)
+        text_tensors = token_kwargs.pop("return_tensors", return_tensors)
         out = BatchEncoding()
         if images is not None:
-            out.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))
+            out.update(self.image_processor(images, return_tensors=image_tensors, **image_kwargs))
         if text is not None:
-            kwargs.setdefault("return_token_type_ids", False)
-            out.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
+            token_kwargs.setdefault("return_token_type_ids", False)
+            out.update(self.tokenizer(text, return_tensors=text_tensors, **token_kwargs))
         return out
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:

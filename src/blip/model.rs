@@ -281,9 +281,13 @@ impl BlipForConditionalGeneration {
     }
 
     /// Checks the inputs of [`Self::forward`] and brings them to the model's device and index type.
-    fn prepare(&self, inputs: &ForwardInputs) -> Result<(Tensor, Tensor, Option<Tensor>, Option<Tensor>)> {
+    fn prepare(
+        &self,
+        inputs: &ForwardInputs,
+        cx: &ForwardContext,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<Tensor>)> {
         let device = self.device();
-        let pixel_values = self.check_pixel_values(inputs.pixel_values)?;
+        let pixel_values = self.check_pixel_values(inputs.pixel_values, cx)?;
         let batch = pixel_values.size()[0];
         let ids = inputs.input_ids;
         if ids.dim() != 2 {
@@ -365,9 +369,10 @@ impl BlipForConditionalGeneration {
         Ok((pixel_values, ids, mask, labels))
     }
 
-    /// Checks `pixel_values` (`[B, C, H, W]`, floating point, the configured image size) and moves it
-    /// to the model's device and kind.
-    pub fn check_pixel_values(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    /// Checks `pixel_values` (`[B, C, H, W]`, floating point, the configured image size unless `cx` allows
+    /// another resolution: `interpolate_pos_encoding`, then any size of at least one patch) and moves it to
+    /// the model's device and kind.
+    pub fn check_pixel_values(&self, pixel_values: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let vc = &self.config.vision_config;
         let size = pixel_values.size();
         if size.len() != 4 {
@@ -387,10 +392,25 @@ impl BlipForConditionalGeneration {
                 "pixel_values holds no images (batch size 0, shape {size:?}); pass at least one image"
             )));
         }
-        if size[1] != vc.num_channels || size[2] != vc.image_size || size[3] != vc.image_size {
+        if size[1] != vc.num_channels {
+            return Err(Error::invalid(format!(
+                "pixel_values must have shape [batch, {}, height, width], got {size:?}",
+                vc.num_channels
+            )));
+        }
+        if cx.interpolate_pos_encoding {
+            if size[2] < vc.patch_size || size[3] < vc.patch_size {
+                return Err(Error::invalid(format!(
+                    "pixel_values of shape {size:?} is smaller than one {p}x{p} patch \
+                     (vision_config.patch_size); images must be at least {p} pixels high and wide",
+                    p = vc.patch_size
+                )));
+            }
+        } else if size[2] != vc.image_size || size[3] != vc.image_size {
             return Err(Error::invalid(format!(
                 "pixel_values must have shape [batch, {}, {}, {}], got {size:?}; resize images with the \
-                 model's processor",
+                 model's processor, or pass interpolate_pos_encoding=True to run the model at another \
+                 resolution",
                 vc.num_channels, vc.image_size, vc.image_size
             )));
         }
@@ -408,7 +428,7 @@ impl BlipForConditionalGeneration {
 
     /// [`Self::forward`] under a context its caller chose (a loop that drives the model).
     pub fn forward_with(&self, inputs: &ForwardInputs, cx: &ForwardContext) -> Result<BlipOutput> {
-        let (pixel_values, ids, mask, labels) = self.prepare(inputs)?;
+        let (pixel_values, ids, mask, labels) = self.prepare(inputs, cx)?;
         let image_embeds = self.encode_images(&pixel_values, cx)?;
         let (logits, loss) =
             self.decode_with_loss(&ids, mask.as_ref(), &image_embeds, labels.as_ref(), cx)?;
@@ -431,7 +451,7 @@ impl BlipForConditionalGeneration {
         if plain && options.record == Record::default() {
             return self.forward_with(inputs, cx);
         }
-        let (pixel_values, ids, mask, labels) = self.prepare(inputs)?;
+        let (pixel_values, ids, mask, labels) = self.prepare(inputs, cx)?;
         if options.logits_to_keep < 0 {
             return Err(Error::invalid(format!(
                 "logits_to_keep must be 0 (every position) or a positive number of final positions, got {}",

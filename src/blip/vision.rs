@@ -72,7 +72,37 @@ impl BlipVisionEmbeddings {
             .f_expand([b, 1, -1], false)?
             .f_to_kind(kind)?;
         let x = Tensor::f_cat(&[class, patches], 1)?;
-        Ok(x.f_add(&self.position_embedding.f_to_kind(kind)?)?)
+        let (h, w) = (pixel_values.size()[2], pixel_values.size()[3]);
+        let positions = match cx.interpolate_pos_encoding {
+            true => self.interpolated_positions(x.size()[1] - 1, h, w)?,
+            false => self.position_embedding.shallow_clone(),
+        };
+        Ok(x.f_add(&positions.f_to_kind(kind)?)?)
+    }
+
+    /// transformers' `interpolate_pos_encoding`: the patch position embeddings (a square grid) resampled
+    /// bicubically (`align_corners=False`) to the `(h / patch) x (w / patch)` grid of an `h x w` image, in the
+    /// embeddings' own kind, the class position first. Unchanged for a square image with the checkpoint's
+    /// number of patches.
+    fn interpolated_positions(&self, patches: i64, h: i64, w: i64) -> Result<Tensor> {
+        let (_, positions, d) = self.position_embedding.size3()?;
+        let grid = positions - 1;
+        if patches == grid && h == w {
+            return Ok(self.position_embedding.shallow_clone());
+        }
+        let side = (grid as f64).sqrt() as i64;
+        let patch = self.patch_embedding.weight.size()[2];
+        let class = self.position_embedding.f_narrow(1, 0, 1)?;
+        let grid_embeddings = self
+            .position_embedding
+            .f_narrow(1, 1, grid)?
+            .f_reshape([1, side, side, d])?
+            .f_permute([0, 3, 1, 2])?;
+        let resampled = grid_embeddings
+            .f_upsample_bicubic2d([h / patch, w / patch], false, None, None)?
+            .f_permute([0, 2, 3, 1])?
+            .f_reshape([1, -1, d])?;
+        Ok(Tensor::f_cat(&[class, resampled], 1)?)
     }
 }
 

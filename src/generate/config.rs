@@ -50,6 +50,9 @@ pub struct GenerationConfig {
     pub eos_token_id: Option<i64>,
     pub pad_token_id: Option<i64>,
     pub seed: Option<i64>,
+    /// Images at another resolution than the checkpoint's: the vision tower interpolates its position
+    /// embeddings (BLIP's `generate(interpolate_pos_encoding=True)`).
+    pub interpolate_pos_encoding: bool,
 }
 
 impl Default for GenerationConfig {
@@ -73,6 +76,7 @@ impl Default for GenerationConfig {
             eos_token_id: None,
             pad_token_id: None,
             seed: None,
+            interpolate_pos_encoding: false,
         }
     }
 }
@@ -213,9 +217,13 @@ mod tests {
     #[test]
     fn settings_are_read_by_their_names_with_the_defaults_for_the_rest() {
         let names = GenerationConfig::setting_names();
-        assert_eq!(names.len(), 18);
+        assert_eq!(names.len(), 19);
         assert_eq!(names[0], "max_new_tokens");
-        assert!(names.contains(&"no_repeat_ngram_size") && names.contains(&"seed"));
+        assert!(
+            names.contains(&"no_repeat_ngram_size")
+                && names.contains(&"seed")
+                && names.contains(&"interpolate_pos_encoding")
+        );
         let c = GenerationConfig::from_settings(json!({"num_beams": 3, "early_stopping": "never"})).unwrap();
         assert_eq!(
             (c.num_beams, c.early_stopping, c.top_k),

@@ -54,7 +54,9 @@ impl<'a> Job<'a> {
                 tc.vocab_size - 1
             )));
         }
-        let pixel_values = model.check_pixel_values(pixel_values)?;
+        // Generation runs as inference (no dropout, whatever mode the model is in), with the decoding kernel.
+        let cx = ForwardContext::DECODING.with_interpolate_pos_encoding(config.interpolate_pos_encoding);
+        let pixel_values = model.check_pixel_values(pixel_values, &cx)?;
         let batch = pixel_values.size()[0];
         // Generation runs as inference whatever mode the model is in, so adapter_names is always allowed here.
         let adapters = adapter_names
@@ -101,9 +103,8 @@ impl<'a> Job<'a> {
         if let Some(seed) = config.seed {
             tch::manual_seed(seed);
         }
-        // Generation runs as inference (no dropout, whatever mode the model is in), with the decoding kernel.
-        let cx = ForwardContext::DECODING.with_adapters(adapters.as_ref(), adapters.as_ref());
-        let image = model.encode_images(&pixel_values, &cx)?;
+        let image_cx = cx.with_adapters(adapters.as_ref(), adapters.as_ref());
+        let image = model.encode_images(&pixel_values, &image_cx)?;
         Ok(Self {
             model,
             config,

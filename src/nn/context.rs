@@ -30,6 +30,9 @@ pub struct ForwardContext<'a> {
     /// The adapters of the image embeddings' rows, for the layers that read them (the decoder's
     /// cross-attention keys/values): one per image, where `adapters` has one per decoder row.
     pub image_adapters: Option<&'a AdapterRows>,
+    /// Images may have another resolution than the checkpoint's `image_size`: the vision tower resamples its
+    /// patch position embeddings to the image's grid (transformers' `interpolate_pos_encoding=True`).
+    pub interpolate_pos_encoding: bool,
 }
 
 impl<'a> ForwardContext<'a> {
@@ -42,6 +45,7 @@ impl<'a> ForwardContext<'a> {
         label_smoothing: None,
         adapters: None,
         image_adapters: None,
+        interpolate_pos_encoding: false,
     };
 
     /// Inference while generating: the decoding kernel allowed.
@@ -89,6 +93,14 @@ impl<'a> ForwardContext<'a> {
     pub fn over_images(self) -> Self {
         Self {
             adapters: self.image_adapters,
+            ..self
+        }
+    }
+
+    /// The same context, with images at another resolution than the checkpoint's allowed (`interpolate`).
+    pub fn with_interpolate_pos_encoding(self, interpolate: bool) -> Self {
+        Self {
+            interpolate_pos_encoding: interpolate,
             ..self
         }
     }

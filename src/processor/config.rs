@@ -382,6 +382,54 @@ impl ImageProcessorConfig {
         }
         lut
     }
+
+    /// [`Self::lookup`] for the 8-bit pixels of a float image scaled from `[0, 1]` to be resized:
+    /// transformers first divides them by 255 again (`float32(float64(v) / 255)`), then rescales and
+    /// normalises as usual.
+    pub(super) fn lookup_unit_range(&self) -> [[f32; 256]; 3] {
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, out) in table.iter_mut().enumerate() {
+                let mut x = (v as f64 * (1.0 / 255.0)) as f32;
+                if self.do_rescale {
+                    x = (x as f64 * self.rescale_factor) as f32;
+                }
+                if self.do_normalize {
+                    x = (x - self.image_mean[c] as f32) / self.image_std[c] as f32;
+                }
+                *out = x;
+            }
+        }
+        lut
+    }
+
+    /// Float pixels (`[plane, 3]`, channels last) kept at their size, rescaled and normalised as transformers'
+    /// numpy path does (`float32(float64(x) * rescale_factor)`; unrescaled pixels are normalised in their own
+    /// precision: float64 when `double`), channels first.
+    pub(super) fn float_chw(&self, data: &[f64], plane: usize, double: bool) -> Vec<f32> {
+        let mut out = vec![0f32; 3 * plane];
+        for (i, px) in data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let x = px[c];
+                out[c * plane + i] = if self.do_rescale || !double {
+                    let mut y = if self.do_rescale {
+                        (x * self.rescale_factor) as f32
+                    } else {
+                        x as f32
+                    };
+                    if self.do_normalize {
+                        y = (y - self.image_mean[c] as f32) / self.image_std[c] as f32;
+                    }
+                    y
+                } else if self.do_normalize {
+                    ((x - self.image_mean[c]) / self.image_std[c]) as f32
+                } else {
+                    x as f32
+                };
+            }
+        }
+        out
+    }
 }
 
 /// The memory this process may use, in bytes: the machine's physical memory, or its cgroup's limit when

@@ -109,6 +109,15 @@ pub enum ImageSource {
         height: usize,
         data: Vec<u8>,
     },
+    /// Floating-point RGB pixels, channels last (`[height, width, 3]`), as numpy / torch float images come:
+    /// values in `[0, 1]` or whole numbers in `[0, 255]`. `double`: the caller's array was float64
+    /// (transformers then normalises unrescaled pixels in float64).
+    Float {
+        width: usize,
+        height: usize,
+        data: Vec<f64>,
+        double: bool,
+    },
 }
 
 impl ImageSource {
@@ -247,10 +256,50 @@ pub fn load_rgb(
             check_size(*width, *height, max_pixels)?;
             raw_to_rgb(mode, *width, *height, data).map_err(LoadError::Invalid)
         }
+        ImageSource::Float {
+            width, height, data, ..
+        } => {
+            check_size(*width, *height, max_pixels)?;
+            let (bytes, _) = float_to_u8(data)?;
+            raw_to_rgb(&PixelMode::RGB, *width, *height, &bytes).map_err(LoadError::Invalid)
+        }
     }
 }
 
-fn check_size(width: usize, height: usize, max_pixels: Option<u64>) -> Result<(), String> {
+/// Float pixels to 8 bits as transformers hands them to PIL for resizing (`to_pil_image`): whole numbers
+/// in `[0, 255]` are cast as they are, values in `[0, 1]` are scaled by 255 first (through float32, then
+/// truncated), anything else is refused. Also says whether the values were scaled (transformers then
+/// divides the resized pixels by 255 again).
+pub fn float_to_u8(data: &[f64]) -> Result<(Vec<u8>, bool), String> {
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut whole = true;
+    for &x in data {
+        min = min.min(x);
+        max = max.max(x);
+        // numpy's allclose(x, x.astype(int)): |x - trunc(x)| <= 1e-8 + 1e-5 |trunc(x)|
+        whole &= (x - x.trunc()).abs() <= 1e-8 + 1e-5 * x.trunc().abs();
+    }
+    if data.iter().any(|x| x.is_nan()) {
+        return Err("float pixels contain NaN".into());
+    }
+    if whole {
+        if min < 0.0 || max > 255.0 {
+            return Err(format!(
+                "float pixels of whole numbers must lie in [0, 255] to be resized, got values from {min} to {max}"
+            ));
+        }
+        return Ok((data.iter().map(|&x| x as u8).collect(), false));
+    }
+    if min < 0.0 || max > 1.0 {
+        return Err(format!(
+            "float pixels must lie in [0, 1] (or be whole numbers in [0, 255]) to be resized, got values from \
+             {min} to {max}"
+        ));
+    }
+    Ok((data.iter().map(|&x| ((x * 255.0) as f32) as u8).collect(), true))
+}
+
+pub(super) fn check_size(width: usize, height: usize, max_pixels: Option<u64>) -> Result<(), String> {
     if width == 0 || height == 0 {
         return Err(format!("empty image ({width}x{height} pixels)"));
     }

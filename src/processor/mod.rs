@@ -54,16 +54,100 @@ fn at(index: usize, source: &ImageSource, err: image::LoadError) -> Error {
     }
 }
 
-/// Decode/convert/resize one image to RGB (4-byte pixels) at the output size.
-fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Result<RgbImage> {
-    let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
-        .map_err(|e| at(index, source, e))?;
+/// One image ready to be written out.
+enum Prepared {
+    /// 8-bit RGB (4-byte pixels) at the output size; `unit_range`: float pixels in `[0, 1]` that were scaled
+    /// by 255 to be resized (transformers divides the resized pixels by 255 again before rescaling).
+    Rgb { image: RgbImage, unit_range: bool },
+    /// Float pixels kept as they are (no resizing), already rescaled and normalised, channels first.
+    Chw {
+        height: usize,
+        width: usize,
+        data: Vec<f32>,
+    },
+}
+
+/// The per-channel tables: 8-bit pixels, and 8-bit pixels of float images scaled from `[0, 1]`.
+struct Tables {
+    plain: [[f32; 256]; 3],
+    unit_range: [[f32; 256]; 3],
+}
+
+impl Tables {
+    fn new(cfg: &ImageProcessorConfig) -> Self {
+        Self {
+            plain: cfg.lookup(),
+            unit_range: cfg.lookup_unit_range(),
+        }
+    }
+}
+
+impl Prepared {
+    fn size(&self) -> (usize, usize) {
+        match self {
+            Prepared::Rgb { image, .. } => (image.height, image.width),
+            Prepared::Chw { height, width, .. } => (*height, *width),
+        }
+    }
+
+    /// Writes the image into its `[3, height, width]` buffer.
+    fn write(self, tables: &Tables, out: &mut [f32]) {
+        match self {
+            Prepared::Rgb { image, unit_range } => {
+                let lut = if unit_range {
+                    &tables.unit_range
+                } else {
+                    &tables.plain
+                };
+                write_chw(&image, lut, out);
+                buffers::give(image.data);
+            }
+            Prepared::Chw { data, .. } => out.copy_from_slice(&data),
+        }
+    }
+}
+
+/// Decode/convert/resize one image to RGB (4-byte pixels) at the output size; float pixels without resizing
+/// are rescaled and normalised as they are (transformers' numpy path).
+fn prepare(cfg: &ImageProcessorConfig, index: usize, source: &ImageSource) -> Result<Prepared> {
+    let (rgb, unit_range) = match source {
+        ImageSource::Float {
+            width,
+            height,
+            data,
+            double,
+        } => {
+            let invalid = |msg: String| at(index, source, image::LoadError::Invalid(msg));
+            image::check_size(*width, *height, cfg.max_image_pixels).map_err(invalid)?;
+            if !cfg.do_resize {
+                return Ok(Prepared::Chw {
+                    height: *height,
+                    width: *width,
+                    data: cfg.float_chw(data, *height * *width, *double),
+                });
+            }
+            let (bytes, unit_range) = image::float_to_u8(data).map_err(invalid)?;
+            let rgb = image::raw_to_rgb(&PixelMode::RGB, *width, *height, &bytes).map_err(invalid)?;
+            (rgb, unit_range)
+        }
+        _ => {
+            let rgb = image::load_rgb(source, cfg.max_image_pixels, cfg.do_convert_rgb)
+                .map_err(|e| at(index, source, e))?;
+            (rgb, false)
+        }
+    };
     let ImageSize { height, width } = cfg.size;
     if !cfg.do_resize || (rgb.width == width && rgb.height == height) {
-        return Ok(rgb);
+        return Ok(Prepared::Rgb {
+            image: rgb,
+            unit_range,
+        });
     }
     let data = resize::resize_rgbx(&rgb.data, rgb.width, rgb.height, width, height, cfg.resample);
-    Ok(RgbImage { width, height, data })
+    Ok(Prepared::Rgb {
+        image: RgbImage { width, height, data },
+        unit_range,
+    })
 }
 
 /// Writes a 4-byte-pixel image into a CHW float buffer through the per-channel table.
@@ -140,7 +224,7 @@ pub fn preprocess_selected(
             "batches of images need do_resize=True (every image the same size)",
         ));
     }
-    let lut = cfg.lookup();
+    let tables = Tables::new(cfg);
     let plane = 3 * cfg.size.height * cfg.size.width;
     Ok(indices
         .par_iter()
@@ -148,10 +232,8 @@ pub fn preprocess_selected(
             let src = sources
                 .get(i)
                 .ok_or_else(|| Error::invalid(format!("image index {i} is out of range")))?;
-            let rgb = prepare(cfg, i, src)?;
             let mut out = vec![0f32; plane];
-            write_chw(&rgb, &lut, &mut out);
-            buffers::give(rgb.data);
+            prepare(cfg, i, src)?.write(&tables, &mut out);
             Ok(out)
         })
         .collect())
@@ -160,7 +242,7 @@ pub fn preprocess_selected(
 /// Runs the whole image pipeline on a batch, one image per rayon task.
 pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) -> Result<PixelValues> {
     cfg.validate()?;
-    let lut = cfg.lookup();
+    let tables = Tables::new(cfg);
     if cfg.do_resize {
         cfg.check_output(sources.len())?;
         let plane = 3 * cfg.size.height * cfg.size.width;
@@ -170,9 +252,7 @@ pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) ->
             .zip(sources.par_iter())
             .enumerate()
             .map(|(i, (out, src))| {
-                let rgb = prepare(cfg, i, src)?;
-                write_chw(&rgb, &lut, out);
-                buffers::give(rgb.data);
+                prepare(cfg, i, src)?.write(&tables, out);
                 Ok(())
             })
             .collect();
@@ -188,11 +268,11 @@ pub fn preprocess_images(cfg: &ImageProcessorConfig, sources: &[ImageSource]) ->
         .par_iter()
         .enumerate()
         .map(|(i, src)| {
-            let rgb = prepare(cfg, i, src)?;
-            let mut out = vec![0f32; 3 * rgb.width * rgb.height];
-            write_chw(&rgb, &lut, &mut out);
-            buffers::give(rgb.data);
-            Ok((rgb.height, rgb.width, out))
+            let image = prepare(cfg, i, src)?;
+            let (height, width) = image.size();
+            let mut out = vec![0f32; 3 * width * height];
+            image.write(&tables, &mut out);
+            Ok((height, width, out))
         })
         .collect();
     let images = images.into_iter().collect::<Result<Vec<_>>>()?;
@@ -294,6 +374,51 @@ mod tests {
             let err = preprocess_images(&cfg, &sources).unwrap_err().to_string();
             assert!(err.starts_with("size=4096x4096: pixel_values for"), "{err}");
         }
+    }
+
+    #[test]
+    fn float_pixels_follow_transformers() {
+        // Whole numbers in [0, 255] are cast; [0, 1] is scaled by 255 (truncated); anything else is refused.
+        assert_eq!(
+            image::float_to_u8(&[0.0, 12.0, 255.0]).unwrap(),
+            (vec![0, 12, 255], false)
+        );
+        assert_eq!(
+            image::float_to_u8(&[0.0, 0.5, 1.0]).unwrap(),
+            (vec![0, 127, 255], true)
+        );
+        assert!(image::float_to_u8(&[0.5, 2.0]).is_err());
+        assert!(image::float_to_u8(&[-1.0, 3.0]).is_err());
+        assert!(image::float_to_u8(&[f64::NAN]).is_err());
+        let float = |v: f64| ImageSource::Float {
+            width: 2,
+            height: 2,
+            data: vec![v; 12],
+            double: false,
+        };
+        // A [0, 1] image resized is divided by 255 once more before do_rescale (transformers' double rescale).
+        let cfg = ImageProcessorConfig {
+            do_normalize: false,
+            size: ImageSize { height: 3, width: 3 },
+            ..Default::default()
+        };
+        let PixelValues::Batch { data, .. } = preprocess_images(&cfg, &[float(0.5), float(127.0)]).unwrap()
+        else {
+            panic!("expected a batch")
+        };
+        let scaled = ((127.0f64 * (1.0 / 255.0)) as f32 as f64 * cfg.rescale_factor) as f32;
+        assert_eq!(data[0], scaled);
+        assert_eq!(data[27], (127.0f64 * cfg.rescale_factor) as f32);
+        // Without resizing the floats are rescaled as they are.
+        let cfg = ImageProcessorConfig {
+            do_resize: false,
+            do_normalize: false,
+            ..Default::default()
+        };
+        let PixelValues::Batch { data, .. } = preprocess_images(&cfg, &[float(0.5)]).unwrap() else {
+            panic!("expected a batch")
+        };
+        assert_eq!(data[0], (0.5 * cfg.rescale_factor) as f32);
     }
 
     #[test]

@@ -302,6 +302,11 @@ impl BlipTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Every token with its id (transformers' `get_vocab()`: the added tokens included when asked).
+    pub fn vocab(&self, with_added_tokens: bool) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(with_added_tokens)
+    }
+
     pub fn vocab_size(&self, with_added_tokens: bool) -> usize {
         self.inner.get_vocab_size(with_added_tokens)
     }

@@ -242,10 +242,12 @@ impl PyBlipModel {
 
     /// Runs the model; returns `(loss or None, logits, image_embeds, hidden_states, attentions)` as torch
     /// tensors (the last two: lists of the vision tower's, when asked for, else None). `eager` writes
-    /// attention out instead of SDPA; `logits_to_keep` and `shift_labels` are transformers' keywords;
-    /// `adapter_names`: one adapter per row (a mixed-adapter batch, `"__base__"` for the base model).
+    /// attention out instead of SDPA; `logits_to_keep`, `shift_labels` and `interpolate_pos_encoding` are
+    /// transformers' keywords; `adapter_names`: one adapter per row (a mixed-adapter batch, `"__base__"` for
+    /// the base model).
     #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, labels=None, *, output_hidden_states=false,
-        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None, adapter_names=None))]
+        output_attentions=false, eager=false, logits_to_keep=0, shift_labels=None, adapter_names=None,
+        interpolate_pos_encoding=false))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -260,6 +262,7 @@ impl PyBlipModel {
         logits_to_keep: i64,
         shift_labels: Option<&Bound<'py, PyAny>>,
         adapter_names: Option<Vec<String>>,
+        interpolate_pos_encoding: bool,
     ) -> PyResult<ForwardResult<'py>> {
         guard("forward", || {
             let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
@@ -280,7 +283,9 @@ impl PyBlipModel {
                     Some(names) => Some(lora::mixed::adapter_rows(model, names, batch, model.training)?),
                     None => None,
                 };
-                let cx = ForwardContext::mode(model.training).with_adapters(rows.as_ref(), rows.as_ref());
+                let cx = ForwardContext::mode(model.training)
+                    .with_interpolate_pos_encoding(interpolate_pos_encoding)
+                    .with_adapters(rows.as_ref(), rows.as_ref());
                 let options = ForwardOptions {
                     record,
                     logits_to_keep,

@@ -78,7 +78,8 @@ impl PyImageProcessor {
     }
 
     /// Preprocesses a list of images. Each item is a path (str), encoded bytes, a uint8 numpy array
-    /// (H, W) or (H, W, C), or a tuple `(mode, width, height, data, palette)` of decoded PIL pixels.
+    /// (H, W) or (H, W, C), a float32/float64 array (H, W, 3) (values in [0, 1] or whole numbers in
+    /// [0, 255], as transformers takes them), or a tuple `(mode, width, height, data, palette)` of decoded PIL pixels.
     /// Returns a float32 array `[N, 3, H, W]`, or a list of `[3, h, w]` arrays when sizes differ.
     #[pyo3(signature = (images, overrides=None))]
     fn __call__<'py>(
@@ -162,6 +163,14 @@ pub fn to_source(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
         return ImageSource::from_hwc(&shape, data)
             .map_err(|e| PyValueError::new_err(format!("image {i}: {e}")));
     }
+    if let Ok(array) = obj.cast::<PyArrayDyn<f64>>() {
+        let data = array.readonly().as_array().iter().copied().collect();
+        return float_source(i, array.shape(), data, true);
+    }
+    if let Ok(array) = obj.cast::<PyArrayDyn<f32>>() {
+        let data = array.readonly().as_array().iter().map(|&x| x as f64).collect();
+        return float_source(i, array.shape(), data, false);
+    }
     if let Ok(array) = obj.cast::<PyUntypedArray>() {
         return Err(PyTypeError::new_err(format!(
             "image {i}: numpy array of dtype {} is not supported; expected uint8 (height, width[, channels])",
@@ -172,6 +181,22 @@ pub fn to_source(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
         "image {i}: unsupported type {}; expected a PIL image, a uint8 numpy array, a path or encoded bytes",
         obj.get_type().name()?
     )))
+}
+
+/// A float image `(height, width, 3)` (channels last) as a core source.
+fn float_source(i: usize, shape: &[usize], data: Vec<f64>, double: bool) -> PyResult<ImageSource> {
+    match *shape {
+        [height, width, 3] => Ok(ImageSource::Float {
+            width,
+            height,
+            data,
+            double,
+        }),
+        _ => Err(PyValueError::new_err(format!(
+            "image {i}: unsupported float array shape {shape:?}: expected (height, width, 3) or (3, height, width) \
+             RGB pixels"
+        ))),
+    }
 }
 
 /// The text half: a `tokenizer.json` tokenizer with transformers' call-time options.
@@ -214,6 +239,12 @@ impl PyTokenizer {
 
     fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// Every token with its id, the added tokens included when `with_added_tokens`.
+    #[pyo3(signature = (with_added_tokens=true))]
+    fn get_vocab(&self, with_added_tokens: bool) -> std::collections::HashMap<String, u32> {
+        self.inner.vocab(with_added_tokens)
     }
 
     #[pyo3(signature = (with_added_tokens=true))]

@@ -723,7 +723,7 @@ impl TrainingRun<'_> {
                 label_smoothing: config.label_smoothing,
                 ..ForwardContext::training(dropout_seed, self.compute_kind)
             };
-            let pixel_values = model.check_pixel_values(&batch.pixel_values)?;
+            let pixel_values = model.check_pixel_values(&batch.pixel_values, &cx)?;
             let ids = batch.input_ids.f_to_device(device)?;
             let mask = batch.attention_mask.f_to_device(device)?;
             let labels = batch.labels.f_to_device(device)?;
@@ -1080,7 +1080,7 @@ fn evaluate_indices(
     let result = (|| -> Result<()> {
         for idx in indices.chunks(batch_size.max(1)) {
             let b = source.batch(idx)?;
-            let pv = model.check_pixel_values(&b.pixel_values)?;
+            let pv = model.check_pixel_values(&b.pixel_values, cx)?;
             let image = model.encode_images(&pv, cx)?;
             let (_, loss) = model.decode_with_loss(
                 &b.input_ids.f_to_device(device)?,

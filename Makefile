@@ -58,7 +58,7 @@ test: lint test-rs test-py ## everything: set up, build, lint, Rust tests, Pytho
 # committed seeds in fuzz/corpus/<target>/ (new inputs go to fuzz/work/, crashes to fuzz/artifacts/). Outside
 # `make test`, which runs the same targets briefly over the seeds (tests/fuzz_seeded.rs). See fuzz/README.md.
 FUZZ_RUNS ?= 1000000
-FUZZ_TARGETS ?= config_json adapter_config_json safetensors tokenizer_json image
+FUZZ_TARGETS ?= config_json processor_config_json adapter_config_json safetensors tokenizer_json image
 fuzz: install ## fuzz the file loaders (cargo-fuzz), FUZZ_RUNS executions per loader
 	mkdir -p fuzz/work /tmp/blip-peft-fuzz
 	cd fuzz && for t in $(FUZZ_TARGETS); do mkdir -p work/$$t; \

@@ -384,8 +384,37 @@ pub fn settings_from_keywords<T: DeserializeOwned>(keywords: Value, call: &str) 
     }
     serde_path_to_error::deserialize(keywords).map_err(|e| {
         let setting = e.path().to_string();
-        Error::invalid(format!("{call} argument {setting}: {}", e.inner()))
+        Error::invalid(format!(
+            "{call} argument {setting}: {}",
+            plain_type_error(&e.inner().to_string())
+        ))
     })
+}
+
+/// serde's type errors in a Python caller's words: "invalid value: integer `-1`, expected usize" names Rust's
+/// types; the caller passed a Python value and needs to know which kind is wanted. Other messages pass through.
+fn plain_type_error(message: &str) -> String {
+    let Some((found, expected)) = message
+        .strip_prefix("invalid value: ")
+        .or_else(|| message.strip_prefix("invalid type: "))
+        .and_then(|rest| rest.rsplit_once(", expected "))
+    else {
+        return message.to_string();
+    };
+    let got = found
+        .trim_start_matches("integer ")
+        .trim_start_matches("floating point ")
+        .trim_start_matches("string ")
+        .trim_matches('`');
+    let wanted = match expected {
+        "usize" | "u8" | "u16" | "u32" | "u64" | "u128" => "a non-negative int",
+        "isize" | "i8" | "i16" | "i32" | "i64" | "i128" => "an int",
+        "f32" | "f64" => "a number",
+        "a boolean" => "True or False",
+        "a string" => "a str",
+        other => other,
+    };
+    format!("must be {wanted}, got {got}")
 }
 
 /// The field names a `#[derive(Deserialize)]` struct accepts, as serde's derive lists them (so the names are
@@ -440,6 +469,29 @@ pub fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyword_type_errors_name_python_kinds() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Args {
+            max_length: Option<usize>,
+            flag: Option<bool>,
+        }
+        let err = |v| settings_from_keywords::<Args>(v, "f()").unwrap_err().to_string();
+        let negative = err(serde_json::json!({"max_length": -1}));
+        assert!(
+            negative.contains("f() argument max_length: must be a non-negative int, got -1"),
+            "{negative}"
+        );
+        let float = err(serde_json::json!({"max_length": 2.5}));
+        assert!(float.contains("must be a non-negative int, got 2.5"), "{float}");
+        let flag = err(serde_json::json!({"flag": "yes"}));
+        assert!(
+            flag.contains("argument flag: must be True or False, got \"yes\""),
+            "{flag}"
+        );
+    }
 
     #[test]
     fn defaults_are_transformers_defaults() {

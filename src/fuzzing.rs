@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use crate::config::BlipConfig;
 use crate::lora::LoraConfig;
-use crate::processor::{load_rgb, BlipTokenizer, ImageSource, Padding, TokenizeOptions};
+use crate::processor::{
+    load_rgb, preprocess_images, BlipTokenizer, ImageProcessorConfig, ImageSource, Padding, PixelMode,
+    TokenizeOptions,
+};
 use crate::weights::SafetensorsFiles;
 
 /// For the cargo-fuzz targets: libFuzzer's Rust glue aborts in its panic hook, which would count a panic a
@@ -24,8 +27,9 @@ pub fn allow_caught_panics() {
 pub type Target = fn(&[u8]);
 
 /// The loaders, by the names of their fuzz targets and corpus folders.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("config_json", config_json),
+    ("processor_config_json", processor_config_json),
     ("adapter_config_json", adapter_config_json),
     ("safetensors", safetensors),
     ("tokenizer_json", tokenizer_json),
@@ -42,6 +46,43 @@ pub fn config_json(data: &[u8]) {
         let again = BlipConfig::from_json(config.to_json()).expect("a loaded config's own JSON must load");
         assert_eq!(again.to_json(), config.to_json());
         let _ = config.num_image_tokens();
+    }
+}
+
+/// `preprocessor_config.json` (or the `image_processor` entry of `processor_config.json`): checked image
+/// processor settings or an error; settings that load write back a document that loads to the same settings,
+/// and preprocess a small image (when the output they ask for is small) to pixels or an error.
+pub fn processor_config_json(data: &[u8]) {
+    let Ok(raw) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let raw = match raw {
+        serde_json::Value::Object(mut map) if map.contains_key("image_processor") => {
+            map.remove("image_processor").unwrap_or_default()
+        }
+        other => other,
+    };
+    let Ok(config) = ImageProcessorConfig::from_json(raw) else {
+        return;
+    };
+    let again = ImageProcessorConfig::from_json(config.to_json()).expect("a loaded config's own JSON must load");
+    assert_eq!(again.settings(), config.settings());
+    let _ = config.with_overrides(serde_json::json!({"do_resize": true, "size": 24}));
+    // A 5x7 image through the settings, unless they ask for an output too large to make on every input.
+    let small = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_u64()).is_some_and(|n| n <= 64);
+    let size = config.settings()["size"].clone();
+    let fits = match &size {
+        serde_json::Value::Object(m) => small(m.get("height")) && small(m.get("width")),
+        other => small(Some(other)),
+    };
+    if fits || !config.settings()["do_resize"].as_bool().unwrap_or(true) {
+        let image = ImageSource::Raw {
+            mode: PixelMode::RGB,
+            width: 5,
+            height: 7,
+            data: [10, 20, 30].repeat(35),
+        };
+        let _ = preprocess_images(&config, &[image]);
     }
 }
 

@@ -283,3 +283,76 @@ def test_the_checks_above_see_a_leak() -> None:
         _clear(ValueError("invalid JSON: expected value at line 1 column 24"))
     with pytest.raises(AssertionError):
         _clear(OverflowError("can't convert negative int to unsigned"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> bp.BlipTokenizer:
+    folder = tmp_path_factory.mktemp("tok_ok")
+    (folder / "tokenizer.json").write_bytes(open(os.path.join(CORPUS, "tokenizer_json", "wordpiece.json"), "rb").read())
+    return bp.BlipTokenizer.from_pretrained(folder)
+
+
+TOKENIZER_NAMES = ["max_length", "pad_to_multiple_of", "padding", "truncation", "add_special_tokens", "padding_side"]
+
+
+@SETTINGS
+@given(kwargs=st.dictionaries(st.sampled_from(TOKENIZER_NAMES), VALUES, min_size=1, max_size=3))
+def test_tokenizer_any_arguments(tokenizer, kwargs) -> None:
+    """Any value of the call's arguments: tokens, or an error naming the argument (never a bare OverflowError
+    from an unsigned conversion, or serde's Rust type names)."""
+    try:
+        tokenizer(["a picture of a red cube", "a"], **kwargs)
+    except BaseException as e:  # noqa: BLE001
+        _clear(e, *kwargs)
+        assert "expected usize" not in str(e) and "expected u64" not in str(e), str(e)
+
+
+@SETTINGS
+@given(ids=st.lists(VALUES, min_size=1, max_size=3))
+def test_token_ids_any_values(tokenizer, ids) -> None:
+    for call in (tokenizer.convert_ids_to_tokens, tokenizer.decode, lambda x: tokenizer.batch_decode([x])):
+        try:
+            call(ids)
+        except BaseException as e:  # noqa: BLE001
+            _clear(e)
+
+
+@SETTINGS
+@given(value=st.integers(min_value=-(2**70), max_value=-1))
+def test_negative_model_max_length_is_named(tokenizer, value: int) -> None:
+    old = tokenizer.model_max_length
+    tokenizer.model_max_length = value
+    try:
+        with pytest.raises(ValueError, match="model_max_length"):
+            tokenizer(["a dog"], truncation=True)
+    finally:
+        tokenizer.model_max_length = old
+
+
+IMAGE_NAMES = ["size", "max_image_pixels", "resample", "rescale_factor", "do_resize", "image_mean", "do_normalize"]
+
+
+@SETTINGS
+@given(kwargs=st.dictionaries(st.sampled_from(IMAGE_NAMES), VALUES, min_size=1, max_size=3))
+def test_image_processor_any_arguments(kwargs) -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (5, 7), (10, 20, 30))
+    size = kwargs.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 256:
+        kwargs["size"] = 256  # a large output is a memory question, tested in test_hardening
+    try:
+        out = bp.BlipImageProcessor()(image, return_tensors="pt", **kwargs)
+    except BaseException as e:  # noqa: BLE001
+        _clear(e, *kwargs)
+        assert "expected usize" not in str(e) and "expected u64" not in str(e), str(e)
+    else:
+        assert out["pixel_values"].ndim == 4
+
+
+def test_a_gif_frame_past_its_screen_is_refused_by_the_pixel_limit() -> None:
+    """The image fuzzer's finding: a 375-byte GIF whose frame is far larger than its 7x9 screen once took
+    seconds and gigabytes; the pixel limit now bounds what the decoder may allocate."""
+    data = open(os.path.join(CORPUS, "image", "gif_frame_past_screen.gif"), "rb").read()
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        bp.BlipImageProcessor()(data)

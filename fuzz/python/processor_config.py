@@ -4,11 +4,11 @@ layout) and `processor_config.json` (transformers 5 layout, the `image_processor
 bytes must give a processor or a clear exception (ValueError, TypeError, FileNotFoundError, MemoryError);
 anything else (KeyError, AttributeError, OverflowError, a panic...) is a crash.
 
-    PYTHONPATH=python:<atheris> python fuzz/python/processor_config.py fuzz/work/processor_config \
-        fuzz/corpus/processor_config -runs=1000000
+    PYTHONPATH=python:<atheris> python fuzz/python/processor_config.py fuzz/work/processor_config_py \
+        fuzz/corpus/processor_config_json -runs=1000000
 
-(The processor settings are moving into the core; this target then fuzzes the core's reader through the
-same entry point.)"""
+The settings themselves are read by the core, fuzzed by the cargo-fuzz target `processor_config_json` at
+libFuzzer's speed; this target checks the Python layer around it."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ transformers' layout, so either library loads what the other saved.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -349,6 +350,17 @@ def _ids_list(ids: Any) -> Any:
     return ids
 
 
+def _token_id(value: Any) -> int:
+    """One token id as the core takes it: an int that can index a vocabulary (the core refuses ids past it)."""
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"token ids must be ints, got {type(value).__name__} {value!r}") from None
+    if not 0 <= index < 2**32:
+        raise ValueError(f"token id {index} is not a vocabulary index (ids run from 0 to vocab_size - 1)")
+    return index
+
+
 class BlipTokenizer:
     """BLIP's tokenizer: BERT uncased WordPiece read from `tokenizer.json`, called like transformers'
     `BertTokenizer` (`padding`, `truncation`, `max_length`, `return_tensors`, ...), run in Rust."""
@@ -447,9 +459,9 @@ class BlipTokenizer:
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> Any:
         if isinstance(ids, int):
-            return self._native.id_to_token(ids)
+            return self._native.id_to_token(_token_id(ids))
         special = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self._native.id_to_token(i) for i in _ids_list(ids) if i not in special]
+        return [self._native.id_to_token(_token_id(i)) for i in _ids_list(ids) if i not in special]
 
     def _token_id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
@@ -585,7 +597,7 @@ class BlipTokenizer:
         rows = _ids_list(sequences)
         if isinstance(rows, Mapping):
             rows = rows["input_ids"]
-        rows = [[int(i) for i in _ids_list(row)] for row in rows]
+        rows = [[_token_id(i) for i in _ids_list(row)] for row in rows]
         clean = (
             self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         )

@@ -477,9 +477,15 @@ fn decode_other(
 ) -> Result<RgbImage, String> {
     use image::{DynamicImage, ImageDecoder};
     let name = format!("{format:?}").to_uppercase();
-    let bad = |e: image::ImageError| format!("cannot decode {name}: {e}");
+    let bad = |e: image::ImageError| match (&e, max_pixels) {
+        (image::ImageError::Limits(_), Some(limit)) => format!(
+            "cannot decode {name}: the file needs more memory than the limit of {limit} pixels allows ({e}), \
+             could be a decompression bomb attack (raise max_image_pixels to allow it)"
+        ),
+        _ => format!("cannot decode {name}: {e}"),
+    };
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-    reader.no_limits();
+    reader.limits(decoder_limits(max_pixels));
     let decoder = reader.into_decoder().map_err(bad)?;
     let (w, h) = decoder.dimensions();
     check_size(w as usize, h as usize, max_pixels)?;
@@ -514,6 +520,18 @@ fn decode_other(
     raw_to_rgb(&mode, width, height, &data)
 }
 
+/// What the `image` decoders may allocate. Checking the declared size is not enough: a GIF frame may be far
+/// larger than its logical screen (a 375-byte file once asked for 3.8 GB), so every buffer a decoder makes is
+/// held to the pixel limit too, at the widest layout it may use (16-bit RGBA, 8 bytes a pixel), twice (the
+/// frame and the image it is composed into). Without a pixel limit, the decoders run unbounded.
+fn decoder_limits(max_pixels: Option<u64>) -> image::Limits {
+    let mut limits = image::Limits::no_limits();
+    if let Some(pixels) = max_pixels {
+        limits.max_alloc = Some(pixels.saturating_mul(16).saturating_add(1 << 20));
+    }
+    limits
+}
+
 fn high_bytes(v: &[u16]) -> Vec<u8> {
     v.iter().map(|&x| (x >> 8) as u8).collect()
 }
@@ -521,6 +539,15 @@ fn high_bytes(v: &[u16]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gif_frame_past_its_screen_is_held_to_the_pixel_limit() {
+        // Found by the image fuzzer: a 7x9 logical screen whose frame asks for gigabytes.
+        let bytes = include_bytes!("../../fuzz/corpus/image/gif_frame_past_screen.gif");
+        // The limit refuses the frame's buffer before it is allocated.
+        let err = decode(bytes, Some(1 << 20), true).unwrap_err();
+        assert!(err.contains("max_image_pixels"), "{err}");
+    }
 
     #[test]
     fn modes_convert_like_pil() {

@@ -349,7 +349,9 @@ impl PyBlipModel {
     /// Whether the LM head's decoder is the word embeddings (tied, as the config says).
     #[getter]
     fn lm_head_tied(&self) -> PyResult<bool> {
-        Ok(self.lock()?.text_decoder.cls.predictions.decoder.tied)
+        guard("lm_head_tied", || {
+            Ok(self.lock()?.text_decoder.cls.predictions.decoder.tied)
+        })
     }
 
     /// `(path, torch class name)` of every module in `named_modules()` order (the root as ""), as
@@ -370,7 +372,7 @@ impl PyBlipModel {
 
     /// What loading this model's configuration warns about (transformers logs the same), one line each.
     fn config_warnings(&self) -> PyResult<Vec<String>> {
-        Ok(self.lock()?.config.warnings())
+        guard("config_warnings", || Ok(self.lock()?.config.warnings()))
     }
 
     /// `(name, parameter)` pairs in transformers' order; the tensors are the model's own.

@@ -34,12 +34,14 @@ impl PyImageProcessor {
     #[new]
     #[pyo3(signature = (settings=None))]
     fn new(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        let settings = match settings {
-            Some(d) => json::from_dict(d)?,
-            None => serde_json::Value::Object(Default::default()),
-        };
-        Ok(Self {
-            cfg: ImageProcessorConfig::from_json(settings).py()?,
+        guard("BlipImageProcessor()", || {
+            let settings = match settings {
+                Some(d) => json::from_dict(d)?,
+                None => serde_json::Value::Object(Default::default()),
+            };
+            Ok(Self {
+                cfg: ImageProcessorConfig::from_json(settings).py()?,
+            })
         })
     }
 
@@ -48,8 +50,10 @@ impl PyImageProcessor {
     #[staticmethod]
     #[pyo3(signature = (path, overrides=None))]
     fn from_pretrained(path: PathBuf, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        Ok(Self {
-            cfg: ImageProcessorConfig::from_pretrained(&path, dict_value(overrides)?).py()?,
+        guard("BlipImageProcessor.from_pretrained", || {
+            Ok(Self {
+                cfg: ImageProcessorConfig::from_pretrained(&path, dict_value(overrides)?).py()?,
+            })
         })
     }
 
@@ -62,19 +66,25 @@ impl PyImageProcessor {
     /// This processor with a call's keywords applied (None: the setting as it is; `max_image_pixels=None`:
     /// no limit); an unknown keyword is a TypeError, a bad value a ValueError naming it.
     fn with_overrides(&self, overrides: &Bound<'_, PyDict>) -> PyResult<Self> {
-        Ok(Self {
-            cfg: self.cfg.with_overrides(json::from_dict(overrides)?).py()?,
+        guard("the image processor keywords", || {
+            Ok(Self {
+                cfg: self.cfg.with_overrides(json::from_dict(overrides)?).py()?,
+            })
         })
     }
 
     /// Every setting by name.
     fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        json::to_py(py, &self.cfg.settings())
+        guard("the image processor settings", || {
+            json::to_py(py, &self.cfg.settings())
+        })
     }
 
     /// The settings file's contents (`preprocessor_config.json`), as transformers writes them.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        json::to_py(py, &self.cfg.to_json())
+        guard("BlipImageProcessor.to_dict", || {
+            json::to_py(py, &self.cfg.to_json())
+        })
     }
 
     /// Preprocesses a list of images. Each item is a path (str), encoded bytes, a uint8 numpy array
@@ -222,23 +232,30 @@ impl PyTokenizer {
     /// Parses the JSON text of a `tokenizer.json`.
     #[staticmethod]
     fn from_str(json: &str) -> PyResult<Self> {
-        Ok(Self {
-            inner: BlipTokenizer::from_json(json).py()?,
+        guard("loading tokenizer.json", || {
+            Ok(Self {
+                inner: BlipTokenizer::from_json(json).py()?,
+            })
         })
     }
 
     /// The `tokenizer.json` text.
     #[pyo3(signature = (pretty=true))]
     fn to_str(&self, pretty: bool) -> PyResult<String> {
-        self.inner.to_json(pretty).py()
+        guard("writing tokenizer.json", || self.inner.to_json(pretty).py())
     }
 
     fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
-    fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+    fn id_to_token(&self, id: i64) -> PyResult<Option<String>> {
+        let index = u32::try_from(id).map_err(|_| {
+            PyValueError::new_err(format!(
+                "token id {id} is not a vocabulary index (ids run from 0 to vocab_size - 1)"
+            ))
+        })?;
+        Ok(self.inner.id_to_token(index))
     }
 
     /// Every token with its id, the added tokens included when `with_added_tokens`.
@@ -265,12 +282,23 @@ impl PyTokenizer {
         py: Python<'_>,
         texts: Vec<String>,
         args: &Bound<'_, PyDict>,
-        model_max_length: u128,
+        model_max_length: &Bound<'_, PyAny>,
         pad_token: Option<String>,
         padding_side: &str,
         truncation_side: &str,
     ) -> PyResult<EncodedLists> {
         let args = EncodeArgs::from_keywords(json::from_dict(args)?).py()?;
+        // transformers' "no maximum" is 1e30 (an int past 64 bits); a negative or fractional one is a mistake.
+        let model_max_length: u128 = model_max_length.extract().map_err(|_| {
+            PyValueError::new_err(format!(
+                "the tokenizer's model_max_length must be a non-negative int (tokenizer_config.json), got {}; \
+                 set it to the model's position limit",
+                model_max_length
+                    .repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "?".into())
+            ))
+        })?;
         let settings = TokenizerSettings {
             model_max_length,
             pad_token,

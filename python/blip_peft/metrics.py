@@ -139,6 +139,8 @@ def caption_scores(
     of 0.0 on every score, 500 captions of both domains, `tests/test_caption_scores.py`). Scoring 5,000
     images x 5 references took 0.2 s on a busy 2-CPU machine, pycocoevalcap's scorers 5.7 s (bench/RESULTS.md).
     """
+    if not isinstance(tokenize, bool):
+        raise TypeError(f"tokenize must be True or False, got {type(tokenize).__name__} {tokenize!r}")
     cands = _caption_list(candidates, "candidates")
     if isinstance(references, str) or not isinstance(references, Sequence):
         raise TypeError(

@@ -350,14 +350,15 @@ def _ids_list(ids: Any) -> Any:
     return ids
 
 
-def _token_id(value: Any) -> int:
-    """One token id as the core takes it: an int that can index a vocabulary (the core refuses ids past it)."""
+def _token_id(value: Any, where: str = "") -> int:
+    """One token id as the core takes it: an int that can index a vocabulary (the core refuses ids past it).
+    `where` starts the message ("row 2: ")."""
     try:
         index = operator.index(value)
     except TypeError:
-        raise TypeError(f"token ids must be ints, got {type(value).__name__} {value!r}") from None
+        raise TypeError(f"{where}token ids must be ints, got {type(value).__name__} {value!r}") from None
     if not 0 <= index < 2**32:
-        raise ValueError(f"token id {index} is not a vocabulary index (ids run from 0 to vocab_size - 1)")
+        raise ValueError(f"{where}token id {index} is not a vocabulary index (ids run from 0 to vocab_size - 1)")
     return index
 
 
@@ -597,7 +598,7 @@ class BlipTokenizer:
         rows = _ids_list(sequences)
         if isinstance(rows, Mapping):
             rows = rows["input_ids"]
-        rows = [[_token_id(i) for i in _ids_list(row)] for row in rows]
+        rows = [[_token_id(i, f"row {r}: ") for i in _ids_list(row)] for r, row in enumerate(rows)]
         clean = (
             self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         )

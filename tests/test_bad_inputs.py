@@ -288,7 +288,8 @@ def test_the_checks_above_see_a_leak() -> None:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> bp.BlipTokenizer:
     folder = tmp_path_factory.mktemp("tok_ok")
-    (folder / "tokenizer.json").write_bytes(open(os.path.join(CORPUS, "tokenizer_json", "wordpiece.json"), "rb").read())
+    with open(os.path.join(CORPUS, "tokenizer_json", "wordpiece.json"), "rb") as seed:
+        (folder / "tokenizer.json").write_bytes(seed.read())
     return bp.BlipTokenizer.from_pretrained(folder)
 
 
@@ -353,6 +354,7 @@ def test_image_processor_any_arguments(kwargs) -> None:
 def test_a_gif_frame_past_its_screen_is_refused_by_the_pixel_limit() -> None:
     """The image fuzzer's finding: a 375-byte GIF whose frame is far larger than its 7x9 screen once took
     seconds and gigabytes; the pixel limit now bounds what the decoder may allocate."""
-    data = open(os.path.join(CORPUS, "image", "gif_frame_past_screen.gif"), "rb").read()
+    with open(os.path.join(CORPUS, "image", "gif_frame_past_screen.gif"), "rb") as f:
+        data = f.read()
     with pytest.raises(ValueError, match="max_image_pixels"):
         bp.BlipImageProcessor()(data)

@@ -65,7 +65,8 @@ pub fn processor_config_json(data: &[u8]) {
     let Ok(config) = ImageProcessorConfig::from_json(raw) else {
         return;
     };
-    let again = ImageProcessorConfig::from_json(config.to_json()).expect("a loaded config's own JSON must load");
+    let again =
+        ImageProcessorConfig::from_json(config.to_json()).expect("a loaded config's own JSON must load");
     assert_eq!(again.settings(), config.settings());
     let _ = config.with_overrides(serde_json::json!({"do_resize": true, "size": 24}));
     // A 5x7 image through the settings, unless they ask for an output too large to make on every input.

@@ -288,3 +288,37 @@ impl PyTokenizer {
         })
     }
 }
+
+/// Applies augmentation operations (`augment::Op` as dicts: `{"op": "Rotate", "degrees": 15.0}`) to one
+/// image (a uint8 `(height, width[, channels])` array, or anything the processor takes) in order, and
+/// returns the RGB result as a uint8 `(height, width, 3)` array. For tests against PIL and for inspection.
+#[pyfunction]
+pub fn augment_image<'py>(
+    py: Python<'py>,
+    image: &Bound<'py, PyAny>,
+    ops: &Bound<'py, pyo3::types::PyList>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guard("augment_image", || {
+        let source = to_source(0, image)?;
+        let ops = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let dict = op
+                    .cast::<PyDict>()
+                    .map_err(|_| PyTypeError::new_err(format!("ops[{i}] must be a dict like {{\"op\": \"Flip\"}}")))?;
+                serde_json::from_value::<crate::processor::augment::Op>(super::json::from_dict(dict)?)
+                    .map_err(|e| PyValueError::new_err(format!("ops[{i}]: {e}")))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let rgb = py
+            .detach(|| -> crate::Result<_> {
+                let rgb = crate::processor::load_rgb(&source, None)?;
+                crate::processor::augment::apply(rgb, &ops)
+            })
+            .py()?;
+        let (h, w) = (rgb.height, rgb.width);
+        let data: Vec<u8> = rgb.data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+        Ok(PyArray1::from_vec(py, data).reshape([h, w, 3])?.into_any())
+    })
+}

@@ -376,7 +376,17 @@ def train(
         dataset: Any, what: str, workers: int | None = None, augment: dict[str, Any] | None = None
     ) -> tuple[Any, list[int]]:
         return _encode(
-            dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, what, workers, prompt,
+            dataset,
+            processor,
+            image_column,
+            text_column,
+            max_length,
+            bos,
+            pad,
+            on_bad_sample,
+            what,
+            workers,
+            prompt,
             augment,
         )
 

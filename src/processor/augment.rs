@@ -124,7 +124,10 @@ impl AugmentConfig {
         }
         let m = self.randaugment_magnitude;
         if !(0.0..=MAX_LEVEL).contains(&m) {
-            return bad("randaugment_magnitude", format!("must be in [0, 10] (RandAugment's M), got {m}"));
+            return bad(
+                "randaugment_magnitude",
+                format!("must be in [0, 10] (RandAugment's M), got {m}"),
+            );
         }
         if self.randaugment_ops > 0 && self.randaugment_operations.is_empty() {
             return bad(
@@ -132,10 +135,17 @@ impl AugmentConfig {
                 "is empty while randaugment_ops > 0; name operations or set randaugment_ops=0".into(),
             );
         }
-        if let Some(name) = self.randaugment_operations.iter().find(|n| operation(n).is_none()) {
+        if let Some(name) = self
+            .randaugment_operations
+            .iter()
+            .find(|n| operation(n).is_none())
+        {
             return bad(
                 "randaugment_operations",
-                format!("unknown operation {name:?}; the operations are {}", OPERATIONS.join(", ")),
+                format!(
+                    "unknown operation {name:?}; the operations are {}",
+                    OPERATIONS.join(", ")
+                ),
             );
         }
         Ok(())
@@ -165,23 +175,40 @@ pub enum Op {
     /// `ImageOps.equalize(img)`.
     Equalize,
     /// `ImageEnhance.Brightness(img).enhance(factor)`.
-    Brightness { factor: f64 },
+    Brightness {
+        factor: f64,
+    },
     /// `ImageEnhance.Sharpness(img).enhance(factor)`.
-    Sharpness { factor: f64 },
+    Sharpness {
+        factor: f64,
+    },
     /// LAVIS's `shear_x_func`: the source x of output pixel (x, y) is `x - factor * y`.
-    ShearX { factor: f64 },
+    ShearX {
+        factor: f64,
+    },
     /// LAVIS's `shear_y_func`: the source y of output pixel (x, y) is `y - factor * x`.
-    ShearY { factor: f64 },
+    ShearY {
+        factor: f64,
+    },
     /// LAVIS's `translate_x_func`: the source x is `x + offset`.
-    TranslateX { offset: f64 },
+    TranslateX {
+        offset: f64,
+    },
     /// LAVIS's `translate_y_func`: the source y is `y + offset`.
-    TranslateY { offset: f64 },
+    TranslateY {
+        offset: f64,
+    },
     /// LAVIS's `rotate_func`: counter-clockwise by `degrees` about (W/2, H/2) (OpenCV's
     /// `getRotationMatrix2D`).
-    Rotate { degrees: f64 },
+    Rotate {
+        degrees: f64,
+    },
     /// PIL's `Image.transform(size, AFFINE, data, BILINEAR, fillcolor=(fill,) * 3)`: output pixel centre
     /// (u, v) (half-integers) reads the source at (a u + b v + c, d u + e v + f).
-    Affine { data: [f64; 6], fill: u8 },
+    Affine {
+        data: [f64; 6],
+        fill: u8,
+    },
 }
 
 /// The index of a RandAugment operation by name.
@@ -243,7 +270,13 @@ impl Stream {
 }
 
 /// torchvision's `RandomResizedCrop.get_params` for an image of `width x height`: (top, left, height, width).
-pub fn crop_box(width: usize, height: usize, scale: [f64; 2], ratio: [f64; 2], rng: &mut Stream) -> [usize; 4] {
+pub fn crop_box(
+    width: usize,
+    height: usize,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut Stream,
+) -> [usize; 4] {
     let area = (width * height) as f64;
     let (lo, hi) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
@@ -262,9 +295,15 @@ pub fn crop_box(width: usize, height: usize, scale: [f64; 2], ratio: [f64; 2], r
     // The central crop torchvision falls back to.
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio[0] {
-        (width, ((width as f64 / ratio[0]).round_ties_even() as usize).min(height))
+        (
+            width,
+            ((width as f64 / ratio[0]).round_ties_even() as usize).min(height),
+        )
     } else if in_ratio > ratio[1] {
-        (((height as f64 * ratio[1]).round_ties_even() as usize).min(width), height)
+        (
+            ((height as f64 * ratio[1]).round_ties_even() as usize).min(width),
+            height,
+        )
     } else {
         (width, height)
     };
@@ -370,8 +409,11 @@ pub fn apply_op(image: RgbImage, op: &Op) -> Result<RgbImage> {
             out_width,
             resample,
         } => {
-            let filter = Resample::from_pil(resample)
-                .ok_or_else(|| Error::invalid(format!("resample must be a PIL filter number 0-5, got {resample}")))?;
+            let filter = Resample::from_pil(resample).ok_or_else(|| {
+                Error::invalid(format!(
+                    "resample must be a PIL filter number 0-5, got {resample}"
+                ))
+            })?;
             if height == 0 || width == 0 || top + height > image.height || left + width > image.width {
                 return Err(Error::invalid(format!(
                     "crop box (top {top}, left {left}, {height}x{width}) is outside the {}x{} image",
@@ -381,7 +423,12 @@ pub fn apply_op(image: RgbImage, op: &Op) -> Result<RgbImage> {
             if out_height == 0 || out_width == 0 {
                 return Err(Error::invalid("the crop's output size must be positive"));
             }
-            resized_crop(&image, [top, left, height, width], (out_height, out_width), filter)
+            resized_crop(
+                &image,
+                [top, left, height, width],
+                (out_height, out_width),
+                filter,
+            )
         }
         Op::Flip => flip(image),
         Op::Identity => image,
@@ -417,7 +464,9 @@ fn check_factor(factor: f64) -> Result<f32> {
     if factor.is_finite() {
         Ok(factor as f32)
     } else {
-        Err(Error::invalid(format!("an enhancement factor must be finite, got {factor}")))
+        Err(Error::invalid(format!(
+            "an enhancement factor must be finite, got {factor}"
+        )))
     }
 }
 
@@ -425,7 +474,9 @@ fn check_data(data: [f64; 6]) -> Result<[f64; 6]> {
     if data.iter().all(|v| v.is_finite()) {
         Ok(data)
     } else {
-        Err(Error::invalid(format!("an affine transform must be finite, got {data:?}")))
+        Err(Error::invalid(format!(
+            "an affine transform must be finite, got {data:?}"
+        )))
     }
 }
 
@@ -433,7 +484,14 @@ fn check_data(data: [f64; 6]) -> Result<[f64; 6]> {
 /// `src = [a b c; d e f] * (x, y, 1)`) as PIL's `AFFINE` data (centres at half-integers).
 pub fn lavis_matrix(m: [f64; 6]) -> [f64; 6] {
     let [a, b, c, d, e, f] = m;
-    [a, b, c + 0.5 - 0.5 * a - 0.5 * b, d, e, f + 0.5 - 0.5 * d - 0.5 * e]
+    [
+        a,
+        b,
+        c + 0.5 - 0.5 * a - 0.5 * b,
+        d,
+        e,
+        f + 0.5 - 0.5 * d - 0.5 * e,
+    ]
 }
 
 /// LAVIS's rotation (OpenCV's `getRotationMatrix2D((W/2, H/2), degrees, 1)`, inverted by `warpAffine`) as
@@ -590,7 +648,17 @@ fn smooth(image: &RgbImage) -> Vec<u8> {
         for x in 1..w - 1 {
             for b in 0..3 {
                 let mut sum = 4 * at(x, y, b);
-                for (dx, dy) in [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)] {
+                for (dx, dy) in [
+                    (0, 0),
+                    (1, 0),
+                    (2, 0),
+                    (0, 1),
+                    (1, 1),
+                    (2, 1),
+                    (0, 2),
+                    (1, 2),
+                    (2, 2),
+                ] {
                     sum += at(x + dx - 1, y + dy - 1, b);
                 }
                 // round(sum / 13): never a tie, 13 being odd.
@@ -678,8 +746,14 @@ mod tests {
             (serde_json::json!({"scale": [0.0, 1.0]}), "scale"),
             (serde_json::json!({"ratio": [2.0, 1.0]}), "ratio"),
             (serde_json::json!({"flip_probability": 1.5}), "flip_probability"),
-            (serde_json::json!({"randaugment_magnitude": 11}), "randaugment_magnitude"),
-            (serde_json::json!({"randaugment_operations": ["Solarise"]}), "randaugment_operations"),
+            (
+                serde_json::json!({"randaugment_magnitude": 11}),
+                "randaugment_magnitude",
+            ),
+            (
+                serde_json::json!({"randaugment_operations": ["Solarise"]}),
+                "randaugment_operations",
+            ),
         ] {
             let err = AugmentConfig::from_keywords(kw).unwrap_err().to_string();
             assert!(err.starts_with(&format!("augment argument {name}")), "{err}");
@@ -692,7 +766,13 @@ mod tests {
     fn streams_are_keyed_by_seed_epoch_and_index() {
         let draw = |s, e, i| Stream::new(s, e, i).next_u64();
         assert_eq!(draw(0, 0, 0), draw(0, 0, 0));
-        let all = [draw(0, 0, 0), draw(1, 0, 0), draw(0, 1, 0), draw(0, 0, 1), draw(1, 1, 0)];
+        let all = [
+            draw(0, 0, 0),
+            draw(1, 0, 0),
+            draw(0, 1, 0),
+            draw(0, 0, 1),
+            draw(1, 1, 0),
+        ];
         for i in 0..all.len() {
             for j in i + 1..all.len() {
                 assert_ne!(all[i], all[j]);
@@ -710,7 +790,10 @@ mod tests {
             assert!((0.45..=1.0).contains(&frac), "{frac}");
         }
         // Nothing fits a 1x100 strip at these ratios: the central fallback.
-        assert_eq!(crop_box(100, 1, [0.5, 1.0], [0.75, 4.0 / 3.0], &mut rng), [0, 49, 1, 1]);
+        assert_eq!(
+            crop_box(100, 1, [0.5, 1.0], [0.75, 4.0 / 3.0], &mut rng),
+            [0, 49, 1, 1]
+        );
     }
 
     #[test]
@@ -754,16 +837,34 @@ mod tests {
             flip_probability: 1.0,
             ..Default::default()
         };
-        let p = |allowed| plan(&cfg, 500, 375, (384, 384), Resample::Bicubic, allowed, &mut Stream::new(4, 1, 9));
+        let p = |allowed| {
+            plan(
+                &cfg,
+                500,
+                375,
+                (384, 384),
+                Resample::Bicubic,
+                allowed,
+                &mut Stream::new(4, 1, 9),
+            )
+        };
         assert_eq!(p(true), p(true));
         assert!(p(true).contains(&Op::Flip));
         assert!(!p(false).contains(&Op::Flip));
-        assert_eq!(p(true).iter().filter(|o| **o != Op::Flip).collect::<Vec<_>>(), p(false).iter().collect::<Vec<_>>());
+        assert_eq!(
+            p(true).iter().filter(|o| **o != Op::Flip).collect::<Vec<_>>(),
+            p(false).iter().collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn captions_naming_a_side() {
-        for c in ["a dog on the left", "Right-hand side", "the leftmost car", "turning counterclockwise"] {
+        for c in [
+            "a dog on the left",
+            "Right-hand side",
+            "the leftmost car",
+            "turning counterclockwise",
+        ] {
             assert!(names_a_side(c), "{c}");
         }
         for c in ["a bright light", "copyright notice", "a cleft chin", "two dogs"] {

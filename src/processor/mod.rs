@@ -186,11 +186,19 @@ pub fn preprocess_augmented(
             let src = sources
                 .get(i)
                 .ok_or_else(|| Error::invalid(format!("image index {i} is out of range")))?;
-            let rgb = image::load_rgb(src, cfg.max_image_pixels, cfg.do_convert_rgb)
-                .map_err(|e| at(i, src, e))?;
+            let rgb =
+                image::load_rgb(src, cfg.max_image_pixels, cfg.do_convert_rgb).map_err(|e| at(i, src, e))?;
             let mut rng = augment::Stream::new(seed, epoch, i);
             let allowed = flip_allowed.get(i).copied().unwrap_or(true);
-            let ops = augment::plan(aug, rgb.width, rgb.height, (height, width), cfg.resample, allowed, &mut rng);
+            let ops = augment::plan(
+                aug,
+                rgb.width,
+                rgb.height,
+                (height, width),
+                cfg.resample,
+                allowed,
+                &mut rng,
+            );
             let rgb = augment::apply(rgb, &ops)?;
             let mut out = vec![0f32; 3 * height * width];
             write_chw(&rgb, &lut, &mut out);

@@ -304,9 +304,9 @@ pub fn augment_image<'py>(
             .iter()
             .enumerate()
             .map(|(i, op)| {
-                let dict = op
-                    .cast::<PyDict>()
-                    .map_err(|_| PyTypeError::new_err(format!("ops[{i}] must be a dict like {{\"op\": \"Flip\"}}")))?;
+                let dict = op.cast::<PyDict>().map_err(|_| {
+                    PyTypeError::new_err(format!("ops[{i}] must be a dict like {{\"op\": \"Flip\"}}"))
+                })?;
                 serde_json::from_value::<crate::processor::augment::Op>(super::json::from_dict(dict)?)
                     .map_err(|e| PyValueError::new_err(format!("ops[{i}]: {e}")))
             })
@@ -318,7 +318,56 @@ pub fn augment_image<'py>(
             })
             .py()?;
         let (h, w) = (rgb.height, rgb.width);
-        let data: Vec<u8> = rgb.data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+        let data: Vec<u8> = rgb
+            .data
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect();
         Ok(PyArray1::from_vec(py, data).reshape([h, w, 3])?.into_any())
+    })
+}
+
+/// The operations `train(augment=settings)` draws for example `index` of an image of `width x height` in
+/// `epoch` of a run seeded `seed`, resized to `out_height x out_width` with PIL filter `resample`: dicts
+/// [`augment_image`] takes. For tests and inspection.
+#[pyfunction]
+#[pyo3(signature = (settings, width, height, out_height, out_width, seed, epoch, index, flip_allowed=true, resample=3))]
+#[allow(clippy::too_many_arguments)]
+pub fn augment_plan<'py>(
+    py: Python<'py>,
+    settings: &Bound<'py, PyDict>,
+    width: usize,
+    height: usize,
+    out_height: usize,
+    out_width: usize,
+    seed: i64,
+    epoch: i64,
+    index: usize,
+    flip_allowed: bool,
+    resample: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    use crate::processor::augment::{plan, AugmentConfig, Stream};
+    guard("augment_plan", || {
+        let config = AugmentConfig::from_keywords(json::from_dict(settings)?).py()?;
+        let filter = crate::processor::Resample::from_pil(resample).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "resample must be a PIL filter number 0-5, got {resample}"
+            ))
+        })?;
+        if width == 0 || height == 0 || out_height == 0 || out_width == 0 {
+            return Err(PyValueError::new_err("image and output sizes must be positive"));
+        }
+        let mut rng = Stream::new(seed, epoch, index);
+        let ops = plan(
+            &config,
+            width,
+            height,
+            (out_height, out_width),
+            filter,
+            flip_allowed,
+            &mut rng,
+        );
+        let value = serde_json::to_value(&ops).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        json::to_py(py, &value)
     })
 }

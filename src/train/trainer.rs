@@ -462,7 +462,10 @@ impl Prefetcher {
             for step in first_step..plan.total_steps {
                 let (epoch, micro) = plan.micro_batches(step, &config, &mut cache);
                 // Augmented draws depend only on (seed, epoch, example), so a resumed run repeats them.
-                let batches = micro.iter().map(|idx| source.train_batch(idx, epoch, config.seed)).collect();
+                let batches = micro
+                    .iter()
+                    .map(|idx| source.train_batch(idx, epoch, config.seed))
+                    .collect();
                 if tx.send((step, epoch, batches)).is_err() {
                     return; // the trainer stopped early
                 }

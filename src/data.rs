@@ -371,6 +371,64 @@ mod tests {
     }
 
     #[test]
+    fn augmented_batches_depend_only_on_seed_epoch_and_example() {
+        use crate::processor::{ImageSize, PixelMode};
+        let images: Vec<ImageSource> = (0..5)
+            .map(|i| ImageSource::Raw {
+                mode: PixelMode::RGB,
+                width: 40 + i,
+                height: 30,
+                data: (0..(40 + i) * 30 * 3).map(|v| (v * 7 + i * 13) as u8).collect(),
+            })
+            .collect();
+        let config = ImageProcessorConfig {
+            size: ImageSize {
+                height: 24,
+                width: 24,
+            },
+            ..Default::default()
+        };
+        let texts: Vec<String> = (0..5).map(|i| format!("caption {i}")).collect();
+        let source = |workers| {
+            let s = ImageCaptionSource::new(
+                config.clone(),
+                images.clone(),
+                vec![vec![101, 5, 102]; 5],
+                30522,
+                0,
+                None,
+                false,
+            )
+            .unwrap()
+            .with_augment(AugmentConfig::default(), &texts)
+            .unwrap();
+            s.with_workers(workers).unwrap()
+        };
+        let (one, three) = (source(1), source(3));
+        let all = one.train_batch(&[0, 1, 2, 3, 4], 2, 7).unwrap().pixel_values;
+        assert!(all.equal(&three.train_batch(&[0, 1, 2, 3, 4], 2, 7).unwrap().pixel_values));
+        let some = three.train_batch(&[3, 1], 2, 7).unwrap().pixel_values;
+        assert!(some.equal(&all.index_select(0, &Tensor::from_slice(&[3i64, 1]))));
+        assert!(!all.equal(&one.train_batch(&[0, 1, 2, 3, 4], 3, 7).unwrap().pixel_values));
+        // Evaluation batches are the plain preprocessing.
+        let plain = ImageCaptionSource::new(
+            config.clone(),
+            images.clone(),
+            vec![vec![101, 5, 102]; 5],
+            30522,
+            0,
+            None,
+            false,
+        )
+        .unwrap();
+        assert!(one
+            .batch(&[0, 4])
+            .unwrap()
+            .pixel_values
+            .equal(&plain.batch(&[0, 4]).unwrap().pixel_values));
+    }
+
+    #[test]
     fn prompted_collation_masks_the_prompt() {
         let caps = [vec![101, 1, 2, 5, 6, 102], vec![101, 1, 2, 7, 102]];
         let (ids, mask, labels) = collate_prompted_captions(&caps, 30522, 0, None, 2).unwrap();

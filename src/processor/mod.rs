@@ -202,6 +202,7 @@ pub fn preprocess_augmented(
             let rgb = augment::apply(rgb, &ops)?;
             let mut out = vec![0f32; 3 * height * width];
             write_chw(&rgb, &lut, &mut out);
+            buffers::give(rgb.data);
             Ok(out)
         })
         .collect())

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::processor::{preprocess_selected, ImageProcessorConfig, ImageSource};
+use crate::processor::augment::{names_a_side, AugmentConfig};
+use crate::processor::{preprocess_augmented, preprocess_selected, ImageProcessorConfig, ImageSource};
 
 /// One collated batch, on the host or the model's device.
 pub struct Batch {
@@ -27,6 +28,11 @@ pub trait BatchSource: Send {
         self.len() == 0
     }
     fn batch(&self, indices: &[usize]) -> Result<Batch>;
+    /// The batch as training sees it in `epoch` of a run seeded `seed`: with training-time augmentation
+    /// where the source has it (drawn per example from (seed, epoch, index)), else [`BatchSource::batch`].
+    fn train_batch(&self, indices: &[usize], _epoch: i64, _seed: i64) -> Result<Batch> {
+        self.batch(indices)
+    }
 }
 
 /// The caption length limit as the caller gave it (an int, or None for no limit), checked: a caption keeps
@@ -212,6 +218,10 @@ pub struct ImageCaptionSource {
     pub skipped: Arc<Mutex<BTreeSet<usize>>>,
     /// A dedicated pool of `num_workers` threads for decoding (None: rayon's global pool, all cores).
     pub pool: Option<rayon::ThreadPool>,
+    /// Training-time augmentation ([`BatchSource::train_batch`]; evaluation batches are never augmented).
+    pub augment: Option<AugmentConfig>,
+    /// Per example: whether a horizontal flip is allowed (false where its caption names a side).
+    pub flip_allowed: Vec<bool>,
 }
 
 impl ImageCaptionSource {
@@ -245,7 +255,25 @@ impl ImageCaptionSource {
             skip_bad,
             skipped: Arc::default(),
             pool: None,
+            augment: None,
+            flip_allowed: Vec::new(),
         })
+    }
+
+    /// Augments training batches with `augment`; `texts` (the captions as text, one per image) mark the
+    /// examples never flipped: those whose caption names a side ([`names_a_side`]).
+    pub fn with_augment(mut self, augment: AugmentConfig, texts: &[String]) -> Result<Self> {
+        augment.validate()?;
+        if texts.len() != self.images.len() {
+            return Err(Error::invalid(format!(
+                "{} caption texts for {} images; augmentation needs every caption's text",
+                texts.len(),
+                self.images.len()
+            )));
+        }
+        self.flip_allowed = texts.iter().map(|t| !names_a_side(t)).collect();
+        self.augment = Some(augment);
+        Ok(self)
     }
 
     /// Decodes with `threads` worker threads instead of all cores.
@@ -268,9 +296,26 @@ impl BatchSource for ImageCaptionSource {
     }
 
     fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        self.build(indices, None)
+    }
+
+    fn train_batch(&self, indices: &[usize], epoch: i64, seed: i64) -> Result<Batch> {
+        self.build(indices, Some((seed, epoch)))
+    }
+}
+
+impl ImageCaptionSource {
+    /// A batch, augmented for (seed, epoch) when given and the source augments.
+    fn build(&self, indices: &[usize], run: Option<(i64, i64)>) -> Result<Batch> {
+        let prepare = || match (&self.augment, run) {
+            (Some(aug), Some(run)) => {
+                preprocess_augmented(&self.config, aug, &self.images, indices, run, &self.flip_allowed)
+            }
+            _ => preprocess_selected(&self.config, &self.images, indices),
+        };
         let pixels = match &self.pool {
-            Some(pool) => pool.install(|| preprocess_selected(&self.config, &self.images, indices))?,
-            None => preprocess_selected(&self.config, &self.images, indices)?,
+            Some(pool) => pool.install(prepare)?,
+            None => prepare()?,
         };
         let mut data =
             Vec::with_capacity(indices.len() * 3 * self.config.size.height * self.config.size.width);
@@ -323,6 +368,64 @@ mod tests {
         assert_eq!(row(&data.labels, 0), vec![30522, 7, 102, -100]);
         assert_eq!(row(&data.labels, 1), vec![30522, 8, 9, 102]);
         assert_eq!(row(&ids, 0), vec![5, 7, 102, 0]); // the caller's tensor is untouched
+    }
+
+    #[test]
+    fn augmented_batches_depend_only_on_seed_epoch_and_example() {
+        use crate::processor::{ImageSize, PixelMode};
+        let images: Vec<ImageSource> = (0..5)
+            .map(|i| ImageSource::Raw {
+                mode: PixelMode::RGB,
+                width: 40 + i,
+                height: 30,
+                data: (0..(40 + i) * 30 * 3).map(|v| (v * 7 + i * 13) as u8).collect(),
+            })
+            .collect();
+        let config = ImageProcessorConfig {
+            size: ImageSize {
+                height: 24,
+                width: 24,
+            },
+            ..Default::default()
+        };
+        let texts: Vec<String> = (0..5).map(|i| format!("caption {i}")).collect();
+        let source = |workers| {
+            let s = ImageCaptionSource::new(
+                config.clone(),
+                images.clone(),
+                vec![vec![101, 5, 102]; 5],
+                30522,
+                0,
+                None,
+                false,
+            )
+            .unwrap()
+            .with_augment(AugmentConfig::default(), &texts)
+            .unwrap();
+            s.with_workers(workers).unwrap()
+        };
+        let (one, three) = (source(1), source(3));
+        let all = one.train_batch(&[0, 1, 2, 3, 4], 2, 7).unwrap().pixel_values;
+        assert!(all.equal(&three.train_batch(&[0, 1, 2, 3, 4], 2, 7).unwrap().pixel_values));
+        let some = three.train_batch(&[3, 1], 2, 7).unwrap().pixel_values;
+        assert!(some.equal(&all.index_select(0, &Tensor::from_slice(&[3i64, 1]))));
+        assert!(!all.equal(&one.train_batch(&[0, 1, 2, 3, 4], 3, 7).unwrap().pixel_values));
+        // Evaluation batches are the plain preprocessing.
+        let plain = ImageCaptionSource::new(
+            config.clone(),
+            images.clone(),
+            vec![vec![101, 5, 102]; 5],
+            30522,
+            0,
+            None,
+            false,
+        )
+        .unwrap();
+        assert!(one
+            .batch(&[0, 4])
+            .unwrap()
+            .pixel_values
+            .equal(&plain.batch(&[0, 4]).unwrap().pixel_values));
     }
 
     #[test]

@@ -16,6 +16,8 @@ __all__ = [
     "_ImageProcessor",
     "_Tokenizer",
     "__version__",
+    "augment_image",
+    "augment_plan",
     "caption_scores",
     "collate_captions",
     "ptb_tokenize",
@@ -69,6 +71,19 @@ def collate_captions(
     prompt_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def set_flush_denormals(on: bool) -> bool: ...
+def augment_image(image: Any, ops: list[dict[str, Any]]) -> npt.NDArray[np.uint8]: ...
+def augment_plan(
+    settings: dict[str, Any],
+    width: int,
+    height: int,
+    out_height: int,
+    out_width: int,
+    seed: int,
+    epoch: int,
+    index: int,
+    flip_allowed: bool = True,
+    resample: int = 3,
+) -> list[dict[str, Any]]: ...
 def caption_scores(
     references: Sequence[Sequence[str]], candidates: Sequence[str], tokenize: bool
 ) -> dict[str, float]: ...
@@ -201,6 +216,9 @@ class _ImageCaptionData:
         skip_bad: bool = False,
         num_workers: int | None = None,
         prompt_tokens: int = 0,
+        augment: dict[str, Any] | None = None,
+        texts: Sequence[str] | None = None,
     ) -> _ImageCaptionData: ...
     def __len__(self) -> int: ...
+    def batch(self, indices: Sequence[int], epoch: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]: ...
     def skipped(self) -> list[int]: ...

@@ -122,11 +122,17 @@ def _encode(
     what: str,
     num_workers: int | None = None,
     prompt: str | None = None,
+    augment: dict[str, Any] | None = None,
 ) -> tuple[Any, list[int]]:
     """A dataset as the core trains on it (with the training collation: BOS first, pads -100, a prompt's
     tokens -100): a streaming image-caption source for our processor, tensors otherwise; and the indices
     skipped up front."""
     if isinstance(dataset, Mapping):
+        if augment is not None:
+            raise ValueError(
+                f"augment= needs a {what} of images and captions; a mapping of tensors holds pixel_values already "
+                "preprocessed, which cannot be augmented (pass the images, or augment=None)"
+            )
         if prompt:
             raise ValueError(
                 f"prompt= needs a {what} of images and captions; a mapping of tensors is used as given (put the "
@@ -173,8 +179,15 @@ def _encode(
             on_bad_sample == "skip",
             num_workers,
             prompt_tokens,
+            augment,
+            texts if augment is not None else None,
         )
         return data, []
+    if augment is not None:
+        raise ValueError(
+            "augment= needs blip_peft's processor (its images are augmented on the core's batch threads); "
+            f"{type(processor).__name__} preprocesses up front: use blip_peft.BlipProcessor, or augment=None"
+        )
     # Another processor (e.g. transformers'): preprocess everything up front.
     pixels: list[torch.Tensor] = []
     token_lists: list[list[int]] = []
@@ -193,6 +206,20 @@ def _encode(
         raise ValueError(f"every item of the {what} was skipped as unreadable")
     ids, mask, labels = _blip_peft.collate_captions(token_lists, bos, pad, max_length, prompt_tokens)
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
+
+
+def _augment_settings(augment: Any) -> dict[str, Any] | None:
+    """`train(augment=...)` as the settings dict the core reads (it checks names and ranges): "blip" is the
+    core's defaults (LAVIS's recipe), a mapping overrides some of them."""
+    if augment is None:
+        return None
+    if isinstance(augment, str):
+        if augment != "blip":
+            raise ValueError(f"augment must be None, 'blip' or a dict of augmentation settings, got {augment!r}")
+        return {}
+    if isinstance(augment, Mapping):
+        return dict(augment)
+    raise TypeError(f"augment must be None, 'blip' or a dict of augmentation settings, got {type(augment).__name__}")
 
 
 def _real(value: Any, name: str) -> Any:
@@ -266,6 +293,7 @@ def train(
     text_column: str = "text",
     on_bad_sample: str = "raise",
     num_workers: int | None = None,
+    augment: str | Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tunes `model` (a `PeftModel`: only its adapters train; a plain model: every parameter trains).
 
@@ -295,6 +323,19 @@ def train(
     remembered as the model's `caption_prompt` (saved with a `PeftModel`'s adapter in
     ``caption_config.json``), so `blip_peft.generate` and `blip_peft.evaluate` start captions with it by
     default.
+
+    `augment` augments the training images (never the evaluation set's) on the batch threads: ``"blip"`` is
+    the BLIP authors' recipe (LAVIS: RandomResizedCrop to the processor's size, scale 0.5-1.0, ratio 3/4-4/3,
+    with the processor's resampling (BLIP's: bicubic); a horizontal flip with probability 0.5; RandAugment,
+    2 operations of magnitude 5, each applied with probability 0.5, drawn from Identity, AutoContrast,
+    Brightness, Sharpness, Equalize, ShearX/Y, TranslateX/Y, Rotate); a dict changes any of those settings
+    (``random_resized_crop``, ``scale``, ``ratio``, ``flip_probability``, ``randaugment_ops``,
+    ``randaugment_magnitude``, ``randaugment_probability``, ``randaugment_operations``) and keeps the rest;
+    None (the default) trains on the images as the processor prepares them. Each image's draws depend only on
+    (`seed`, epoch, its index), so a run, a resumed run and any `num_workers` see the same images. Images
+    whose caption names a side (a word starting with "left" or "right", or containing "clockwise") are never
+    flipped: the words are not swapped, as "left" and "right" have other meanings ("he left", "all right").
+    Needs images and captions with blip_peft's processor (not pre-encoded ``pixel_values``).
 
     `callback(dict)` is called at every logging step with that step's record (and after each evaluation);
     returning True stops training. Ctrl-C stops after the current step, saves a checkpoint when `output_dir`
@@ -329,13 +370,27 @@ def train(
         isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
     ):
         raise ValueError(f"num_workers must be a positive int (threads decoding images), got {num_workers!r}")
+    augment_settings = _augment_settings(augment)
 
-    def encode(dataset: Any, what: str, workers: int | None = None) -> tuple[Any, list[int]]:
+    def encode(
+        dataset: Any, what: str, workers: int | None = None, augment: dict[str, Any] | None = None
+    ) -> tuple[Any, list[int]]:
         return _encode(
-            dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample, what, workers, prompt
+            dataset,
+            processor,
+            image_column,
+            text_column,
+            max_length,
+            bos,
+            pad,
+            on_bad_sample,
+            what,
+            workers,
+            prompt,
+            augment,
         )
 
-    train_tensors, skipped = encode(train_dataset, "train_dataset", num_workers)
+    train_tensors, skipped = encode(train_dataset, "train_dataset", num_workers, augment_settings)
     eval_tensors = None
     if eval_dataset is not None:
         eval_tensors, _ = encode(eval_dataset, "eval_dataset")

@@ -1,6 +1,7 @@
 //! Preparing model inputs: images to normalised pixel tensors, captions to token ids — the numbers
 //! transformers' `BlipProcessor` (PIL backend) produces, computed on all cores.
 //!
+//! * `augment.rs`: training-time augmentation (random resized crop, flip, RandAugment), seeded per image.
 //! * `config.rs`: the image settings (`preprocessor_config.json`), their checks and call-time overrides.
 //! * `image.rs`: decoding and PIL-exact conversion to RGB.
 //! * `resize.rs`: PIL-exact resampling.
@@ -10,6 +11,7 @@
 //! This module holds the batch pipeline (decode → RGB → resize → rescale →
 //! normalise → float32 NCHW), one image per rayon task.
 
+pub mod augment;
 mod buffers;
 pub mod config;
 pub mod image;
@@ -234,6 +236,55 @@ pub fn preprocess_selected(
                 .ok_or_else(|| Error::invalid(format!("image index {i} is out of range")))?;
             let mut out = vec![0f32; plane];
             prepare(cfg, i, src)?.write(&tables, &mut out);
+            Ok(out)
+        })
+        .collect())
+}
+
+/// [`preprocess_selected`] with training-time augmentation: image `i` of `indices` gets the operations
+/// [`augment::plan`] draws from the stream of (`seed`, `epoch`, `i`) (the crop resizing it to the output
+/// size; flipped only where `flip_allowed[i]`), so its pixels depend on nothing else (not the thread, nor
+/// the batch it is in).
+pub fn preprocess_augmented(
+    cfg: &ImageProcessorConfig,
+    aug: &augment::AugmentConfig,
+    sources: &[ImageSource],
+    indices: &[usize],
+    (seed, epoch): (i64, i64),
+    flip_allowed: &[bool],
+) -> Result<Vec<Result<Vec<f32>>>> {
+    cfg.validate()?;
+    aug.validate()?;
+    if !cfg.do_resize {
+        return Err(Error::invalid(
+            "batches of images need do_resize=True (every image the same size)",
+        ));
+    }
+    let lut = cfg.lookup();
+    let ImageSize { height, width } = cfg.size;
+    Ok(indices
+        .par_iter()
+        .map(|&i| {
+            let src = sources
+                .get(i)
+                .ok_or_else(|| Error::invalid(format!("image index {i} is out of range")))?;
+            let rgb =
+                image::load_rgb(src, cfg.max_image_pixels, cfg.do_convert_rgb).map_err(|e| at(i, src, e))?;
+            let mut rng = augment::Stream::new(seed, epoch, i);
+            let allowed = flip_allowed.get(i).copied().unwrap_or(true);
+            let ops = augment::plan(
+                aug,
+                rgb.width,
+                rgb.height,
+                (height, width),
+                cfg.resample,
+                allowed,
+                &mut rng,
+            );
+            let rgb = augment::apply(rgb, &ops)?;
+            let mut out = vec![0f32; 3 * height * width];
+            write_chw(&rgb, &lut, &mut out);
+            buffers::give(rgb.data);
             Ok(out)
         })
         .collect())

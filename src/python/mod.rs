@@ -28,6 +28,8 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train::collate_captions, m)?)?;
     m.add_function(wrap_pyfunction!(train::set_flush_denormals, m)?)?;
     m.add_class::<train::PyImageCaptionData>()?;
+    m.add_function(wrap_pyfunction!(processor::augment_image, m)?)?;
+    m.add_function(wrap_pyfunction!(processor::augment_plan, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::caption_scores, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::ptb_tokenize, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;

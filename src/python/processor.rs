@@ -347,3 +347,86 @@ impl PyTokenizer {
         })
     }
 }
+
+/// Applies augmentation operations (`augment::Op` as dicts: `{"op": "Rotate", "degrees": 15.0}`) to one
+/// image (a uint8 `(height, width[, channels])` array, or anything the processor takes) in order, and
+/// returns the RGB result as a uint8 `(height, width, 3)` array. For tests against PIL and for inspection.
+#[pyfunction]
+pub fn augment_image<'py>(
+    py: Python<'py>,
+    image: &Bound<'py, PyAny>,
+    ops: &Bound<'py, pyo3::types::PyList>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guard("augment_image", || {
+        let source = to_source(0, image)?;
+        let ops = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let dict = op.cast::<PyDict>().map_err(|_| {
+                    PyTypeError::new_err(format!("ops[{i}] must be a dict like {{\"op\": \"Flip\"}}"))
+                })?;
+                serde_json::from_value::<crate::processor::augment::Op>(super::json::from_dict(dict)?)
+                    .map_err(|e| PyValueError::new_err(format!("ops[{i}]: {e}")))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let rgb = py
+            .detach(|| -> crate::Result<_> {
+                let rgb = crate::processor::load_rgb(&source, None)?;
+                crate::processor::augment::apply(rgb, &ops)
+            })
+            .py()?;
+        let (h, w) = (rgb.height, rgb.width);
+        let data: Vec<u8> = rgb
+            .data
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect();
+        Ok(PyArray1::from_vec(py, data).reshape([h, w, 3])?.into_any())
+    })
+}
+
+/// The operations `train(augment=settings)` draws for example `index` of an image of `width x height` in
+/// `epoch` of a run seeded `seed`, resized to `out_height x out_width` with PIL filter `resample`: dicts
+/// [`augment_image`] takes. For tests and inspection.
+#[pyfunction]
+#[pyo3(signature = (settings, width, height, out_height, out_width, seed, epoch, index, flip_allowed=true, resample=3))]
+#[allow(clippy::too_many_arguments)]
+pub fn augment_plan<'py>(
+    py: Python<'py>,
+    settings: &Bound<'py, PyDict>,
+    width: usize,
+    height: usize,
+    out_height: usize,
+    out_width: usize,
+    seed: i64,
+    epoch: i64,
+    index: usize,
+    flip_allowed: bool,
+    resample: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    use crate::processor::augment::{plan, AugmentConfig, Stream};
+    guard("augment_plan", || {
+        let config = AugmentConfig::from_keywords(json::from_dict(settings)?).py()?;
+        let filter = crate::processor::Resample::from_pil(resample).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "resample must be a PIL filter number 0-5, got {resample}"
+            ))
+        })?;
+        if width == 0 || height == 0 || out_height == 0 || out_width == 0 {
+            return Err(PyValueError::new_err("image and output sizes must be positive"));
+        }
+        let mut rng = Stream::new(seed, epoch, index);
+        let ops = plan(
+            &config,
+            width,
+            height,
+            (out_height, out_width),
+            filter,
+            flip_allowed,
+            &mut rng,
+        );
+        let value = serde_json::to_value(&ops).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        json::to_py(py, &value)
+    })
+}

@@ -9,6 +9,7 @@ use super::errors::{guard, IntoPyResult};
 use super::model::{locked, PyBlipModel};
 use super::{json, tensor};
 use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
+use crate::processor::augment::AugmentConfig;
 use crate::train::checkpoint::WeightsFormat;
 use crate::train::trainer::{Collective, Control, Observer, TrainConfig};
 use crate::train::{StepLog, Trainer};
@@ -170,7 +171,7 @@ impl PyImageCaptionData {
     #[new]
     #[pyo3(signature = (
         image_processor, images, captions, bos_token_id, pad_token_id, max_length=None, skip_bad=false,
-        num_workers=None, prompt_tokens=0
+        num_workers=None, prompt_tokens=0, augment=None, texts=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -183,6 +184,8 @@ impl PyImageCaptionData {
         skip_bad: bool,
         num_workers: Option<&Bound<'_, PyAny>>,
         prompt_tokens: usize,
+        augment: Option<&Bound<'_, PyDict>>,
+        texts: Option<Vec<String>>,
     ) -> PyResult<Self> {
         guard("_ImageCaptionData()", || {
             let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
@@ -210,6 +213,13 @@ impl PyImageCaptionData {
             )
             .py()?;
             source.prompt_tokens = prompt_tokens;
+            if let Some(augment) = augment {
+                let config = AugmentConfig::from_keywords(json::from_dict(augment)?).py()?;
+                let texts = texts.ok_or_else(|| {
+                    PyValueError::new_err("augment needs the captions' texts (texts=) to keep sides right")
+                })?;
+                source = source.with_augment(config, &texts).py()?;
+            }
             let source = match num_workers {
                 Some(n) => source.with_workers(n).py()?,
                 None => source,
@@ -224,6 +234,36 @@ impl PyImageCaptionData {
 
     fn __len__(&self) -> usize {
         self.source.as_ref().map_or(0, |s| s.images.len())
+    }
+
+    /// The batch of `indices` as training builds it: augmented for (`seed`, `epoch`) when the data has
+    /// augmentation and `epoch` is given, the plain preprocessing otherwise. For tests and inspection.
+    #[pyo3(signature = (indices, epoch=None, seed=0))]
+    fn batch<'py>(
+        &self,
+        py: Python<'py>,
+        indices: Vec<usize>,
+        epoch: Option<i64>,
+        seed: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        guard("_ImageCaptionData.batch()", || {
+            let source = self
+                .source
+                .as_ref()
+                .ok_or_else(|| PyValueError::new_err("this data was already used by a training run"))?;
+            let batch = py
+                .detach(|| match epoch {
+                    Some(e) => source.train_batch(&indices, e, seed),
+                    None => source.batch(&indices),
+                })
+                .py()?;
+            let out = PyDict::new(py);
+            out.set_item("pixel_values", tensor::to_py(py, &batch.pixel_values)?)?;
+            out.set_item("input_ids", tensor::to_py(py, &batch.input_ids)?)?;
+            out.set_item("attention_mask", tensor::to_py(py, &batch.attention_mask)?)?;
+            out.set_item("labels", tensor::to_py(py, &batch.labels)?)?;
+            Ok(out)
+        })
     }
 
     /// Indices of the items skipped as unreadable so far.

@@ -461,7 +461,11 @@ impl Prefetcher {
             let mut cache = None;
             for step in first_step..plan.total_steps {
                 let (epoch, micro) = plan.micro_batches(step, &config, &mut cache);
-                let batches = micro.iter().map(|idx| source.batch(idx)).collect();
+                // Augmented draws depend only on (seed, epoch, example), so a resumed run repeats them.
+                let batches = micro
+                    .iter()
+                    .map(|idx| source.train_batch(idx, epoch, config.seed))
+                    .collect();
                 if tx.send((step, epoch, batches)).is_err() {
                     return; // the trainer stopped early
                 }

@@ -13,6 +13,8 @@ runs it), where a missing piece is a failure that says how to install it.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import shutil
 import subprocess
@@ -146,10 +148,14 @@ def _alone(checkpoint, image_path: str) -> dict[str, str]:
     ours.eval()
     theirs.eval()
     captions = {}
-    for name in ADAPTERS:
-        ours.set_adapter(name)
-        theirs.set_adapter(name)
-        with torch.no_grad():
+    for name in ["", *ADAPTERS]:  # "": the base model, as the page names it
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if name:
+                ours.set_adapter(name)
+                theirs.set_adapter(name)
+            else:
+                stack.enter_context(ours.disable_adapter())
+                stack.enter_context(theirs.disable_adapter())
             ids = ours.generate(pixel_values=pixel_values, max_new_tokens=TOKENS)
             hf_ids = theirs.generate(pixel_values=pixel_values, max_new_tokens=TOKENS)
         assert ids.tolist() == hf_ids.tolist(), name
@@ -157,13 +163,18 @@ def _alone(checkpoint, image_path: str) -> dict[str, str]:
     return captions
 
 
+def _photo(tmp_path) -> str:
+    image_path = str(tmp_path / "photo.png")
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 255, (60, 72, 3), dtype=np.uint8)).save(image_path)
+    return image_path
+
+
 def test_the_page_shows_each_adapters_caption_side_by_side(webdriver, server, checkpoint, tmp_path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image_path = str(tmp_path / "photo.png")
-    rng = np.random.default_rng(7)
-    Image.fromarray(rng.integers(0, 255, (60, 72, 3), dtype=np.uint8)).save(image_path)
+    image_path = _photo(tmp_path)
     expected = _alone(checkpoint, image_path)
     assert expected[ADAPTERS[0]] != expected[ADAPTERS[1]] and all(expected.values()), expected
 
@@ -197,6 +208,41 @@ def test_the_page_shows_each_adapters_caption_side_by_side(webdriver, server, ch
     first, second = (c.rect for c in cards)
     assert abs(first["y"] - second["y"]) < 1 and first["x"] + first["width"] <= second["x"], (first, second)
     assert webdriver.find_element(By.ID, "preview").is_displayed()
+
+
+def test_an_image_dropped_on_the_page_is_captioned_by_every_ticked_adapter(
+    webdriver, server, checkpoint, tmp_path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image_path = _photo(tmp_path)
+    expected = _alone(checkpoint, image_path)
+    webdriver.get(server + "/")
+    with open(image_path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    # A file dropped on the drop zone, as a user's drag from the desktop delivers it.
+    webdriver.execute_script(
+        """
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        const zone = document.getElementById("drop");
+        zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        """,
+        data,
+    )
+    results = webdriver.find_element(By.ID, "results")
+    WebDriverWait(webdriver, 120, poll_frequency=0.2).until(lambda d: results.get_attribute("data-state") == "done")
+    cards = results.find_elements(By.CSS_SELECTOR, ".card")
+    assert [c.get_attribute("data-adapter") for c in cards] == ["", *ADAPTERS]
+    shown = {c.get_attribute("data-adapter"): c.find_element(By.CSS_SELECTOR, ".c").text for c in cards}
+    assert shown == expected
+    assert "over" not in webdriver.find_element(By.ID, "drop").get_attribute("class")
+    # Three requests sent together: the server answered them from shared mixed-adapter batches.
+    timings = [c.find_element(By.CSS_SELECTOR, ".t").text for c in cards]
+    assert any("batch of 1 images" not in t for t in timings), timings
 
 
 def test_the_page_shows_a_refused_image_as_an_error(webdriver, server, tmp_path) -> None:

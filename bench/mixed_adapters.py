@@ -17,8 +17,10 @@ checks that every variant wrote the same tokens.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +84,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     text, vision = _shapes(args.shape)
     work = Path(tempfile.mkdtemp(prefix="bench_mixed_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     torch.manual_seed(0)
     HFBlip(BlipConfig(text_config=dict(text), vision_config=dict(vision))).save_pretrained(work / "base")
     names = [f"adapter{i}" for i in range(args.adapters)]

@@ -12,10 +12,12 @@ requests were answered from a batch that mixed adapters, with the CPU and the lo
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     names = [f"domain{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         model = bp.get_peft_model(

@@ -1,12 +1,14 @@
 """Mixed-adapter batches: one batch whose images use different LoRA adapters, against one call per adapter, ours
 and peft's (peft's `generate(adapter_names=...)` splits the batch into one sub-batch per adapter in Python).
 
-    .venv/bin/python bench/mixed_adapters.py [--shape base|base224|bundled|tiny] [--batch 8] [--adapters 4]
-        [--tokens 20] [--reps 3]
+    .venv/bin/python bench/mixed_adapters.py [--shape base|base224|base-decoder|bundled|tiny] [--batch 8]
+        [--adapters 4] [--tokens 20] [--reps 3]
 
 Shapes: `base` is blip-image-captioning-base (384-pixel images, 577 image tokens), `base224` the same towers at
 BLIP's pre-training resolution of 224 pixels (197 image tokens: the decoder is blip-base's exactly, the vision
-tower costs a third), `bundled` the bundled model's shapes, `tiny` the tests' model.
+tower costs a third), `base-decoder` blip-base's text decoder (12 layers of width 768, its vocabulary) over the
+bundled model's small vision tower (width 192, 128 pixels: its cross-attention reads 65 image tokens of width 192),
+`bundled` the bundled model's shapes, `tiny` the tests' model.
 
 Random weights (transformers' initialisation, adapters with random A and B) at the shapes chosen; greedy decoding
 of exactly `--tokens` new tokens (min = max), so both sides do the same work; the images cycle through the
@@ -51,6 +53,8 @@ def _shapes(shape: str) -> tuple[dict, dict]:
         return BASE_TEXT, BASE_VISION
     if shape == "base224":
         return BASE_TEXT, dict(BASE_VISION, image_size=224)
+    if shape == "base-decoder":
+        return BASE_TEXT, BUNDLED_VISION
     if shape == "bundled":
         # The bundled model's tokenizer decides its vocabulary size and ids (scripts/make_base_model.py).
         with open(os.path.join(bp.bundled_model_path(), "config.json")) as f:
@@ -72,7 +76,7 @@ def _best(fn, reps: int) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=["base", "base224", "bundled", "tiny"], default="base")
+    ap.add_argument("--shape", choices=["base", "base224", "base-decoder", "bundled", "tiny"], default="base")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)

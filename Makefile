@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 PY := $(VIRTUAL_ENV)/bin/python
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: help install build demo test test-rs test-py lint format clean bench bench-kernel fuzz
+.PHONY: help install browser build demo test test-rs test-py lint format clean bench bench-kernel fuzz
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,7 +21,19 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.installed ## create the virtual environment with torch 2.11.0 and the test tools
+install: $(VENV)/.installed browser ## create the virtual environment with torch 2.11.0 and the test tools
+
+# The web page's browser test (tests/test_serve_browser.py) drives Chromium from the system packages through
+# selenium (requirements-dev.txt). Installed with apt when missing (root, or sudo without a password); a no-op
+# when both are there. Elsewhere it says what to install, and `make test` then fails that test.
+browser: ## Chromium and chromedriver (Debian's chromium, chromium-driver) for the browser test
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "make browser: install Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)" \
+	  "for tests/test_serve_browser.py"; fi
 
 build: install ## build the native module (release) into python/blip_peft
 	maturin develop --release --quiet
@@ -40,8 +52,9 @@ test-rs: install ## the core's Rust tests (no Python involved)
 
 # The tests marked cpu_isa (numbers that rest on the kernels a CPU's instruction set picks) run a second time on
 # the code an AVX2-only CPU runs, so every machine checks both paths (tests/test_cpu_capability.py).
+# BLIP_PEFT_REQUIRE_BROWSER=1: the browser test fails (instead of skipping) when Chromium or selenium is missing.
 test-py: build ## the Python test suite against transformers and peft (cpu_isa tests also capped at AVX2)
-	$(PY) -m pytest -q
+	BLIP_PEFT_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 	BLIP_PEFT_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m cpu_isa
 
 lint: build ## rustfmt, clippy, ruff and the stub check

@@ -1,7 +1,14 @@
 """Mixed-adapter batches: one batch whose images use different LoRA adapters, against one call per adapter, ours
 and peft's (peft's `generate(adapter_names=...)` splits the batch into one sub-batch per adapter in Python).
 
-    .venv/bin/python bench/mixed_adapters.py [--shape base|tiny] [--batch 8] [--adapters 4] [--tokens 20] [--reps 3]
+    .venv/bin/python bench/mixed_adapters.py [--shape base|base224|base-decoder|bundled|tiny] [--batch 8]
+        [--adapters 4] [--tokens 20] [--reps 3]
+
+Shapes: `base` is blip-image-captioning-base (384-pixel images, 577 image tokens), `base224` the same towers at
+BLIP's pre-training resolution of 224 pixels (197 image tokens: the decoder is blip-base's exactly, the vision
+tower costs a third), `base-decoder` blip-base's text decoder (12 layers of width 768, its vocabulary) over the
+bundled model's small vision tower (width 192, 128 pixels: its cross-attention reads 65 image tokens of width 192),
+`bundled` the bundled model's shapes, `tiny` the tests' model.
 
 Random weights (transformers' initialisation, adapters with random A and B) at the shapes chosen; greedy decoding
 of exactly `--tokens` new tokens (min = max), so both sides do the same work; the images cycle through the
@@ -12,7 +19,11 @@ checks that every variant wrote the same tokens.
 from __future__ import annotations
 
 import argparse
-import platform
+import atexit
+import json
+import os
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +34,34 @@ from transformers import BlipConfig
 from transformers import BlipForConditionalGeneration as HFBlip
 
 import blip_peft as bp
-from blip_peft.presets import BASE_TEXT, BASE_VISION, QUERY_VALUE_TARGETS, TINY_TEXT, TINY_VISION
+from blip_peft.presets import (
+    BASE_TEXT,
+    BASE_VISION,
+    BUNDLED_TEXT,
+    BUNDLED_VISION,
+    QUERY_VALUE_TARGETS,
+    TINY_TEXT,
+    TINY_VISION,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jobs import cpu_name  # noqa: E402
+
+
+def _shapes(shape: str) -> tuple[dict, dict]:
+    if shape == "base":
+        return BASE_TEXT, BASE_VISION
+    if shape == "base224":
+        return BASE_TEXT, dict(BASE_VISION, image_size=224)
+    if shape == "base-decoder":
+        return BASE_TEXT, BUNDLED_VISION
+    if shape == "bundled":
+        # The bundled model's tokenizer decides its vocabulary size and ids (scripts/make_base_model.py).
+        with open(os.path.join(bp.bundled_model_path(), "config.json")) as f:
+            text = json.load(f)["text_config"]
+        ids = {k: text[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "sep_token_id", "pad_token_id")}
+        return dict(BUNDLED_TEXT, **ids), BUNDLED_VISION
+    return TINY_TEXT, TINY_VISION
 
 
 def _best(fn, reps: int) -> tuple[float, torch.Tensor]:
@@ -38,7 +76,7 @@ def _best(fn, reps: int) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=["base", "tiny"], default="base")
+    ap.add_argument("--shape", choices=["base", "base224", "base-decoder", "bundled", "tiny"], default="base")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
@@ -48,8 +86,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    text, vision = (BASE_TEXT, BASE_VISION) if args.shape == "base" else (TINY_TEXT, TINY_VISION)
+    text, vision = _shapes(args.shape)
     work = Path(tempfile.mkdtemp(prefix="bench_mixed_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     torch.manual_seed(0)
     HFBlip(BlipConfig(text_config=dict(text), vision_config=dict(vision))).save_pretrained(work / "base")
     names = [f"adapter{i}" for i in range(args.adapters)]
@@ -104,14 +143,12 @@ def main() -> None:
         results["peft, one call per adapter"] = _best(lambda: per_adapter(theirs, theirs.disable_adapter), args.reps)
     first = next(iter(results.values()))[1]
     same = all(torch.equal(out, first) for _, out in results.values())
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
+    load = os.getloadavg()
     print(
         f"{args.shape} shapes, batch {args.batch} over {args.adapters} adapters + base (r={args.rank} on "
-        f"{', '.join(QUERY_VALUE_TARGETS)}), greedy {args.tokens} new tokens, {torch.get_num_threads()} threads, {cpu}"
+        f"{', '.join(QUERY_VALUE_TARGETS)}), greedy {args.tokens} new tokens, {torch.get_num_threads()} threads, "
+        f"{cpu}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
     )
     print(f"all variants wrote the same tokens: {same}")
     base = results["ours, mixed batch"][0]

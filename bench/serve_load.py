@@ -5,15 +5,19 @@ the same requests sent one at a time. Bounded: `--requests` in all, `--timeout` 
 
 The bundled model with random LoRA adapters (r=4 on query/value/qkv). Every answer is checked against the caption
 the same image gets alone with its adapter, computed in this process: none may be lost or mixed up. Prints
-throughput and latency percentiles (p50/p90/p99) of both runs, and the batch sizes the server formed.
+throughput and latency percentiles (p50/p90/p99) of both runs, the batch sizes the server formed and how many
+requests were answered from a batch that mixed adapters, with the CPU and the load average (a busy machine shows).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,9 @@ import torch
 from PIL import Image
 
 import blip_peft as bp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jobs import cpu_name  # noqa: E402
 
 
 def _png(seed: int) -> bytes:
@@ -51,6 +58,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     names = [f"domain{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         model = bp.get_peft_model(
@@ -93,17 +101,22 @@ def main() -> None:
             raise RuntimeError(f"server did not start: {line!r}")
         url = line.split()[-1] + "/caption"
 
-        def call(i: int) -> tuple[float, dict]:
+        def call(i: int) -> tuple[float, dict | None]:
+            """The latency and answer of request i; None for a request lost (refused, failed, past --timeout)."""
             if time.monotonic() > deadline:
-                raise TimeoutError("the load test ran past --timeout")
+                return 0.0, None
             image, adapter = jobs[i]
             body = json.dumps(
                 {"images": [base64.b64encode(image).decode()], "adapter": adapter, "max_new_tokens": args.tokens}
             ).encode()
             req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             t = time.perf_counter()
-            with urllib.request.urlopen(req, timeout=args.timeout) as r:
-                answer = json.loads(r.read())
+            try:
+                with urllib.request.urlopen(req, timeout=max(1.0, deadline - time.monotonic())) as r:
+                    answer = json.loads(r.read())
+            except (OSError, ValueError) as e:
+                print(f"request {i} lost: {e}", file=sys.stderr)
+                return time.perf_counter() - t, None
             return time.perf_counter() - t, answer
 
         runs = {}
@@ -112,25 +125,33 @@ def main() -> None:
             with ThreadPoolExecutor(max_workers=clients) as pool:
                 results = list(pool.map(call, range(len(jobs))))
             wall = time.perf_counter() - start
-            wrong = sum(a["captions"] != [truth[i]] or a["adapter"] != jobs[i][1] for i, (_, a) in enumerate(results))
-            lat = [1000 * t for t, _ in results]
-            sizes = [a["timings"]["batch_images"] for _, a in results]
-            runs[label] = (wall, lat, wrong, sizes)
+            answered = [(i, t, a) for i, (t, a) in enumerate(results) if a is not None]
+            lost = len(jobs) - len(answered)
+            wrong = sum(a["captions"] != [truth[i]] or a["adapter"] != jobs[i][1] for i, _, a in answered)
+            lat = [1000 * t for _, t, _ in answered]
+            sizes = [a["timings"]["batch_images"] for _, _, a in answered]
+            mixed = sum(a["timings"]["batch_adapters"] > 1 for _, _, a in answered)
+            runs[label] = (wall, lat, wrong, lost, sizes, mixed)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
+    load = os.getloadavg()
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     print(
         f"bundled model, {len(jobs)} requests of one image, {args.adapters} adapters + base, greedy {args.tokens} "
         f"tokens, max batch {args.max_batch}, max wait {args.max_wait_ms} ms, {torch.get_num_threads()} threads"
     )
-    print("| run | requests/s | p50 ms | p90 ms | p99 ms | mean batch | wrong or lost |")
-    print("|---|---|---|---|---|---|---|")
-    for label, (wall, lat, wrong, sizes) in runs.items():
+    print("| run | wall s | requests/s | p50 ms | p90 ms | p99 ms | mean batch | in a mixed batch | wrong | lost |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, (wall, lat, wrong, lost, sizes, mixed) in runs.items():
+        pct = " | ".join(f"{_pct(lat, q):.0f}" if lat else "-" for q in (50, 90, 99))
+        mean = f"{sum(sizes) / len(sizes):.1f}" if sizes else "-"
         print(
-            f"| {label} | {len(jobs) / wall:.2f} | {_pct(lat, 50):.0f} | {_pct(lat, 90):.0f} | {_pct(lat, 99):.0f} "
-            f"| {sum(sizes) / len(sizes):.1f} | {wrong} |"
+            f"| {label} | {wall:.1f} | {(len(jobs) - lost) / wall:.2f} | {pct} | {mean} | {mixed} | {wrong} | {lost} |"
         )
+    if any(wrong or lost for _, _, wrong, lost, _, _ in runs.values()):
+        sys.exit("some requests were lost or got another request's answer")
 
 
 if __name__ == "__main__":

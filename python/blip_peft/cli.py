@@ -134,28 +134,70 @@ def _model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, processor
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    import blip_peft as bp
+def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous block of `n` items rank `rank` of `world` captions (sizes differ by one at most)."""
+    return rank * n // world, (rank + 1) * n // world
 
-    model, processor = _model_and_processor(args)
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Captions images; under torchrun each rank captions its contiguous shard of the images and rank 0 writes
+    (or prints) them all, in the order given, as one process would."""
+    import blip_peft as bp
+    from blip_peft import distributed
+
     images = _images(args.images)
     if not images:
         raise ValueError("no images given (pass files or folders holding images)")
+    captions = _caption_distributed(args, images) if distributed.is_distributed() else _caption_images(args, images)
+    if captions is None:
+        return 0  # not rank 0: rank 0 writes the output
+    lines = [
+        json.dumps({"file_name": image, "text": caption}) + "\n" if args.output else f"{image}\t{caption}\n"
+        for image, caption in zip(images, captions, strict=True)
+    ]
+    if args.output:
+        bp._blip_peft.write_text_atomic(args.output, "".join(lines))
+    else:
+        sys.stdout.write("".join(lines))
+    return 0
+
+
+def _caption_images(args: argparse.Namespace, images: list[str]) -> list[str]:
+    import blip_peft as bp
+
+    model, processor = _model_and_processor(args)
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     if args.do_sample:
         kwargs.update(do_sample=True, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
-    captions = bp.generate(model, processor, images, prompt=args.prompt, batch_size=args.batch_size, **kwargs)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    return bp.generate(model, processor, images, prompt=args.prompt, batch_size=args.batch_size, **kwargs)
+
+
+def _caption_distributed(args: argparse.Namespace, images: list[str]) -> list[str] | None:
+    """This rank's shard captioned, gathered on rank 0 in order (None on the other ranks). Every rank reaches the
+    gather, also one whose captioning failed, so a bad image on one rank is an error on all of them, not a hang."""
+    import torch.distributed as dist
+
+    from blip_peft import distributed
+
+    distributed.init_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    start, end = _shard(len(images), rank, world)
+    mine: tuple[str, Any]
     try:
-        for image, caption in zip(images, captions, strict=True):
-            if out is not None:
-                out.write(json.dumps({"file_name": image, "text": caption}) + "\n")
-            else:
-                print(f"{image}\t{caption}")
-    finally:
-        if out is not None:
-            out.close()
-    return 0
+        mine = ("ok", _caption_images(args, images[start:end]) if end > start else [])
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, MemoryError) as e:
+        mine = ("error", f"rank {rank} (images {start}..{end - 1}): {type(e).__name__}: {e}")
+    gathered: list[Any] = [None] * world
+    dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+    errors: list[Any] = [[msg for kind, msg in gathered if kind == "error"] if rank == 0 else None]
+    dist.broadcast_object_list(errors, src=0)
+    if errors[0]:
+        raise ValueError("captioning failed on " + "; ".join(errors[0]))
+    if rank != 0:
+        return None
+    return [caption for _, captions in gathered for caption in captions]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -368,20 +368,26 @@ body{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem}
 <label>beams <input id="beams" type="number" value="1" min="1" max="16"></label>
 <label>prompt <input id="prompt" type="text" placeholder="optional"></label>
 <button id="go" disabled>Caption</button></p>
-<div id="results"></div>
+<div id="results" data-state="idle"></div>
 <script>
+// The page's state for scripts and tests: #results carries data-state (idle, running, done) and data-run (a count
+// of runs); each card (.card, data-adapter: the name, "" for the base model) carries data-state (pending, done,
+// error), its caption in .c and its timings in .t.
 const ADAPTERS = __ADAPTERS__;
 const box = document.getElementById("adapters");
 for (const name of [null, ...ADAPTERS]) {
   const label = document.createElement("label");
   const cb = document.createElement("input");
-  cb.type = "checkbox"; cb.value = name === null ? "" : name; cb.checked = true;
+  cb.type = "checkbox"; cb.name = "adapter"; cb.value = name === null ? "" : name; cb.checked = true;
+  cb.id = name === null ? "adapter-base" : "adapter-" + name;
   label.append(cb, " " + (name === null ? "base model" : name) + " ");
   box.append(label);
 }
 let file = null;
+let run = 0;
 function choose(f) {
-  file = f; document.getElementById("go").disabled = !f;
+  if (!f) return;
+  file = f; document.getElementById("go").disabled = false;
   const img = document.getElementById("preview");
   img.src = URL.createObjectURL(f); img.style.display = "block";
   caption();
@@ -394,30 +400,51 @@ drop.addEventListener("drop", e => {
   e.preventDefault(); drop.classList.remove("over"); choose(e.dataTransfer.files[0]);
 });
 document.getElementById("go").addEventListener("click", caption);
+async function captionOne(name, card, mine) {
+  const c = card.querySelector(".c");
+  const fail = text => { c.textContent = text; c.className = "c err"; card.dataset.state = "error"; };
+  const form = new FormData();
+  form.append("image", file); form.append("adapter", name);
+  form.append("max_new_tokens", document.getElementById("tokens").value);
+  form.append("num_beams", document.getElementById("beams").value);
+  form.append("prompt", document.getElementById("prompt").value);
+  let answer;
+  try {
+    const response = await fetch("/caption", {method: "POST", body: form});
+    const text = await response.text();
+    try { answer = JSON.parse(text); }
+    catch (e) { answer = {error: `HTTP ${response.status}: ${text.slice(0, 200)}`}; }
+    if (!response.ok && !answer.error) answer = {error: `HTTP ${response.status}`};
+  } catch (e) {
+    answer = {error: `the server did not answer: ${e}`};
+  }
+  if (mine !== run) return;  // a newer run replaced this card
+  if (answer.error) { fail(answer.error); return; }
+  c.textContent = answer.captions[0];
+  const t = answer.timings;
+  card.querySelector(".t").textContent =
+    `${t.total_ms.toFixed(0)} ms (generate ${t.generate_ms.toFixed(0)} ms, batch of ${t.batch_images} images, ` +
+    `${t.batch_adapters} adapters)`;
+  card.dataset.state = "done";
+}
 async function caption() {
   if (!file) return;
+  const mine = ++run;
   const results = document.getElementById("results"); results.innerHTML = "";
+  results.dataset.state = "running"; results.dataset.run = String(mine);
   const picked = [...box.querySelectorAll("input:checked")].map(c => c.value);
+  if (!picked.length) {
+    results.textContent = "pick at least one adapter (or the base model)"; results.dataset.state = "done"; return;
+  }
   // One request per adapter, sent together: the server batches them into one mixed-adapter batch.
-  await Promise.all(picked.map(async name => {
+  await Promise.all(picked.map(name => {
     const card = document.createElement("div"); card.className = "card";
     card.innerHTML = "<h3></h3><div class='c'>...</div><div class='t'></div>";
     card.querySelector("h3").textContent = name || "base model";
-    card.dataset.adapter = name; results.append(card);
-    const form = new FormData();
-    form.append("image", file); form.append("adapter", name);
-    form.append("max_new_tokens", document.getElementById("tokens").value);
-    form.append("num_beams", document.getElementById("beams").value);
-    form.append("prompt", document.getElementById("prompt").value);
-    const answer = await (await fetch("/caption", {method: "POST", body: form})).json();
-    const c = card.querySelector(".c");
-    if (answer.error) { c.textContent = answer.error; c.className = "c err"; return; }
-    c.textContent = answer.captions[0];
-    const t = answer.timings;
-    card.querySelector(".t").textContent =
-      `${t.total_ms.toFixed(0)} ms (generate ${t.generate_ms.toFixed(0)} ms, batch of ${t.batch_images} images, ` +
-      `${t.batch_adapters} adapters)`;
+    card.dataset.adapter = name; card.dataset.state = "pending"; results.append(card);
+    return captionOne(name, card, mine);
   }));
+  if (mine === run) results.dataset.state = "done";
 }
 </script></body></html>
 """

@@ -34,7 +34,7 @@ impl Observer for StopAt {
         &mut self,
         _model: &blip_peft::blip::BlipForConditionalGeneration,
         _step: i64,
-        _loss: f64,
+        _metrics: &blip_peft::train::trainer::Metrics,
     ) -> blip_peft::Result<Control> {
         Ok(Control::Continue)
     }

@@ -48,18 +48,24 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
         rows.append({"image": file, "text": item["text"].removeprefix("a picture of ")})
     train_rows = rows[:16]
     # two references per image: its own caption and the next image's
-    eval_rows = [{"image": r["image"], "text": [r["text"], rows[16 + (i + 1) % 6]["text"]]} for i, r in enumerate(rows[16:])]
+    eval_rows = [
+        {"image": r["image"], "text": [r["text"], rows[16 + (i + 1) % 6]["text"]]} for i, r in enumerate(rows[16:])
+    ]
     return str(folder), processor, train_rows, eval_rows
 
 
 def _model(path: str, seed: int = 0) -> bp.PeftModel:
     torch.manual_seed(seed)
     base = bp.BlipForConditionalGeneration.from_pretrained(path, dtype="float32")
-    return bp.get_peft_model(base, bp.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+    return bp.get_peft_model(
+        base, bp.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+    )
 
 
 def _reload(path: str, adapter: str | os.PathLike[str]) -> bp.PeftModel:
-    return bp.PeftModel.from_pretrained(bp.BlipForConditionalGeneration.from_pretrained(path, dtype="float32"), adapter)
+    return bp.PeftModel.from_pretrained(
+        bp.BlipForConditionalGeneration.from_pretrained(path, dtype="float32"), adapter
+    )
 
 
 def _lora(model) -> dict[str, torch.Tensor]:
@@ -67,7 +73,8 @@ def _lora(model) -> dict[str, torch.Tensor]:
 
 
 SETTINGS = dict(max_steps=6, batch_size=4, learning_rate=3e-3, eval_steps=2, save_steps=2, logging_steps=2,
-                prompt=PROMPT, mixed_precision="no", seed=1, progress=False, eval_generate_kwargs=DECODING)  # fmt: skip
+                prompt=PROMPT, mixed_precision="no", seed=1, progress=False,
+                eval_generate_kwargs=DECODING)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +269,9 @@ def test_bad_settings_get_clear_errors(setup, tiny_checkpoint: str) -> None:
             eval_generate_kwargs={"num_beams": 0}, **run,
         )  # fmt: skip
     # the eval loss as the metric works on tensors (no captions needed), "eval_" prefix or not
-    tiny_model = bp.get_peft_model(bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA))
+    tiny_model = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint), bp.LoraConfig(**LORA)
+    )
     tiny = bp.train(tiny_model, None, _data(4), eval_dataset=_data(4), metric_for_best_model="eval_loss", **run)
     assert tiny.best_global_step == 1 and tiny.best_metric == tiny.eval_history[0][1]
 

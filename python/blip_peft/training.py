@@ -266,7 +266,9 @@ def _caption_scoring(
         )
     generating = predict_with_generate if predict_with_generate is not None else caption_metric
     if eval_generate_kwargs is not None and not isinstance(eval_generate_kwargs, Mapping):
-        raise TypeError(f"eval_generate_kwargs must be a dict of evaluate options, got {type(eval_generate_kwargs).__name__}")
+        raise TypeError(
+            f"eval_generate_kwargs must be a dict of evaluate options, got {type(eval_generate_kwargs).__name__}"
+        )
     if not generating:
         if eval_generate_kwargs:
             raise ValueError("eval_generate_kwargs is for caption evaluation: set predict_with_generate=True too")

@@ -186,9 +186,20 @@ fn the_best_step_is_tracked_kept_and_loaded_at_the_end() {
     let mut model = adapted_model(10);
     // an equal later value does not replace the best (strict comparison, as transformers compares)
     let mut scores = Scripted(vec![(2, 0.5), (4, 0.9), (6, 0.9)]);
-    let outcome = Trainer::run(&mut model, Box::new(data()), Some(Box::new(data())), &config, &format, &mut scores, None)
-        .unwrap();
-    assert_eq!((outcome.best_global_step, outcome.best_metric), (Some(4), Some(0.9)));
+    let outcome = Trainer::run(
+        &mut model,
+        Box::new(data()),
+        Some(Box::new(data())),
+        &config,
+        &format,
+        &mut scores,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        (outcome.best_global_step, outcome.best_metric),
+        (Some(4), Some(0.9))
+    );
     let best_dir = out.path().join("checkpoint-4");
     assert_eq!(outcome.best_model_checkpoint.as_deref(), Some(best_dir.as_path()));
     assert_eq!(
@@ -205,7 +216,8 @@ fn the_best_step_is_tracked_kept_and_loaded_at_the_end() {
     assert_eq!(left, ["checkpoint-4", "checkpoint-6"]);
     // the model ends with checkpoint-4's adapter, not the last step's
     let mut reference = adapted_model(10);
-    let files = blip_peft::weights::SafetensorsFiles::open(&[best_dir.join("adapter_model.safetensors")]).unwrap();
+    let files =
+        blip_peft::weights::SafetensorsFiles::open(&[best_dir.join("adapter_model.safetensors")]).unwrap();
     let mut tensors = std::collections::BTreeMap::new();
     for n in files.names() {
         tensors.insert(n.clone(), files.read(n).unwrap().unwrap());
@@ -216,9 +228,10 @@ fn the_best_step_is_tracked_kept_and_loaded_at_the_end() {
     for ((n, a), (_, b)) in got.iter().zip(&want) {
         assert!(a.equal(b), "{n}");
     }
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("checkpoint-6/trainer_state.json")).unwrap())
-            .unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("checkpoint-6/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(state["best_metric"], 0.9);
     assert_eq!(state["best_global_step"], 4);
     assert_eq!(state["metric_history"][1]["metrics"]["CIDEr"], 0.9);
@@ -226,8 +239,10 @@ fn the_best_step_is_tracked_kept_and_loaded_at_the_end() {
 
 #[test]
 fn best_model_settings_without_an_eval_set_are_refused() {
-    let config = TrainConfig::from_settings(serde_json::json!({"max_steps": 1, "load_best_model_at_end": true}))
-        .unwrap();
+    let _rng = global_rng();
+    let config =
+        TrainConfig::from_settings(serde_json::json!({"max_steps": 1, "load_best_model_at_end": true}))
+            .unwrap();
     assert_eq!(config.best_metric(), Some(("eval_loss".to_string(), false)));
     let err = Trainer::run(
         &mut adapted_model(1),
@@ -239,7 +254,15 @@ fn best_model_settings_without_an_eval_set_are_refused() {
         None,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("load_best_model_at_end=True picks the best step by evaluating"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("load_best_model_at_end=True picks the best step by evaluating"),
+        "{err}"
+    );
     let bad = TrainConfig::from_settings(serde_json::json!({"metric_for_best_model": "eval_"})).unwrap_err();
-    assert!(bad.to_string().contains("metric_for_best_model must name a metric"), "{bad}");
+    assert!(
+        bad.to_string()
+            .contains("metric_for_best_model must name a metric"),
+        "{bad}"
+    );
 }

@@ -64,7 +64,10 @@ impl TrainerState {
             return bad(format!("loss_scale is {scale} (a positive finite number)"));
         }
         if let Some(step) = self.best_global_step.filter(|&s| s < 0 || s > self.global_step) {
-            return bad(format!("best_global_step is {step}, outside 0..={}", self.global_step));
+            return bad(format!(
+                "best_global_step is {step}, outside 0..={}",
+                self.global_step
+            ));
         }
         if let Some(step) = self
             .history

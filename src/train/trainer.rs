@@ -255,7 +255,11 @@ impl TrainConfig {
         if self.save_steps.is_some() && self.output_dir.is_none() {
             return Err(Error::invalid("save_steps needs output_dir"));
         }
-        if self.metric_for_best_model.as_deref().is_some_and(|m| matches!(metric_key(m).as_str(), "" | "eval_")) {
+        if self
+            .metric_for_best_model
+            .as_deref()
+            .is_some_and(|m| matches!(metric_key(m).as_str(), "" | "eval_"))
+        {
             return Err(Error::invalid(
                 "metric_for_best_model must name a metric (e.g. \"CIDEr\" or \"eval_loss\")",
             ));
@@ -282,7 +286,11 @@ impl TrainConfig {
 pub fn metric_key(name: &str) -> String {
     match name {
         "loss" | "eval_loss" => "eval_loss".into(),
-        other => other.strip_prefix("eval_").filter(|s| !s.is_empty()).unwrap_or(other).into(),
+        other => other
+            .strip_prefix("eval_")
+            .filter(|s| !s.is_empty())
+            .unwrap_or(other)
+            .into(),
     }
 }
 
@@ -320,7 +328,10 @@ impl<'de> Deserialize<'de> for Metrics {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object of metric names and numbers")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Metrics, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Metrics, A::Error> {
                 let mut out = Vec::new();
                 while let Some((name, value)) = map.next_entry::<String, Option<f64>>()? {
                     out.push((name, value.unwrap_or(f64::NAN)));
@@ -371,7 +382,12 @@ pub trait Observer {
         total_steps: i64,
     ) -> Result<Control>;
     /// After an evaluation: its metrics (`eval_loss`, then what [`Self::score`] added).
-    fn on_eval(&mut self, model: &BlipForConditionalGeneration, step: i64, metrics: &Metrics) -> Result<Control>;
+    fn on_eval(
+        &mut self,
+        model: &BlipForConditionalGeneration,
+        step: i64,
+        metrics: &Metrics,
+    ) -> Result<Control>;
     /// Metrics of the model at an evaluation step besides the evaluation loss (the bindings' caption scores of
     /// captions generated for the evaluation images), in the order to report them. Called on rank 0 only, with
     /// the model in no training state of its own: whatever it runs must choose its context (generation's has
@@ -1045,7 +1061,9 @@ impl TrainingRun<'_> {
         let mut stop = false;
         if self.config.rank == 0 {
             match self.observer.score(self.model, step)? {
-                Some(scores) => metrics.0.extend(scores.0.into_iter().filter(|(n, _)| n != "eval_loss")),
+                Some(scores) => metrics
+                    .0
+                    .extend(scores.0.into_iter().filter(|(n, _)| n != "eval_loss")),
                 None => stop = true,
             }
         }
@@ -1341,7 +1359,8 @@ fn best_checkpoint_after_resume(
         return Ok(None);
     };
     let here = resumed.parent().map(|p| checkpoint::checkpoint_dir(p, step));
-    let found = here.filter(|d| d.join(checkpoint::STATE_NAME).is_file() && state.best_model_checkpoint.is_some());
+    let found =
+        here.filter(|d| d.join(checkpoint::STATE_NAME).is_file() && state.best_model_checkpoint.is_some());
     if found.is_none() && config.load_best_model_at_end && step < state.global_step {
         return Err(Error::checkpoint(format!(
             "load_best_model_at_end needs the best checkpoint (step {step}, {} {:?}) that {} records, and it is \
@@ -1387,7 +1406,11 @@ fn load_best(
 }
 
 /// A checkpoint's trained weights into the model (an adapter's, or every parameter for full fine-tuning).
-fn load_weights(dir: &std::path::Path, model: &mut BlipForConditionalGeneration, format: &WeightsFormat) -> Result<()> {
+fn load_weights(
+    dir: &std::path::Path,
+    model: &mut BlipForConditionalGeneration,
+    format: &WeightsFormat,
+) -> Result<()> {
     match format {
         WeightsFormat::Adapter { name, bias, .. } => {
             let files = crate::weights::SafetensorsFiles::open(&[dir.join("adapter_model.safetensors")])?;

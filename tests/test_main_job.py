@@ -67,8 +67,12 @@ def test_bundled_model_captions_its_base_domain(bundled: str) -> None:
 @pytest.mark.cpu_isa
 def test_short_demo_improves_the_target_domain(tmp_path) -> None:
     summary = bp.demo.run(output_dir=str(tmp_path), quick=True)
-    assert summary["after"]["bleu4"] > summary["before"]["bleu4"] + 0.05
+    assert summary["after"]["Bleu_4"] > summary["before"]["Bleu_4"] + 0.05
+    assert summary["after"]["CIDEr"] > summary["before"]["CIDEr"] + 0.2
     assert summary["after"]["exact_match"] >= summary["before"]["exact_match"]
+    # the best validation CIDEr picked the adapter kept
+    cider = summary["validation_cider"]
+    assert summary["best_step"] == int(max(cider, key=lambda s: (cider[s], -int(s))))
     assert summary["reloaded_matches"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert os.path.getsize(tmp_path / "loss.png") > 0

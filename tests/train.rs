@@ -6,7 +6,7 @@ mod common;
 use blip_peft::data::TensorDataset;
 use blip_peft::lora::{inject, LoraConfig};
 use blip_peft::train::checkpoint::{ResumeFrom, WeightsFormat};
-use blip_peft::train::trainer::{Control, Observer, StepLog, TrainConfig};
+use blip_peft::train::trainer::{Control, Metrics, Observer, StepLog, TrainConfig};
 use blip_peft::train::Trainer;
 use blip_peft::BlipForConditionalGeneration;
 use common::{global_rng, tiny_config};
@@ -34,7 +34,7 @@ impl Observer for StopAt {
         &mut self,
         _model: &blip_peft::blip::BlipForConditionalGeneration,
         _step: i64,
-        _loss: f64,
+        _metrics: &Metrics,
     ) -> blip_peft::Result<Control> {
         Ok(Control::Continue)
     }
@@ -123,4 +123,146 @@ fn a_resumed_run_repeats_the_uninterrupted_one() {
         let diff = f64::try_from((a - b).abs().max()).unwrap();
         assert!(diff <= 1e-5, "{n}: {diff}");
     }
+}
+
+/// Reports a scripted "CIDEr" at each evaluation step, as the bindings' caption scorer would.
+struct Scripted(Vec<(i64, f64)>);
+
+impl Observer for Scripted {
+    fn on_log(
+        &mut self,
+        _model: &blip_peft::blip::BlipForConditionalGeneration,
+        _logs: &[StepLog],
+        _total_steps: i64,
+    ) -> blip_peft::Result<Control> {
+        Ok(Control::Continue)
+    }
+
+    fn on_eval(
+        &mut self,
+        _model: &blip_peft::blip::BlipForConditionalGeneration,
+        step: i64,
+        metrics: &Metrics,
+    ) -> blip_peft::Result<Control> {
+        assert_eq!(metrics.names(), ["eval_loss", "CIDEr"], "step {step}");
+        Ok(Control::Continue)
+    }
+
+    fn score(
+        &mut self,
+        _model: &blip_peft::blip::BlipForConditionalGeneration,
+        step: i64,
+    ) -> blip_peft::Result<Option<Metrics>> {
+        let value = self.0.iter().find(|(s, _)| *s == step).map(|(_, v)| *v).unwrap();
+        Ok(Some(Metrics(vec![("CIDEr".into(), value)])))
+    }
+}
+
+fn adapter_of(model: &BlipForConditionalGeneration) -> Vec<(String, Tensor)> {
+    model
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n.contains("lora_"))
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect()
+}
+
+#[test]
+fn the_best_step_is_tracked_kept_and_loaded_at_the_end() {
+    let _rng = global_rng();
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainConfig::from_settings(serde_json::json!({
+        "max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 2, "save_steps": 2,
+        "save_total_limit": 1, "mixed_precision": "no", "seed": 3, "output_dir": out.path(),
+        "metric_for_best_model": "eval_CIDEr", "load_best_model_at_end": true,
+    }))
+    .unwrap();
+    assert_eq!(config.best_metric(), Some(("CIDEr".to_string(), true)));
+    let format = WeightsFormat::Adapter {
+        name: "default",
+        bias: "none",
+        config_json: "{}",
+    };
+    let mut model = adapted_model(10);
+    // an equal later value does not replace the best (strict comparison, as transformers compares)
+    let mut scores = Scripted(vec![(2, 0.5), (4, 0.9), (6, 0.9)]);
+    let outcome = Trainer::run(
+        &mut model,
+        Box::new(data()),
+        Some(Box::new(data())),
+        &config,
+        &format,
+        &mut scores,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        (outcome.best_global_step, outcome.best_metric),
+        (Some(4), Some(0.9))
+    );
+    let best_dir = out.path().join("checkpoint-4");
+    assert_eq!(outcome.best_model_checkpoint.as_deref(), Some(best_dir.as_path()));
+    assert_eq!(
+        outcome.metric_history.iter().map(|r| r.step).collect::<Vec<_>>(),
+        [2, 4, 6]
+    );
+    // save_total_limit=1 keeps the newest checkpoint and the best one
+    let mut left: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-4", "checkpoint-6"]);
+    // the model ends with checkpoint-4's adapter, not the last step's
+    let mut reference = adapted_model(10);
+    let files =
+        blip_peft::weights::SafetensorsFiles::open(&[best_dir.join("adapter_model.safetensors")]).unwrap();
+    let mut tensors = std::collections::BTreeMap::new();
+    for n in files.names() {
+        tensors.insert(n.clone(), files.read(n).unwrap().unwrap());
+    }
+    inject::load_adapter_state(&mut reference, "default", "none", &tensors).unwrap();
+    let (got, want) = (adapter_of(&model), adapter_of(&reference));
+    assert_eq!(got.len(), want.len());
+    for ((n, a), (_, b)) in got.iter().zip(&want) {
+        assert!(a.equal(b), "{n}");
+    }
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("checkpoint-6/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["best_metric"], 0.9);
+    assert_eq!(state["best_global_step"], 4);
+    assert_eq!(state["metric_history"][1]["metrics"]["CIDEr"], 0.9);
+}
+
+#[test]
+fn best_model_settings_without_an_eval_set_are_refused() {
+    let _rng = global_rng();
+    let config =
+        TrainConfig::from_settings(serde_json::json!({"max_steps": 1, "load_best_model_at_end": true}))
+            .unwrap();
+    assert_eq!(config.best_metric(), Some(("eval_loss".to_string(), false)));
+    let err = Trainer::run(
+        &mut adapted_model(1),
+        Box::new(data()),
+        None,
+        &config,
+        &WeightsFormat::Full,
+        &mut StopAt(None),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("load_best_model_at_end=True picks the best step by evaluating"),
+        "{err}"
+    );
+    let bad = TrainConfig::from_settings(serde_json::json!({"metric_for_best_model": "eval_"})).unwrap_err();
+    assert!(
+        bad.to_string()
+            .contains("metric_for_best_model must name a metric"),
+        "{bad}"
+    );
 }

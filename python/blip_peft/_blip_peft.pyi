@@ -62,6 +62,7 @@ def train_native(
     adapter: tuple[str, str, str] | None = None,
     callback: Callable[[str, dict[str, Any]], Any] | None = None,
     distributed: _CollectiveLike | None = None,
+    scorer: Callable[[int], dict[str, float]] | None = None,
 ) -> dict[str, Any]: ...
 def collate_captions(
     captions: Sequence[Sequence[int]],

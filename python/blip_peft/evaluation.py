@@ -14,6 +14,9 @@ from blip_peft.metrics import caption_scores
 #: The BLIP authors' evaluation decoding (LAVIS `caption_coco_ft.yaml`): beam search, 3 beams, 5-20 tokens.
 RECIPE_DECODING: dict[str, int] = {"num_beams": 3, "min_new_tokens": 5, "max_new_tokens": 20}
 
+#: The names `caption_scores` (and so `evaluate`) reports, in its order.
+METRIC_NAMES: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
+
 
 def _image_key(image: Any) -> Any:
     """What makes two rows the same image: the same path, the same encoded bytes, or the same object."""
@@ -97,27 +100,61 @@ def evaluate(
     stripped before scoring, as LAVIS scores them. The model is put in eval mode while it captions.
     """
     images, references = group_references(dataset, image_column, text_column)
-    if prompt is None:
-        prompt = getattr(model, "caption_prompt", None)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
     try:
-        captions = generate(
+        return score_images(
             model,
             processor,
             images,
-            prompt=prompt,
+            references,
             batch_size=batch_size,
-            strip_prompt=prompt is not None,
             num_beams=num_beams,
             min_new_tokens=min_new_tokens,
             max_new_tokens=max_new_tokens,
+            prompt=prompt,
+            tokenize=tokenize,
+            return_captions=return_captions,
             **generate_kwargs,
         )
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
+
+
+def score_images(
+    model: Any,
+    processor: Any,
+    images: list[Any],
+    references: list[list[str]],
+    *,
+    batch_size: int = 32,
+    num_beams: int = 3,
+    min_new_tokens: int = 5,
+    max_new_tokens: int = 20,
+    prompt: str | None = None,
+    tokenize: bool = True,
+    return_captions: bool = False,
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """`evaluate` on images already grouped with their references (`group_references`), without touching the
+    model's mode: `generate` decodes without dropout in any mode, so `train` scores its evaluation set with
+    this on the model it is training (lent to Python during the evaluation step)."""
+    if prompt is None:
+        prompt = getattr(model, "caption_prompt", None)
+    captions = generate(
+        model,
+        processor,
+        images,
+        prompt=prompt,
+        batch_size=batch_size,
+        strip_prompt=prompt is not None,
+        num_beams=num_beams,
+        min_new_tokens=min_new_tokens,
+        max_new_tokens=max_new_tokens,
+        **generate_kwargs,
+    )
     scores: dict[str, Any] = dict(caption_scores(references, captions, tokenize=tokenize))
     if return_captions:
         scores["captions"] = captions

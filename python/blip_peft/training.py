@@ -15,6 +15,7 @@ import torch
 from blip_peft import _blip_peft, distributed
 from blip_peft._convert import fspath
 from blip_peft.data import as_items
+from blip_peft.evaluation import METRIC_NAMES, RECIPE_DECODING, group_references, score_images
 from blip_peft.modeling import BlipForConditionalGeneration
 from blip_peft.peft_model import PeftModel
 from blip_peft.processing import BlipImageProcessor, _native_image
@@ -22,10 +23,20 @@ from blip_peft.processing import BlipImageProcessor, _native_image
 
 @dataclass
 class TrainResult:
-    """What `train` returns: per-step history, evaluation losses and where the result was saved."""
+    """What `train` returns: per-step history, evaluation losses and metrics, the best step, and where the
+    result was saved.
+
+    `metric_history` maps each evaluation step to its metrics: ``eval_loss``, and with caption evaluation
+    (`predict_with_generate`) `evaluate`'s ``Bleu_1``..``Bleu_4``, ``ROUGE_L``, ``CIDEr``. `best_metric`,
+    `best_global_step` and `best_model_checkpoint` are transformers' `TrainerState` fields for
+    `metric_for_best_model` (None without one)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_history: list[tuple[int, float]] = field(default_factory=list)
+    metric_history: dict[int, dict[str, float]] = field(default_factory=dict)
+    best_metric: float | None = None
+    best_global_step: int | None = None
+    best_model_checkpoint: str | None = None
     global_step: int = 0
     total_steps: int = 0
     interrupted: bool = False
@@ -38,7 +49,8 @@ class TrainResult:
         return [h["loss"] for h in self.history]
 
     def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
-        """Draws the training (and evaluation) loss curves with matplotlib; saves a PNG when `path` is given."""
+        """Draws the training (and evaluation) loss curves with matplotlib, and beside them the caption metrics
+        of each evaluation when there are any (the best step marked); saves a PNG when `path` is given."""
         try:
             import matplotlib
 
@@ -47,13 +59,26 @@ class TrainResult:
             import matplotlib.pyplot as plt
         except ImportError:
             raise ImportError("TrainResult.plot needs matplotlib: pip install matplotlib") from None
-        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = sorted(self.metric_history)
+        names = [n for n in (steps and self.metric_history[steps[-1]]) or {} if n != "eval_loss"]
+        fig, axes = plt.subplots(1, 2 if names else 1, figsize=(11 if names else 6, 4), squeeze=False)
+        ax = axes[0][0]
         ax.plot([h["step"] for h in self.history], self.losses, label="train loss")
         if self.eval_history:
             ax.plot([s for s, _ in self.eval_history], [v for _, v in self.eval_history], "o-", label="eval loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend()
+        if names:
+            scores = axes[0][1]
+            for name in names:
+                at = [s for s in steps if name in self.metric_history[s]]
+                scores.plot(at, [self.metric_history[s][name] for s in at], "o-", label=name)
+            if self.best_global_step is not None:
+                scores.axvline(self.best_global_step, color="grey", linestyle=":", label="best step")
+            scores.set_xlabel("step")
+            scores.set_ylabel("score (eval set)")
+            scores.legend(fontsize="small")
         fig.tight_layout()
         if path is not None:
             fig.savefig(fspath(path, "path"), dpi=100)
@@ -81,7 +106,8 @@ class _Progress:
             if self.user_callback is not None and self.user_callback(dict(payload)) is True:
                 stop = True
             if self.enabled:
-                self._write(f"step {payload['step']}: eval loss {payload['eval_loss']:.4f}")
+                extra = "".join(f", {k} {payload[k]:.4f}" for k in ("CIDEr", "Bleu_4") if k in payload)
+                self._write(f"step {payload['step']}: eval loss {payload['eval_loss']:.4f}{extra}")
         return stop
 
     def _show(self, log: dict[str, Any], total: int) -> None:
@@ -123,10 +149,12 @@ def _encode(
     num_workers: int | None = None,
     prompt: str | None = None,
     augment: dict[str, Any] | None = None,
+    several_captions: bool = False,
 ) -> tuple[Any, list[int]]:
     """A dataset as the core trains on it (with the training collation: BOS first, pads -100, a prompt's
     tokens -100): a streaming image-caption source for our processor, tensors otherwise; and the indices
-    skipped up front."""
+    skipped up front. With `several_captions` (the evaluation set) a row's caption may be a list of
+    references, as `evaluate` takes them: one (image, caption) pair each."""
     if isinstance(dataset, Mapping):
         if augment is not None:
             raise ValueError(
@@ -152,10 +180,13 @@ def _encode(
     texts: list[str] = []
     for i in range(len(pairs)):
         image, text = pairs[i]
-        if not isinstance(text, str):
-            raise TypeError(f"{what} item {i}: the caption must be a string, got {type(text).__name__}")
-        images.append(image)
-        texts.append(prompt + text if prompt else text)
+        several = several_captions and isinstance(text, (list, tuple)) and len(text) > 0
+        for caption in text if several else [text]:
+            if not isinstance(caption, str):
+                kind = "a string or a list of strings" if several_captions else "a string"
+                raise TypeError(f"{what} item {i}: the caption must be {kind}, got {type(caption).__name__}")
+            images.append(image)
+            texts.append(prompt + caption if prompt else caption)
     prompt_tokens = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
     image_processor = getattr(processor, "image_processor", None)
     if isinstance(image_processor, BlipImageProcessor):
@@ -222,6 +253,90 @@ def _augment_settings(augment: Any) -> dict[str, Any] | None:
     raise TypeError(f"augment must be None, 'blip' or a dict of augmentation settings, got {type(augment).__name__}")
 
 
+def _caption_scoring(
+    eval_dataset: Any,
+    metric_for_best_model: Any,
+    greater_is_better: Any,
+    load_best_model_at_end: Any,
+    predict_with_generate: Any,
+    eval_generate_kwargs: Any,
+) -> dict[str, Any] | None:
+    """The evaluation settings checked up front: the `evaluate` options for caption scoring (None: the eval
+    loss alone)."""
+    for name, value in (("load_best_model_at_end", load_best_model_at_end), ("greater_is_better", greater_is_better),
+                        ("predict_with_generate", predict_with_generate)):  # fmt: skip
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if metric_for_best_model is not None and not isinstance(metric_for_best_model, str):
+        raise TypeError(f"metric_for_best_model must be a metric's name (e.g. 'CIDEr'), got {metric_for_best_model!r}")
+    key = None
+    if metric_for_best_model is not None:
+        key = "eval_loss" if metric_for_best_model in ("loss", "eval_loss") else metric_for_best_model
+        key = key.removeprefix("eval_") if key != "eval_loss" else key
+        if key != "eval_loss" and key not in METRIC_NAMES:
+            known = ", ".join(repr(n) for n in ("eval_loss", *METRIC_NAMES))
+            raise ValueError(f"metric_for_best_model={metric_for_best_model!r} is not a metric train reports: {known}")
+    if eval_dataset is None:
+        for name, asked in (("load_best_model_at_end=True", load_best_model_at_end),
+                            ("metric_for_best_model", metric_for_best_model is not None),
+                            ("predict_with_generate=True", bool(predict_with_generate))):  # fmt: skip
+            if asked:
+                raise ValueError(
+                    f"{name} evaluates during training, but no eval_dataset was given; pass eval_dataset "
+                    "(images with their reference captions) or leave it unset"
+                )
+    caption_metric = key is not None and key != "eval_loss"
+    if predict_with_generate is False and caption_metric:
+        raise ValueError(
+            f"metric_for_best_model={metric_for_best_model!r} is a caption metric, which needs captions generated "
+            "for eval_dataset: leave predict_with_generate at its default (or True), or pick 'eval_loss'"
+        )
+    generating = predict_with_generate if predict_with_generate is not None else caption_metric
+    if eval_generate_kwargs is not None and not isinstance(eval_generate_kwargs, Mapping):
+        raise TypeError(
+            f"eval_generate_kwargs must be a dict of evaluate options, got {type(eval_generate_kwargs).__name__}"
+        )
+    if not generating:
+        if eval_generate_kwargs:
+            raise ValueError("eval_generate_kwargs is for caption evaluation: set predict_with_generate=True too")
+        return None
+    if isinstance(eval_dataset, Mapping):
+        raise ValueError(
+            "caption evaluation (predict_with_generate, or a caption metric_for_best_model) needs an eval_dataset of "
+            "images and reference captions, not a mapping of tensors"
+        )
+    options: dict[str, Any] = dict(RECIPE_DECODING)
+    for name, value in (eval_generate_kwargs or {}).items():
+        if name in ("prompt", "return_captions", "image_column", "text_column"):
+            raise ValueError(f"eval_generate_kwargs cannot set {name!r}: train's own {name} argument is used")
+        options[name] = value
+    return options
+
+
+class _CaptionScorer:
+    """`evaluate` for the trainer: the evaluation set's images grouped with their references once, captioned
+    and scored at each evaluation step on the model being trained (the core lends it for the call)."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        dataset: Any,
+        image_column: str,
+        text_column: str,
+        prompt: str | None,
+        options: dict[str, Any],
+    ) -> None:
+        self.images, self.references = group_references(dataset, image_column, text_column)
+        self.model, self.processor, self.prompt, self.options = model, processor, prompt, options
+
+    def __call__(self, step: int) -> dict[str, float]:
+        scores = score_images(
+            self.model, self.processor, self.images, self.references, prompt=self.prompt, **self.options
+        )
+        return {name: float(value) for name, value in scores.items()}
+
+
 def _real(value: Any, name: str) -> Any:
     """A real number as a float for the core (which checks its range and finiteness), or a TypeError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -286,6 +401,11 @@ def train(
     save_total_limit: int | None = None,
     resume_from_checkpoint: str | os.PathLike[str] | bool | None = None,
     eval_steps: int | None = None,
+    metric_for_best_model: str | None = None,
+    greater_is_better: bool | None = None,
+    load_best_model_at_end: bool = False,
+    predict_with_generate: bool | None = None,
+    eval_generate_kwargs: Mapping[str, Any] | None = None,
     logging_steps: int = 10,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
@@ -336,6 +456,25 @@ def train(
     whose caption names a side (a word starting with "left" or "right", or containing "clockwise") are never
     flipped: the words are not swapped, as "left" and "right" have other meanings ("he left", "all right").
     Needs images and captions with blip_peft's processor (not pre-encoded ``pixel_values``).
+
+    `eval_dataset` is evaluated every `eval_steps` steps and at the end: its loss (``eval_loss``), and with
+    ``predict_with_generate=True`` (transformers' Seq2Seq name; the default when `metric_for_best_model` is a
+    caption metric) the caption metrics `blip_peft.evaluate` gives for the model at that step (``Bleu_1``..
+    ``Bleu_4``, ``ROUGE_L``, ``CIDEr``): captions generated for its images with the recipe's decoding (beam
+    search, 3 beams, 5 to 20 new tokens; `eval_generate_kwargs` overrides these and takes `evaluate`'s other
+    options, e.g. ``{"batch_size": 16, "max_new_tokens": 30}``), starting from `prompt` as `evaluate` does, and
+    scored against the dataset's captions. Generation never runs dropout. Its rows are those `evaluate` takes:
+    a caption or a list of reference captions per row, or several rows with the same image. The metrics of
+    every evaluation are in `TrainResult.metric_history` and its plot.
+
+    `metric_for_best_model` (``"CIDEr"``, ``"Bleu_4"``, ..., or ``"eval_loss"``; transformers' ``"eval_"``
+    prefix is accepted) picks the best evaluation; `greater_is_better` defaults as transformers does (True
+    unless the name ends in "loss"). The best value, its step and its checkpoint are `TrainResult.best_metric`,
+    `best_global_step` and `best_model_checkpoint`, also in each checkpoint's ``trainer_state.json`` (so a
+    resumed run goes on comparing with them), and `save_total_limit` never deletes the best checkpoint.
+    ``load_best_model_at_end=True`` (metric: ``"eval_loss"`` unless given) puts the best evaluation's trained
+    weights back into the model when training ends (then saved into `output_dir`); with `output_dir`, every new
+    best is also checkpointed, so a resumed run can restore a best from before the interruption.
 
     `callback(dict)` is called at every logging step with that step's record (and after each evaluation);
     returning True stops training. Ctrl-C stops after the current step, saves a checkpoint when `output_dir`
@@ -390,10 +529,20 @@ def train(
             augment,
         )
 
+    scoring = _caption_scoring(
+        eval_dataset, metric_for_best_model, greater_is_better, load_best_model_at_end, predict_with_generate,
+        eval_generate_kwargs,
+    )  # fmt: skip
     train_tensors, skipped = encode(train_dataset, "train_dataset", num_workers, augment_settings)
     eval_tensors = None
+    scorer = None
     if eval_dataset is not None:
-        eval_tensors, _ = encode(eval_dataset, "eval_dataset")
+        eval_tensors, _ = _encode(
+            eval_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample,
+            "eval_dataset", None, prompt, several_captions=True,
+        )  # fmt: skip
+        if scoring is not None:
+            scorer = _CaptionScorer(model, processor, eval_dataset, image_column, text_column, prompt, scoring)
     out = fspath(output_dir, "output_dir") if output_dir is not None else None
     # True: the core resumes from the newest complete checkpoint in output_dir.
     resume = resume_from_checkpoint
@@ -428,6 +577,9 @@ def train(
         "save_steps": save_steps,
         "save_total_limit": save_total_limit,
         "eval_steps": eval_steps,
+        "metric_for_best_model": metric_for_best_model,
+        "greater_is_better": greater_is_better,
+        "load_best_model_at_end": load_best_model_at_end,
         "max_length": max_length,
         "resume_from_checkpoint": resume,
     }
@@ -435,12 +587,16 @@ def train(
     main_process = group is None or group.rank == 0
     reporter = _Progress(progress and main_process, callback)
     try:
-        result = _blip_peft.train_native(native, train_tensors, eval_tensors, args, adapter, reporter, group)
+        result = _blip_peft.train_native(native, train_tensors, eval_tensors, args, adapter, reporter, group, scorer)
     finally:
         reporter.close()
     train_result = TrainResult(
         history=result["history"],
         eval_history=[tuple(e) for e in result["eval_history"]],  # type: ignore[misc]
+        metric_history={step: metrics for step, metrics in result["metric_history"]},
+        best_metric=result["best_metric"],
+        best_global_step=result["best_global_step"],
+        best_model_checkpoint=result["best_model_checkpoint"],
         global_step=result["global_step"],
         total_steps=result["total_steps"],
         interrupted=result["interrupted"],

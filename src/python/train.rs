@@ -11,7 +11,7 @@ use super::{json, tensor};
 use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
 use crate::processor::augment::AugmentConfig;
 use crate::train::checkpoint::WeightsFormat;
-use crate::train::trainer::{Collective, Control, Observer, TrainConfig};
+use crate::train::trainer::{Collective, Control, EvalRecord, Metrics, Observer, TrainConfig};
 use crate::train::{StepLog, Trainer};
 
 /// Calls the Python callback at logging steps; Ctrl-C and a callback returning True stop training.
@@ -19,6 +19,8 @@ struct PyObserver {
     /// The handle of the model being trained: lent to the callback (see `model::Lend`).
     inner: std::sync::Arc<std::sync::Mutex<crate::blip::BlipForConditionalGeneration>>,
     callback: Option<Py<PyAny>>,
+    /// `scorer(step) -> dict[str, float]`: the evaluation metrics besides the loss (caption scores).
+    scorer: Option<Py<PyAny>>,
     interrupted: bool,
     error: Option<PyErr>,
 }
@@ -72,6 +74,36 @@ impl PyObserver {
     }
 }
 
+impl PyObserver {
+    /// The scorer's metrics for the model at `step`, the model lent to it as to the callback.
+    fn scores(
+        &mut self,
+        model: &crate::blip::BlipForConditionalGeneration,
+        step: i64,
+    ) -> crate::Result<Option<Metrics>> {
+        Python::attach(|py| {
+            let Some(scorer) = &self.scorer else {
+                return Ok(Some(Metrics::default()));
+            };
+            let _lend = super::model::Lend::new(&self.inner, model);
+            let result = scorer.call1(py, (step,)).and_then(|r| {
+                let d = r.bind(py).cast::<PyDict>().map_err(PyErr::from)?.clone();
+                d.iter()
+                    .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<f64>()?)))
+                    .collect::<PyResult<Vec<_>>>()
+            });
+            match result {
+                Ok(m) => Ok(Some(Metrics(m))),
+                Err(e) => {
+                    // Ctrl-C while scoring: no scores for this step, and the run stops after it.
+                    self.stop_for(py, e, "the evaluation's caption scoring raised an exception")?;
+                    Ok(None)
+                }
+            }
+        })
+    }
+}
+
 fn log_dict<'py>(py: Python<'py>, log: &StepLog) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("step", log.step)?;
@@ -111,14 +143,24 @@ impl Observer for PyObserver {
         &mut self,
         model: &crate::blip::BlipForConditionalGeneration,
         step: i64,
-        loss: f64,
+        metrics: &Metrics,
     ) -> crate::Result<Control> {
         self.call(model, "eval", |py| {
             let d = PyDict::new(py);
             d.set_item("step", step)?;
-            d.set_item("eval_loss", loss)?;
+            for (name, value) in &metrics.0 {
+                d.set_item(name, value)?;
+            }
             Ok(d.into_any().unbind())
         })
+    }
+
+    fn score(
+        &mut self,
+        model: &crate::blip::BlipForConditionalGeneration,
+        step: i64,
+    ) -> crate::Result<Option<Metrics>> {
+        self.scores(model, step)
     }
 }
 
@@ -313,7 +355,7 @@ fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str, bos: i64) -> PyResult<Te
 /// Trains `model` on encoded tensors (a mapping with pixel_values, input_ids, attention_mask, labels).
 /// `adapter` is `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning.
 #[pyfunction]
-#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None))]
+#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None, scorer=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_native<'py>(
     py: Python<'py>,
@@ -324,6 +366,7 @@ pub fn train_native<'py>(
     adapter: Option<(String, String, String)>,
     callback: Option<Py<PyAny>>,
     distributed: Option<Py<PyAny>>,
+    scorer: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     guard("train_native", || {
         let (rank, world_size) = match &distributed {
@@ -346,6 +389,7 @@ pub fn train_native<'py>(
         let mut observer = PyObserver {
             inner: model.inner.clone(),
             callback,
+            scorer,
             interrupted: false,
             error: None,
         };
@@ -387,6 +431,24 @@ pub fn train_native<'py>(
         }
         d.set_item("history", history)?;
         d.set_item("eval_history", outcome.eval_history.clone())?;
+        let metric_history = PyList::empty(py);
+        for EvalRecord { step, metrics } in &outcome.metric_history {
+            let m = PyDict::new(py);
+            for (name, value) in &metrics.0 {
+                m.set_item(name, value)?;
+            }
+            metric_history.append((step, m))?;
+        }
+        d.set_item("metric_history", metric_history)?;
+        d.set_item("best_metric", outcome.best_metric)?;
+        d.set_item("best_global_step", outcome.best_global_step)?;
+        d.set_item(
+            "best_model_checkpoint",
+            outcome
+                .best_model_checkpoint
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+        )?;
         d.set_item("global_step", outcome.global_step)?;
         d.set_item("total_steps", outcome.total_steps)?;
         d.set_item("interrupted", outcome.interrupted || observer.interrupted)?;

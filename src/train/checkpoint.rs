@@ -28,6 +28,17 @@ pub struct TrainerState {
     pub trainable: Vec<String>,
     pub history: Vec<super::trainer::StepLog>,
     pub eval_history: Vec<(i64, f64)>,
+    /// Every evaluation's metrics (absent in states written before they were recorded).
+    #[serde(default)]
+    pub metric_history: Vec<super::trainer::EvalRecord>,
+    /// transformers' `TrainerState` names: the best value of `metric_for_best_model`, the step it was
+    /// reached at, and the checkpoint written at that step (kept by `save_total_limit`).
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_global_step: Option<i64>,
+    #[serde(default)]
+    pub best_model_checkpoint: Option<PathBuf>,
 }
 
 impl TrainerState {
@@ -51,6 +62,12 @@ impl TrainerState {
         }
         if let Some(scale) = self.loss_scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
             return bad(format!("loss_scale is {scale} (a positive finite number)"));
+        }
+        if let Some(step) = self.best_global_step.filter(|&s| s < 0 || s > self.global_step) {
+            return bad(format!(
+                "best_global_step is {step}, outside 0..={}",
+                self.global_step
+            ));
         }
         if let Some(step) = self
             .history
@@ -83,7 +100,8 @@ pub fn checkpoint_dir(output_dir: &Path, step: i64) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
-/// Writes a complete checkpoint for `state.global_step`, then enforces `save_total_limit`.
+/// Writes a complete checkpoint for `state.global_step`, then enforces `save_total_limit`: the oldest
+/// checkpoints go first, except `state.best_model_checkpoint`, which is kept (as transformers keeps it).
 pub fn save(
     output_dir: &Path,
     model: &mut BlipForConditionalGeneration,
@@ -140,8 +158,19 @@ pub fn save(
     }
     if let Some(limit) = save_total_limit {
         let mut all = list(output_dir)?;
-        while all.len() > limit.max(1) {
-            let (_, oldest) = all.remove(0);
+        let best = state.best_model_checkpoint.as_ref().and_then(|b| b.file_name());
+        // The best checkpoint counts toward the limit but is never the one removed.
+        let mut removable: Vec<PathBuf> = all
+            .drain(..)
+            .map(|(_, dir)| dir)
+            .filter(|dir| best.is_none() || dir.file_name() != best)
+            .collect();
+        let kept_best = usize::from(best.is_some_and(|b| output_dir.join(b).is_dir()));
+        while removable.len() + kept_best > limit.max(1) && !removable.is_empty() {
+            let oldest = removable.remove(0);
+            if oldest == final_dir {
+                continue; // the checkpoint just written stays (a limit of 1 keeps it and the best)
+            }
             let _ = discard(&oldest);
         }
     }

@@ -98,6 +98,15 @@ pub struct TrainConfig {
     pub save_steps: Option<i64>,
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<i64>,
+    /// The evaluation metric that picks the best step (transformers' `metric_for_best_model`): `"eval_loss"`
+    /// (or `"loss"`), or a name the observer's [`Observer::score`] reports (`"CIDEr"`, also as `"eval_CIDEr"`).
+    /// None with `load_best_model_at_end`: `"eval_loss"`, as transformers defaults it.
+    pub metric_for_best_model: Option<String>,
+    /// Whether a larger metric is better; None: true unless the metric's name ends in "loss" (transformers).
+    pub greater_is_better: Option<bool>,
+    /// Put the best evaluation's trained weights back into the model when training ends (and, with
+    /// `output_dir`, save a checkpoint at every new best so that a resumed run can too).
+    pub load_best_model_at_end: bool,
     /// The caption length limit (tokens, BOS and [SEP] included) the captions were tokenised to: checked
     /// here with the other settings (at least 2, or None); encoded tensors are used as given.
     pub max_length: Option<i64>,
@@ -136,6 +145,9 @@ impl Default for TrainConfig {
             save_steps: None,
             save_total_limit: None,
             eval_steps: None,
+            metric_for_best_model: None,
+            greater_is_better: None,
+            load_best_model_at_end: false,
             max_length: None,
             resume_from: None,
             rank: 0,
@@ -243,8 +255,99 @@ impl TrainConfig {
         if self.save_steps.is_some() && self.output_dir.is_none() {
             return Err(Error::invalid("save_steps needs output_dir"));
         }
+        if self
+            .metric_for_best_model
+            .as_deref()
+            .is_some_and(|m| matches!(metric_key(m).as_str(), "" | "eval_"))
+        {
+            return Err(Error::invalid(
+                "metric_for_best_model must name a metric (e.g. \"CIDEr\" or \"eval_loss\")",
+            ));
+        }
         Ok(())
     }
+
+    /// The metric that picks the best step, as it is named in an evaluation's [`Metrics`], and whether larger
+    /// is better; None when no metric was asked for (neither `metric_for_best_model` nor
+    /// `load_best_model_at_end`).
+    pub fn best_metric(&self) -> Option<(String, bool)> {
+        let name = match (&self.metric_for_best_model, self.load_best_model_at_end) {
+            (Some(name), _) => name.as_str(),
+            (None, true) => "loss",
+            (None, false) => return None,
+        };
+        let greater = self.greater_is_better.unwrap_or(!name.ends_with("loss"));
+        Some((metric_key(name), greater))
+    }
+}
+
+/// A `metric_for_best_model` name as evaluations report it: `"loss"` and `"eval_loss"` are `"eval_loss"`;
+/// other names lose transformers' `"eval_"` prefix (`"eval_CIDEr"` is `"CIDEr"`).
+pub fn metric_key(name: &str) -> String {
+    match name {
+        "loss" | "eval_loss" => "eval_loss".into(),
+        other => other
+            .strip_prefix("eval_")
+            .filter(|s| !s.is_empty())
+            .unwrap_or(other)
+            .into(),
+    }
+}
+
+/// One evaluation's numbers by name, in the order they were computed (`eval_loss` first, then what the
+/// observer scored); written to `trainer_state.json` as a JSON object in that order (NaN as null).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics(pub Vec<(String, f64)>);
+
+impl Metrics {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+impl Serialize for Metrics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            map.serialize_entry(name, &Some(*value).filter(|v| v.is_finite()))?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Metrics {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Ordered;
+        impl<'de> serde::de::Visitor<'de> for Ordered {
+            type Value = Metrics;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of metric names and numbers")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Metrics, A::Error> {
+                let mut out = Vec::new();
+                while let Some((name, value)) = map.next_entry::<String, Option<f64>>()? {
+                    out.push((name, value.unwrap_or(f64::NAN)));
+                }
+                Ok(Metrics(out))
+            }
+        }
+        d.deserialize_map(Ordered)
+    }
+}
+
+/// The metrics of the evaluation at `step`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalRecord {
+    pub step: i64,
+    pub metrics: Metrics,
 }
 
 /// One optimizer step's record.
@@ -278,7 +381,20 @@ pub trait Observer {
         logs: &[StepLog],
         total_steps: i64,
     ) -> Result<Control>;
-    fn on_eval(&mut self, model: &BlipForConditionalGeneration, step: i64, loss: f64) -> Result<Control>;
+    /// After an evaluation: its metrics (`eval_loss`, then what [`Self::score`] added).
+    fn on_eval(
+        &mut self,
+        model: &BlipForConditionalGeneration,
+        step: i64,
+        metrics: &Metrics,
+    ) -> Result<Control>;
+    /// Metrics of the model at an evaluation step besides the evaluation loss (the bindings' caption scores of
+    /// captions generated for the evaluation images), in the order to report them. Called on rank 0 only, with
+    /// the model in no training state of its own: whatever it runs must choose its context (generation's has
+    /// no dropout). Nothing by default; None: stop the run (e.g. Ctrl-C while scoring), this step unscored.
+    fn score(&mut self, _model: &BlipForConditionalGeneration, _step: i64) -> Result<Option<Metrics>> {
+        Ok(Some(Metrics::default()))
+    }
     /// Called after every optimizer step (cheap: e.g. a check for Ctrl-C).
     fn on_step_end(&mut self) -> Result<Control> {
         Ok(Control::Continue)
@@ -292,7 +408,7 @@ impl Observer for Silent {
     fn on_log(&mut self, _: &BlipForConditionalGeneration, _: &[StepLog], _: i64) -> Result<Control> {
         Ok(Control::Continue)
     }
-    fn on_eval(&mut self, _: &BlipForConditionalGeneration, _: i64, _: f64) -> Result<Control> {
+    fn on_eval(&mut self, _: &BlipForConditionalGeneration, _: i64, _: &Metrics) -> Result<Control> {
         Ok(Control::Continue)
     }
 }
@@ -313,6 +429,12 @@ pub trait Collective {
 pub struct TrainOutcome {
     pub history: Vec<StepLog>,
     pub eval_history: Vec<(i64, f64)>,
+    /// Every evaluation's metrics (the evaluation loss and what the observer scored), resumed runs' included.
+    pub metric_history: Vec<EvalRecord>,
+    /// The best value of the chosen metric so far, its step and the checkpoint saved at that step (if any).
+    pub best_metric: Option<f64>,
+    pub best_global_step: Option<i64>,
+    pub best_model_checkpoint: Option<PathBuf>,
     pub global_step: i64,
     pub total_steps: i64,
     /// Stopped by the observer (e.g. Ctrl-C) before the planned end.
@@ -561,6 +683,21 @@ impl Trainer {
                  pass eval_dataset or leave eval_steps unset"
             )));
         }
+        if eval.is_none() {
+            let asked = if config.load_best_model_at_end {
+                Some("load_best_model_at_end=True")
+            } else if config.metric_for_best_model.is_some() {
+                Some("metric_for_best_model")
+            } else {
+                None
+            };
+            if let Some(what) = asked {
+                return Err(Error::invalid(format!(
+                    "{what} picks the best step by evaluating, but no eval_dataset was given; pass eval_dataset \
+                     or leave it unset"
+                )));
+            }
+        }
         let plan = Plan::new(train.len(), config)?;
         let trainable: Vec<(String, Tensor)> = model
             .named_parameters()
@@ -597,6 +734,10 @@ impl Trainer {
             trainable: optimizer.states.iter().map(|s| s.name.clone()).collect(),
             history: Vec::new(),
             eval_history: Vec::new(),
+            metric_history: Vec::new(),
+            best_metric: None,
+            best_global_step: None,
+            best_model_checkpoint: None,
         };
         if let (Some(out), 0) = (&config.output_dir, config.rank) {
             // What a run killed midway left behind (hidden temporaries, never loaded) goes first.
@@ -605,6 +746,7 @@ impl Trainer {
         if let Some(from) = &config.resume_from {
             let dir = from.folder(config.output_dir.as_deref())?;
             state = resume(&dir, model, &mut optimizer, format)?;
+            state.best_model_checkpoint = best_checkpoint_after_resume(&state, &dir, config)?;
             if let (Some(s), Some(scale)) = (&mut scaler, state.loss_scale) {
                 let _ = s.scale.f_fill_(scale)?;
                 let _ = s.growth_tracker.f_fill_(state.growth_tracker.unwrap_or(0))?;
@@ -633,21 +775,30 @@ impl Trainer {
             last_checkpoint: None,
             window_start: Instant::now(),
             window_samples: 0,
+            best_weights: None,
         };
         let result = run.train(train);
         let TrainingRun {
             mut optimizer,
             state,
             last_checkpoint,
+            best_weights,
             ..
         } = run;
         drop(flush);
         guard.restore()?;
         let _ = optimizer.zero_grad();
         let interrupted = result?;
+        if config.load_best_model_at_end {
+            load_best(model, &optimizer, &state, best_weights, format)?;
+        }
         Ok(TrainOutcome {
             history: state.history,
             eval_history: state.eval_history,
+            metric_history: state.metric_history,
+            best_metric: state.best_metric,
+            best_global_step: state.best_global_step,
+            best_model_checkpoint: state.best_model_checkpoint,
             global_step: state.global_step,
             total_steps: plan.total_steps,
             interrupted,
@@ -680,6 +831,9 @@ struct TrainingRun<'a> {
     /// Since the last logging step: when it was, and the samples this process trained on.
     window_start: Instant,
     window_samples: usize,
+    /// `load_best_model_at_end`: host copies of the trained weights at the best evaluation of this run, in
+    /// optimizer order (a best from before a resume is read back from its checkpoint instead).
+    best_weights: Option<Vec<Tensor>>,
 }
 
 impl TrainingRun<'_> {
@@ -839,8 +993,15 @@ impl TrainingRun<'_> {
         if log_now || save_now || eval_now {
             control = self.log()?;
         }
-        if eval_now && self.evaluate()? == Control::Stop {
-            control = Control::Stop;
+        let mut save_now = save_now;
+        if eval_now {
+            let (eval_control, new_best) = self.evaluate()?;
+            if eval_control == Control::Stop {
+                control = Control::Stop;
+            }
+            // load_best_model_at_end with output_dir: every new best is checkpointed (transformers'
+            // save_strategy="best" on top of save_steps), so a resumed run can still load it at its end.
+            save_now |= new_best && config.load_best_model_at_end && config.output_dir.is_some();
         }
         if self.observer.on_step_end()? == Control::Stop {
             control = Control::Stop;
@@ -879,10 +1040,12 @@ impl TrainingRun<'_> {
         Ok(control)
     }
 
-    /// The evaluation loss (each process on its share), recorded and told to the observer (rank 0).
-    fn evaluate(&mut self) -> Result<Control> {
+    /// The evaluation loss (each process on its share) and the observer's scores (rank 0), recorded, the best
+    /// metric updated, and told to the observer (rank 0). Returns the observer's say and whether this step is
+    /// a new best.
+    fn evaluate(&mut self) -> Result<(Control, bool)> {
         let Some(source) = &self.eval else {
-            return Ok(Control::Continue);
+            return Ok((Control::Continue, false));
         };
         let cx = ForwardContext {
             compute_kind: self.compute_kind,
@@ -898,10 +1061,77 @@ impl TrainingRun<'_> {
         )?;
         let step = self.state.global_step;
         self.state.eval_history.push((step, loss));
-        if self.config.rank == 0 && self.observer.on_eval(self.model, step, loss)? == Control::Stop {
-            return Ok(Control::Stop);
+        let mut metrics = Metrics(vec![("eval_loss".into(), loss)]);
+        let mut stop = false;
+        if self.config.rank == 0 {
+            match self.observer.score(self.model, step)? {
+                Some(scores) => metrics
+                    .0
+                    .extend(scores.0.into_iter().filter(|(n, _)| n != "eval_loss")),
+                None => stop = true,
+            }
         }
-        Ok(Control::Continue)
+        if let Some(c) = self.collective.as_deref_mut() {
+            stop = c.all_reduce_max(if stop { 1.0 } else { 0.0 })? > 0.0;
+        }
+        if stop {
+            // Stopped while scoring: the step keeps its loss, the best stays as it was.
+            self.state.metric_history.push(EvalRecord { step, metrics });
+            return Ok((Control::Stop, false));
+        }
+        let new_best = self.update_best(step, &metrics)?;
+        let control = if self.config.rank == 0 {
+            self.observer.on_eval(self.model, step, &metrics)?
+        } else {
+            Control::Continue
+        };
+        self.state.metric_history.push(EvalRecord { step, metrics });
+        Ok((control, new_best))
+    }
+
+    /// Compares this evaluation's chosen metric with the best so far (transformers' strict comparison, so
+    /// the first of equal values stays best; NaN is never best); a new best is recorded, and with
+    /// `load_best_model_at_end` its trained weights are copied to host memory. Every process takes the
+    /// value rank 0 saw, so all of them agree on the best step.
+    fn update_best(&mut self, step: i64, metrics: &Metrics) -> Result<bool> {
+        let Some((key, greater)) = self.config.best_metric() else {
+            return Ok(false);
+        };
+        let value = match (self.config.rank, metrics.get(&key)) {
+            (0, Some(v)) => v,
+            (0, None) => {
+                return Err(Error::invalid(format!(
+                    "metric_for_best_model is {key:?}, which the evaluation does not report; it reports {}",
+                    metrics.names().join(", ")
+                )))
+            }
+            _ => f64::NEG_INFINITY,
+        };
+        let value = match self.collective.as_deref_mut() {
+            Some(c) => c.all_reduce_max(value)?,
+            None => value,
+        };
+        let best = self
+            .state
+            .best_metric
+            .unwrap_or(if greater { f64::NEG_INFINITY } else { f64::INFINITY });
+        let better = if greater { value > best } else { value < best };
+        if !better {
+            return Ok(false);
+        }
+        self.state.best_metric = Some(value);
+        self.state.best_global_step = Some(step);
+        if self.config.load_best_model_at_end {
+            let _guard = tch::no_grad_guard();
+            let copies = self
+                .optimizer
+                .states
+                .iter()
+                .map(|s| Ok(s.param.f_to_device(Device::Cpu)?.f_detach_copy()?))
+                .collect::<Result<Vec<_>>>()?;
+            self.best_weights = Some(copies);
+        }
+        Ok(true)
     }
 
     /// A checkpoint of the current step in `output_dir` (written by rank 0; the others note its folder).
@@ -912,6 +1142,9 @@ impl TrainingRun<'_> {
         if let Some(s) = self.scaler.as_ref() {
             self.state.loss_scale = Some(f64::try_from(s.scale.f_squeeze()?)?);
             self.state.growth_tracker = Some(i64::try_from(s.growth_tracker.f_squeeze()?)?);
+        }
+        if self.state.best_global_step == Some(self.state.global_step) {
+            self.state.best_model_checkpoint = Some(checkpoint::checkpoint_dir(dir, self.state.global_step));
         }
         self.last_checkpoint = if self.config.rank == 0 {
             Some(checkpoint::save(
@@ -1114,6 +1347,74 @@ fn resume(
     if !dir.is_dir() {
         return Err(Error::not_found("checkpoint to resume from", dir));
     }
+    load_weights(dir, model, format)?;
+    checkpoint::load_state(dir, optimizer)
+}
+
+/// The best checkpoint a resumed state records, looked up next to the checkpoint resumed from (the folder
+/// may have moved since it was written). With `load_best_model_at_end`, a best step before the resumed one
+/// whose checkpoint is gone is an error now rather than a model that cannot be restored at the end.
+fn best_checkpoint_after_resume(
+    state: &TrainerState,
+    resumed: &std::path::Path,
+    config: &TrainConfig,
+) -> Result<Option<PathBuf>> {
+    let Some(step) = state.best_global_step else {
+        return Ok(None);
+    };
+    let here = resumed.parent().map(|p| checkpoint::checkpoint_dir(p, step));
+    let found =
+        here.filter(|d| d.join(checkpoint::STATE_NAME).is_file() && state.best_model_checkpoint.is_some());
+    if found.is_none() && config.load_best_model_at_end && step < state.global_step {
+        return Err(Error::checkpoint(format!(
+            "load_best_model_at_end needs the best checkpoint (step {step}, {} {:?}) that {} records, and it is \
+             not there; resume from a folder that still holds it, or train without load_best_model_at_end",
+            config.metric_for_best_model.as_deref().unwrap_or("eval_loss"),
+            state.best_metric.unwrap_or(f64::NAN),
+            resumed.join(checkpoint::STATE_NAME).display()
+        )));
+    }
+    Ok(found)
+}
+
+/// `load_best_model_at_end`: the trained weights of the best evaluation back into the model: from this run's
+/// host copies, or from the best checkpoint (a best from before a resume). Nothing when the last step is the
+/// best, or when no evaluation ran.
+fn load_best(
+    model: &mut BlipForConditionalGeneration,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    best_weights: Option<Vec<Tensor>>,
+    format: &WeightsFormat,
+) -> Result<()> {
+    let Some(step) = state.best_global_step else {
+        return Ok(());
+    };
+    if step == state.global_step {
+        return Ok(());
+    }
+    if let Some(weights) = best_weights {
+        let _guard = tch::no_grad_guard();
+        for (s, w) in optimizer.states.iter().zip(weights) {
+            let mut t = s.param.shallow_clone();
+            t.f_copy_(&w.f_to_device(t.device())?)?;
+        }
+        return Ok(());
+    }
+    match &state.best_model_checkpoint {
+        Some(dir) => load_weights(dir, model, format),
+        None => Err(Error::checkpoint(format!(
+            "load_best_model_at_end: the best step {step} has no checkpoint to load it from"
+        ))),
+    }
+}
+
+/// A checkpoint's trained weights into the model (an adapter's, or every parameter for full fine-tuning).
+fn load_weights(
+    dir: &std::path::Path,
+    model: &mut BlipForConditionalGeneration,
+    format: &WeightsFormat,
+) -> Result<()> {
     match format {
         WeightsFormat::Adapter { name, bias, .. } => {
             let files = crate::weights::SafetensorsFiles::open(&[dir.join("adapter_model.safetensors")])?;
@@ -1144,7 +1445,7 @@ fn resume(
             }
         }
     }
-    checkpoint::load_state(dir, optimizer)
+    Ok(())
 }
 
 #[cfg(test)]

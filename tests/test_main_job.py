@@ -134,6 +134,32 @@ def test_cli_train_caption_merge(tmp_path, bundled: str) -> None:
     assert printed.returncode == 0 and "00000.png\t" in printed.stdout
 
 
+def test_cli_train_with_the_recipe_keeps_the_best_evaluation(tmp_path, bundled: str) -> None:
+    """The recipe's flags reach bp.train: prompt, label smoothing, augmentation, CIDEr at eval steps and the
+    best evaluation's adapter kept (its step and value printed, as trainer_state.json records them)."""
+    size = bp.BlipProcessor.from_pretrained(bundled).image_processor.size["height"]
+    data = world.write_imagefolder(tmp_path / "data", n=8, seed=3, domain="target", size=size)
+    held_out = world.write_imagefolder(tmp_path / "eval", n=4, seed=9, domain="target", size=size)
+    out = tmp_path / "adapter"
+    trained = _cli(
+        "train", "--model", bundled, "--data", data, "--output-dir", str(out), "--epochs", "1", "--batch-size", "4",
+        "--mixed-precision", "no", "--prompt", "a picture of ", "--label-smoothing", "0.1", "--augment", "blip",
+        "--eval-data", held_out, "--eval-steps", "1", "--metric-for-best-model", "CIDEr",
+        "--load-best-model-at-end", "--save-steps", "1",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "best CIDEr" in trained.stdout, trained.stdout
+    with open(out / "caption_config.json") as f:
+        assert json.load(f)["prompt"] == "a picture of "
+    states = sorted(out.glob("checkpoint-*/trainer_state.json"))
+    assert states, list(out.iterdir())
+    with open(states[-1]) as f:
+        state = json.load(f)
+    best = state["best_global_step"]
+    assert f"at step {best}" in trained.stdout
+    assert f"{state['best_metric']:.4f}" in trained.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -105,6 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_steps=args.save_steps,
         seed=args.seed,
         resume_from_checkpoint=True if args.resume else None,
+        prompt=args.prompt,
+        label_smoothing=args.label_smoothing,
+        augment=None if args.augment == "none" else args.augment,
+        eval_dataset=_load_dataset(args.eval_data) if args.eval_data else None,
+        eval_steps=args.eval_steps,
+        metric_for_best_model=args.metric_for_best_model,
+        load_best_model_at_end=True if args.load_best_model_at_end else None,
     )
     if result.interrupted:
         where = (
@@ -118,6 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)
     final = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+    if result.best_metric is not None:
+        final += f", best {args.metric_for_best_model or 'eval_loss'} {result.best_metric:.4f} at step "
+        final += f"{result.best_global_step}"
     print(f"trained {result.global_step} steps{final}; saved to {args.output_dir}")
     return 0
 
@@ -317,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --output-dir")
     train.add_argument("--device", default="cpu")
+    recipe = train.add_argument_group("the BLIP recipe and evaluation (bp.train's arguments of the same names)")
+    recipe.add_argument(
+        "--prompt", default=None, help='prepended to every caption, masked out of the loss ("a picture of ")'
+    )
+    recipe.add_argument("--label-smoothing", type=float, default=None, help="the caption loss's (the recipe: 0.1)")
+    recipe.add_argument("--augment", choices=["none", "blip"], default="none", help="training-image augmentation")
+    recipe.add_argument("--eval-data", default=None, help="held-out images with reference captions (as --data)")
+    recipe.add_argument("--eval-steps", type=int, default=None, help="evaluate --eval-data every N steps")
+    recipe.add_argument("--metric-for-best-model", default=None, help='"CIDEr", "Bleu_4", ... or "eval_loss"')
+    recipe.add_argument(
+        "--load-best-model-at-end", action="store_true", help="keep the best evaluation's adapter, not the last"
+    )
     train.set_defaults(func=cmd_train)
 
     caption = sub.add_parser("caption", help="caption images (files or folders)")

@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_dataset=_load_dataset(args.eval_data) if args.eval_data else None,
         eval_steps=args.eval_steps,
         metric_for_best_model=args.metric_for_best_model,
-        load_best_model_at_end=True if args.load_best_model_at_end else None,
+        load_best_model_at_end=args.load_best_model_at_end,
     )
     if result.interrupted:
         where = (

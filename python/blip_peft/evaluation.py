@@ -73,9 +73,9 @@ def evaluate(
     dataset: Any,
     *,
     batch_size: int = 32,
-    num_beams: int = 3,
-    min_new_tokens: int = 5,
-    max_new_tokens: int = 20,
+    num_beams: int = RECIPE_DECODING["num_beams"],
+    min_new_tokens: int = RECIPE_DECODING["min_new_tokens"],
+    max_new_tokens: int = RECIPE_DECODING["max_new_tokens"],
     prompt: str | None = None,
     tokenize: bool = True,
     return_captions: bool = False,
@@ -130,17 +130,15 @@ def score_images(
     references: list[list[str]],
     *,
     batch_size: int = 32,
-    num_beams: int = 3,
-    min_new_tokens: int = 5,
-    max_new_tokens: int = 20,
     prompt: str | None = None,
     tokenize: bool = True,
     return_captions: bool = False,
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
-    """`evaluate` on images already grouped with their references (`group_references`), without touching the
-    model's mode: `generate` decodes without dropout in any mode, so `train` scores its evaluation set with
-    this on the model it is training (lent to Python during the evaluation step)."""
+    """`evaluate` on images already grouped with their references (`group_references`), decoding with the
+    recipe's settings (`RECIPE_DECODING`) under the given ones, without touching the model's mode: `generate`
+    decodes without dropout in any mode, so `train` scores its evaluation set with this on the model it is
+    training (lent to Python during the evaluation step)."""
     if prompt is None:
         prompt = getattr(model, "caption_prompt", None)
     captions = generate(
@@ -150,10 +148,7 @@ def score_images(
         prompt=prompt,
         batch_size=batch_size,
         strip_prompt=prompt is not None,
-        num_beams=num_beams,
-        min_new_tokens=min_new_tokens,
-        max_new_tokens=max_new_tokens,
-        **generate_kwargs,
+        **{**RECIPE_DECODING, **generate_kwargs},
     )
     scores: dict[str, Any] = dict(caption_scores(references, captions, tokenize=tokenize))
     if return_captions:

@@ -10,7 +10,7 @@ export LIBTORCH_USE_PYTORCH := 1
 PY := $(VIRTUAL_ENV)/bin/python
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: help install browser build demo test test-rs test-py lint format clean bench bench-kernel fuzz
+.PHONY: help install system-packages build demo test test-rs test-py lint format clean bench bench-kernel fuzz
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,22 +21,30 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.installed browser ## create the virtual environment with torch 2.11.0 and the test tools
+install: $(VENV)/.installed system-packages ## create the virtual environment with torch 2.11.0 and the test tools
 
-# The web page's browser test (tests/test_serve_browser.py) drives Chromium from the system packages through
-# selenium (requirements-dev.txt). Installed with apt when missing (root, or sudo without a password); a no-op
-# when both are there. Elsewhere it says what to install, and `make test` then fails that test.
-browser: ## Chromium and chromedriver (Debian's chromium, chromium-driver) for the browser test
-	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+# System packages, installed with apt when missing (root, or sudo without a password); a no-op when all are
+# there. Elsewhere it says what to install. Chromium and chromedriver: the web page's browser test
+# (tests/test_serve_browser.py, driven by selenium from requirements-dev.txt; `make test` fails that test
+# without them). nasm: libjpeg-turbo's SIMD code for JPEG decoding (src/processor/jpeg.rs, the `jpeg-simd`
+# feature); without it the build decodes JPEGs to the same pixels through the C code, about half as fast.
+SYSTEM_PACKAGES := chromium chromium-driver nasm
+system-packages: ## Chromium, chromedriver (the browser test) and nasm (SIMD JPEG decoding), with apt when missing
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 \
+	  && command -v nasm >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
 	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-	  sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
-	else echo "make browser: install Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)" \
-	  "for tests/test_serve_browser.py"; fi
+	  sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "make system-packages: install Chromium, chromedriver and nasm" \
+	  "(Debian: apt-get install $(SYSTEM_PACKAGES))"; fi
+
+# libjpeg-turbo's SIMD paths when nasm is there (they give the C paths' pixels, tests/test_jpeg.py checks).
+JPEG_SIMD = $(if $(shell command -v nasm 2>/dev/null),--features python$(comma)jpeg-simd)
+comma := ,
 
 build: install ## build the native module (release) into python/blip_peft
-	maturin develop --release --quiet
+	maturin develop --release --quiet $(JPEG_SIMD)
 
 demo: build ## fresh machine: set up, then fine-tune the bundled model on a new domain and caption (offline)
 	$(PY) -m blip_peft demo --output-dir blip-peft-demo

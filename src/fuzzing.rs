@@ -194,8 +194,8 @@ pub fn tokenizer_json(data: &[u8]) {
     let _ = tokenizer.vocab_size(true);
 }
 
-/// Encoded images of every format the processor reads (JPEG through zune-jpeg; PNG, GIF, BMP, WebP, TIFF
-/// through `image`) through our code around the decoders (format sniffing, CMYK and palettes, PIL's RGB
+/// Encoded images of every format the processor reads (JPEG through libjpeg-turbo's decoder in jpeg.rs;
+/// PNG, GIF, BMP, WebP, TIFF through `image`) through our code around the decoders (format sniffing, CMYK and palettes, PIL's RGB
 /// conversion, the pixel limit): RGB pixels within the limit, or an error.
 pub fn image(data: &[u8]) {
     const LIMIT: u64 = 1 << 20;

@@ -7,12 +7,7 @@
 
 use std::path::PathBuf;
 
-use zune_core::bytestream::ZCursor;
-use zune_core::colorspace::ColorSpace;
-use zune_core::options::DecoderOptions;
-use zune_jpeg::JpegDecoder;
-
-use super::buffers;
+use super::{buffers, jpeg};
 
 /// PIL's `Image.MAX_IMAGE_PIXELS`: PIL warns above it and refuses above twice as many pixels
 /// (`DecompressionBombError`). Our default limit is PIL's refusal threshold.
@@ -417,52 +412,22 @@ pub fn decode(bytes: &[u8], max_pixels: Option<u64>, convert_rgb: bool) -> Resul
 }
 
 fn decode_jpeg(bytes: &[u8], max_pixels: Option<u64>, convert_rgb: bool) -> Result<RgbImage, String> {
-    let bad = |e: zune_jpeg::errors::DecodeErrors| format!("cannot decode JPEG: {e}");
-    // Strict mode: a truncated or corrupt stream is an error, never a grey-filled image.
-    let options = DecoderOptions::default()
-        .set_strict_mode(true)
-        .set_max_width(usize::MAX >> 1)
-        .set_max_height(usize::MAX >> 1);
-    let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    decoder.decode_headers().map_err(bad)?;
-    let (width, height) = decoder
-        .info()
-        .map(|i| (i.width as usize, i.height as usize))
-        .ok_or("cannot decode JPEG: no frame header")?;
-    check_size(width, height, max_pixels)?;
-    let input = decoder
-        .input_colorspace()
-        .ok_or("cannot decode JPEG: unknown colour space")?;
-    // Colour JPEGs decode straight into 4-byte pixels (RGBA with opaque alpha, our RGBX layout).
-    let (out_space, mode) = match input {
-        ColorSpace::Luma => (ColorSpace::Luma, PixelMode::L),
-        // Four-component JPEGs come out of libjpeg as raw CMYK; PIL reads them as Adobe-inverted ink.
-        ColorSpace::CMYK => (ColorSpace::CMYK, PixelMode::CMYK),
-        _ => (ColorSpace::RGBA, PixelMode::RGBX),
-    };
-    if !convert_rgb && mode != PixelMode::RGBX {
+    let decoded = jpeg::decode(bytes, |w, h| check_size(w, h, max_pixels))?;
+    let jpeg::Decoded {
+        width,
+        height,
+        mode,
+        data,
+    } = decoded;
+    if mode == PixelMode::RGBX {
+        return Ok(RgbImage { width, height, data });
+    }
+    if !convert_rgb {
+        buffers::give(data);
         return Err(format!(
             "JPEG in mode {} is not RGB and do_convert_rgb is False",
             mode.name()
         ));
-    }
-    let mut decoder =
-        JpegDecoder::new_with_options(ZCursor::new(bytes), options.jpeg_set_out_colorspace(out_space));
-    decoder.decode_headers().map_err(bad)?;
-    let size = decoder
-        .output_buffer_size()
-        .ok_or("cannot decode JPEG: unknown output size")?;
-    let mut data = buffers::take(size);
-    decoder.decode_into(&mut data).map_err(bad)?;
-    match mode {
-        PixelMode::RGBX => {
-            if data.len() != width * height * 4 {
-                return Err("cannot decode JPEG: unexpected output size".into());
-            }
-            return Ok(RgbImage { width, height, data });
-        }
-        PixelMode::CMYK => data.iter_mut().for_each(|v| *v = 255 - *v),
-        _ => {}
     }
     let rgb = raw_to_rgb(&mode, width, height, &data);
     buffers::give(data);

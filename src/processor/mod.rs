@@ -15,6 +15,7 @@ pub mod augment;
 mod buffers;
 pub mod config;
 pub mod image;
+mod jpeg;
 pub mod resize;
 pub mod tokenizer;
 

@@ -654,6 +654,18 @@ impl BlipTextLmHeadModel {
         masks: &DecoderMasks,
         cx: &ForwardContext,
     ) -> Result<Tensor> {
+        self.hidden_states_over(input_ids, image_states(image), masks, cx)
+    }
+
+    /// [`Self::hidden_states`] cross-attending to any encoder states (VQA's answer decoder reads the
+    /// question encoding).
+    pub fn hidden_states_over(
+        &self,
+        input_ids: &Tensor,
+        cross: CrossStates,
+        masks: &DecoderMasks,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
         let mut x = self
@@ -665,7 +677,7 @@ impl BlipTextLmHeadModel {
             if let Some(seed) = seed {
                 tch::manual_seed(layer_seed(seed, i));
             }
-            x = layer.forward(&x, Some(image_states(image)), masks, None, cx)?;
+            x = layer.forward(&x, Some(cross), masks, None, cx)?;
         }
         Ok(x)
     }

@@ -77,7 +77,7 @@ type ForwardResult<'py> = (
 
 /// Locks a shared model. A model already busy (another thread's call that changes it, or training) is an
 /// error, never a deadlock: the one place that says so.
-pub fn locked(inner: &Arc<Mutex<Model>>) -> crate::Result<MutexGuard<'_, Model>> {
+pub fn locked<M>(inner: &Arc<Mutex<M>>) -> crate::Result<MutexGuard<'_, M>> {
     match inner.try_lock() {
         Ok(guard) => Ok(guard),
         Err(std::sync::TryLockError::WouldBlock) => Err(crate::Error::Busy(
@@ -627,7 +627,7 @@ fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
     LoraConfig::from_json(&raw).py()
 }
 
-fn parse_json(text: &str) -> PyResult<serde_json::Value> {
+pub(super) fn parse_json(text: &str) -> PyResult<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))
 }
 

@@ -300,3 +300,55 @@ def test_base_shapes_match_transformers(base_vqa: str) -> None:
     assert rel_err(half.loss, want.loss) <= 2e-2
     assert rel_err(half.image_embeds, want.image_embeds) <= 2e-2
     assert rel_err(half.logits, logits) <= 2e-2
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),  # greedy, transformers' default length (20 new tokens)
+        dict(max_new_tokens=6),
+        dict(num_beams=3, max_new_tokens=8),
+        dict(num_beams=3, num_return_sequences=2, max_new_tokens=7, length_penalty=0.5),
+        dict(max_new_tokens=9, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    ],
+)
+def test_generate_matches_transformers(tiny_vqa: str, settings: dict) -> None:
+    ref = HFVqa.from_pretrained(tiny_vqa).eval()
+    model = bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa)
+    px, question, qmask, *_ = vqa_batch(seed=6)
+    want = ref.generate(input_ids=question, pixel_values=px, attention_mask=qmask, **settings)
+    got = model.generate(input_ids=question, pixel_values=px, attention_mask=qmask, **settings)
+    assert got.dtype == torch.long
+    assert torch.equal(got, want), (got, want)
+    assert bool((got[:, 0] == BOS).all())
+
+
+def test_generate_ends_at_sep(tmp_path) -> None:
+    """A decoder whose LM head favours [SEP] after a few tokens: answers end there and are padded, as
+    transformers pads them."""
+    hf = make_hf_vqa(tiny_vqa_config(), seed=7)
+    with torch.no_grad():
+        hf.text_decoder.cls.predictions.bias[SEP] += 1.5
+    hf.save_pretrained(tmp_path)
+    ref = HFVqa.from_pretrained(tmp_path).eval()
+    model = bp.BlipForQuestionAnswering.from_pretrained(tmp_path)
+    for seed in range(3):
+        px, question, qmask, *_ = vqa_batch(seed=seed)
+        for settings in (dict(max_new_tokens=12), dict(num_beams=2, max_new_tokens=12)):
+            want = ref.generate(input_ids=question, pixel_values=px, attention_mask=qmask, **settings)
+            got = model.generate(input_ids=question, pixel_values=px, attention_mask=qmask, **settings)
+            assert torch.equal(got, want), (seed, settings, got, want)
+    assert bool((got == SEP).any())
+
+
+def test_generate_bad_inputs(tiny_vqa: str) -> None:
+    model = bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa)
+    px, question, qmask, *_ = vqa_batch()
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(pixel_values=px)
+    with pytest.raises(ValueError, match="batch size"):
+        model.generate(input_ids=question[:1], pixel_values=px)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(input_ids=question, pixel_values=px, attention_mask=qmask[:, :3])
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(input_ids=question, pixel_values=px, num_beams=0)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from blip_peft import _blip_peft
-from blip_peft.modeling import BlipPreTrainedModel, ModelOutput
+from blip_peft.modeling import BlipPreTrainedModel, ModelOutput, _generation_settings
 
 
 @dataclass(eq=False)
@@ -92,6 +92,36 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         object.__setattr__(out, "question_embeds", question_embeds)
         object.__setattr__(out, "logits", logits)
         return out if return_dict is None or return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Answers the questions (`input_ids`, with their `attention_mask`) about the images, as transformers'
+        `BlipForQuestionAnswering.generate`: the question is encoded once over the image, and the answer decoded
+        from BOS (`text_config.bos_token_id`) over the whole question encoding until `[SEP]`, padded with
+        `pad_token_id`. Returns `[batch * num_return_sequences, length]` token ids laid out as transformers'
+        (`[BOS, answer..., SEP, pad...]`). The keywords are `BlipForConditionalGeneration.generate`'s
+        (`max_new_tokens`, `max_length`, `num_beams`, `length_penalty`, `do_sample`, `seed`, ...)."""
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (the question)")
+        if pixel_values is None:
+            raise ValueError("generate() needs pixel_values")
+        if isinstance(input_ids, list):
+            input_ids = torch.tensor(input_ids, dtype=torch.long)
+        settings = _generation_settings(generate_kwargs)
+        if interpolate_pos_encoding:
+            settings["interpolate_pos_encoding"] = True
+        return self._native.generate(pixel_values, input_ids, attention_mask, settings)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
 
     def get_output_embeddings(self) -> None:
         """None, as transformers' `BlipForQuestionAnswering` returns."""

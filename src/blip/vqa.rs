@@ -229,7 +229,7 @@ impl BlipForQuestionAnswering {
     }
 
     /// `ids` (`name`) as token ids `[batch, ≤ positions]` on the model's device.
-    fn check_ids(&self, ids: &Tensor, name: &str, batch: i64) -> Result<Tensor> {
+    pub(crate) fn check_ids(&self, ids: &Tensor, name: &str, batch: i64) -> Result<Tensor> {
         if ids.dim() != 2 {
             return Err(Error::invalid(format!(
                 "{name} must have shape [batch, sequence], got {:?}",
@@ -264,7 +264,13 @@ impl BlipForQuestionAnswering {
     }
 
     /// A padding mask `name` of `shape` on the model's device.
-    fn check_mask(&self, mask: Option<&Tensor>, name: &str, of: &str, shape: &[i64]) -> Result<Option<Tensor>> {
+    pub(crate) fn check_mask(
+        &self,
+        mask: Option<&Tensor>,
+        name: &str,
+        of: &str,
+        shape: &[i64],
+    ) -> Result<Option<Tensor>> {
         let Some(m) = mask else { return Ok(None) };
         if m.size() != shape {
             return Err(Error::invalid(format!(
@@ -293,8 +299,12 @@ impl BlipForQuestionAnswering {
         let pixel_values = self.check_pixel_values(inputs.pixel_values, cx)?;
         let batch = pixel_values.size()[0];
         let question = self.check_ids(inputs.input_ids, "input_ids", batch)?;
-        let question_mask =
-            self.check_mask(inputs.attention_mask, "attention_mask", "input_ids", &question.size())?;
+        let question_mask = self.check_mask(
+            inputs.attention_mask,
+            "attention_mask",
+            "input_ids",
+            &question.size(),
+        )?;
         let labels = match inputs.labels {
             None => None,
             Some(l) => Some(self.check_labels(l, batch)?),
@@ -335,8 +345,7 @@ impl BlipForQuestionAnswering {
             &answer.size(),
         )?;
         let image_embeds = self.encode_images(&pixel_values, cx)?;
-        let question_embeds =
-            self.encode_questions(&question, question_mask.as_ref(), &image_embeds, cx)?;
+        let question_embeds = self.encode_questions(&question, question_mask.as_ref(), &image_embeds, cx)?;
         let logits = self.answer_logits(&answer, answer_mask.as_ref(), &question_embeds, cx)?;
         let loss = match &labels {
             Some(labels) => Some(self.answer_loss(&logits, labels, cx)?),

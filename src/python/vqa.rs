@@ -7,14 +7,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use tch::Tensor;
 
 use super::errors::{guard, IntoPyResult};
 use super::model::{locked, parse_json};
-use super::tensor;
+use super::{json, tensor};
 use crate::blip::{BlipForQuestionAnswering, VqaInputs};
 use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
+use crate::generate::GenerationConfig;
 use crate::nn::ForwardContext;
 
 type Model = BlipForQuestionAnswering;
@@ -90,7 +92,11 @@ impl PyBlipVqaModel {
     }
 
     /// Runs an inference call with the GIL released, after other threads' inference calls (its turn).
-    fn infer<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&Model) -> crate::Result<R> + Send) -> PyResult<R> {
+    fn infer<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Model) -> crate::Result<R> + Send,
+    ) -> PyResult<R> {
         py.detach(|| {
             let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
             let m = locked(&self.inner)?;
@@ -164,7 +170,8 @@ impl PyBlipVqaModel {
             let input_ids = tensor::from_py(input_ids, "input_ids")?;
             let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
             let decoder_input_ids = tensor::from_py_opt(decoder_input_ids, "decoder_input_ids")?;
-            let decoder_attention_mask = tensor::from_py_opt(decoder_attention_mask, "decoder_attention_mask")?;
+            let decoder_attention_mask =
+                tensor::from_py_opt(decoder_attention_mask, "decoder_attention_mask")?;
             let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
             let labels = tensor::from_py_opt(labels, "labels")?;
             let out = self.infer(py, move |model| {
@@ -186,6 +193,40 @@ impl PyBlipVqaModel {
                 tensor::to_py(py, &out.question_embeds)?,
                 tensor::to_py(py, &out.logits)?,
             ))
+        })
+    }
+
+    /// Generates answer token ids with transformers' semantics (see
+    /// `blip_peft.BlipForQuestionAnswering.generate`): `input_ids` is the question; `settings` holds the
+    /// decoding keywords as the caller gave them (`GenerationConfig` reads and checks them).
+    #[pyo3(signature = (pixel_values, input_ids, attention_mask=None, settings=None))]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: &Bound<'py, PyAny>,
+        input_ids: &Bound<'py, PyAny>,
+        attention_mask: Option<&Bound<'py, PyAny>>,
+        settings: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        guard("generate", || {
+            let settings = match settings {
+                Some(d) => json::from_dict(d)?,
+                None => serde_json::Value::Object(Default::default()),
+            };
+            let config = GenerationConfig::from_settings(settings).py()?;
+            let pixel_values = tensor::from_py(pixel_values, "pixel_values")?;
+            let input_ids = tensor::from_py(input_ids, "input_ids")?;
+            let attention_mask = tensor::from_py_opt(attention_mask, "attention_mask")?;
+            let (ids, _) = self.infer(py, move |model| {
+                crate::generate::generate_answers(
+                    model,
+                    &pixel_values,
+                    &input_ids,
+                    attention_mask.as_ref(),
+                    &config,
+                )
+            })?;
+            tensor::to_py(py, &ids)
         })
     }
 
@@ -285,7 +326,9 @@ impl PyBlipVqaModel {
 
     /// Writes `config.json` and `model.safetensors` into `path` (created if needed), atomically.
     fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        guard("save_pretrained", || self.infer(py, move |model| model.save_pretrained(&path)))
+        guard("save_pretrained", || {
+            self.infer(py, move |model| model.save_pretrained(&path))
+        })
     }
 
     fn __repr__(&self) -> PyResult<String> {

@@ -352,3 +352,113 @@ def test_generate_bad_inputs(tiny_vqa: str) -> None:
         model.generate(input_ids=question, pixel_values=px, attention_mask=qmask[:, :3])
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(input_ids=question, pixel_values=px, num_beams=0)
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+VQA_LORA_CONFIGS = {
+    "attention": dict(r=4, lora_alpha=8, target_modules=["query", "value", "self_attn.qkv"]),
+    "mlp_conv": dict(r=4, lora_alpha=16, target_modules=["patch_embedding", "intermediate.dense", "output.dense"]),
+    "encoder_only": dict(r=2, lora_alpha=4, target_modules=r"text_encoder\..*\.(query|key|value)"),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["query", "fc1"]),
+    "modules_to_save": dict(r=4, target_modules=["query"], modules_to_save=["post_layernorm", "crossattention"]),
+}
+
+
+def _perturb_adapters(named_params, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in named_params:
+            if "lora_" in name or ".modules_to_save." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _vqa_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    px, question, qmask, answer, amask, labels = batch
+    with torch.no_grad():
+        out = model(
+            input_ids=question,
+            pixel_values=px,
+            attention_mask=qmask,
+            decoder_input_ids=answer,
+            decoder_attention_mask=amask,
+            labels=labels,
+        )
+    return out.loss, out.image_embeds
+
+
+@pytest.mark.parametrize("name", sorted(VQA_LORA_CONFIGS))
+def test_lora_adapters_exchanged_with_peft(tmp_path, tiny_vqa: str, name: str) -> None:
+    import warnings
+
+    import peft
+
+    config = VQA_LORA_CONFIGS[name]
+    ours = bp.get_peft_model(bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa), bp.LoraConfig(**config))
+    theirs = peft.get_peft_model(HFVqa.from_pretrained(tiny_vqa), peft.LoraConfig(**config))
+    # The same parameters under peft's names, the same trainable ones, the same printout.
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert any(n.startswith("base_model.model.text_encoder.") and "lora_A" in n for n, _ in ours.named_parameters())
+    # Ours -> peft.
+    _perturb_adapters(ours.named_parameters(), seed=1)
+    ours.save_pretrained(tmp_path / "ours")
+    with open(tmp_path / "ours" / "adapter_config.json") as f:
+        assert json.load(f)["auto_mapping"]["base_model_class"] == "BlipForQuestionAnswering"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft only warns about missing/unexpected keys: make that fail
+        loaded = peft.PeftModel.from_pretrained(HFVqa.from_pretrained(tiny_vqa), tmp_path / "ours").eval()
+    batch = vqa_batch(seed=8)
+    (loss, embeds), (ref_loss, ref_embeds) = _vqa_outputs(ours.eval(), batch), _vqa_outputs(loaded, batch)
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(embeds, ref_embeds) <= 1e-5
+    # The adapter matters: without it the image embeddings or the question encoding differ (by far more than
+    # the tolerance).
+    px, question, qmask, *_ = batch
+    adapted = ours(input_ids=question, pixel_values=px, attention_mask=qmask, labels=batch[3])
+    with ours.disable_adapter():
+        base = ours(input_ids=question, pixel_values=px, attention_mask=qmask, labels=batch[3])
+    changes = [
+        rel_err(base.image_embeds, adapted.image_embeds),
+        rel_err(base.question_embeds, adapted.question_embeds),
+    ]
+    assert max(changes) > 1e-3, changes
+    # peft -> ours.
+    _perturb_adapters(theirs.named_parameters(), seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = bp.PeftModel.from_pretrained(bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa), tmp_path / "theirs")
+    (loss, embeds), (ref_loss, ref_embeds) = _vqa_outputs(back, batch), _vqa_outputs(theirs.eval(), batch)
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(embeds, ref_embeds) <= 1e-5
+    px, question, qmask, *_ = batch
+    want = theirs.base_model.model.generate(
+        input_ids=question, pixel_values=px, attention_mask=qmask, max_new_tokens=5
+    )
+    assert torch.equal(
+        back.generate(input_ids=question, pixel_values=px, attention_mask=qmask, max_new_tokens=5), want
+    )
+
+
+def test_lora_task_type_harmless_and_training_step(tiny_vqa: str) -> None:
+    """A `task_type` is accepted (peft's own wrapper raises a TypeError for VQA with one); a torch step trains
+    only the adapters; merge_and_unload keeps the outputs."""
+    config = bp.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_2_SEQ_LM")
+    model = bp.get_peft_model(bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa), config)
+    targets = [path for path, _, _ in bp.lora_targets(model)]
+    assert "text_encoder.encoder.layer.0.attention.self.query" in targets
+    assert "text_encoder.encoder.layer.1.crossattention.self.value" in targets
+    model.train()
+    batch = vqa_batch(seed=9)
+    px, question, qmask, answer, amask, labels = batch
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(input_ids=question, pixel_values=px, attention_mask=qmask, labels=answer).loss
+    loss.backward()
+    optimizer.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == ("lora_B" in n or "lora_A" in n), n
+    model.eval()
+    adapted = _vqa_outputs(model, batch)[0]
+    merged = model.merge_and_unload()
+    assert isinstance(merged, bp.BlipForQuestionAnswering)
+    assert rel_err(_vqa_outputs(merged, batch)[0], adapted) <= 1e-5
+    with pytest.raises(TypeError, match="train"):
+        bp.train(bp.get_peft_model(merged, bp.LoraConfig(r=2, target_modules=["query"])), [])

@@ -532,11 +532,11 @@ impl PyBlipModel {
     }
 
     fn merge_adapters(&self) -> PyResult<()> {
-        guard("merge_adapters", || self.mutate(lora::inject::merge))
+        guard("merge_adapters", || self.mutate(|m| lora::inject::merge(m)))
     }
 
     fn unmerge_adapters(&self) -> PyResult<()> {
-        guard("unmerge_adapters", || self.mutate(lora::inject::unmerge))
+        guard("unmerge_adapters", || self.mutate(|m| lora::inject::unmerge(m)))
     }
 
     fn set_adapters_disabled(&self, disabled: bool) -> PyResult<()> {
@@ -606,7 +606,9 @@ impl PyBlipModel {
     }
 }
 
-fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
+pub(super) fn read_safetensors(
+    path: &std::path::Path,
+) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
     let files = SafetensorsFiles::open(&[path.to_path_buf()]).py()?;
     let mut tensors = std::collections::BTreeMap::new();
     for name in files.names().cloned().collect::<Vec<_>>() {
@@ -619,7 +621,7 @@ fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeM
 
 /// A LoRA config given as a dict of its fields (values refused by name where JSON cannot hold them: NaN,
 /// infinities, integers past 64 bits) or as `adapter_config.json` text, checked by the core.
-fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
+pub(super) fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
     let raw = match config.cast::<PyDict>() {
         Ok(d) => json::from_dict(d)?,
         Err(_) => parse_json(&config.extract::<String>()?)?,

@@ -11,12 +11,13 @@ use pyo3::types::PyDict;
 use tch::Tensor;
 
 use super::errors::{guard, IntoPyResult};
-use super::model::{locked, parse_json};
+use super::model::{locked, lora_config, parse_json, read_safetensors};
 use super::{json, tensor};
 use crate::blip::{BlipForQuestionAnswering, VqaInputs};
 use crate::config::BlipConfig;
 use crate::device::{device_name, parse_device, parse_dtype};
 use crate::generate::GenerationConfig;
+use crate::lora::{self, LoraConfig};
 use crate::nn::ForwardContext;
 
 type Model = BlipForQuestionAnswering;
@@ -328,6 +329,115 @@ impl PyBlipVqaModel {
     fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         guard("save_pretrained", || {
             self.infer(py, move |model| model.save_pretrained(&path))
+        })
+    }
+
+    // ------------------------------------------------------------------------- LoRA (as _BlipModel's)
+
+    /// Injects adapter `adapter_name` per a LoRA config (peft's adapter_config.json fields, as a dict or
+    /// JSON text); returns the paths of the layers that got it.
+    fn inject_lora(&self, config: &Bound<'_, PyAny>, adapter_name: &str) -> PyResult<Vec<String>> {
+        guard("inject_lora", || {
+            let config = lora_config(config)?;
+            self.mutate(|m| lora::inject(m, &config, adapter_name))
+        })
+    }
+
+    /// Freezes the base and makes `adapter_name` (and the biases of `bias` mode) trainable.
+    fn mark_trainable(&self, adapter_name: &str, bias: &str) -> PyResult<()> {
+        guard("mark_trainable", || {
+            self.mutate(|m| lora::inject::mark_trainable(m, adapter_name, bias))
+        })
+    }
+
+    /// `(path, layer type, in, out)` of every layer LoRA can target.
+    fn lora_targets(&self) -> PyResult<Vec<(String, String, i64, i64)>> {
+        guard("lora_targets", || {
+            let targets = lora::inject::targetable_layers(&mut *self.lock()?).py()?;
+            Ok(targets
+                .into_iter()
+                .map(|t| (t.path, t.layer_type.to_string(), t.in_features, t.out_features))
+                .collect())
+        })
+    }
+
+    fn set_active_adapter(&self, adapter_name: &str) -> PyResult<()> {
+        guard("set_active_adapter", || {
+            self.mutate(|m| lora::inject::set_active(m, adapter_name))
+        })
+    }
+
+    fn merge_adapters(&self) -> PyResult<()> {
+        guard("merge_adapters", || self.mutate(|m| lora::inject::merge(m)))
+    }
+
+    fn unmerge_adapters(&self) -> PyResult<()> {
+        guard("unmerge_adapters", || self.mutate(|m| lora::inject::unmerge(m)))
+    }
+
+    fn set_adapters_disabled(&self, disabled: bool) -> PyResult<()> {
+        guard("set_adapters_disabled", || {
+            self.mutate(|m| lora::inject::set_disabled(m, disabled))
+        })
+    }
+
+    /// Removes every adapter, merging the active ones first when `merge`.
+    fn unload_adapters(&self, merge: bool) -> PyResult<()> {
+        guard("unload_adapters", || {
+            self.mutate(|m| lora::inject::unload(m, merge))
+        })
+    }
+
+    fn delete_adapter(&self, adapter_name: &str) -> PyResult<()> {
+        guard("delete_adapter", || {
+            self.mutate(|m| lora::inject::delete(m, adapter_name))
+        })
+    }
+
+    fn adapter_names(&self) -> PyResult<Vec<String>> {
+        guard("adapter_names", || {
+            lora::inject::adapter_names(&mut *self.lock()?).py()
+        })
+    }
+
+    /// `(peft file key, tensor)` pairs of an adapter, as peft saves them.
+    fn adapter_state<'py>(
+        &self,
+        py: Python<'py>,
+        adapter_name: &str,
+        bias: &str,
+    ) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+        guard("adapter_state", || {
+            let state = lora::inject::adapter_state(&mut *self.lock()?, adapter_name, bias).py()?;
+            state
+                .into_iter()
+                .map(|(k, t)| Ok((k, tensor::to_py(py, &t)?)))
+                .collect()
+        })
+    }
+
+    /// Writes peft's adapter folder for `adapter_name` (`config_json`: its adapter_config.json text).
+    fn save_adapter(&self, dir: PathBuf, adapter_name: &str, bias: &str, config_json: &str) -> PyResult<()> {
+        guard("save_adapter", || {
+            lora::inject::save_adapter(&mut *self.lock()?, &dir, adapter_name, bias, config_json).py()
+        })
+    }
+
+    /// Loads an adapter file (safetensors) into the injected adapter `adapter_name`; every key must fit.
+    fn load_adapter(&self, path: PathBuf, adapter_name: &str, bias: &str) -> PyResult<()> {
+        guard("load_adapter", || {
+            let tensors = read_safetensors(&path)?;
+            self.mutate(|m| lora::inject::load_adapter_state(m, adapter_name, bias, &tensors))
+        })
+    }
+
+    /// Replaces adapter `adapter_name`'s weights in place by an adapter file made for the same layers and ranks
+    /// (`config_json`: its adapter_config.json), on the live model.
+    fn hotswap_adapter(&self, path: PathBuf, adapter_name: &str, config_json: &str) -> PyResult<()> {
+        guard("hotswap_adapter", || {
+            let config = LoraConfig::from_json(&parse_json(config_json)?).py()?;
+            let tensors = read_safetensors(&path)?;
+            self.mutate(|m| lora::inject::hotswap_adapter(m, adapter_name, &config, &tensors))
         })
     }
 

@@ -410,6 +410,10 @@ def test_lora_adapters_exchanged_with_peft(tmp_path, tiny_vqa: str, name: str) -
     batch = vqa_batch(seed=8)
     (loss, embeds), (ref_loss, ref_embeds) = _vqa_outputs(ours.eval(), batch), _vqa_outputs(loaded, batch)
     assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(embeds, ref_embeds) <= 1e-5
+    # from_pretrained on the adapter folder: the base it names, as this head, with the adapter.
+    again = bp.BlipForQuestionAnswering.from_pretrained(tmp_path / "ours")
+    assert isinstance(again, bp.PeftModel) and isinstance(again.get_base_model(), bp.BlipForQuestionAnswering)
+    assert rel_err(_vqa_outputs(again, batch)[0], ref_loss) <= 1e-5
     # The adapter matters: without it the image embeddings or the question encoding differ (by far more than
     # the tolerance).
     px, question, qmask, *_ = batch

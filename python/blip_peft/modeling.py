@@ -200,7 +200,7 @@ class BlipPreTrainedModel(torch.nn.Module):
             if os.path.isfile(os.path.join(path, "adapter_config.json")):
                 from blip_peft import peft_model  # noqa: PLC0415  (only when an adapter folder is given)
 
-                return peft_model.load_adapter_folder(path, dtype=dtype_arg, device=device_arg)
+                return peft_model.load_adapter_folder(path, dtype=dtype_arg, device=device_arg, head=cls)
         if state_dict is not None:
             if config_json is None:
                 if path is None:

@@ -532,7 +532,7 @@ def get_peft_model(model: Any, peft_config: LoraConfig, adapter_name: str = "def
     return PeftModel(model, peft_config, adapter_name)
 
 
-def load_adapter_folder(path: str, *, dtype: str | None, device: str) -> PeftModel:
+def load_adapter_folder(path: str, *, dtype: str | None, device: str, head: Any = None) -> PeftModel:
     """What `BlipForConditionalGeneration.from_pretrained(adapter_dir)` does: load the base model the adapter
     names (`base_model_name_or_path`) and attach the adapter, as transformers does with peft installed."""
     config = LoraConfig.from_pretrained(path)
@@ -548,5 +548,6 @@ def load_adapter_folder(path: str, *, dtype: str | None, device: str) -> PeftMod
             "local folder; load the base with BlipForConditionalGeneration.from_pretrained(<folder>) and attach the "
             "adapter with PeftModel.from_pretrained(base, adapter_dir)"
         )
-    model = BlipForConditionalGeneration(_blip_peft._BlipModel.from_pretrained(base, dtype, device))
+    cls = BlipForConditionalGeneration if head is None else head
+    model = cls(cls._native_class.from_pretrained(base, dtype, device))
     return PeftModel.from_pretrained(model, path)

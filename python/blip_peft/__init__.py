@@ -46,6 +46,11 @@ from blip_peft.modeling import (
     BlipForConditionalGenerationModelOutput,
     ModelOutput,
 )
+from blip_peft.modeling_vqa import (
+    AutoModelForVisualQuestionAnswering,
+    BlipForQuestionAnswering,
+    BlipTextVisionModelOutput,
+)
 from blip_peft.generation import GenerationConfig
 
 __version__: str = _blip_peft.__version__
@@ -55,11 +60,14 @@ __all__ = [
     "flush_denormals",
     "AutoModelForImageTextToText",
     "AutoModelForVision2Seq",
+    "AutoModelForVisualQuestionAnswering",
     "AutoProcessor",
     "BatchEncoding",
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
+    "BlipForQuestionAnswering",
+    "BlipTextVisionModelOutput",
     "GenerationConfig",
     "ModelOutput",
     "BlipImageProcessor",

@@ -9,6 +9,8 @@ plus pycocoevalcap's punctuation removal), without Java.
 BLEU has its tiny guard terms) take a list of predictions and, for each, one reference or several; words are
 `tokenize`'s (lower-cased, punctuation kept as single marks). The synthetic world (`blip_peft.world`) parses its
 captions with the same `tokenize`.
+
+`vqa_accuracy` scores answers as the VQA benchmark does (`normalize_vqa_answer`: its answer normalisation).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from typing import Any
 
 from blip_peft import _blip_peft
 
-__all__ = ["bleu4", "caption_scores", "exact_match", "ptb_tokenize", "tokenize"]
+__all__ = [
+    "bleu4",
+    "caption_scores",
+    "exact_match",
+    "normalize_vqa_answer",
+    "ptb_tokenize",
+    "tokenize",
+    "vqa_accuracy",
+]
 
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -151,3 +161,96 @@ def caption_scores(
     for i, r in enumerate(references):
         refs.append([r] if isinstance(r, str) else _caption_list(r, f"references[{i}]"))
     return dict(_blip_peft.caption_scores(refs, cands, bool(tokenize)))
+
+
+# ------------------------------------------------------------------------------------------------ VQA accuracy
+# The VQA benchmark's answer normalisation (vqaEval.py of the official VQA API): punctuation, number words,
+# articles and common contractions.
+_VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
+    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
+    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
+    "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "thats": "that's", "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}  # fmt: skip
+_VQA_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_PUNCT = [
+    ";",
+    r"/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
+_VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """An answer as the VQA evaluation compares it: lower case, punctuation removed (a comma inside a number and a
+    decimal point kept), number words as digits ("two" -> "2"), articles dropped, contractions spelled with their
+    apostrophe ("dont" -> "don't")."""
+    if not isinstance(answer, str):
+        raise TypeError(f"an answer must be a str, got {type(answer).__name__}")
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _VQA_PUNCT:
+        if (p + " " in text or " " + p in text) or _VQA_COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _VQA_PERIOD_STRIP.sub("", out)
+    words = []
+    for word in out.lower().split():
+        word = _VQA_NUMBERS.get(word, word)
+        if word not in _VQA_ARTICLES:
+            words.append(_VQA_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def vqa_accuracy(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> float:
+    """The VQA benchmark's accuracy of `preds` (one answer per question) against `refs` (per question one
+    answer, or the annotators' answers), both normalised by `normalize_vqa_answer`.
+
+    With several reference answers a question scores the VQA formula: the mean, over each annotator left out in
+    turn, of ``min(1, matches among the others / 3)``; with one reference it scores 1 on an exact (normalised)
+    match, else 0. Returns the mean over the questions, in [0, 1].
+    """
+    questions = _references(preds, refs)
+    total = 0.0
+    for pred, answers in zip(preds, questions, strict=True):
+        got = normalize_vqa_answer(pred)
+        gts = [normalize_vqa_answer(a) for a in answers]
+        if len(gts) == 1:
+            total += float(got == gts[0])
+            continue
+        scores = [min(1.0, sum(g == got for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+        total += sum(scores) / len(scores)
+    return total / len(preds)

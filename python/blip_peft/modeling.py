@@ -13,7 +13,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -89,8 +89,10 @@ _LOADING_KEYWORDS = {"low_cpu_mem_usage", "trust_remote_code", "local_files_only
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-class BlipForConditionalGeneration(torch.nn.Module):
-    """BLIP for image captioning, with transformers' API and weight names.
+class BlipPreTrainedModel(torch.nn.Module):
+    """What every BLIP head shares (transformers' `BlipPreTrainedModel`): loading, the module tree over the
+    core's tensors, parameters, device / dtype / mode, saving. A head names its native handle
+    (`_native_class`) and adds its forward (and generate).
 
     Load a transformers checkpoint folder with :meth:`from_pretrained`, call the model like a torch
     module, and train it with any torch optimizer over :meth:`parameters`.
@@ -102,9 +104,12 @@ class BlipForConditionalGeneration(torch.nn.Module):
     """
 
     main_input_name = "pixel_values"
-    #: The prompt captions start with when `blip_peft.generate` / `evaluate` are given none (set by
-    #: `train(prompt=...)`; kept in memory: a `PeftModel` saves its adapter's with the adapter).
-    caption_prompt: str | None = None
+    #: The core's handle type of this head (`from_pretrained` / `from_config` build one).
+    _native_class: Any = _blip_peft._BlipModel
+    #: The towers read through the tree (`model.text_decoder`), rebuilt first when adapters changed it.
+    _towers: tuple[str, ...] = ("vision_model", "text_decoder")
+    #: The word-embedding tables (their `padding_idx` is the config's pad token); the first is the input one.
+    _word_embeddings: tuple[str, ...] = ("text_decoder.bert.embeddings.word_embeddings",)
     base_model_prefix = "blip"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BlipEncoderLayer", "BlipTextEmbeddings"]
@@ -113,12 +118,10 @@ class BlipForConditionalGeneration(torch.nn.Module):
         "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
     }
 
-    def __init__(self, native: _blip_peft._BlipModel) -> None:
-        if not isinstance(native, _blip_peft._BlipModel):
-            raise TypeError(
-                "BlipForConditionalGeneration is created with BlipForConditionalGeneration.from_pretrained(path) "
-                "or .from_config(config)"
-            )
+    def __init__(self, native: Any) -> None:
+        if not isinstance(native, self._native_class):
+            name = type(self).__name__
+            raise TypeError(f"{name} is created with {name}.from_pretrained(path) or .from_config(config)")
         object.__setattr__(self, "_native", native)
         mode = native.training
         super().__init__()  # sets `training`, which is the core's flag: keep the mode the core has
@@ -197,7 +200,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
             if os.path.isfile(os.path.join(path, "adapter_config.json")):
                 from blip_peft import peft_model  # noqa: PLC0415  (only when an adapter folder is given)
 
-                return peft_model.load_adapter_folder(path, dtype=dtype_arg, device=device_arg)
+                return peft_model.load_adapter_folder(path, dtype=dtype_arg, device=device_arg, head=cls)
         if state_dict is not None:
             if config_json is None:
                 if path is None:
@@ -206,7 +209,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
             if dtype_arg is None:
                 floats = [t.dtype for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
                 dtype_arg = str(floats[0]).removeprefix("torch.") if floats else None
-            native = _blip_peft._BlipModel.from_config(config_json, 0, dtype_arg, device_arg)
+            native = cls._native_class.from_config(config_json, 0, dtype_arg, device_arg)
             model = cls(native)
             state = dict(state_dict)
             if native.lm_head_tied:  # transformers' tied keys may be left out (as its safetensors files do)
@@ -217,7 +220,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
         elif path is None:
             raise ValueError("from_pretrained() needs a folder, or config= and state_dict=")
         else:
-            native = _blip_peft._BlipModel.from_pretrained(path, dtype_arg, device_arg, config_json)
+            native = cls._native_class.from_pretrained(path, dtype_arg, device_arg, config_json)
             model = cls(native)
             gen_path = os.path.join(path, GENERATION_CONFIG_NAME)
             if os.path.isfile(gen_path):
@@ -239,12 +242,12 @@ class BlipForConditionalGeneration(torch.nn.Module):
     @classmethod
     def from_config(
         cls, config: Any, *, seed: int = 0, dtype: Any = None, device: Any = "cpu", attn_implementation: Any = None
-    ) -> BlipForConditionalGeneration:
+    ) -> Self:
         """A randomly initialised model (transformers' initialisation) for a configuration (ours, transformers'
         `BlipConfig` or a dict)."""
         if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {', '.join(_ATTN_IMPLEMENTATIONS)} (or None)")
-        native = _blip_peft._BlipModel.from_config(
+        native = cls._native_class.from_config(
             json.dumps(_config_dict(config)), seed, dtype_name(dtype), device_name(device) or "cpu"
         )
         model = cls(native)
@@ -257,9 +260,350 @@ class BlipForConditionalGeneration(torch.nn.Module):
         return True
 
     @property
-    def base_model(self) -> BlipForConditionalGeneration:
+    def base_model(self) -> Self:
         """transformers' `getattr(self, base_model_prefix, self)`: BLIP has no `blip` submodule, so the model."""
         return self
+
+    # ------------------------------------------------------------------------------------- module tree
+    def _sync_tree(self) -> None:
+        """(Re)builds the module tree when the core's parameters changed (adapters added or removed)."""
+        if self.__dict__.get("_syncing"):
+            return
+        named = self._native.named_parameters()
+        key = tuple(name for name, _ in named)
+        if key == self._tree_key and self._modules:
+            return
+        self.__dict__["_syncing"] = True
+        try:
+            self._build_tree(named)
+        finally:
+            self.__dict__["_syncing"] = False
+        self._tree_key = key
+
+    def _build_tree(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        types = dict(self._native.module_tree())
+        self._modules.clear()
+        nodes: dict[str, torch.nn.Module] = {"": self}
+        for path in [p for p, _ in self._native.module_tree() if p]:
+            parent, _, leaf = path.rpartition(".")
+            module = _shell(types[path])
+            nodes[parent].add_module(leaf, module)
+            nodes[path] = module
+        for name, tensor in named:
+            parent, _, leaf = name.rpartition(".")
+            owner = nodes.get(parent)
+            if owner is None:  # a module the printout folds away: make its path
+                owner = self
+                for part in parent.split("."):
+                    if part not in owner._modules:
+                        owner.add_module(part, _shell("Module"))
+                    owner = _child(owner, part)
+                nodes[parent] = owner
+            _params(owner)[leaf] = tensor  # the core's own tensor (not a copy), as torch.nn.Parameter would be
+        if self._native.lm_head_tied:
+            # torch registers a Linear's weight before its bias
+            for alias, source in sorted(self._tied_weights_keys.items(), key=lambda kv: not kv[0].endswith("weight")):
+                parent, _, leaf = alias.rpartition(".")
+                src_parent, _, src_leaf = source.rpartition(".")
+                if parent in nodes and src_parent in nodes and src_leaf in nodes[src_parent]._parameters:
+                    _params(nodes[parent])[leaf] = nodes[src_parent]._parameters[src_leaf]
+        tables = [nodes.get(path) for path in self._word_embeddings]
+        pad = self.config.text_config.pad_token_id
+        for words in tables:
+            if isinstance(words, torch.nn.Embedding) and "weight" in words._parameters:
+                _fill_attributes(words)
+                words.padding_idx = pad if isinstance(pad, int) and 0 <= pad < words.num_embeddings else None
+        for _, module in torch.nn.Module.named_modules(self):
+            if module is not self and not any(module is words for words in tables):
+                object.__setattr__(module, "training", self.training)
+                _fill_attributes(module)
+
+    def named_modules(self, memo: Any = None, prefix: str = "", remove_duplicate: bool = True) -> Any:
+        self._sync_tree()
+        return super().named_modules(memo, prefix, remove_duplicate)
+
+    def children(self) -> Iterator[torch.nn.Module]:
+        self._sync_tree()
+        return super().children()
+
+    def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        self._sync_tree()
+        return super().named_children()
+
+    def get_submodule(self, target: str) -> torch.nn.Module:
+        self._sync_tree()
+        return super().get_submodule(target)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' state dict: every parameter by name (the tied LM-head copies too), detached."""
+        self._sync_tree()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Copies `state_dict` into the model's tensors in place (torch's semantics: `strict` reports
+        missing and unexpected keys); `assign=True` is refused (the core keeps its tensors)."""
+        if assign:
+            raise ValueError("load_state_dict(assign=True) is not supported: the core's tensors are updated in place")
+        self._sync_tree()
+        state = dict(state_dict)
+        for path in self._word_embeddings:  # a buffer older checkpoints keep
+            state.pop(path.removesuffix("word_embeddings") + "position_ids", None)
+        return super().load_state_dict(state, strict=strict)
+
+    def __getattr__(self, name: str) -> Any:
+        # The two towers read through the tree: rebuilt first when adapters changed it (not while building).
+        if name in self._towers and "_tree_key" in self.__dict__ and not self.__dict__.get("_syncing"):
+            self._sync_tree()
+        return super().__getattr__(name)
+
+    # -------------------------------------------------------------------------------------- parameters
+    # The core's tensors are plain tensors, not Parameters (hence the override ignores).
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(name, parameter)` pairs with transformers' names, in its order (tied weights once)."""
+        for name, param in self._native.named_parameters():
+            yield (f"{prefix}.{name}" if prefix else name), param
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        """The model's parameters: the tensors themselves, so an optimizer updates the model in place."""
+        for _, param in self.named_parameters():
+            yield param
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of (unique) parameters, as transformers counts them."""
+        total = 0
+        for name, p in self.named_parameters():
+            if only_trainable and not p.requires_grad:
+                continue
+            if exclude_embeddings and (
+                name.endswith("word_embeddings.weight") or name.endswith("position_embeddings.weight")
+            ):
+                continue
+            total += p.numel()
+        return total
+
+    def requires_grad_(self, requires_grad: bool = True) -> Self:
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters():
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    # -------------------------------------------------------------------------------------- embeddings
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The word embeddings (`text_decoder.bert.embeddings.word_embeddings`): a `torch.nn.Embedding` over
+        the core's own table."""
+        return self.get_submodule(self._word_embeddings[0])
+
+    def get_output_embeddings(self) -> None:
+        """None, as transformers' `BlipForConditionalGeneration` returns (its LM head sits in `text_decoder`:
+        `model.get_submodule("text_decoder.cls.predictions.decoder")`)."""
+        return None
+
+    def tie_weights(self, missing_keys: Any = None, recompute_mapping: bool = True) -> None:
+        """Ties the LM head to the word embeddings when the config says so. The core ties them when the model
+        is built (and keeps them tied through `resize_token_embeddings`), so there is nothing left to do."""
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> torch.nn.Module:
+        """Resizes the vocabulary as transformers does: kept rows are copied, new rows are drawn from a normal
+        distribution with the old embeddings' mean and (1e-9 times) their covariance (`mean_resizing`), or
+        from N(0, initializer_range) otherwise; the LM head's bias grows with zeros when tied. An untied head is
+        resized too (transformers leaves it at the old size, which breaks its forward). `text_config.vocab_size`
+        follows. Returns the input embeddings."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        old = _tensor(self.get_input_embeddings(), "weight")
+        new = old.shape[0] if new_num_tokens is None else new_num_tokens
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+            raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            if (
+                isinstance(pad_to_multiple_of, bool)
+                or not isinstance(pad_to_multiple_of, int)
+                or pad_to_multiple_of < 1
+            ):
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
+        std = self.config.text_config.initializer_range
+        with torch.no_grad():
+            weight = _resized_rows(old, new, mean_resizing, std)
+            bias_param = _tensor(self.get_submodule("text_decoder.cls.predictions"), "bias")
+            if self._native.lm_head_tied:
+                bias = torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new]
+                self._native.resize_vocab(weight, bias)
+            else:
+                head = self.get_submodule("text_decoder.cls.predictions.decoder")
+                dec_w = _resized_rows(_tensor(head, "weight"), new, mean_resizing, std)
+                dec_b = _resized_bias(_tensor(head, "bias"), new, mean_resizing)
+                bias = _resized_bias(bias_param, new, mean_resizing)
+                self._native.resize_vocab(weight, bias, dec_w, dec_b)
+        self._tree_key = ()
+        self._sync_tree()
+        return self.get_input_embeddings()
+
+    def enable_input_require_grads(self) -> None:
+        """transformers' switch that makes the input embeddings' output require grad, so reentrant gradient
+        checkpointing over frozen embeddings (LoRA) gets gradients. Our checkpointing needs no such help; the
+        switch is kept (and reported by `_input_require_grads`) for code that calls it."""
+        self._input_require_grads = True
+
+    def disable_input_require_grads(self) -> None:
+        self._input_require_grads = False
+
+    # --------------------------------------------------------------------------- gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Turns gradient checkpointing on: `bp.train` then recomputes each transformer layer in the backward,
+        and a plain torch loop (`model(...)` in training mode, then `loss.backward()`) keeps no activations
+        of the forward and recomputes it in the backward. `gradient_checkpointing_kwargs` may only ask for
+        `use_reentrant` (either value: the recomputation is the same here)."""
+        extra = set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
+        if extra:
+            raise ValueError(
+                f"gradient_checkpointing_kwargs accepts use_reentrant only, got {', '.join(sorted(extra))}"
+            )
+        self._gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._gradient_checkpointing
+
+    # ------------------------------------------------------------------------------ device, dtype, mode
+    def to(self, *args: Any, **kwargs: Any) -> Self:  # type: ignore[override]
+        """Moves and/or casts the parameters in place, as `nn.Module.to` does: `to("cuda")`,
+        `to(torch.bfloat16)`, `to("cuda", torch.float16)`, `to(device=..., dtype=...)`."""
+        device = kwargs.pop("device", None)
+        dtype = kwargs.pop("dtype", None)
+        kwargs.pop("non_blocking", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device, int)) and not isinstance(arg, bool):
+                if isinstance(arg, str) and arg.removeprefix("torch.") in (
+                    "float32",
+                    "float16",
+                    "bfloat16",
+                    "half",
+                    "float",
+                ):
+                    dtype = arg
+                else:
+                    device = arg
+            else:
+                raise TypeError(f"to() expects a device and/or dtype, got {type(arg).__name__}")
+        self._native.to(device_name(device), dtype_name(dtype))
+        return self
+
+    def cuda(self, device: Any = None) -> Self:  # type: ignore[override]
+        return self.to(f"cuda:{device or 0}")
+
+    def cpu(self) -> Self:  # type: ignore[override]
+        return self.to("cpu")
+
+    def float(self) -> Self:  # type: ignore[override]
+        return self.to(torch.float32)
+
+    def half(self) -> Self:  # type: ignore[override]
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> Self:  # type: ignore[override]
+        return self.to(torch.bfloat16)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        raise NotImplementedError(
+            "the core keeps its tensors: use model.to(device/dtype), .cuda(), .cpu(), .float(), .half(), .bfloat16()"
+        )
+
+    def train(self, mode: bool = True) -> Self:
+        """Training mode (dropout active where the config sets it)."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self._native.set_training(mode)
+        for module in self._modules.values():
+            if module is not None:
+                module.train(mode)
+        return self
+
+    def eval(self) -> Self:
+        """Evaluation mode (no dropout)."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self._native.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._native.set_training(bool(mode))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._native.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self._native.dtype)
+
+    @property
+    def config(self) -> BlipConfig:
+        """The parsed configuration (`config.text_config.vocab_size`, `config.to_dict()`, transformers'
+        `PretrainedConfig` attributes such as `use_return_dict` and `get_text_config()`)."""
+        config = BlipConfig.from_json_string(self._native.config_json())
+        config._set_defaults(_attn_implementation=self._attn_implementation, name_or_path=self._native.name_or_path)
+        return config
+
+    @property
+    def name_or_path(self) -> str:
+        return self._native.name_or_path
+
+    # -------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Writes `config.json`, `model.safetensors` and `generation_config.json`, a folder transformers loads
+        with no missing or unexpected keys. Files are written atomically (temporary file, then rename)."""
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("blip_peft writes safetensors only (safe_serialization=False is not supported)")
+        directory = fspath(save_directory, "save_directory")
+        self._native.save_pretrained(directory)
+        self.generation_config.save_pretrained(directory)
+
+    def __repr__(self) -> str:
+        return self._native.__repr__()
+
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError(f"{type(self).__name__} cannot be unpickled; save_pretrained / from_pretrained it")
+
+    def __getstate__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} cannot be pickled; save it with save_pretrained")
+
+
+class BlipForConditionalGeneration(BlipPreTrainedModel):
+    """BLIP for image captioning, with transformers' API and weight names.
+
+    Load a transformers checkpoint folder with :meth:`from_pretrained`, call the model like a torch
+    module, and train it with any torch optimizer over :meth:`parameters`.
+
+    It is a `torch.nn.Module` whose module tree has transformers' names and classes (`modules()`,
+    `named_modules()`, `get_submodule`, `state_dict()`, `load_state_dict()`), each holding the very tensors the
+    Rust core computes with. The forward runs in the core, so hooks registered on the model itself fire, while
+    hooks on modules inside the tree never do (the core does not call them).
+    """
+
+    #: The prompt captions start with when `blip_peft.generate` / `evaluate` are given none (set by
+    #: `train(prompt=...)`; kept in memory: a `PeftModel` saves its adapter's with the adapter).
+    caption_prompt: str | None = None
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(
@@ -382,332 +726,6 @@ class BlipForConditionalGeneration(torch.nn.Module):
             raise ValueError("generate() needs pixel_values")
         names = _adapter_names(adapter_names)
         return self._native.generate(pixel_values, input_ids, attention_mask, _generation_settings(kwargs), names)
-
-    # ------------------------------------------------------------------------------------- module tree
-    def _sync_tree(self) -> None:
-        """(Re)builds the module tree when the core's parameters changed (adapters added or removed)."""
-        if self.__dict__.get("_syncing"):
-            return
-        named = self._native.named_parameters()
-        key = tuple(name for name, _ in named)
-        if key == self._tree_key and self._modules:
-            return
-        self.__dict__["_syncing"] = True
-        try:
-            self._build_tree(named)
-        finally:
-            self.__dict__["_syncing"] = False
-        self._tree_key = key
-
-    def _build_tree(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        types = dict(self._native.module_tree())
-        self._modules.clear()
-        nodes: dict[str, torch.nn.Module] = {"": self}
-        for path in [p for p, _ in self._native.module_tree() if p]:
-            parent, _, leaf = path.rpartition(".")
-            module = _shell(types[path])
-            nodes[parent].add_module(leaf, module)
-            nodes[path] = module
-        for name, tensor in named:
-            parent, _, leaf = name.rpartition(".")
-            owner = nodes.get(parent)
-            if owner is None:  # a module the printout folds away: make its path
-                owner = self
-                for part in parent.split("."):
-                    if part not in owner._modules:
-                        owner.add_module(part, _shell("Module"))
-                    owner = _child(owner, part)
-                nodes[parent] = owner
-            _params(owner)[leaf] = tensor  # the core's own tensor (not a copy), as torch.nn.Parameter would be
-        if self._native.lm_head_tied:
-            # torch registers a Linear's weight before its bias
-            for alias, source in sorted(self._tied_weights_keys.items(), key=lambda kv: not kv[0].endswith("weight")):
-                parent, _, leaf = alias.rpartition(".")
-                src_parent, _, src_leaf = source.rpartition(".")
-                if parent in nodes and src_parent in nodes and src_leaf in nodes[src_parent]._parameters:
-                    _params(nodes[parent])[leaf] = nodes[src_parent]._parameters[src_leaf]
-        words = nodes.get("text_decoder.bert.embeddings.word_embeddings")
-        if isinstance(words, torch.nn.Embedding) and "weight" in words._parameters:
-            _fill_attributes(words)
-            pad = self.config.text_config.pad_token_id
-            words.padding_idx = pad if isinstance(pad, int) and 0 <= pad < words.num_embeddings else None
-        for _, module in torch.nn.Module.named_modules(self):
-            if module is not self and module is not words:
-                object.__setattr__(module, "training", self.training)
-                _fill_attributes(module)
-
-    def named_modules(self, memo: Any = None, prefix: str = "", remove_duplicate: bool = True) -> Any:
-        self._sync_tree()
-        return super().named_modules(memo, prefix, remove_duplicate)
-
-    def children(self) -> Iterator[torch.nn.Module]:
-        self._sync_tree()
-        return super().children()
-
-    def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
-        self._sync_tree()
-        return super().named_children()
-
-    def get_submodule(self, target: str) -> torch.nn.Module:
-        self._sync_tree()
-        return super().get_submodule(target)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' state dict: every parameter by name (the tied LM-head copies too), detached."""
-        self._sync_tree()
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Copies `state_dict` into the model's tensors in place (torch's semantics: `strict` reports
-        missing and unexpected keys); `assign=True` is refused (the core keeps its tensors)."""
-        if assign:
-            raise ValueError("load_state_dict(assign=True) is not supported: the core's tensors are updated in place")
-        self._sync_tree()
-        state = dict(state_dict)
-        state.pop("text_decoder.bert.embeddings.position_ids", None)  # a buffer older checkpoints keep
-        return super().load_state_dict(state, strict=strict)
-
-    def __getattr__(self, name: str) -> Any:
-        # The two towers read through the tree: rebuilt first when adapters changed it (not while building).
-        if (
-            name in ("vision_model", "text_decoder")
-            and "_tree_key" in self.__dict__
-            and not self.__dict__.get("_syncing")
-        ):
-            self._sync_tree()
-        return super().__getattr__(name)
-
-    # -------------------------------------------------------------------------------------- parameters
-    # The core's tensors are plain tensors, not Parameters (hence the override ignores).
-    def named_parameters(  # type: ignore[override]
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(name, parameter)` pairs with transformers' names, in its order (tied weights once)."""
-        for name, param in self._native.named_parameters():
-            yield (f"{prefix}.{name}" if prefix else name), param
-
-    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
-        """The model's parameters: the tensors themselves, so an optimizer updates the model in place."""
-        for _, param in self.named_parameters():
-            yield param
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """The number of (unique) parameters, as transformers counts them."""
-        total = 0
-        for name, p in self.named_parameters():
-            if only_trainable and not p.requires_grad:
-                continue
-            if exclude_embeddings and (
-                name.endswith("word_embeddings.weight") or name.endswith("position_embeddings.weight")
-            ):
-                continue
-            total += p.numel()
-        return total
-
-    def requires_grad_(self, requires_grad: bool = True) -> BlipForConditionalGeneration:
-        for p in self.parameters():
-            p.requires_grad_(requires_grad)
-        return self
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.parameters():
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
-
-    # -------------------------------------------------------------------------------------- embeddings
-    def get_input_embeddings(self) -> torch.nn.Module:
-        """The word embeddings (`text_decoder.bert.embeddings.word_embeddings`): a `torch.nn.Embedding` over
-        the core's own table."""
-        return self.get_submodule("text_decoder.bert.embeddings.word_embeddings")
-
-    def get_output_embeddings(self) -> None:
-        """None, as transformers' `BlipForConditionalGeneration` returns (its LM head sits in `text_decoder`:
-        `model.get_submodule("text_decoder.cls.predictions.decoder")`)."""
-        return None
-
-    def tie_weights(self, missing_keys: Any = None, recompute_mapping: bool = True) -> None:
-        """Ties the LM head to the word embeddings when the config says so. The core ties them when the model
-        is built (and keeps them tied through `resize_token_embeddings`), so there is nothing left to do."""
-
-    def resize_token_embeddings(
-        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
-    ) -> torch.nn.Module:
-        """Resizes the vocabulary as transformers does: kept rows are copied, new rows are drawn from a normal
-        distribution with the old embeddings' mean and (1e-9 times) their covariance (`mean_resizing`), or
-        from N(0, initializer_range) otherwise; the LM head's bias grows with zeros when tied. An untied head is
-        resized too (transformers leaves it at the old size, which breaks its forward). `text_config.vocab_size`
-        follows. Returns the input embeddings."""
-        if new_num_tokens is None and pad_to_multiple_of is None:
-            return self.get_input_embeddings()
-        old = _tensor(self.get_input_embeddings(), "weight")
-        new = old.shape[0] if new_num_tokens is None else new_num_tokens
-        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
-            raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
-        if pad_to_multiple_of is not None:
-            if (
-                isinstance(pad_to_multiple_of, bool)
-                or not isinstance(pad_to_multiple_of, int)
-                or pad_to_multiple_of < 1
-            ):
-                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
-            new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
-        std = self.config.text_config.initializer_range
-        with torch.no_grad():
-            weight = _resized_rows(old, new, mean_resizing, std)
-            bias_param = _tensor(self.get_submodule("text_decoder.cls.predictions"), "bias")
-            if self._native.lm_head_tied:
-                bias = torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new]
-                self._native.resize_vocab(weight, bias)
-            else:
-                head = self.get_submodule("text_decoder.cls.predictions.decoder")
-                dec_w = _resized_rows(_tensor(head, "weight"), new, mean_resizing, std)
-                dec_b = _resized_bias(_tensor(head, "bias"), new, mean_resizing)
-                bias = _resized_bias(bias_param, new, mean_resizing)
-                self._native.resize_vocab(weight, bias, dec_w, dec_b)
-        self._tree_key = ()
-        self._sync_tree()
-        return self.get_input_embeddings()
-
-    def enable_input_require_grads(self) -> None:
-        """transformers' switch that makes the input embeddings' output require grad, so reentrant gradient
-        checkpointing over frozen embeddings (LoRA) gets gradients. Our checkpointing needs no such help; the
-        switch is kept (and reported by `_input_require_grads`) for code that calls it."""
-        self._input_require_grads = True
-
-    def disable_input_require_grads(self) -> None:
-        self._input_require_grads = False
-
-    # --------------------------------------------------------------------------- gradient checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Turns gradient checkpointing on: `bp.train` then recomputes each transformer layer in the backward,
-        and a plain torch loop (`model(...)` in training mode, then `loss.backward()`) keeps no activations
-        of the forward and recomputes it in the backward. `gradient_checkpointing_kwargs` may only ask for
-        `use_reentrant` (either value: the recomputation is the same here)."""
-        extra = set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
-        if extra:
-            raise ValueError(
-                f"gradient_checkpointing_kwargs accepts use_reentrant only, got {', '.join(sorted(extra))}"
-            )
-        self._gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self._gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self._gradient_checkpointing
-
-    # ------------------------------------------------------------------------------ device, dtype, mode
-    def to(self, *args: Any, **kwargs: Any) -> BlipForConditionalGeneration:  # type: ignore[override]
-        """Moves and/or casts the parameters in place, as `nn.Module.to` does: `to("cuda")`,
-        `to(torch.bfloat16)`, `to("cuda", torch.float16)`, `to(device=..., dtype=...)`."""
-        device = kwargs.pop("device", None)
-        dtype = kwargs.pop("dtype", None)
-        kwargs.pop("non_blocking", None)
-        if kwargs:
-            raise TypeError(f"to() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
-        for arg in args:
-            if isinstance(arg, torch.dtype):
-                dtype = arg
-            elif isinstance(arg, (str, torch.device, int)) and not isinstance(arg, bool):
-                if isinstance(arg, str) and arg.removeprefix("torch.") in (
-                    "float32",
-                    "float16",
-                    "bfloat16",
-                    "half",
-                    "float",
-                ):
-                    dtype = arg
-                else:
-                    device = arg
-            else:
-                raise TypeError(f"to() expects a device and/or dtype, got {type(arg).__name__}")
-        self._native.to(device_name(device), dtype_name(dtype))
-        return self
-
-    def cuda(self, device: Any = None) -> BlipForConditionalGeneration:  # type: ignore[override]
-        return self.to(f"cuda:{device or 0}")
-
-    def cpu(self) -> BlipForConditionalGeneration:  # type: ignore[override]
-        return self.to("cpu")
-
-    def float(self) -> BlipForConditionalGeneration:  # type: ignore[override]
-        return self.to(torch.float32)
-
-    def half(self) -> BlipForConditionalGeneration:  # type: ignore[override]
-        return self.to(torch.float16)
-
-    def bfloat16(self) -> BlipForConditionalGeneration:  # type: ignore[override]
-        return self.to(torch.bfloat16)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        raise NotImplementedError(
-            "the core keeps its tensors: use model.to(device/dtype), .cuda(), .cpu(), .float(), .half(), .bfloat16()"
-        )
-
-    def train(self, mode: bool = True) -> BlipForConditionalGeneration:
-        """Training mode (dropout active where the config sets it)."""
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
-        self._native.set_training(mode)
-        for module in self._modules.values():
-            if module is not None:
-                module.train(mode)
-        return self
-
-    def eval(self) -> BlipForConditionalGeneration:
-        """Evaluation mode (no dropout)."""
-        return self.train(False)
-
-    @property
-    def training(self) -> bool:  # type: ignore[override]
-        return self._native.training
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        self._native.set_training(bool(mode))
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self._native.device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self._native.dtype)
-
-    @property
-    def config(self) -> BlipConfig:
-        """The parsed configuration (`config.text_config.vocab_size`, `config.to_dict()`, transformers'
-        `PretrainedConfig` attributes such as `use_return_dict` and `get_text_config()`)."""
-        config = BlipConfig.from_json_string(self._native.config_json())
-        config._set_defaults(_attn_implementation=self._attn_implementation, name_or_path=self._native.name_or_path)
-        return config
-
-    @property
-    def name_or_path(self) -> str:
-        return self._native.name_or_path
-
-    # -------------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Writes `config.json`, `model.safetensors` and `generation_config.json`, a folder transformers loads
-        with no missing or unexpected keys. Files are written atomically (temporary file, then rename)."""
-        if kwargs.get("safe_serialization") is False:
-            raise ValueError("blip_peft writes safetensors only (safe_serialization=False is not supported)")
-        directory = fspath(save_directory, "save_directory")
-        self._native.save_pretrained(directory)
-        self.generation_config.save_pretrained(directory)
-
-    def __repr__(self) -> str:
-        return self._native.__repr__()
-
-    def __setstate__(self, state: Any) -> None:
-        raise TypeError("BlipForConditionalGeneration cannot be unpickled; save_pretrained / from_pretrained it")
-
-    def __getstate__(self) -> Any:
-        raise TypeError("BlipForConditionalGeneration cannot be pickled; save it with save_pretrained")
 
 
 def _single_device(device_map: Any) -> Any:

@@ -18,7 +18,7 @@ import torch
 
 from blip_peft import _blip_peft
 from blip_peft._convert import fspath, read_json_object
-from blip_peft.modeling import BlipForConditionalGeneration
+from blip_peft.modeling import BlipForConditionalGeneration, BlipPreTrainedModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -155,23 +155,29 @@ PeftConfig = LoraConfig
 
 
 def lora_targets(model: Any) -> list[tuple[str, str, tuple[int, int]]]:
-    """The layers LoRA can target: `(module path, "Linear" | "Conv2d", (in, out))`, in module order."""
+    """The layers LoRA can target: `(module path, "Linear" | "Conv2d", (in, out))`, in module order: every
+    Linear and Conv2d of the model's towers (for `BlipForQuestionAnswering` the question encoder's
+    `text_encoder.encoder.layer.N.{attention,crossattention}.self.{query,key,value}`, `*.output.dense` and
+    `intermediate.dense` too, between the vision tower's and the answer decoder's)."""
     native = _native_of(model)
     return [(path, kind, (i, o)) for path, kind, i, o in native.lora_targets()]
 
 
-def _native_of(model: Any) -> _blip_peft._BlipModel:
+def _native_of(model: Any) -> Any:
     if isinstance(model, PeftModel):
         return model._native
-    if isinstance(model, BlipForConditionalGeneration):
+    if isinstance(model, BlipPreTrainedModel):
         return model._native
-    raise TypeError(f"expected a blip_peft BlipForConditionalGeneration or PeftModel, got {type(model).__name__}")
+    raise TypeError(
+        "expected a blip_peft BlipForConditionalGeneration, BlipForQuestionAnswering or PeftModel, got "
+        f"{type(model).__name__}"
+    )
 
 
 class LoraModel:
     """peft's `LoraModel`: the tuner layer between `PeftModel` and the wrapped model (`.model`)."""
 
-    def __init__(self, model: BlipForConditionalGeneration) -> None:
+    def __init__(self, model: Any) -> None:
         self.model = model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -189,11 +195,12 @@ class PeftModel:
     injected into the model in place, so the wrapped `BlipForConditionalGeneration` sees them too.
     """
 
-    def __init__(
-        self, model: BlipForConditionalGeneration, peft_config: LoraConfig, adapter_name: str = "default"
-    ) -> None:
-        if not isinstance(model, BlipForConditionalGeneration):
-            raise TypeError(f"expected a blip_peft BlipForConditionalGeneration, got {type(model).__name__}")
+    def __init__(self, model: Any, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        if not isinstance(model, BlipPreTrainedModel):
+            raise TypeError(
+                "expected a blip_peft BlipForConditionalGeneration or BlipForQuestionAnswering, got "
+                f"{type(model).__name__}"
+            )
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a blip_peft.LoraConfig, got {type(peft_config).__name__}")
         self.base_model = LoraModel(model)
@@ -220,7 +227,7 @@ class PeftModel:
             self.caption_prompts[self.active_adapter] = prompt
 
     @property
-    def _native(self) -> _blip_peft._BlipModel:
+    def _native(self) -> Any:
         return self.base_model.model._native
 
     def _add(self, adapter_name: str, config: LoraConfig) -> None:
@@ -250,7 +257,7 @@ class PeftModel:
         `BlipForConditionalGeneration.generate`."""
         return self.base_model.model.generate(*args, **kwargs)
 
-    def get_base_model(self) -> BlipForConditionalGeneration:
+    def get_base_model(self) -> Any:
         return self.base_model.model
 
     def __getattr__(self, name: str) -> Any:
@@ -332,17 +339,17 @@ class PeftModel:
     def unmerge_adapter(self) -> None:
         self._native.unmerge_adapters()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False) -> BlipForConditionalGeneration:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False) -> Any:
         """Merges the active adapter into the base weights and returns the plain model (adapters removed)."""
         self._native.unload_adapters(True)
         return self._unwrap()
 
-    def unload(self) -> BlipForConditionalGeneration:
+    def unload(self) -> Any:
         """Removes the adapters without merging: the base model exactly as it was."""
         self._native.unload_adapters(False)
         return self._unwrap()
 
-    def _unwrap(self) -> BlipForConditionalGeneration:
+    def _unwrap(self) -> Any:
         model = self.base_model.model
         model.requires_grad_(True)
         self.peft_config = {}
@@ -375,7 +382,7 @@ class PeftModel:
                 raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_config)}")
             target = directory if name == "default" else os.path.join(directory, name)
             config = self.peft_config[name]
-            self._native.save_adapter(target, name, config.bias, config.to_json())
+            self._native.save_adapter(target, name, config.bias, self._config_text(config))
             prompt_file = os.path.join(target, CAPTION_CONFIG_NAME)
             if name in self.caption_prompts:
                 text = json.dumps({"prompt": self.caption_prompts[name]}, indent=2) + "\n"
@@ -383,10 +390,22 @@ class PeftModel:
             elif os.path.isfile(prompt_file):
                 os.remove(prompt_file)  # a stale prompt of an earlier adapter saved here
 
+    def _config_text(self, config: LoraConfig) -> str:
+        """`adapter_config.json`'s text for `config` on this base model: peft's `auto_mapping` (written when no
+        `task_type` is set) names the base model's class."""
+        text = config.to_json()
+        base_class = type(self.base_model.model).__name__
+        if base_class != "BlipForConditionalGeneration":
+            doc = json.loads(text)
+            if isinstance(doc.get("auto_mapping"), dict):
+                doc["auto_mapping"]["base_model_class"] = base_class
+                text = json.dumps(doc, indent=2, sort_keys=True)
+        return text
+
     @classmethod
     def from_pretrained(
         cls,
-        model: BlipForConditionalGeneration,
+        model: Any,
         model_id: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
@@ -506,16 +525,14 @@ def hotswap_adapter(
     model.hotswap_adapter(model_name_or_path, adapter_name)
 
 
-def get_peft_model(
-    model: BlipForConditionalGeneration, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any
-) -> PeftModel:
+def get_peft_model(model: Any, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
     """Wraps `model` with LoRA adapters per `peft_config`, freezing everything else (peft's `get_peft_model`)."""
     if isinstance(model, PeftModel):
         raise TypeError("the model already has adapters; use model.add_adapter(name, config)")
     return PeftModel(model, peft_config, adapter_name)
 
 
-def load_adapter_folder(path: str, *, dtype: str | None, device: str) -> PeftModel:
+def load_adapter_folder(path: str, *, dtype: str | None, device: str, head: Any = None) -> PeftModel:
     """What `BlipForConditionalGeneration.from_pretrained(adapter_dir)` does: load the base model the adapter
     names (`base_model_name_or_path`) and attach the adapter, as transformers does with peft installed."""
     config = LoraConfig.from_pretrained(path)
@@ -531,5 +548,6 @@ def load_adapter_folder(path: str, *, dtype: str | None, device: str) -> PeftMod
             "local folder; load the base with BlipForConditionalGeneration.from_pretrained(<folder>) and attach the "
             "adapter with PeftModel.from_pretrained(base, adapter_dir)"
         )
-    model = BlipForConditionalGeneration(_blip_peft._BlipModel.from_pretrained(base, dtype, device))
+    cls = BlipForConditionalGeneration if head is None else head
+    model = cls(cls._native_class.from_pretrained(base, dtype, device))
     return PeftModel.from_pretrained(model, path)

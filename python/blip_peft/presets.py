@@ -8,6 +8,7 @@ The model shapes are ``text_config`` / ``vision_config`` keyword dicts for `tran
 - `BENCH_CONFIGS`: what bench/compare.py (and the other benchmarks) build: the same shapes, two settings apart.
 - `BUNDLED_TEXT` / `BUNDLED_VISION`: the bundled model's shapes (scripts/make_base_model.py adds the ids and
   vocabulary size of its tokenizer).
+- `VQA_BASE_TEXT` / `VQA_BASE_VISION`: Salesforce/blip-vqa-base's shapes (BlipForQuestionAnswering).
 - `ATTENTION_MLP_TARGETS`, `QUERY_VALUE_TARGETS`: LoRA ``target_modules`` lists.
 """
 
@@ -28,6 +29,8 @@ __all__ = [
     "TINY_TEXT",
     "TINY_VISION",
     "VISION_INITIALIZER_RANGE",
+    "VQA_BASE_TEXT",
+    "VQA_BASE_VISION",
 ]
 
 # ------------------------------------------------------------------------------------------ LoRA target lists
@@ -137,3 +140,8 @@ BUNDLED_VISION: dict[str, Any] = dict(
     layer_norm_eps=1e-5,
     initializer_range=VISION_INITIALIZER_RANGE,
 )
+
+# Salesforce/blip-vqa-base's shapes (BlipForQuestionAnswering: the question encoder has the decoder's text
+# settings): the captioning base's towers, named for the VQA tests and benchmarks.
+VQA_BASE_TEXT: dict[str, Any] = dict(BASE_TEXT)
+VQA_BASE_VISION: dict[str, Any] = dict(BASE_VISION)

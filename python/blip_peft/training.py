@@ -481,6 +481,11 @@ def train(
     is set, and returns the result so far. Checkpoints go to `output_dir/checkpoint-<step>/`; with a
     `PeftModel` the final adapter is saved into `output_dir` itself.
     """
+    if isinstance(model, PeftModel) and not isinstance(model.get_base_model(), BlipForConditionalGeneration):
+        raise TypeError(
+            f"train() fine-tunes captioning models; a PeftModel over {type(model.get_base_model()).__name__} is "
+            "not supported by train() yet (run a torch loop over model(...).loss instead)"
+        )
     if isinstance(model, PeftModel):
         native = model._native
         config = model.peft_config[model.active_adapter]

@@ -46,6 +46,11 @@ Determinism: a scene is a pure function of its seed (`sample_scene`), the image 
 size and the anti-aliasing switch (`render`), the caption a pure function of the scene (`describe`).
 `make_dataset` and `write_imagefolder` derive item ``i`` from ``(seed, domain, i)`` alone, so the first ``k`` items
 do not depend on ``n``.
+
+Questions (`scene_questions`, `vqa_dataset`): each scene also answers a fixed list of questions, a pure function
+of the scene: how many objects (of each kind present, and of the domain's first absent kind), what colour the
+object of a size and kind is (when only one object has them), whether there is a kind (yes for those present, no
+for the first absent one), what shape the objects of a colour are. Answers are single words (counts as digits).
 """
 
 from __future__ import annotations
@@ -84,7 +89,9 @@ __all__ = [
     "parse_caption",
     "render",
     "sample_scene",
+    "scene_questions",
     "vocabulary",
+    "vqa_dataset",
     "write_imagefolder",
 ]
 
@@ -787,3 +794,52 @@ def write_imagefolder(
         if os.path.exists(tmp):
             os.remove(tmp)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Questions and answers
+
+
+def scene_questions(scene: Scene) -> list[tuple[str, str]]:
+    """The scene's questions with their answers, in a fixed order (a pure function of the scene):
+
+    - ``"how many objects are there?"``;
+    - ``"how many <kinds> are there?"`` for each kind present, then for the domain's first absent kind (``"0"``);
+    - ``"what colour is the <size> <kind>?"`` for each size and kind only one object has;
+    - ``"is there a <kind>?"``: ``"yes"`` for each kind present, ``"no"`` for the domain's first absent kind;
+    - ``"what shape is the <colour> object?"`` / ``"what shape are the <colour> objects?"`` for each group.
+
+    Counts are digits (``"2"``), the VQA evaluation's normal form (`metrics.normalize_vqa_answer`).
+    """
+    kinds = _domain(scene.domain).kinds
+    groups = sorted(scene.groups, key=_identity)
+    present = [k for k in kinds if any(g.kind == k for g in groups)]
+    absent = [k for k in kinds if k not in present]
+    out: list[tuple[str, str]] = [("how many objects are there?", str(sum(g.count for g in groups)))]
+    for kind in present + absent[:1]:
+        out.append((f"how many {KINDS[kind]} are there?", str(sum(g.count for g in groups if g.kind == kind))))
+    for size in SIZES:
+        for kind in present:
+            matching = [g for g in groups if g.kind == kind and g.size == size]
+            if len(matching) == 1 and matching[0].count == 1:
+                out.append((f"what colour is the {size} {kind}?", matching[0].colour))
+    for kind in present:
+        out.append((f"is there a {kind}?", "yes"))
+    for kind in absent[:1]:
+        out.append((f"is there a {kind}?", "no"))
+    for g in groups:
+        if g.count == 1:
+            out.append((f"what shape is the {g.colour} object?", g.kind))
+        else:
+            out.append((f"what shape are the {g.colour} objects?", g.kind))
+    return out
+
+
+def vqa_dataset(n: int, seed: int = 0, domain: str = "base", size: int = 384) -> list[dict[str, Any]]:
+    """`make_dataset`'s first `n` scenes as VQA items ``{"image", "question", "answer", "scene"}``: every question of
+    each scene (`scene_questions`), in order, the scene's image shared by its questions."""
+    out = []
+    for item in iter_dataset(n, seed, domain, size):
+        for question, answer in scene_questions(item["scene"]):
+            out.append({"image": item["image"], "question": question, "answer": answer, "scene": item["scene"]})
+    return out

@@ -1,11 +1,14 @@
-//! The BLIP image-captioning model (`BlipForConditionalGeneration`): an image encoder and a caption decoder.
+//! The BLIP models: image captioning (`BlipForConditionalGeneration`: an image encoder and a caption decoder)
+//! and visual question answering (`BlipForQuestionAnswering`: with a question encoder between them).
 
 pub mod kv_cache;
 mod model;
 pub mod recompute;
 pub mod text;
 pub mod vision;
+mod vqa;
 
 pub(crate) use model::text_context;
 pub use model::{kind_name, BlipForConditionalGeneration, BlipOutput, ForwardInputs, ForwardOptions};
 pub use vision::{Record, Recorded};
+pub use vqa::{BlipForQuestionAnswering, VqaInputs, VqaOutput};

@@ -1,14 +1,17 @@
-//! BLIP's caption decoder: a post-norm BERT with causal self-attention, cross-attention to the image
-//! embeddings and a tied LM head (`BlipTextLMHeadModel` in transformers).
+//! BLIP's text towers: the caption decoder, a post-norm BERT with causal self-attention, cross-attention to
+//! the image embeddings and a tied LM head (`BlipTextLMHeadModel` in transformers), and the same BERT body
+//! run as a bidirectional encoder (`BlipTextModel` with `is_decoder=False`: VQA's question encoder,
+//! retrieval's text encoder), whose cross-attention is optional.
 
 use tch::{Kind, Tensor};
 
 use super::kv_cache::{CrossLayout, DecoderCache, ImageKeysValues, LayerCache};
 use super::recompute::{layer_seed, Checkpointed};
 use crate::config::BlipTextConfig;
+use crate::error::Error;
 use crate::error::Result;
 use crate::module;
-use crate::nn::attention::{merge_heads, sdpa, split_heads};
+use crate::nn::attention::{merge_heads, padding_mask, sdpa, split_heads};
 use crate::nn::{
     in_kind, join, Activation, Dropout, Embedding, ForwardContext, Init, LayerNorm, Linear, ParamSource,
 };
@@ -67,10 +70,66 @@ impl BlipTextEmbeddings {
         kind: Kind,
         cx: &ForwardContext,
     ) -> Result<Tensor> {
-        let x = in_kind(&self.word_embeddings.forward(input_ids)?, kind)?
-            .f_add(&in_kind(&self.position_embeddings.forward(positions)?, kind)?)?;
+        self.forward_input(TextInput::Ids(input_ids), positions, kind, cx)
+    }
+
+    /// [`Self::forward`] of token ids or of word embeddings given in their place (`inputs_embeds`).
+    fn forward_input(
+        &self,
+        input: TextInput,
+        positions: &Tensor,
+        kind: Kind,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let words = match input {
+            TextInput::Ids(ids) => self.word_embeddings.forward(ids)?,
+            TextInput::Embeds(embeds) => embeds.shallow_clone(),
+        };
+        let x =
+            in_kind(&words, kind)?.f_add(&in_kind(&self.position_embeddings.forward(positions)?, kind)?)?;
         self.dropout.forward(&self.layer_norm.forward(&x)?, cx.train)
     }
+}
+
+/// The text a text tower reads: token ids `[B, T]`, or word embeddings `[B, T, D]` in their place
+/// (transformers' `inputs_embeds`: position embeddings, LayerNorm and dropout are still applied).
+#[derive(Clone, Copy)]
+pub enum TextInput<'a> {
+    Ids(&'a Tensor),
+    Embeds(&'a Tensor),
+}
+
+impl TextInput<'_> {
+    /// `(batch, tokens)`.
+    fn batch_and_len(&self) -> Result<(i64, i64)> {
+        let size = match self {
+            TextInput::Ids(t) | TextInput::Embeds(t) => t.size(),
+        };
+        match (self, size.as_slice()) {
+            (TextInput::Ids(_), [b, t]) | (TextInput::Embeds(_), [b, t, _]) => Ok((*b, *t)),
+            (TextInput::Ids(_), _) => Err(Error::invalid(format!(
+                "input_ids must have shape [batch, sequence], got {size:?}"
+            ))),
+            (TextInput::Embeds(_), _) => Err(Error::invalid(format!(
+                "inputs_embeds must have shape [batch, sequence, hidden_size], got {size:?}"
+            ))),
+        }
+    }
+
+    fn device(&self) -> tch::Device {
+        match self {
+            TextInput::Ids(t) | TextInput::Embeds(t) => t.device(),
+        }
+    }
+}
+
+/// What a text layer's cross-attention attends to: encoder states `[B, S, C]` (the image embeddings, or
+/// the question encoding VQA's answer decoder reads) and their additive padding mask (`[B, 1, 1, S]`,
+/// 0 / `finfo.min`, as [`padding_mask`] builds it), None when every position is attended.
+#[derive(Clone, Copy)]
+pub struct CrossStates<'a> {
+    pub states: &'a Tensor,
+    pub mask: Option<&'a Tensor>,
 }
 
 /// Query/key/value projections of one attention block (`attention.self` or `crossattention.self`).
@@ -300,10 +359,12 @@ impl BlipTextLayer {
         })
     }
 
+    /// One layer over `x`. Its cross-attention runs when `cross` is given and is skipped otherwise (as
+    /// transformers skips it without `encoder_hidden_states`).
     fn forward(
         &self,
         x: &Tensor,
-        image: &Tensor,
+        cross: Option<CrossStates>,
         masks: &DecoderMasks,
         cache: Option<(&mut LayerCache, i64, &CrossLayout)>,
         cx: &ForwardContext,
@@ -326,20 +387,32 @@ impl BlipTextLayer {
         };
         let h = attn.attend(x, &self_kv, masks.self_mask, masks.causal, cx)?;
         let mut x = self.attention.output.forward(&h, x, cx)?;
-        if let Some(ca) = &self.crossattention {
+        if let Some(cross) = cross {
+            let Some(ca) = &self.crossattention else {
+                return Err(Error::invalid(
+                    "this text tower has no cross-attention layers (text_config.is_decoder is false); \
+                     encode without encoder_hidden_states",
+                ));
+            };
             let h = match cache {
                 Some((cache, _, layout)) => {
+                    if cross.mask.is_some() {
+                        return Err(Error::invalid(
+                            "a cached decoding step attends to every encoder position; it takes no \
+                             encoder_attention_mask",
+                        ));
+                    }
                     let kv = match cache.cross_kv.take() {
                         Some(kv) => kv,
-                        None => ca.self_.image_keys_values(image, &cx.over_images())?,
+                        None => ca.self_.image_keys_values(cross.states, &cx.over_images())?,
                     };
                     let h = ca.self_.attend_shared(&x, &kv, layout, cx)?;
                     cache.cross_kv = Some(kv);
                     h
                 }
                 None => {
-                    let kv = ca.self_.key_value(image, &cx.over_images())?;
-                    ca.self_.attend(&x, &kv, None, false, cx)?
+                    let kv = ca.self_.key_value(cross.states, &cx.over_images())?;
+                    ca.self_.attend(&x, &kv, cross.mask, false, cx)?
                 }
             };
             x = ca.output.forward(&h, &x, cx)?;
@@ -362,6 +435,97 @@ pub struct BlipTextModel {
 module!(BlipTextModel: "BlipTextModel" {
     children: ["embeddings" => embeddings, "encoder" => encoder],
 });
+
+impl BlipTextModel {
+    /// The BERT body under `path` (`text_decoder.bert`, `text_encoder`): embeddings and
+    /// `text_config.num_hidden_layers` layers, with cross-attention when `text_config.is_decoder` (as in
+    /// transformers, whose VQA and retrieval text encoders keep it: their configs are decoders' configs).
+    /// Without a pooler (`add_pooling_layer=False`, as every BLIP head builds it).
+    pub fn load(src: &mut dyn ParamSource, path: &str, c: &BlipTextConfig) -> Result<Self> {
+        let embeddings = BlipTextEmbeddings::load(src, &join(path, "embeddings"), c)?;
+        let layer = (0..c.num_hidden_layers)
+            .map(|i| BlipTextLayer::load(src, &join(path, &format!("encoder.layer.{i}")), c))
+            .collect::<Result<Vec<_>>>()?;
+        src.ignore(&join(path, "embeddings.position_ids"));
+        Ok(Self {
+            embeddings,
+            encoder: BlipTextEncoder { layer },
+        })
+    }
+
+    /// The kind of the tower's weights.
+    pub fn kind(&self) -> Kind {
+        self.embeddings.word_embeddings.weight.kind()
+    }
+
+    /// The kind the tower computes in under `cx`: its weights', or the mixed-precision kind while training.
+    pub fn compute_kind(&self, cx: &ForwardContext) -> Kind {
+        cx.kind(self.kind())
+    }
+
+    /// transformers' `BlipTextModel(...)(is_decoder=False)`: the last hidden state `[B, T, D]` of `input`
+    /// with bidirectional self-attention over the positions `attention_mask` (`[B, T]`, 1 = attend, None:
+    /// all) keeps, positions 0..T. With `encoder` (`(states [B, S, C], mask [B, S] or None)`) every layer
+    /// cross-attends to those states (the image embeddings for ITM / VQA's question encoding); without,
+    /// the cross-attention is skipped (retrieval's ITC text features). Training with a dropout seed, layer
+    /// `i` runs under `layer_seed(seed, i)`.
+    pub fn encode(
+        &self,
+        input: TextInput,
+        attention_mask: Option<&Tensor>,
+        encoder: Option<(&Tensor, Option<&Tensor>)>,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let (b, t) = input.batch_and_len()?;
+        let kind = self.compute_kind(cx);
+        let self_mask = match attention_mask {
+            Some(m) => {
+                if m.size() != [b, t] {
+                    return Err(Error::invalid(format!(
+                        "attention_mask has shape {:?} but the text has {:?}; they must match",
+                        m.size(),
+                        [b, t]
+                    )));
+                }
+                Some(padding_mask(m, kind)?)
+            }
+            None => None,
+        };
+        let cross_mask = match encoder {
+            Some((states, Some(m))) => {
+                let (sb, s, _) = states.size3()?;
+                if m.size() != [sb, s] {
+                    return Err(Error::invalid(format!(
+                        "encoder_attention_mask has shape {:?} but encoder_hidden_states has {:?}; it must \
+                         be [batch, encoder positions]",
+                        m.size(),
+                        states.size()
+                    )));
+                }
+                Some(padding_mask(m, kind)?)
+            }
+            _ => None,
+        };
+        let cross = encoder.map(|(states, _)| CrossStates {
+            states,
+            mask: cross_mask.as_ref(),
+        });
+        let masks = DecoderMasks {
+            self_mask: self_mask.as_ref(),
+            causal: false,
+        };
+        let positions = Tensor::f_arange(t, (Kind::Int64, input.device()))?;
+        let mut x = self.embeddings.forward_input(input, &positions, kind, cx)?;
+        let seed = cx.layer_seed_base();
+        for (i, layer) in self.encoder.layer.iter().enumerate() {
+            if let Some(seed) = seed {
+                tch::manual_seed(layer_seed(seed, i));
+            }
+            x = layer.forward(&x, cross, &masks, None, cx)?;
+        }
+        Ok(x)
+    }
+}
 
 /// The stack of decoder layers.
 #[derive(Debug)]
@@ -418,11 +582,8 @@ module!(BlipTextLmHeadModel: "BlipTextLMHeadModel" { children: ["bert" => bert, 
 
 impl BlipTextLmHeadModel {
     pub fn load(src: &mut dyn ParamSource, path: &str, c: &BlipTextConfig, tied: bool) -> Result<Self> {
-        let bert = join(path, "bert");
-        let embeddings = BlipTextEmbeddings::load(src, &join(&bert, "embeddings"), c)?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| BlipTextLayer::load(src, &join(&bert, &format!("encoder.layer.{i}")), c))
-            .collect::<Result<Vec<_>>>()?;
+        let bert = BlipTextModel::load(src, &join(path, "bert"), c)?;
+        let embeddings = &bert.embeddings;
         let pred = join(path, "cls.predictions");
         let kind = src.kind();
         let bias = src.param(&join(&pred, "bias"), &[c.vocab_size], Init::Zeros, kind)?;
@@ -465,17 +626,13 @@ impl BlipTextLmHeadModel {
                 c.initializer_range,
             )?
         };
-        src.ignore(&join(&bert, "embeddings.position_ids"));
         let transform = BlipTextPredictionHeadTransform {
             dense: transform_dense,
             transform_act_fn: Activation::from_name(&c.hidden_act)?,
             layer_norm: transform_layer_norm,
         };
         Ok(Self {
-            bert: BlipTextModel {
-                embeddings,
-                encoder: BlipTextEncoder { layer: layers },
-            },
+            bert,
             cls: BlipTextOnlyMlmHead {
                 predictions: BlipTextLmPredictionHead {
                     transform,
@@ -497,6 +654,18 @@ impl BlipTextLmHeadModel {
         masks: &DecoderMasks,
         cx: &ForwardContext,
     ) -> Result<Tensor> {
+        self.hidden_states_over(input_ids, image_states(image), masks, cx)
+    }
+
+    /// [`Self::hidden_states`] cross-attending to any encoder states (VQA's answer decoder reads the
+    /// question encoding).
+    pub fn hidden_states_over(
+        &self,
+        input_ids: &Tensor,
+        cross: CrossStates,
+        masks: &DecoderMasks,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
         let mut x = self
@@ -508,7 +677,7 @@ impl BlipTextLmHeadModel {
             if let Some(seed) = seed {
                 tch::manual_seed(layer_seed(seed, i));
             }
-            x = layer.forward(&x, image, masks, None, cx)?;
+            x = layer.forward(&x, Some(cross), masks, None, cx)?;
         }
         Ok(x)
     }
@@ -529,7 +698,7 @@ impl BlipTextLmHeadModel {
             .embeddings
             .forward(input_ids, &positions, self.compute_kind(cx), cx)?;
         let layer = Box::new(move |i: usize, x: &Tensor| {
-            self.bert.encoder.layer[i].forward(x, image, masks, None, cx)
+            self.bert.encoder.layer[i].forward(x, Some(image_states(image)), masks, None, cx)
         });
         let tower = Checkpointed::run(first, self.bert.encoder.layer.len(), cx.dropout_seed, layer)?;
         Ok((tower.output(), tower))
@@ -554,7 +723,13 @@ impl BlipTextLmHeadModel {
         let pos = cache.len;
         let (layer_caches, layout) = cache.layers_and_layout();
         for (layer, layer_cache) in self.bert.encoder.layer.iter().zip(layer_caches) {
-            x = layer.forward(&x, image, masks, Some((layer_cache, pos, layout)), cx)?;
+            x = layer.forward(
+                &x,
+                Some(image_states(image)),
+                masks,
+                Some((layer_cache, pos, layout)),
+                cx,
+            )?;
         }
         cache.len += t;
         Ok(x)
@@ -585,5 +760,14 @@ impl BlipTextLmHeadModel {
     /// The kind the decoder computes in under `cx`: its weights', or the mixed-precision kind while training.
     pub fn compute_kind(&self, cx: &ForwardContext) -> Kind {
         cx.kind(self.kind())
+    }
+}
+
+/// The image embeddings as cross-attention states: every patch attended (BLIP's `image_attention_mask` is
+/// all ones).
+fn image_states(image: &Tensor) -> CrossStates<'_> {
+    CrossStates {
+        states: image,
+        mask: None,
     }
 }

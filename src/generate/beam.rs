@@ -23,7 +23,7 @@ pub(super) fn search(mut job: Job, stats: &mut GenerationStats) -> Result<Tensor
         }
         return pad_and_stack(&outs, pad);
     }
-    let device = job.model.device();
+    let device = job.device;
     let beams = config.num_beams;
     let batch = job.prompts.ids.size()[0];
     let prompt_len = job.prompts.width();

@@ -6,8 +6,8 @@ use tch::{Kind, Tensor};
 
 use super::prompt::Prompts;
 use crate::blip::kv_cache::DecoderCache;
+use crate::blip::text::BlipTextLmHeadModel;
 use crate::blip::text::DecoderMasks;
-use crate::blip::BlipForConditionalGeneration;
 use crate::error::Result;
 use crate::nn::attention::finfo_min;
 use crate::nn::{AdapterRows, ForwardContext};
@@ -17,7 +17,7 @@ const DECODING: ForwardContext = ForwardContext::DECODING;
 
 /// Everything one decoding run shares: the image keys/values, the cache, positions and the padding mask.
 pub(super) struct Decoder<'a> {
-    model: &'a BlipForConditionalGeneration,
+    model: &'a BlipTextLmHeadModel,
     image: Tensor,
     /// A mixed-adapter batch: the adapter of each image still decoded, and of each row (its image's). They
     /// follow the cache as rows leave and images drop; beams reorder only within an image, so keep them.
@@ -35,19 +35,19 @@ pub(super) struct Decoder<'a> {
 impl<'a> Decoder<'a> {
     /// Runs the prompts `[R, P]` (rows `per_image` per image) through the decoder; returns last-position logits.
     pub fn prefill(
-        model: &'a BlipForConditionalGeneration,
+        model: &'a BlipTextLmHeadModel,
         image: Tensor,
         image_adapters: Option<AdapterRows>,
         prompts: &Prompts,
         per_image: i64,
         max_len: i64,
     ) -> Result<(Self, Tensor)> {
-        let device = model.device();
+        let device = model.bert.embeddings.word_embeddings.weight.device();
         let ids = prompts.ids.f_repeat_interleave_self_int(per_image, 0, None)?;
         let rows = ids.size()[0];
         let width = prompts.width();
         let lengths = prompts.row_lengths(per_image);
-        let mut cache = model.text_decoder.new_cache(rows, per_image, max_len)?;
+        let mut cache = model.new_cache(rows, per_image, max_len)?;
         let lengths_t = Tensor::f_from_slice(&lengths)?.f_to_device(device)?;
         let (key_mask, positions, hidden_idx) = if prompts.ragged() {
             // Rows are left-aligned: real tokens first, padding after. Each row's positions count from 0.
@@ -64,7 +64,7 @@ impl<'a> Decoder<'a> {
             Some(km) => Some(crate::nn::attention::causal_padding_mask(
                 &km.f_narrow(1, 0, width)?,
                 width,
-                model.text_decoder.kind(),
+                model.kind(),
             )?),
             None => None,
         };
@@ -74,9 +74,7 @@ impl<'a> Decoder<'a> {
         };
         let row_adapters = image_adapters.as_ref().map(|a| a.repeat_each(per_image as usize));
         let cx = DECODING.with_adapters(row_adapters.as_ref(), image_adapters.as_ref());
-        let hidden = model
-            .text_decoder
-            .decode_step(&ids, &positions, &image, &masks, &mut cache, &cx)?;
+        let hidden = model.decode_step(&ids, &positions, &image, &masks, &mut cache, &cx)?;
         // The last real token of each row predicts its next token.
         let last = match hidden_idx {
             Some(idx) => hidden.f_gather(
@@ -88,7 +86,6 @@ impl<'a> Decoder<'a> {
             None => hidden.f_narrow(1, width - 1, 1)?,
         };
         let logits = model
-            .text_decoder
             .logits(&last, &cx)?
             .f_squeeze_dim(1)?
             .f_to_kind(Kind::Float)?;
@@ -117,7 +114,7 @@ impl<'a> Decoder<'a> {
             Some(km) => {
                 let _ = km.f_narrow(1, slot, 1)?.f_fill_(1)?;
                 let visible = km.f_narrow(1, 0, slot + 1)?;
-                let kind = self.model.text_decoder.kind();
+                let kind = self.model.kind();
                 let zero = Tensor::f_zeros([], (kind, visible.device()))?;
                 let min = Tensor::f_full([], finfo_min(kind), (kind, visible.device()))?;
                 Some(
@@ -135,7 +132,7 @@ impl<'a> Decoder<'a> {
             causal: false,
         };
         let cx = DECODING.with_adapters(self.row_adapters.as_ref(), self.image_adapters.as_ref());
-        let hidden = self.model.text_decoder.decode_step(
+        let hidden = self.model.decode_step(
             &tokens.f_unsqueeze(1)?,
             &positions,
             &self.image,
@@ -146,7 +143,6 @@ impl<'a> Decoder<'a> {
         self.next_pos = self.next_pos.f_add_scalar(1)?;
         Ok(self
             .model
-            .text_decoder
             .logits(&hidden, &cx)?
             .f_squeeze_dim(1)?
             .f_to_kind(Kind::Float)?)

@@ -1,4 +1,4 @@
-//! Caption generation with transformers' semantics: greedy, sampling and beam search over the BLIP decoder,
+//! Caption (and VQA answer) generation with transformers' semantics: greedy, sampling and beam search over the BLIP decoder,
 //! with its logits processors (repetition penalty, no-repeat n-grams, minimum lengths, temperature, top-k,
 //! top-p). The decoder keeps a preallocated key/value cache; image keys/values are computed once per image
 //! and shared by its beams. Rows whose caption ended (in beam search: images whose beams can no longer change)
@@ -28,7 +28,7 @@ use tch::Tensor;
 pub use config::{EarlyStopping, GenerationConfig};
 pub use driver::GenerationStats;
 
-use crate::blip::BlipForConditionalGeneration;
+use crate::blip::{BlipForConditionalGeneration, BlipForQuestionAnswering};
 use crate::error::Result;
 
 /// transformers' `generate` for BLIP: token ids `[B * num_return_sequences, L]`.
@@ -73,6 +73,26 @@ pub fn generate_with_adapters(
         adapter_names,
         config,
     )?;
+    run(job, config)
+}
+
+/// transformers' `BlipForQuestionAnswering.generate`: answer token ids `[B * num_return_sequences, L]`
+/// (`[BOS, answer..., SEP, pad...]`) for the questions `question` (`[B, Tq]`, padding mask `attention_mask`)
+/// about the images, decoded by the same strategies over the question encoding.
+pub fn generate_answers(
+    model: &BlipForQuestionAnswering,
+    pixel_values: &Tensor,
+    question: &Tensor,
+    attention_mask: Option<&Tensor>,
+    config: &GenerationConfig,
+) -> Result<(Tensor, GenerationStats)> {
+    let _guard = tch::no_grad_guard();
+    let job = job::Job::prepare_answers(model, pixel_values, question, attention_mask, config)?;
+    run(job, config)
+}
+
+/// Runs a prepared job with the strategy its settings choose.
+fn run(job: job::Job, config: &GenerationConfig) -> Result<(Tensor, GenerationStats)> {
     let mut stats = GenerationStats::default();
     if !job.has_room() {
         return Ok((job.prompts_only()?, stats));

@@ -4,7 +4,6 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::blip::BlipForConditionalGeneration;
 use crate::error::{Error, Result};
 
 /// A batch of prompts: `[B, P]` ids, left-aligned per row (`lengths[i]` real tokens, the rest padding).
@@ -42,13 +41,13 @@ impl Prompts {
 
 /// Builds the per-row prompts BLIP's `generate` decodes from: BOS, then the prompt minus its last token.
 pub(super) fn prompts(
-    model: &BlipForConditionalGeneration,
+    device: Device,
+    vocab: i64,
     batch: i64,
     input_ids: Option<&Tensor>,
     attention_mask: Option<&Tensor>,
     bos: i64,
 ) -> Result<Prompts> {
-    let device = model.device();
     let Some(ids) = input_ids else {
         return Ok(Prompts {
             ids: Tensor::f_full([batch, 1], bos, (Kind::Int64, device))?,
@@ -93,7 +92,6 @@ pub(super) fn prompts(
                 .collect::<Result<_>>()?
         }
     };
-    let vocab = model.config.text_config.vocab_size;
     let mut per_row = Vec::with_capacity(b as usize);
     for (row, mask) in rows.iter().zip(&masks) {
         let real: Vec<i64> = row

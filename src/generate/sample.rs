@@ -20,7 +20,7 @@ pub(super) fn greedy_or_sample(mut job: Job, stats: &mut GenerationStats) -> Res
         1
     };
     let (mut decoder, mut logits) = job.start(per_image)?;
-    let device = job.model.device();
+    let device = job.device;
     let rows = logits.size()[0];
     let prompts = &job.prompts;
     let width = prompts.width();

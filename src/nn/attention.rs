@@ -56,3 +56,14 @@ pub fn causal_padding_mask(attention_mask: &Tensor, queries: i64, kind: Kind) ->
     let min = Tensor::f_full([], finfo_min(kind), (kind, device))?;
     Ok(zero.f_where_self(&allowed, &min)?)
 }
+
+/// The additive mask of bidirectional attention over keys a `[B, S]` padding mask keeps (1 = attend):
+/// 0 where attention is allowed and `finfo.min` elsewhere, shape `[B, 1, 1, S]` (broadcast over the
+/// queries), as transformers' `create_bidirectional_mask` builds it for eager attention.
+pub fn padding_mask(attention_mask: &Tensor, kind: Kind) -> Result<Tensor> {
+    let device = attention_mask.device();
+    let allowed = attention_mask.f_ne(0)?.f_unsqueeze(1)?.f_unsqueeze(1)?;
+    let zero = Tensor::f_zeros([], (kind, device))?;
+    let min = Tensor::f_full([], finfo_min(kind), (kind, device))?;
+    Ok(zero.f_where_self(&allowed, &min)?)
+}

@@ -8,6 +8,7 @@ mod model;
 mod processor;
 mod tensor;
 mod train;
+mod vqa;
 
 use pyo3::prelude::*;
 
@@ -17,6 +18,7 @@ use errors::guard;
 fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyBlipModel>()?;
+    m.add_class::<vqa::PyBlipVqaModel>()?;
     m.add_class::<processor::PyImageProcessor>()?;
     m.add_class::<processor::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;

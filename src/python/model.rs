@@ -77,7 +77,7 @@ type ForwardResult<'py> = (
 
 /// Locks a shared model. A model already busy (another thread's call that changes it, or training) is an
 /// error, never a deadlock: the one place that says so.
-pub fn locked(inner: &Arc<Mutex<Model>>) -> crate::Result<MutexGuard<'_, Model>> {
+pub fn locked<M>(inner: &Arc<Mutex<M>>) -> crate::Result<MutexGuard<'_, M>> {
     match inner.try_lock() {
         Ok(guard) => Ok(guard),
         Err(std::sync::TryLockError::WouldBlock) => Err(crate::Error::Busy(
@@ -532,11 +532,11 @@ impl PyBlipModel {
     }
 
     fn merge_adapters(&self) -> PyResult<()> {
-        guard("merge_adapters", || self.mutate(lora::inject::merge))
+        guard("merge_adapters", || self.mutate(|m| lora::inject::merge(m)))
     }
 
     fn unmerge_adapters(&self) -> PyResult<()> {
-        guard("unmerge_adapters", || self.mutate(lora::inject::unmerge))
+        guard("unmerge_adapters", || self.mutate(|m| lora::inject::unmerge(m)))
     }
 
     fn set_adapters_disabled(&self, disabled: bool) -> PyResult<()> {
@@ -606,7 +606,9 @@ impl PyBlipModel {
     }
 }
 
-fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
+pub(super) fn read_safetensors(
+    path: &std::path::Path,
+) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
     let files = SafetensorsFiles::open(&[path.to_path_buf()]).py()?;
     let mut tensors = std::collections::BTreeMap::new();
     for name in files.names().cloned().collect::<Vec<_>>() {
@@ -619,7 +621,7 @@ fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeM
 
 /// A LoRA config given as a dict of its fields (values refused by name where JSON cannot hold them: NaN,
 /// infinities, integers past 64 bits) or as `adapter_config.json` text, checked by the core.
-fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
+pub(super) fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
     let raw = match config.cast::<PyDict>() {
         Ok(d) => json::from_dict(d)?,
         Err(_) => parse_json(&config.extract::<String>()?)?,
@@ -627,7 +629,7 @@ fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
     LoraConfig::from_json(&raw).py()
 }
 
-fn parse_json(text: &str) -> PyResult<serde_json::Value> {
+pub(super) fn parse_json(text: &str) -> PyResult<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))
 }
 

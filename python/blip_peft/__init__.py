@@ -47,6 +47,12 @@ from blip_peft.modeling import (
     ModelOutput,
 )
 from blip_peft.generation import GenerationConfig
+from blip_peft.modeling_retrieval import (
+    BlipForImageTextRetrieval,
+    BlipImageTextMatchingModelOutput,
+    RetrievalLossOutput,
+)
+from blip_peft.retrieval import RankResult, rank
 
 __version__: str = _blip_peft.__version__
 
@@ -60,6 +66,11 @@ __all__ = [
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForConditionalGenerationModelOutput",
+    "BlipForImageTextRetrieval",
+    "BlipImageTextMatchingModelOutput",
+    "RankResult",
+    "RetrievalLossOutput",
+    "rank",
     "GenerationConfig",
     "ModelOutput",
     "BlipImageProcessor",

@@ -113,12 +113,16 @@ class BlipForConditionalGeneration(torch.nn.Module):
         "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
     }
 
-    def __init__(self, native: _blip_peft._BlipModel) -> None:
-        if not isinstance(native, _blip_peft._BlipModel):
-            raise TypeError(
-                "BlipForConditionalGeneration is created with BlipForConditionalGeneration.from_pretrained(path) "
-                "or .from_config(config)"
-            )
+    # What a head built on this class changes (BlipForImageTextRetrieval): its native handle's class, its
+    # towers (read through the tree), where its word embeddings sit.
+    _native_class: Any = _blip_peft._BlipModel
+    _towers: tuple[str, ...] = ("vision_model", "text_decoder")
+    _word_embeddings_path = "text_decoder.bert.embeddings.word_embeddings"
+
+    def __init__(self, native: Any) -> None:
+        if not isinstance(native, self._native_class):
+            name = type(self).__name__
+            raise TypeError(f"{name} is created with {name}.from_pretrained(path) or .from_config(config)")
         object.__setattr__(self, "_native", native)
         mode = native.training
         super().__init__()  # sets `training`, which is the core's flag: keep the mode the core has
@@ -206,7 +210,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
             if dtype_arg is None:
                 floats = [t.dtype for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
                 dtype_arg = str(floats[0]).removeprefix("torch.") if floats else None
-            native = _blip_peft._BlipModel.from_config(config_json, 0, dtype_arg, device_arg)
+            native = cls._native_class.from_config(config_json, 0, dtype_arg, device_arg)
             model = cls(native)
             state = dict(state_dict)
             if native.lm_head_tied:  # transformers' tied keys may be left out (as its safetensors files do)
@@ -217,7 +221,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
         elif path is None:
             raise ValueError("from_pretrained() needs a folder, or config= and state_dict=")
         else:
-            native = _blip_peft._BlipModel.from_pretrained(path, dtype_arg, device_arg, config_json)
+            native = cls._native_class.from_pretrained(path, dtype_arg, device_arg, config_json)
             model = cls(native)
             gen_path = os.path.join(path, GENERATION_CONFIG_NAME)
             if os.path.isfile(gen_path):
@@ -244,7 +248,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
         `BlipConfig` or a dict)."""
         if attn_implementation is not None and attn_implementation not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {', '.join(_ATTN_IMPLEMENTATIONS)} (or None)")
-        native = _blip_peft._BlipModel.from_config(
+        native = cls._native_class.from_config(
             json.dumps(_config_dict(config)), seed, dtype_name(dtype), device_name(device) or "cpu"
         )
         model = cls(native)
@@ -426,7 +430,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
                 src_parent, _, src_leaf = source.rpartition(".")
                 if parent in nodes and src_parent in nodes and src_leaf in nodes[src_parent]._parameters:
                     _params(nodes[parent])[leaf] = nodes[src_parent]._parameters[src_leaf]
-        words = nodes.get("text_decoder.bert.embeddings.word_embeddings")
+        words = nodes.get(self._word_embeddings_path)
         if isinstance(words, torch.nn.Embedding) and "weight" in words._parameters:
             _fill_attributes(words)
             pad = self.config.text_config.pad_token_id
@@ -464,13 +468,14 @@ class BlipForConditionalGeneration(torch.nn.Module):
             raise ValueError("load_state_dict(assign=True) is not supported: the core's tensors are updated in place")
         self._sync_tree()
         state = dict(state_dict)
-        state.pop("text_decoder.bert.embeddings.position_ids", None)  # a buffer older checkpoints keep
+        # a buffer older checkpoints keep
+        state.pop(self._word_embeddings_path.replace("word_embeddings", "position_ids"), None)
         return super().load_state_dict(state, strict=strict)
 
     def __getattr__(self, name: str) -> Any:
         # The two towers read through the tree: rebuilt first when adapters changed it (not while building).
         if (
-            name in ("vision_model", "text_decoder")
+            name in type(self)._towers
             and "_tree_key" in self.__dict__
             and not self.__dict__.get("_syncing")
         ):

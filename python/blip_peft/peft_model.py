@@ -160,7 +160,7 @@ def lora_targets(model: Any) -> list[tuple[str, str, tuple[int, int]]]:
     return [(path, kind, (i, o)) for path, kind, i, o in native.lora_targets()]
 
 
-def _native_of(model: Any) -> _blip_peft._BlipModel:
+def _native_of(model: Any) -> Any:
     if isinstance(model, PeftModel):
         return model._native
     if isinstance(model, BlipForConditionalGeneration):
@@ -220,7 +220,7 @@ class PeftModel:
             self.caption_prompts[self.active_adapter] = prompt
 
     @property
-    def _native(self) -> _blip_peft._BlipModel:
+    def _native(self) -> Any:
         return self.base_model.model._native
 
     def _add(self, adapter_name: str, config: LoraConfig) -> None:
@@ -531,5 +531,20 @@ def load_adapter_folder(path: str, *, dtype: str | None, device: str) -> PeftMod
             "local folder; load the base with BlipForConditionalGeneration.from_pretrained(<folder>) and attach the "
             "adapter with PeftModel.from_pretrained(base, adapter_dir)"
         )
-    model = BlipForConditionalGeneration(_blip_peft._BlipModel.from_pretrained(base, dtype, device))
+    model_class = _head_class(base)
+    model = model_class(model_class._native_class.from_pretrained(base, dtype, device))
     return PeftModel.from_pretrained(model, path)
+
+
+def _head_class(folder: str) -> Any:
+    """The blip_peft class of the BLIP head a checkpoint folder holds (its config's `architectures`)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if "BlipForImageTextRetrieval" in architectures:
+        from blip_peft.modeling_retrieval import BlipForImageTextRetrieval  # noqa: PLC0415
+
+        return BlipForImageTextRetrieval
+    return BlipForConditionalGeneration

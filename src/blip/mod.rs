@@ -1,8 +1,10 @@
-//! The BLIP image-captioning model (`BlipForConditionalGeneration`): an image encoder and a caption decoder.
+//! The BLIP models: image captioning (`BlipForConditionalGeneration`: an image encoder and a caption decoder)
+//! and image-text retrieval (`retrieval.rs`: the image encoder, a text encoder and the matching heads).
 
 pub mod kv_cache;
 mod model;
 pub mod recompute;
+pub mod retrieval;
 pub mod text;
 pub mod vision;
 

@@ -373,47 +373,7 @@ impl BlipForConditionalGeneration {
     /// another resolution: `interpolate_pos_encoding`, then any size of at least one patch) and moves it to
     /// the model's device and kind.
     pub fn check_pixel_values(&self, pixel_values: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
-        let vc = &self.config.vision_config;
-        let size = pixel_values.size();
-        if size.len() != 4 {
-            return Err(Error::invalid(format!(
-                "pixel_values must have shape [batch, {}, {}, {}], got {size:?}",
-                vc.num_channels, vc.image_size, vc.image_size
-            )));
-        }
-        if !crate::nn::is_float_kind(pixel_values.kind()) {
-            return Err(Error::type_error(format!(
-                "pixel_values must be a floating-point tensor (the processor's output), got {:?}",
-                pixel_values.kind()
-            )));
-        }
-        if size[0] < 1 {
-            return Err(Error::invalid(format!(
-                "pixel_values holds no images (batch size 0, shape {size:?}); pass at least one image"
-            )));
-        }
-        if size[1] != vc.num_channels {
-            return Err(Error::invalid(format!(
-                "pixel_values must have shape [batch, {}, height, width], got {size:?}",
-                vc.num_channels
-            )));
-        }
-        if cx.interpolate_pos_encoding {
-            if size[2] < vc.patch_size || size[3] < vc.patch_size {
-                return Err(Error::invalid(format!(
-                    "pixel_values of shape {size:?} is smaller than one {p}x{p} patch \
-                     (vision_config.patch_size); images must be at least {p} pixels high and wide",
-                    p = vc.patch_size
-                )));
-            }
-        } else if size[2] != vc.image_size || size[3] != vc.image_size {
-            return Err(Error::invalid(format!(
-                "pixel_values must have shape [batch, {}, {}, {}], got {size:?}; resize images with the \
-                 model's processor, or pass interpolate_pos_encoding=True to run the model at another \
-                 resolution",
-                vc.num_channels, vc.image_size, vc.image_size
-            )));
-        }
+        check_pixels(&self.config.vision_config, pixel_values, cx)?;
         Ok(pixel_values
             .f_to_device(self.device())?
             .f_to_kind(self.vision_model.kind())?)
@@ -620,7 +580,57 @@ impl BlipForConditionalGeneration {
     }
 }
 
-fn is_index_kind(kind: Kind) -> bool {
+/// The checks of [`BlipForConditionalGeneration::check_pixel_values`] (shared by every BLIP head): shape
+/// `[B, C, H, W]`, floating point, the configured image size unless `cx` allows another resolution.
+pub(crate) fn check_pixels(
+    vc: &crate::config::BlipVisionConfig,
+    pixel_values: &Tensor,
+    cx: &ForwardContext,
+) -> Result<()> {
+    let size = pixel_values.size();
+    if size.len() != 4 {
+        return Err(Error::invalid(format!(
+            "pixel_values must have shape [batch, {}, {}, {}], got {size:?}",
+            vc.num_channels, vc.image_size, vc.image_size
+        )));
+    }
+    if !crate::nn::is_float_kind(pixel_values.kind()) {
+        return Err(Error::type_error(format!(
+            "pixel_values must be a floating-point tensor (the processor's output), got {:?}",
+            pixel_values.kind()
+        )));
+    }
+    if size[0] < 1 {
+        return Err(Error::invalid(format!(
+            "pixel_values holds no images (batch size 0, shape {size:?}); pass at least one image"
+        )));
+    }
+    if size[1] != vc.num_channels {
+        return Err(Error::invalid(format!(
+            "pixel_values must have shape [batch, {}, height, width], got {size:?}",
+            vc.num_channels
+        )));
+    }
+    if cx.interpolate_pos_encoding {
+        if size[2] < vc.patch_size || size[3] < vc.patch_size {
+            return Err(Error::invalid(format!(
+                "pixel_values of shape {size:?} is smaller than one {p}x{p} patch \
+                 (vision_config.patch_size); images must be at least {p} pixels high and wide",
+                p = vc.patch_size
+            )));
+        }
+    } else if size[2] != vc.image_size || size[3] != vc.image_size {
+        return Err(Error::invalid(format!(
+            "pixel_values must have shape [batch, {}, {}, {}], got {size:?}; resize images with the \
+             model's processor, or pass interpolate_pos_encoding=True to run the model at another \
+             resolution",
+            vc.num_channels, vc.image_size, vc.image_size
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn is_index_kind(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
@@ -628,7 +638,7 @@ fn is_index_kind(kind: Kind) -> bool {
 }
 
 /// Fails unless every value of `t` is in `[lo, hi)`. One host read of two scalars.
-fn check_range(t: &Tensor, lo: i64, hi: i64, what: &str) -> Result<()> {
+pub(crate) fn check_range(t: &Tensor, lo: i64, hi: i64, what: &str) -> Result<()> {
     if t.numel() == 0 {
         return Ok(());
     }
@@ -644,7 +654,7 @@ fn check_range(t: &Tensor, lo: i64, hi: i64, what: &str) -> Result<()> {
 
 /// The kind the checkpoint's floating tensors are stored in: transformers 5 loads in the stored
 /// precision when no `dtype` is given (its default `dtype="auto"`).
-fn stored_kind(files: &SafetensorsFiles) -> Result<Kind> {
+pub(crate) fn stored_kind(files: &SafetensorsFiles) -> Result<Kind> {
     for name in files.names() {
         if let Some(kind) = files.kind(name)? {
             if crate::nn::is_float_kind(kind) {

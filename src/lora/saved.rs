@@ -9,14 +9,14 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
-use crate::blip::BlipForConditionalGeneration;
+use super::host::LoraHost;
 use crate::error::{Error, Result};
 use crate::nn::saved::{is_under, SavedModule};
 use crate::repr::ReprNode;
 
 /// Every module path in the model, parents before children: the printed tree's, peft's wrappers and LoRA's
 /// submodules included, as in peft's `named_modules()`.
-pub fn module_paths(model: &BlipForConditionalGeneration) -> Vec<String> {
+pub fn module_paths<M: LoraHost + ?Sized>(model: &M) -> Vec<String> {
     fn walk(node: &ReprNode, prefix: &str, out: &mut Vec<String>) {
         for (name, child) in &node.children {
             let path = crate::nn::join(prefix, name);
@@ -32,8 +32,8 @@ pub fn module_paths(model: &BlipForConditionalGeneration) -> Vec<String> {
 /// The modules `names` wraps: those whose path ends with one of them (peft's `_set_trainable` matching),
 /// outermost first. `lora_layers` are the layers holding adapters: a module that contains one cannot
 /// also be copied. Fails, changing nothing, when a name matches nothing or a module cannot be copied.
-pub fn plan(
-    model: &BlipForConditionalGeneration,
+pub fn plan<M: LoraHost + ?Sized>(
+    model: &M,
     names: &[String],
     lora_layers: &[String],
 ) -> Result<Vec<String>> {
@@ -54,7 +54,7 @@ pub fn plan(
              ends with it, e.g. \"post_layernorm\" or \"crossattention\"); print(model) shows the module names"
         )));
     }
-    let tied_head = model.text_decoder.cls.predictions.decoder.tied;
+    let tied_head = model.tied_layer();
     for path in &chosen {
         if let Some(layer) = lora_layers.iter().find(|l| is_under(l, path)) {
             return Err(Error::invalid(format!(
@@ -62,7 +62,7 @@ pub fn plan(
                  adapted or trained in full: narrow modules_to_save or exclude it from target_modules"
             )));
         }
-        if tied_head && is_under("text_decoder.cls.predictions.decoder", path) {
+        if tied_head.is_some_and(|head| is_under(head, path)) {
             return Err(Error::invalid(format!(
                 "modules_to_save would copy {path:?}, which holds the LM head tied to the word embeddings; \
                  copying it would untie them. Train the head's other parts (e.g. \"transform\") or target \
@@ -72,7 +72,7 @@ pub fn plan(
     }
     for path in &chosen {
         if let Some(m) = model
-            .saved_modules
+            .saved_modules()
             .iter()
             .find(|m| m.path != *path && (is_under(&m.path, path) || is_under(path, &m.path)))
         {
@@ -87,8 +87,8 @@ pub fn plan(
 
 /// Gives `adapter` a copy of each module in `chosen` (from [`plan`]), wrapping the ones not yet wrapped.
 /// `activate` makes the new copies the ones in use.
-pub fn add(
-    model: &mut BlipForConditionalGeneration,
+pub fn add<M: LoraHost + ?Sized>(
+    model: &mut M,
     chosen: Vec<String>,
     adapter: &str,
     activate: bool,
@@ -106,7 +106,7 @@ pub fn add(
             .collect()
     };
     for path in chosen {
-        if let Some(m) = model.saved_modules.iter_mut().find(|m| m.path == path) {
+        if let Some(m) = model.saved_modules_mut().iter_mut().find(|m| m.path == path) {
             // Another adapter's copy, made from the original as peft deep-copies `original_module`.
             let copy = copy_all(&m.original)?;
             m.copies.push((adapter.to_string(), copy));
@@ -121,7 +121,7 @@ pub fn add(
             .map(|(n, t)| (n[path.len() + 1..].to_string(), t.shallow_clone()))
             .unzip();
         let copy = copy_all(&original)?;
-        model.saved_modules.push(SavedModule {
+        model.saved_modules_mut().push(SavedModule {
             path,
             names,
             original,
@@ -134,9 +134,9 @@ pub fn add(
 }
 
 /// Points the model's layers at the tensors each wrapped module uses now.
-fn swap_in(model: &mut BlipForConditionalGeneration) -> Result<()> {
+fn swap_in<M: LoraHost + ?Sized>(model: &mut M) -> Result<()> {
     let mut wanted: HashMap<String, Tensor> = HashMap::new();
-    for m in &model.saved_modules {
+    for m in model.saved_modules() {
         for (name, t) in m.names.iter().zip(m.in_use()) {
             wanted.insert(format!("{}.{name}", m.path), t.shallow_clone());
         }
@@ -152,24 +152,24 @@ fn swap_in(model: &mut BlipForConditionalGeneration) -> Result<()> {
 }
 
 /// Uses `adapter`'s copies where it has them, the originals elsewhere.
-pub fn set_active(model: &mut BlipForConditionalGeneration, adapter: &str) -> Result<()> {
-    for m in &mut model.saved_modules {
+pub fn set_active<M: LoraHost + ?Sized>(model: &mut M, adapter: &str) -> Result<()> {
+    for m in model.saved_modules_mut() {
         m.active = m.copy_of(adapter).map(|_| adapter.to_string());
     }
     swap_in(model)
 }
 
 /// Uses the originals while `disabled`.
-pub fn set_disabled(model: &mut BlipForConditionalGeneration, disabled: bool) -> Result<()> {
-    for m in &mut model.saved_modules {
+pub fn set_disabled<M: LoraHost + ?Sized>(model: &mut M, disabled: bool) -> Result<()> {
+    for m in model.saved_modules_mut() {
         m.disabled = disabled;
     }
     swap_in(model)
 }
 
 /// Drops `adapter`'s copies; the modules it was using go back to their originals.
-pub fn delete(model: &mut BlipForConditionalGeneration, adapter: &str) -> Result<()> {
-    for m in &mut model.saved_modules {
+pub fn delete<M: LoraHost + ?Sized>(model: &mut M, adapter: &str) -> Result<()> {
+    for m in model.saved_modules_mut() {
         m.copies.retain(|(n, _)| n != adapter);
         if m.active.as_deref() == Some(adapter) {
             m.active = None;
@@ -179,19 +179,19 @@ pub fn delete(model: &mut BlipForConditionalGeneration, adapter: &str) -> Result
 }
 
 /// Removes the wrappers, keeping the active copies in the model (peft's `unload`/`merge_and_unload`).
-pub fn unload(model: &mut BlipForConditionalGeneration) -> Result<()> {
-    for m in &mut model.saved_modules {
+pub fn unload<M: LoraHost + ?Sized>(model: &mut M) -> Result<()> {
+    for m in model.saved_modules_mut() {
         m.disabled = false;
     }
     swap_in(model)?;
-    model.saved_modules.clear();
+    model.saved_modules_mut().clear();
     Ok(())
 }
 
 /// `adapter`'s copies under peft's file keys (`base_model.model.<path>.<param>`).
-pub fn adapter_state(model: &BlipForConditionalGeneration, adapter: &str) -> Vec<(String, Tensor)> {
+pub fn adapter_state<M: LoraHost + ?Sized>(model: &M, adapter: &str) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    for m in &model.saved_modules {
+    for m in model.saved_modules() {
         if let Some(copy) = m.copy_of(adapter) {
             for (name, t) in m.names.iter().zip(copy) {
                 out.push((format!("base_model.model.{}.{name}", m.path), t.shallow_clone()));
@@ -202,8 +202,8 @@ pub fn adapter_state(model: &BlipForConditionalGeneration, adapter: &str) -> Vec
 }
 
 /// Makes `adapter`'s copies trainable (everything else in the wrapped modules frozen).
-pub fn mark_trainable(model: &BlipForConditionalGeneration, adapter: &str) -> Result<()> {
-    for m in &model.saved_modules {
+pub fn mark_trainable<M: LoraHost + ?Sized>(model: &M, adapter: &str) -> Result<()> {
+    for m in model.saved_modules() {
         for t in &m.original {
             let _ = t.f_set_requires_grad(false)?;
         }

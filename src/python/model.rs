@@ -606,7 +606,7 @@ impl PyBlipModel {
     }
 }
 
-fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
+pub(super) fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
     let files = SafetensorsFiles::open(&[path.to_path_buf()]).py()?;
     let mut tensors = std::collections::BTreeMap::new();
     for name in files.names().cloned().collect::<Vec<_>>() {
@@ -619,7 +619,7 @@ fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeM
 
 /// A LoRA config given as a dict of its fields (values refused by name where JSON cannot hold them: NaN,
 /// infinities, integers past 64 bits) or as `adapter_config.json` text, checked by the core.
-fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
+pub(super) fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
     let raw = match config.cast::<PyDict>() {
         Ok(d) => json::from_dict(d)?,
         Err(_) => parse_json(&config.extract::<String>()?)?,
@@ -627,7 +627,7 @@ fn lora_config(config: &Bound<'_, PyAny>) -> PyResult<LoraConfig> {
     LoraConfig::from_json(&raw).py()
 }
 
-fn parse_json(text: &str) -> PyResult<serde_json::Value> {
+pub(super) fn parse_json(text: &str) -> PyResult<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))
 }
 

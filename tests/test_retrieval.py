@@ -475,3 +475,90 @@ def test_peft_adapter_loads_here_with_same_scores(tmp_path, tiny_itm: str) -> No
     assert ours_n[1] == ref_n[1]
     merged = model.merge_and_unload()
     assert rel_err(_scores(merged, inputs)[1], _scores(ref, inputs)[1]) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------- world, recall, training
+
+
+def test_world_retrieval_pairs_and_distractors() -> None:
+    from blip_peft import world
+
+    pairs = world.retrieval_pairs(12, seed=3, size=64)
+    assert len(pairs["images"]) == len(pairs["texts"]) == 12
+    for i, (scene, text) in enumerate(zip(pairs["scenes"], pairs["texts"], strict=True)):
+        assert text == world.describe(scene)
+        assert i in pairs["relevant_texts"][i]
+        assert all(pairs["texts"][j] == text for j in pairs["relevant_texts"][i])
+        assert pairs["images"][i].size == (64, 64)
+        wrong = world.distractor_caption(scene, i)
+        assert wrong != text
+        # One attribute of one group differs: same number of groups, the words differ in one place at most
+        # (the canonical order may swap two groups' phrases, so compare the parsed multisets).
+        got, true = world.parse_caption(wrong), world.parse_caption(text)
+        assert len(got.phrases) == len(true.phrases)
+        changed = [(a, b) for a, b in zip(sorted(got.phrases, key=str), sorted(true.phrases, key=str), strict=True)
+                   if a != b]
+        assert 1 <= len(changed) <= 2
+
+
+def test_recall_at_k() -> None:
+    from blip_peft.metrics import recall_at_k, retrieval_recall
+
+    ranking = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
+    relevant = [[0], [1], [2]]
+    assert recall_at_k(ranking, relevant, 1) == pytest.approx(1 / 3)
+    assert recall_at_k(ranking, relevant, 2) == pytest.approx(2 / 3)
+    assert recall_at_k(ranking, relevant, 3) == 1.0
+    assert recall_at_k([[1, 0]], [[0, 1]], 1) == 1.0
+    with pytest.raises(ValueError, match="at least k"):
+        recall_at_k(ranking, relevant, 4)
+    result = bp.RankResult(torch.zeros(3, 3), ranking, ranking, torch.zeros(3, 3), torch.zeros(3, 3))
+    scores = retrieval_recall(result, relevant, relevant, ks=(1, 5))
+    assert scores == {
+        "image_to_text_r1": pytest.approx(1 / 3),
+        "text_to_image_r1": pytest.approx(1 / 3),
+        "image_to_text_r5": 1.0,
+        "text_to_image_r5": 1.0,
+    }
+
+
+def test_train_retrieval_lowers_the_loss_and_trains_only_the_adapter(tmp_path) -> None:
+    from blip_peft import world
+
+    processor, _ = _processor_and_images(1)
+    path = _resized_checkpoint(tmp_path / "base", processor)
+    pairs = world.retrieval_pairs(8, seed=1, size=64)
+    data = [{"image": im, "text": t} for im, t in zip(pairs["images"], pairs["texts"], strict=True)]
+    model = bp.get_peft_model(_ours(path), bp.LoraConfig(r=8, lora_alpha=16, target_modules=RETRIEVAL_TARGETS))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    enc = processor(images=pairs["images"], text=pairs["texts"], padding=True, return_tensors="pt")
+
+    def loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            out = model.get_base_model().retrieval_losses(
+                enc["pixel_values"], enc["input_ids"], enc["attention_mask"], new_temperature(), seed=0
+            )
+        return float(out.loss_itc)
+
+    first = loss()
+    logs: list[dict] = []
+    result = bp.train_retrieval(
+        model, processor, data, per_device_train_batch_size=4, num_train_epochs=15, learning_rate=3e-2,
+        seed=0, output_dir=str(tmp_path / "out"), callback=logs.append,
+    )
+    assert result.global_step == 30 and len(logs) == 30 and logs[-1]["step"] == 30
+    assert loss() < 0.8 * first, (first, loss())
+    assert 0.001 <= result.temp <= 0.5 and result.temp != pytest.approx(0.07)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != ("lora_" in n), n
+    # The adapter is peft's; the temperature sits beside it.
+    assert json.loads((tmp_path / "out" / "retrieval_config.json").read_text())["temp"] == pytest.approx(result.temp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = peft.PeftModel.from_pretrained(HFRetrieval.from_pretrained(path), tmp_path / "out").eval()
+    px, ids, mask = enc["pixel_values"], enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
+    ours = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
+    assert rel_err(ours, theirs) <= 1e-5

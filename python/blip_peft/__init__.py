@@ -52,7 +52,7 @@ from blip_peft.modeling_retrieval import (
     BlipImageTextMatchingModelOutput,
     RetrievalLossOutput,
 )
-from blip_peft.retrieval import RankResult, rank
+from blip_peft.retrieval import RankResult, RetrievalTrainResult, rank, train_retrieval
 
 __version__: str = _blip_peft.__version__
 
@@ -71,6 +71,8 @@ __all__ = [
     "RankResult",
     "RetrievalLossOutput",
     "rank",
+    "RetrievalTrainResult",
+    "train_retrieval",
     "GenerationConfig",
     "ModelOutput",
     "BlipImageProcessor",

@@ -138,8 +138,8 @@ def test_save_loads_in_transformers_without_missing_or_unexpected_keys(tmp_path,
 
 def _close_to_float64(ours: torch.Tensor, theirs32: torch.Tensor, truth64: torch.Tensor, name: str = "") -> bool:
     """Gradients sum many cancelling terms: judged against transformers in float64, ours may stray as far as
-    transformers' float32 gradient does (10x, or 1e-3 relative: a wrong gradient is off by O(1)). The key third of a fused qkv bias is left out
-    (softmax ignores a key bias: its gradient is rounding noise)."""
+    transformers' float32 gradient does (10x, or 1e-3 relative: a wrong gradient is off by O(1)). The key third
+    of a fused qkv bias is left out (softmax ignores a key bias: its gradient is rounding noise)."""
     if name.endswith("qkv.bias"):
         d = ours.shape[0] // 3
         ours, theirs32, truth64 = (torch.cat([g[:d], g[2 * d :]]) for g in (ours, theirs32, truth64))
@@ -364,8 +364,15 @@ def _processor_and_images(n: int):
 def _resized_checkpoint(tmp_path, processor) -> str:
     """A tiny retrieval checkpoint over the bundled tokenizer's vocabulary and the processor's image size."""
     tok = processor.tokenizer
-    text = dict(TINY_TEXT, vocab_size=len(tok), bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id,
-                sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id, max_position_embeddings=64)
+    text = dict(
+        TINY_TEXT,
+        vocab_size=len(tok),
+        bos_token_id=tok.cls_token_id,
+        pad_token_id=tok.pad_token_id,
+        sep_token_id=tok.sep_token_id,
+        eos_token_id=tok.sep_token_id,
+        max_position_embeddings=64,
+    )
     size = processor.image_processor.size["height"]
     config = BlipConfig(text_config=text, vision_config=dict(TINY_VISION, image_size=size, patch_size=16), **TINY_TOP)
     make_hf_model(config, seed=9, cls=HFRetrieval).save_pretrained(tmp_path)
@@ -422,7 +429,9 @@ def _perturb(named_params, seed: int) -> None:
 def _scores(model, inputs) -> list[torch.Tensor]:
     px, ids, mask = inputs
     with torch.no_grad():
-        return [model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=u).itm_score for u in (True, False)]
+        return [
+            model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=u).itm_score for u in (True, False)
+        ]
 
 
 def test_lora_targets_list_the_text_encoder(tiny_itm: str) -> None:
@@ -436,6 +445,8 @@ def test_our_adapter_loads_in_peft_with_same_scores(tmp_path, tiny_itm: str) -> 
     model = bp.get_peft_model(_ours(tiny_itm), bp.LoraConfig(**LORA))
     _perturb(model.named_parameters(), seed=1)
     model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["auto_mapping"]["base_model_class"] == "BlipForImageTextRetrieval"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ref = peft.PeftModel.from_pretrained(HFRetrieval.from_pretrained(tiny_itm), tmp_path).eval()
@@ -496,8 +507,9 @@ def test_world_retrieval_pairs_and_distractors() -> None:
         # (the canonical order may swap two groups' phrases, so compare the parsed multisets).
         got, true = world.parse_caption(wrong), world.parse_caption(text)
         assert len(got.phrases) == len(true.phrases)
-        changed = [(a, b) for a, b in zip(sorted(got.phrases, key=str), sorted(true.phrases, key=str), strict=True)
-                   if a != b]
+        changed = [
+            (a, b) for a, b in zip(sorted(got.phrases, key=str), sorted(true.phrases, key=str), strict=True) if a != b
+        ]
         assert 1 <= len(changed) <= 2
 
 
@@ -544,8 +556,15 @@ def test_train_retrieval_lowers_the_loss_and_trains_only_the_adapter(tmp_path) -
     first = loss()
     logs: list[dict] = []
     result = bp.train_retrieval(
-        model, processor, data, per_device_train_batch_size=4, num_train_epochs=15, learning_rate=3e-2,
-        seed=0, output_dir=str(tmp_path / "out"), callback=logs.append,
+        model,
+        processor,
+        data,
+        per_device_train_batch_size=4,
+        num_train_epochs=15,
+        learning_rate=3e-2,
+        seed=0,
+        output_dir=str(tmp_path / "out"),
+        callback=logs.append,
     )
     assert result.global_step == 30 and len(logs) == 30 and logs[-1]["step"] == 30
     assert loss() < 0.8 * first, (first, loss())
@@ -562,3 +581,9 @@ def test_train_retrieval_lowers_the_loss_and_trains_only_the_adapter(tmp_path) -
         theirs = ref(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
     ours = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
     assert rel_err(ours, theirs) <= 1e-5
+
+
+def test_captioning_train_refuses_the_retrieval_head(tiny_itm: str) -> None:
+    model = _ours(tiny_itm)
+    with pytest.raises(TypeError, match="train_retrieval"):
+        bp.train(model, None, [{"image": None, "text": "a"}])

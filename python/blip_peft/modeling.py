@@ -474,11 +474,7 @@ class BlipForConditionalGeneration(torch.nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         # The two towers read through the tree: rebuilt first when adapters changed it (not while building).
-        if (
-            name in type(self)._towers
-            and "_tree_key" in self.__dict__
-            and not self.__dict__.get("_syncing")
-        ):
+        if name in type(self)._towers and "_tree_key" in self.__dict__ and not self.__dict__.get("_syncing"):
             self._sync_tree()
         return super().__getattr__(name)
 

@@ -375,7 +375,11 @@ class PeftModel:
                 raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_config)}")
             target = directory if name == "default" else os.path.join(directory, name)
             config = self.peft_config[name]
-            self._native.save_adapter(target, name, config.bias, config.to_json())
+            doc = config.to_dict()
+            mapping = doc.get("auto_mapping")
+            if isinstance(mapping, dict) and "base_model_class" in mapping:
+                mapping["base_model_class"] = type(self.base_model.model).__name__  # the head the adapter is for
+            self._native.save_adapter(target, name, config.bias, json.dumps(doc, indent=2, sort_keys=True))
             prompt_file = os.path.join(target, CAPTION_CONFIG_NAME)
             if name in self.caption_prompts:
                 text = json.dumps({"prompt": self.caption_prompts[name]}, indent=2) + "\n"

@@ -43,8 +43,7 @@ def _retrieval_model(model: Any) -> Any:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if not isinstance(base, BlipForImageTextRetrieval):
         raise TypeError(
-            "rank() needs a blip_peft BlipForImageTextRetrieval (or a PeftModel on one), got "
-            f"{type(base).__name__}"
+            f"rank() needs a blip_peft BlipForImageTextRetrieval (or a PeftModel on one), got {type(base).__name__}"
         )
     return base
 
@@ -222,6 +221,7 @@ def train_retrieval(
     accumulation, checkpoints and resume, evaluation during training, distributed data parallel.
     """
     from blip_peft.modeling_retrieval import TEMP_INIT, new_temperature  # noqa: PLC0415
+
     base = _retrieval_model(model)
     pairs = _pairs(dataset)
     batch = _positive_int(per_device_train_batch_size, "per_device_train_batch_size")

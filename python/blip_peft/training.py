@@ -481,6 +481,12 @@ def train(
     is set, and returns the result so far. Checkpoints go to `output_dir/checkpoint-<step>/`; with a
     `PeftModel` the final adapter is saved into `output_dir` itself.
     """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if isinstance(base, BlipForConditionalGeneration) and not isinstance(base._native, _blip_peft._BlipModel):
+        raise TypeError(
+            f"train() fine-tunes captioning models; {type(base).__name__} is another BLIP head (for image-text "
+            "retrieval use blip_peft.train_retrieval)"
+        )
     if isinstance(model, PeftModel):
         native = model._native
         config = model.peft_config[model.active_adapter]

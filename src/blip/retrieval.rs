@@ -20,8 +20,7 @@ use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::saved::SavedModule;
 use crate::nn::{
-    visit_adaptable, visit_params, visit_params_mut, ForwardContext, Linear, Module, ParamSource,
-    RandomInit,
+    visit_adaptable, visit_params, visit_params_mut, ForwardContext, Linear, Module, ParamSource, RandomInit,
 };
 use crate::repr::ReprNode;
 use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
@@ -110,13 +109,7 @@ impl BlipForImageTextRetrieval {
             )));
         }
         let std = tc.initializer_range;
-        let vision_proj = Linear::load(
-            src,
-            "vision_proj",
-            config.vision_config.hidden_size,
-            width,
-            std,
-        )?;
+        let vision_proj = Linear::load(src, "vision_proj", config.vision_config.hidden_size, width, std)?;
         let text_proj = Linear::load(src, "text_proj", tc.hidden_size, width, std)?;
         let itm_head = Linear::load(src, "itm_head", tc.hidden_size, 2, std)?;
         Ok(Self {
@@ -305,8 +298,7 @@ impl BlipForImageTextRetrieval {
                         [b, t]
                     )));
                 }
-                if !is_index_kind(m.kind()) && m.kind() != Kind::Bool && !crate::nn::is_float_kind(m.kind())
-                {
+                if !is_index_kind(m.kind()) && m.kind() != Kind::Bool && !crate::nn::is_float_kind(m.kind()) {
                     return Err(Error::type_error("attention_mask must hold 0/1 values"));
                 }
                 Some(m.f_to_device(device)?)
@@ -496,9 +488,7 @@ impl BlipForImageTextRetrieval {
                 .f_mean(Kind::Float)?
                 .f_neg()?)
         };
-        let itc = soft_ce(&sim_i2t)?
-            .f_add(&soft_ce(&sim_t2i)?)?
-            .f_div_scalar(2.0)?;
+        let itc = soft_ce(&sim_i2t)?.f_add(&soft_ce(&sim_t2i)?)?.f_div_scalar(2.0)?;
 
         // Hard negatives, drawn without a graph.
         let (weights_i2t, weights_t2i, negative_images, negative_texts) = {
@@ -590,10 +580,7 @@ impl BlipForImageTextRetrieval {
         save_safetensors(&tensors, Some(metadata), &dir.join(WEIGHTS_NAME))?;
         let mut config = self.config.clone();
         config.set_raw_field("dtype", serde_json::Value::from(super::kind_name(self.kind())));
-        config.set_raw_field(
-            "architectures",
-            serde_json::json!(["BlipForImageTextRetrieval"]),
-        );
+        config.set_raw_field("architectures", serde_json::json!(["BlipForImageTextRetrieval"]));
         let text = serde_json::to_string_pretty(&config.to_json())
             .map_err(|e| Error::config(format!("cannot serialise config: {e}")))?;
         crate::weights::write_atomic(&dir.join("config.json"), format!("{text}\n").as_bytes())

@@ -7,9 +7,9 @@ use regex::Regex;
 use tch::{Kind, Tensor};
 
 use super::config::{saved_module_regex, InitLoraWeights, LoraConfig, TargetModules};
+use super::host::LoraHost;
 use super::layer::{kaiming_uniform, weight_norm, BaseKind, LoraAdapter, LoraSlot};
 use super::saved;
-use super::host::LoraHost;
 use crate::error::{Error, Result};
 use crate::nn::AdaptableLayer;
 
@@ -221,11 +221,7 @@ fn decompose_base(init: &InitLoraWeights, weight: &Tensor, r: i64, scaling: f64)
 
 /// Adds adapter `name` to every layer `config` targets. Layers that get their first adapter make it
 /// active. Fails, listing the layer names that exist, when nothing matches.
-pub fn inject<M: LoraHost + ?Sized>(
-    model: &mut M,
-    config: &LoraConfig,
-    name: &str,
-) -> Result<Vec<String>> {
+pub fn inject<M: LoraHost + ?Sized>(model: &mut M, config: &LoraConfig, name: &str) -> Result<Vec<String>> {
     config.validate()?;
     if config.target_modules.is_none() {
         return Err(Error::invalid(

@@ -606,7 +606,9 @@ impl PyBlipModel {
     }
 }
 
-pub(super) fn read_safetensors(path: &std::path::Path) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
+pub(super) fn read_safetensors(
+    path: &std::path::Path,
+) -> PyResult<std::collections::BTreeMap<String, tch::Tensor>> {
     let files = SafetensorsFiles::open(&[path.to_path_buf()]).py()?;
     let mut tensors = std::collections::BTreeMap::new();
     for name in files.names().cloned().collect::<Vec<_>>() {

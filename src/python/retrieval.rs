@@ -72,7 +72,11 @@ impl PyBlipRetrievalModel {
     }
 
     /// Runs `f` on the model with the GIL released.
-    fn detached<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Model) -> crate::Result<R> + Send) -> PyResult<R> {
+    fn detached<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Model) -> crate::Result<R> + Send,
+    ) -> PyResult<R> {
         py.detach(|| {
             let mut m = locked(&self.inner)?;
             f(&mut m)
@@ -376,10 +380,7 @@ impl PyBlipRetrievalModel {
     fn config_json(&self) -> PyResult<String> {
         guard("config_json", || {
             let mut config = self.lock()?.config.clone();
-            config.set_raw_field(
-                "architectures",
-                serde_json::json!(["BlipForImageTextRetrieval"]),
-            );
+            config.set_raw_field("architectures", serde_json::json!(["BlipForImageTextRetrieval"]));
             Ok(config.to_json().to_string())
         })
     }

@@ -416,13 +416,20 @@ def test_rank_matches_transformers_pair_by_pair(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------------- LoRA
 
 LORA = dict(r=4, lora_alpha=8, target_modules=RETRIEVAL_TARGETS + ["itm_head"])
+EXCHANGE = {
+    "attention_and_head": LORA,
+    # The projections and the matching head trained in full next to the adapters (peft's modules_to_save).
+    "modules_to_save": dict(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["itm_head", "vision_proj"]
+    ),
+}
 
 
 def _perturb(named_params, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in named_params:
-            if "lora_" in name:
+            if "lora_" in name or ".modules_to_save." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -441,8 +448,9 @@ def test_lora_targets_list_the_text_encoder(tiny_itm: str) -> None:
     assert names[-3:] == ["vision_proj", "text_proj", "itm_head"]
 
 
-def test_our_adapter_loads_in_peft_with_same_scores(tmp_path, tiny_itm: str) -> None:
-    model = bp.get_peft_model(_ours(tiny_itm), bp.LoraConfig(**LORA))
+@pytest.mark.parametrize("name", sorted(EXCHANGE))
+def test_our_adapter_loads_in_peft_with_same_scores(tmp_path, tiny_itm: str, name: str) -> None:
+    model = bp.get_peft_model(_ours(tiny_itm), bp.LoraConfig(**EXCHANGE[name]))
     _perturb(model.named_parameters(), seed=1)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -473,8 +481,9 @@ def test_task_type_is_harmless(tiny_itm: str) -> None:
         assert torch.equal(a, b)
 
 
-def test_peft_adapter_loads_here_with_same_scores(tmp_path, tiny_itm: str) -> None:
-    ref = peft.get_peft_model(HFRetrieval.from_pretrained(tiny_itm), peft.LoraConfig(**LORA))
+@pytest.mark.parametrize("name", sorted(EXCHANGE))
+def test_peft_adapter_loads_here_with_same_scores(tmp_path, tiny_itm: str, name: str) -> None:
+    ref = peft.get_peft_model(HFRetrieval.from_pretrained(tiny_itm), peft.LoraConfig(**EXCHANGE[name]))
     _perturb(ref.named_parameters(), seed=2)
     ref.save_pretrained(tmp_path)
     model = bp.PeftModel.from_pretrained(_ours(tiny_itm), tmp_path)

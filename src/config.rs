@@ -325,6 +325,15 @@ impl BlipConfig {
         top || self.text_config.tie_word_embeddings
     }
 
+    /// The width of the retrieval head's image and text projections (`image_text_hidden_size`, default 256, as
+    /// transformers' `BlipConfig`).
+    pub fn image_text_hidden_size(&self) -> i64 {
+        self.raw
+            .get("image_text_hidden_size")
+            .and_then(Value::as_i64)
+            .unwrap_or(256)
+    }
+
     /// Number of image patches plus the class token: the length of the image-embedding sequence.
     pub fn num_image_tokens(&self) -> i64 {
         let grid = self.vision_config.image_size / self.vision_config.patch_size;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import BlipConfig
@@ -25,10 +27,11 @@ def tiny_hf_config(**top: object) -> BlipConfig:
     return BlipConfig(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VISION), **top)
 
 
-def make_hf_model(config: BlipConfig, seed: int = 0) -> HFBlip:
-    """A transformers model with random weights, biases and norms perturbed so every parameter matters."""
+def make_hf_model(config: BlipConfig, seed: int = 0, cls: type = HFBlip) -> Any:
+    """A transformers model (`cls`: the captioner unless another BLIP head is given) with random weights, biases
+    and norms perturbed so every parameter matters."""
     torch.manual_seed(seed)
-    model = HFBlip(config)
+    model = cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:

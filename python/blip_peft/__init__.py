@@ -52,6 +52,12 @@ from blip_peft.modeling_vqa import (
     BlipTextVisionModelOutput,
 )
 from blip_peft.generation import GenerationConfig
+from blip_peft.modeling_retrieval import (
+    BlipForImageTextRetrieval,
+    BlipImageTextMatchingModelOutput,
+    RetrievalLossOutput,
+)
+from blip_peft.retrieval import RankResult, RetrievalTrainResult, rank, train_retrieval
 
 __version__: str = _blip_peft.__version__
 
@@ -68,6 +74,13 @@ __all__ = [
     "BlipForConditionalGenerationModelOutput",
     "BlipForQuestionAnswering",
     "BlipTextVisionModelOutput",
+    "BlipForImageTextRetrieval",
+    "BlipImageTextMatchingModelOutput",
+    "RankResult",
+    "RetrievalLossOutput",
+    "rank",
+    "RetrievalTrainResult",
+    "train_retrieval",
     "GenerationConfig",
     "ModelOutput",
     "BlipImageProcessor",

@@ -13,6 +13,8 @@ __all__ = [
     "BlipPeftInternalError",
     "_BlipModel",
     "_BlipVqaModel",
+
+    "_BlipRetrievalModel",
     "_ImageCaptionData",
     "_ImageProcessor",
     "_Tokenizer",
@@ -192,6 +194,44 @@ class _BlipVqaModel:
         attention_mask: torch.Tensor | None = None,
         settings: dict[str, Any] | None = None,
     ) -> torch.Tensor: ...
+
+class _BlipRetrievalModel:
+    @staticmethod
+    def from_pretrained(
+        path: str | os.PathLike[str], dtype: str | None = None, device: str = "cpu", config_json: str | None = None
+    ) -> _BlipRetrievalModel: ...
+    @staticmethod
+    def from_config(
+        config_json: str, seed: int = 0, dtype: str | None = None, device: str = "cpu"
+    ) -> _BlipRetrievalModel: ...
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        use_itm_head: bool = True,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        eager: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor] | None]: ...
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+    def losses(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        temp: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        seed: int | None = None,
+    ) -> dict[str, torch.Tensor]: ...
     @property
     def lm_head_tied(self) -> bool: ...
     def module_tree(self) -> list[tuple[str, str]]: ...

@@ -5,6 +5,8 @@
 references per image. `ptb_tokenize` is the tokenisation `COCOEvalCap` applies first (Stanford's PTB tokenizer
 plus pycocoevalcap's punctuation removal), without Java.
 
+`recall_at_k` / `retrieval_recall` score retrieval: the share of queries with a relevant match among their top k.
+
 `exact_match` and `bleu4` (the demo's quick scores, kept as they were: `bleu4` scores 0 where pycocoevalcap's
 BLEU has its tiny guard terms) take a list of predictions and, for each, one reference or several; words are
 `tokenize`'s (lower-cased, punctuation kept as single marks). The synthetic world (`blip_peft.world`) parses its
@@ -29,6 +31,8 @@ __all__ = [
     "exact_match",
     "normalize_vqa_answer",
     "ptb_tokenize",
+    "recall_at_k",
+    "retrieval_recall",
     "tokenize",
     "vqa_accuracy",
 ]
@@ -254,3 +258,40 @@ def vqa_accuracy(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[s
         scores = [min(1.0, sum(g == got for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
         total += sum(scores) / len(scores)
     return total / len(preds)
+
+
+def recall_at_k(ranking: Any, relevant: Sequence[Sequence[int]], k: int) -> float:
+    """Recall@k of retrieval: the share of queries (rows of `ranking`, each its candidates' indices best first)
+    whose first `k` candidates hold at least one of `relevant[query]` (the usual R@k of image-text retrieval).
+    `ranking` may be a tensor, an array or nested lists; it must rank at least `k` candidates per query."""
+    rows = [list(map(int, row)) for row in (ranking.tolist() if hasattr(ranking, "tolist") else ranking)]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if len(rows) != len(relevant):
+        raise ValueError(f"ranking has {len(rows)} queries but relevant has {len(relevant)}; give one list per query")
+    if not rows:
+        raise ValueError("recall_at_k needs at least one query")
+    if any(len(row) < k for row in rows):
+        raise ValueError(f"every query must rank at least k={k} candidates (rank with top_k >= {k})")
+    if any(not r for r in relevant):
+        raise ValueError("every query needs at least one relevant candidate")
+    hits = sum(1 for row, rel in zip(rows, relevant, strict=True) if set(row[:k]) & set(rel))
+    return hits / len(rows)
+
+
+def retrieval_recall(
+    result: Any,
+    relevant_texts: Sequence[Sequence[int]],
+    relevant_images: Sequence[Sequence[int]],
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Recall@k both ways of a `blip_peft.rank` result: ``{"image_to_text_r1", "text_to_image_r1", ...}`` for each
+    k of `ks` (k capped at the candidates there are), with the relevant texts of each image and images of each
+    text (as `world.retrieval_pairs` gives them)."""
+    out: dict[str, float] = {}
+    for k in ks:
+        i2t = min(k, int(result.image_to_text.shape[1]))
+        t2i = min(k, int(result.text_to_image.shape[1]))
+        out[f"image_to_text_r{k}"] = recall_at_k(result.image_to_text, relevant_texts, i2t)
+        out[f"text_to_image_r{k}"] = recall_at_k(result.text_to_image, relevant_images, t2i)
+    return out

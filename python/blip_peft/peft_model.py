@@ -548,6 +548,26 @@ def load_adapter_folder(path: str, *, dtype: str | None, device: str, head: Any 
             "local folder; load the base with BlipForConditionalGeneration.from_pretrained(<folder>) and attach the "
             "adapter with PeftModel.from_pretrained(base, adapter_dir)"
         )
-    cls = BlipForConditionalGeneration if head is None else head
-    model = cls(cls._native_class.from_pretrained(base, dtype, device))
+    # The class asked for (BlipForQuestionAnswering.from_pretrained(adapter_dir)), else the head the base
+    # folder's config names (so AutoModelForVision2Seq.from_pretrained loads a retrieval adapter's head too).
+    model_class = head if head not in (None, BlipForConditionalGeneration) else _head_class(base)
+    model = model_class(model_class._native_class.from_pretrained(base, dtype, device))
     return PeftModel.from_pretrained(model, path)
+
+
+def _head_class(folder: str) -> Any:
+    """The blip_peft class of the BLIP head a checkpoint folder holds (its config's `architectures`)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if "BlipForImageTextRetrieval" in architectures:
+        from blip_peft.modeling_retrieval import BlipForImageTextRetrieval  # noqa: PLC0415
+
+        return BlipForImageTextRetrieval
+    if "BlipForQuestionAnswering" in architectures:
+        from blip_peft.modeling_vqa import BlipForQuestionAnswering  # noqa: PLC0415
+
+        return BlipForQuestionAnswering
+    return BlipForConditionalGeneration

@@ -9,7 +9,9 @@ The model shapes are ``text_config`` / ``vision_config`` keyword dicts for `tran
 - `BUNDLED_TEXT` / `BUNDLED_VISION`: the bundled model's shapes (scripts/make_base_model.py adds the ids and
   vocabulary size of its tokenizer).
 - `VQA_BASE_TEXT` / `VQA_BASE_VISION`: Salesforce/blip-vqa-base's shapes (BlipForQuestionAnswering).
-- `ATTENTION_MLP_TARGETS`, `QUERY_VALUE_TARGETS`: LoRA ``target_modules`` lists.
+- `ITM_BASE_TEXT` / `ITM_BASE_VISION` / `ITM_BASE_TOP`: Salesforce/blip-itm-base-coco's shapes (the retrieval
+  head, `BlipForImageTextRetrieval`); `ITM_BASE_TOP` holds its top-level settings (`image_text_hidden_size`).
+- `ATTENTION_MLP_TARGETS`, `QUERY_VALUE_TARGETS`, `RETRIEVAL_TARGETS`: LoRA ``target_modules`` lists.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ __all__ = [
     "BUNDLED_TEXT",
     "BUNDLED_VISION",
     "HF_DEFAULT_VISION_INITIALIZER_RANGE",
+    "ITM_BASE_TEXT",
+    "ITM_BASE_TOP",
+    "ITM_BASE_VISION",
     "QUERY_VALUE_TARGETS",
+    "RETRIEVAL_TARGETS",
     "TINY_TEXT",
     "TINY_VISION",
     "VISION_INITIALIZER_RANGE",
@@ -48,6 +54,10 @@ ATTENTION_MLP_TARGETS = [
 # Queries and values of the decoder, the vision tower's qkv: the command line's default (--target-modules), also
 # examples/train_ddp.py's.
 QUERY_VALUE_TARGETS = ["self.query", "self.value", "self_attn.qkv"]
+# The retrieval head (BlipForImageTextRetrieval): the text encoder's attention (its self- and cross-attention,
+# `text_encoder.encoder.layer.N.{attention,crossattention}.self.*`) and the vision tower's qkv; the projections
+# and the matching head stay as trained.
+RETRIEVAL_TARGETS = ["self.query", "self.value", "self_attn.qkv"]
 
 # ------------------------------------------------------------------------------------- vision initialisation
 # transformers' BLIP vision default (1e-10) leaves the tower's weights below float32 rounding next to its biases;
@@ -145,3 +155,9 @@ BUNDLED_VISION: dict[str, Any] = dict(
 # settings): the captioning base's towers, named for the VQA tests and benchmarks.
 VQA_BASE_TEXT: dict[str, Any] = dict(BASE_TEXT)
 VQA_BASE_VISION: dict[str, Any] = dict(BASE_VISION)
+
+# Salesforce/blip-itm-base-coco (BlipForImageTextRetrieval): blip-image-captioning-base's towers (its text tower
+# the encoder, same vocabulary and ids) and the 256-wide contrastive projections.
+ITM_BASE_TEXT: dict[str, Any] = dict(BASE_TEXT)
+ITM_BASE_VISION: dict[str, Any] = dict(BASE_VISION)
+ITM_BASE_TOP: dict[str, Any] = dict(image_text_hidden_size=256)

@@ -16,7 +16,7 @@ from blip_peft import _blip_peft, distributed
 from blip_peft._convert import fspath
 from blip_peft.data import as_items
 from blip_peft.evaluation import METRIC_NAMES, RECIPE_DECODING, group_references, score_images
-from blip_peft.modeling import BlipForConditionalGeneration
+from blip_peft.modeling import BlipForConditionalGeneration, BlipPreTrainedModel
 from blip_peft.peft_model import PeftModel
 from blip_peft.processing import BlipImageProcessor, _native_image
 
@@ -481,10 +481,15 @@ def train(
     is set, and returns the result so far. Checkpoints go to `output_dir/checkpoint-<step>/`; with a
     `PeftModel` the final adapter is saved into `output_dir` itself.
     """
-    if isinstance(model, PeftModel) and not isinstance(model.get_base_model(), BlipForConditionalGeneration):
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if isinstance(base, BlipPreTrainedModel) and not isinstance(base, BlipForConditionalGeneration):
+        hint = (
+            "for image-text retrieval use blip_peft.train_retrieval"
+            if type(base).__name__ == "BlipForImageTextRetrieval"
+            else "run a torch loop over model(...).loss instead"
+        )
         raise TypeError(
-            f"train() fine-tunes captioning models; a PeftModel over {type(model.get_base_model()).__name__} is "
-            "not supported by train() yet (run a torch loop over model(...).loss instead)"
+            f"train() fine-tunes captioning models; {type(base).__name__} is another BLIP head ({hint})"
         )
     if isinstance(model, PeftModel):
         native = model._native

@@ -84,10 +84,12 @@ __all__ = [
     "Phrase",
     "Scene",
     "describe",
+    "distractor_caption",
     "iter_dataset",
     "make_dataset",
     "parse_caption",
     "render",
+    "retrieval_pairs",
     "sample_scene",
     "scene_questions",
     "vocabulary",
@@ -843,3 +845,49 @@ def vqa_dataset(n: int, seed: int = 0, domain: str = "base", size: int = 384) ->
         for question, answer in scene_questions(item["scene"]):
             out.append({"image": item["image"], "question": question, "answer": answer, "scene": item["scene"]})
     return out
+
+
+# Retrieval: image-text pairs and the texts that do not fit
+
+
+def distractor_caption(scene: Scene, rng_or_seed: np.random.Generator | int) -> str:
+    """A caption that is wrong for `scene` by one attribute: one group's colour (to another colour of the domain
+    the scene does not use) or its kind (to another kind of the domain) changed, the rest as `describe` says. A
+    hard negative for image-text matching: it differs from the true caption in one word."""
+    rng = _as_rng(rng_or_seed)
+    domain = _domain(scene.domain)
+    target = int(rng.integers(len(scene.groups)))
+    group = scene.groups[target]
+    used = {g.colour for g in scene.groups}
+    colours = [c for c in domain.colours if c not in used]
+    kinds = [k for k in domain.kinds if k != group.kind]
+    change_colour = bool(colours) and (not kinds or bool(rng.integers(2)))
+    if change_colour:
+        group = Group(group.kind, colours[int(rng.integers(len(colours)))], group.size, group.items)
+    else:
+        group = Group(kinds[int(rng.integers(len(kinds)))], group.colour, group.size, group.items)
+    groups = tuple(group if i == target else g for i, g in enumerate(scene.groups))
+    return describe(Scene(scene.domain, scene.layout, groups, scene.background))
+
+
+def retrieval_pairs(n: int, seed: int = 0, domain: str = "base", size: int = 384) -> dict[str, Any]:
+    """`n` image-text pairs of `domain` for retrieval (`make_dataset`'s items: image ``i`` and its caption ``i``).
+
+    Returns ``{"images", "texts", "scenes", "relevant_texts", "relevant_images"}``: ``relevant_texts[i]`` lists the
+    texts that describe image ``i`` (its own caption and any other that is word for word the same: two scenes may
+    share a caption), ``relevant_images[j]`` the images text ``j`` describes; what `metrics.retrieval_recall`
+    takes.
+    """
+    items = make_dataset(n, seed, domain, size)
+    texts = [item["text"] for item in items]
+    by_text: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        by_text.setdefault(text, []).append(i)
+    relevant = [by_text[t] for t in texts]
+    return {
+        "images": [item["image"] for item in items],
+        "texts": texts,
+        "scenes": [item["scene"] for item in items],
+        "relevant_texts": relevant,
+        "relevant_images": [list(r) for r in relevant],
+    }

@@ -1,9 +1,11 @@
 //! The BLIP models: image captioning (`BlipForConditionalGeneration`: an image encoder and a caption decoder)
-//! and visual question answering (`BlipForQuestionAnswering`: with a question encoder between them).
+//! visual question answering (`BlipForQuestionAnswering`: with a question encoder between them) and image-text
+//! retrieval (`retrieval.rs`: the image encoder, a text encoder and the matching heads).
 
 pub mod kv_cache;
 mod model;
 pub mod recompute;
+pub mod retrieval;
 pub mod text;
 pub mod vision;
 mod vqa;

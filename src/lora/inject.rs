@@ -7,9 +7,9 @@ use regex::Regex;
 use tch::{Kind, Tensor};
 
 use super::config::{saved_module_regex, InitLoraWeights, LoraConfig, TargetModules};
+use super::host::LoraHost;
 use super::layer::{kaiming_uniform, weight_norm, BaseKind, LoraAdapter, LoraSlot};
 use super::saved;
-use super::LoraHost;
 use crate::error::{Error, Result};
 use crate::nn::AdaptableLayer;
 
@@ -65,7 +65,7 @@ pub struct TargetInfo {
 }
 
 /// Every layer LoRA can target.
-pub fn targetable_layers(model: &mut dyn LoraHost) -> Result<Vec<TargetInfo>> {
+pub fn targetable_layers<M: LoraHost + ?Sized>(model: &mut M) -> Result<Vec<TargetInfo>> {
     let mut out = Vec::new();
     model.for_each_layer(&mut |path, layer| {
         let (layer_type, i, o) = match &layer {
@@ -221,7 +221,7 @@ fn decompose_base(init: &InitLoraWeights, weight: &Tensor, r: i64, scaling: f64)
 
 /// Adds adapter `name` to every layer `config` targets. Layers that get their first adapter make it
 /// active. Fails, listing the layer names that exist, when nothing matches.
-pub fn inject(model: &mut dyn LoraHost, config: &LoraConfig, name: &str) -> Result<Vec<String>> {
+pub fn inject<M: LoraHost + ?Sized>(model: &mut M, config: &LoraConfig, name: &str) -> Result<Vec<String>> {
     config.validate()?;
     if config.target_modules.is_none() {
         return Err(Error::invalid(
@@ -307,7 +307,7 @@ pub fn inject(model: &mut dyn LoraHost, config: &LoraConfig, name: &str) -> Resu
 }
 
 /// The paths of the layers that hold any adapter.
-fn layers_with_adapters(model: &mut dyn LoraHost) -> Result<Vec<String>> {
+fn layers_with_adapters<M: LoraHost + ?Sized>(model: &mut M) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for_each_slot(model, &mut |path, _, _| {
         out.push(path.to_string());
@@ -395,7 +395,7 @@ fn check_targets(config: &LoraConfig, targeted: &[String], all_names: &[(String,
 }
 
 /// Freezes the base model and makes `adapter` (and the biases `bias` names) trainable.
-pub fn mark_trainable(model: &mut dyn LoraHost, adapter: &str, bias: &str) -> Result<()> {
+pub fn mark_trainable<M: LoraHost + ?Sized>(model: &mut M, adapter: &str, bias: &str) -> Result<()> {
     for (_, t) in model.named_parameters() {
         let _ = t.f_set_requires_grad(false)?;
     }
@@ -434,8 +434,8 @@ pub fn mark_trainable(model: &mut dyn LoraHost, adapter: &str, bias: &str) -> Re
 }
 
 /// Runs `f` on every layer that holds adapters.
-fn for_each_slot(
-    model: &mut dyn LoraHost,
+fn for_each_slot<M: LoraHost + ?Sized>(
+    model: &mut M,
     f: &mut dyn FnMut(&str, &mut LoraSlot, &Tensor) -> Result<()>,
 ) -> Result<()> {
     model.for_each_layer(&mut |path, mut layer| {
@@ -448,7 +448,7 @@ fn for_each_slot(
 }
 
 /// Makes `name` the active adapter of every layer that has it (and no adapter active elsewhere).
-pub fn set_active(model: &mut dyn LoraHost, name: &str) -> Result<()> {
+pub fn set_active<M: LoraHost + ?Sized>(model: &mut M, name: &str) -> Result<()> {
     for_each_slot(model, &mut |_, slot, weight| {
         slot.unmerge(weight)?;
         slot.active = if slot.get(name).is_some() {
@@ -462,17 +462,17 @@ pub fn set_active(model: &mut dyn LoraHost, name: &str) -> Result<()> {
 }
 
 /// Adds the active adapters' deltas into the base weights.
-pub fn merge(model: &mut dyn LoraHost) -> Result<()> {
+pub fn merge<M: LoraHost + ?Sized>(model: &mut M) -> Result<()> {
     for_each_slot(model, &mut |_, slot, weight| slot.merge(weight, None))
 }
 
 /// Takes every merged delta back out of the base weights.
-pub fn unmerge(model: &mut dyn LoraHost) -> Result<()> {
+pub fn unmerge<M: LoraHost + ?Sized>(model: &mut M) -> Result<()> {
     for_each_slot(model, &mut |_, slot, weight| slot.unmerge(weight))
 }
 
 /// Bypasses (or restores) every adapter; merged ones are unmerged first, so the base is exact.
-pub fn set_disabled(model: &mut dyn LoraHost, disabled: bool) -> Result<()> {
+pub fn set_disabled<M: LoraHost + ?Sized>(model: &mut M, disabled: bool) -> Result<()> {
     for_each_slot(model, &mut |_, slot, weight| {
         if disabled {
             slot.unmerge(weight)?;
@@ -484,7 +484,7 @@ pub fn set_disabled(model: &mut dyn LoraHost, disabled: bool) -> Result<()> {
 }
 
 /// Removes all adapters, after merging the active ones when `merge` (peft's `merge_and_unload`/`unload`).
-pub fn unload(model: &mut dyn LoraHost, merge: bool) -> Result<()> {
+pub fn unload<M: LoraHost + ?Sized>(model: &mut M, merge: bool) -> Result<()> {
     model.for_each_layer(&mut |_, mut layer| {
         let weight = layer.weight().shallow_clone();
         if let Some(slot) = layer.slot() {
@@ -500,7 +500,7 @@ pub fn unload(model: &mut dyn LoraHost, merge: bool) -> Result<()> {
 }
 
 /// Removes adapter `name` everywhere (unmerging it first); layers left without adapters become plain.
-pub fn delete(model: &mut dyn LoraHost, name: &str) -> Result<()> {
+pub fn delete<M: LoraHost + ?Sized>(model: &mut M, name: &str) -> Result<()> {
     let mut found = false;
     model.for_each_layer(&mut |_, mut layer| {
         let weight = layer.weight().shallow_clone();
@@ -526,7 +526,7 @@ pub fn delete(model: &mut dyn LoraHost, name: &str) -> Result<()> {
 }
 
 /// The names of the adapters present, in the order they were added.
-pub fn adapter_names(model: &mut dyn LoraHost) -> Result<Vec<String>> {
+pub fn adapter_names<M: LoraHost + ?Sized>(model: &mut M) -> Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for_each_slot(model, &mut |_, slot, _| {
         for (n, _) in &slot.adapters {
@@ -542,8 +542,8 @@ pub fn adapter_names(model: &mut dyn LoraHost) -> Result<Vec<String>> {
 /// peft's adapter files, in `dir`: `adapter_model.safetensors` (the tensors [`adapter_state`] gives) and
 /// `adapter_config.json` (`config_json`, the config as peft writes it), each written atomically. The one
 /// writer of adapter folders: `save_pretrained` and training checkpoints both call it.
-pub fn save_adapter(
-    model: &mut dyn LoraHost,
+pub fn save_adapter<M: LoraHost + ?Sized>(
+    model: &mut M,
     dir: &std::path::Path,
     adapter: &str,
     bias: &str,
@@ -562,7 +562,11 @@ pub const ADAPTER_CONFIG_NAME: &str = "adapter_config.json";
 
 /// The tensors peft saves for `adapter`, under peft's file keys (`base_model.model.<path>.lora_A.weight`,
 /// biases per the bias mode).
-pub fn adapter_state(model: &mut dyn LoraHost, adapter: &str, bias: &str) -> Result<Vec<(String, Tensor)>> {
+pub fn adapter_state<M: LoraHost + ?Sized>(
+    model: &mut M,
+    adapter: &str,
+    bias: &str,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     let mut lora_only_biases = Vec::new();
     for_each_slot(model, &mut |path, slot, _| {
@@ -613,8 +617,8 @@ pub fn adapter_state(model: &mut dyn LoraHost, adapter: &str, bias: &str) -> Res
 
 /// The adapter's tensors paired with the file's for them. Every expected key must be present with its shape, and
 /// no other key may be: a mismatch names the key. All are checked before the caller copies anything.
-fn fitting_state(
-    model: &mut dyn LoraHost,
+fn fitting_state<M: LoraHost + ?Sized>(
+    model: &mut M,
     adapter: &str,
     bias: &str,
     tensors: &BTreeMap<String, Tensor>,
@@ -671,8 +675,8 @@ fn fitting_state(
 
 /// Loads a peft adapter's tensors into adapter `adapter` (already injected with the matching config): copied
 /// into the adapter's own tensors (in place: parameter identity kept), after checking them all.
-pub fn load_adapter_state(
-    model: &mut dyn LoraHost,
+pub fn load_adapter_state<M: LoraHost + ?Sized>(
+    model: &mut M,
     adapter: &str,
     bias: &str,
     tensors: &BTreeMap<String, Tensor>,
@@ -691,8 +695,8 @@ pub fn load_adapter_state(
 /// `use_rslora` and `lora_dropout` may differ, and each layer's scaling follows them). The base is not touched
 /// or reloaded, and the tensors stay the same objects. Everything is checked before anything changes, so a
 /// refused swap leaves the adapter as it was.
-pub fn hotswap_adapter(
-    model: &mut dyn LoraHost,
+pub fn hotswap_adapter<M: LoraHost + ?Sized>(
+    model: &mut M,
     adapter: &str,
     config: &LoraConfig,
     tensors: &BTreeMap<String, Tensor>,

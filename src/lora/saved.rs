@@ -9,14 +9,14 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
-use super::LoraHost;
+use super::host::LoraHost;
 use crate::error::{Error, Result};
 use crate::nn::saved::{is_under, SavedModule};
 use crate::repr::ReprNode;
 
 /// Every module path in the model, parents before children: the printed tree's, peft's wrappers and LoRA's
 /// submodules included, as in peft's `named_modules()`.
-pub fn module_paths(model: &dyn LoraHost) -> Vec<String> {
+pub fn module_paths<M: LoraHost + ?Sized>(model: &M) -> Vec<String> {
     fn walk(node: &ReprNode, prefix: &str, out: &mut Vec<String>) {
         for (name, child) in &node.children {
             let path = crate::nn::join(prefix, name);
@@ -32,7 +32,11 @@ pub fn module_paths(model: &dyn LoraHost) -> Vec<String> {
 /// The modules `names` wraps: those whose path ends with one of them (peft's `_set_trainable` matching),
 /// outermost first. `lora_layers` are the layers holding adapters: a module that contains one cannot
 /// also be copied. Fails, changing nothing, when a name matches nothing or a module cannot be copied.
-pub fn plan(model: &dyn LoraHost, names: &[String], lora_layers: &[String]) -> Result<Vec<String>> {
+pub fn plan<M: LoraHost + ?Sized>(
+    model: &M,
+    names: &[String],
+    lora_layers: &[String],
+) -> Result<Vec<String>> {
     let mut chosen: Vec<String> = Vec::new();
     for path in module_paths(model) {
         if !names.iter().any(|n| path.ends_with(n.as_str())) {
@@ -50,7 +54,7 @@ pub fn plan(model: &dyn LoraHost, names: &[String], lora_layers: &[String]) -> R
              ends with it, e.g. \"post_layernorm\" or \"crossattention\"); print(model) shows the module names"
         )));
     }
-    let tied_head = model.lm_head_tied();
+    let tied_head = model.tied_layer();
     for path in &chosen {
         if let Some(layer) = lora_layers.iter().find(|l| is_under(l, path)) {
             return Err(Error::invalid(format!(
@@ -58,7 +62,7 @@ pub fn plan(model: &dyn LoraHost, names: &[String], lora_layers: &[String]) -> R
                  adapted or trained in full: narrow modules_to_save or exclude it from target_modules"
             )));
         }
-        if tied_head && is_under("text_decoder.cls.predictions.decoder", path) {
+        if tied_head.is_some_and(|head| is_under(head, path)) {
             return Err(Error::invalid(format!(
                 "modules_to_save would copy {path:?}, which holds the LM head tied to the word embeddings; \
                  copying it would untie them. Train the head's other parts (e.g. \"transform\") or target \
@@ -83,7 +87,12 @@ pub fn plan(model: &dyn LoraHost, names: &[String], lora_layers: &[String]) -> R
 
 /// Gives `adapter` a copy of each module in `chosen` (from [`plan`]), wrapping the ones not yet wrapped.
 /// `activate` makes the new copies the ones in use.
-pub fn add(model: &mut dyn LoraHost, chosen: Vec<String>, adapter: &str, activate: bool) -> Result<()> {
+pub fn add<M: LoraHost + ?Sized>(
+    model: &mut M,
+    chosen: Vec<String>,
+    adapter: &str,
+    activate: bool,
+) -> Result<()> {
     if chosen.is_empty() {
         return Ok(());
     }
@@ -125,7 +134,7 @@ pub fn add(model: &mut dyn LoraHost, chosen: Vec<String>, adapter: &str, activat
 }
 
 /// Points the model's layers at the tensors each wrapped module uses now.
-fn swap_in(model: &mut dyn LoraHost) -> Result<()> {
+fn swap_in<M: LoraHost + ?Sized>(model: &mut M) -> Result<()> {
     let mut wanted: HashMap<String, Tensor> = HashMap::new();
     for m in model.saved_modules() {
         for (name, t) in m.names.iter().zip(m.in_use()) {
@@ -143,7 +152,7 @@ fn swap_in(model: &mut dyn LoraHost) -> Result<()> {
 }
 
 /// Uses `adapter`'s copies where it has them, the originals elsewhere.
-pub fn set_active(model: &mut dyn LoraHost, adapter: &str) -> Result<()> {
+pub fn set_active<M: LoraHost + ?Sized>(model: &mut M, adapter: &str) -> Result<()> {
     for m in model.saved_modules_mut() {
         m.active = m.copy_of(adapter).map(|_| adapter.to_string());
     }
@@ -151,7 +160,7 @@ pub fn set_active(model: &mut dyn LoraHost, adapter: &str) -> Result<()> {
 }
 
 /// Uses the originals while `disabled`.
-pub fn set_disabled(model: &mut dyn LoraHost, disabled: bool) -> Result<()> {
+pub fn set_disabled<M: LoraHost + ?Sized>(model: &mut M, disabled: bool) -> Result<()> {
     for m in model.saved_modules_mut() {
         m.disabled = disabled;
     }
@@ -159,7 +168,7 @@ pub fn set_disabled(model: &mut dyn LoraHost, disabled: bool) -> Result<()> {
 }
 
 /// Drops `adapter`'s copies; the modules it was using go back to their originals.
-pub fn delete(model: &mut dyn LoraHost, adapter: &str) -> Result<()> {
+pub fn delete<M: LoraHost + ?Sized>(model: &mut M, adapter: &str) -> Result<()> {
     for m in model.saved_modules_mut() {
         m.copies.retain(|(n, _)| n != adapter);
         if m.active.as_deref() == Some(adapter) {
@@ -170,7 +179,7 @@ pub fn delete(model: &mut dyn LoraHost, adapter: &str) -> Result<()> {
 }
 
 /// Removes the wrappers, keeping the active copies in the model (peft's `unload`/`merge_and_unload`).
-pub fn unload(model: &mut dyn LoraHost) -> Result<()> {
+pub fn unload<M: LoraHost + ?Sized>(model: &mut M) -> Result<()> {
     for m in model.saved_modules_mut() {
         m.disabled = false;
     }
@@ -180,7 +189,7 @@ pub fn unload(model: &mut dyn LoraHost) -> Result<()> {
 }
 
 /// `adapter`'s copies under peft's file keys (`base_model.model.<path>.<param>`).
-pub fn adapter_state(model: &dyn LoraHost, adapter: &str) -> Vec<(String, Tensor)> {
+pub fn adapter_state<M: LoraHost + ?Sized>(model: &M, adapter: &str) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for m in model.saved_modules() {
         if let Some(copy) = m.copy_of(adapter) {
@@ -193,7 +202,7 @@ pub fn adapter_state(model: &dyn LoraHost, adapter: &str) -> Vec<(String, Tensor
 }
 
 /// Makes `adapter`'s copies trainable (everything else in the wrapped modules frozen).
-pub fn mark_trainable(model: &dyn LoraHost, adapter: &str) -> Result<()> {
+pub fn mark_trainable<M: LoraHost + ?Sized>(model: &M, adapter: &str) -> Result<()> {
     for m in model.saved_modules() {
         for t in &m.original {
             let _ = t.f_set_requires_grad(false)?;

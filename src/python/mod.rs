@@ -6,6 +6,7 @@ mod json;
 mod metrics;
 mod model;
 mod processor;
+mod retrieval;
 mod tensor;
 mod train;
 mod vqa;
@@ -19,6 +20,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyBlipModel>()?;
     m.add_class::<vqa::PyBlipVqaModel>()?;
+    m.add_class::<retrieval::PyBlipRetrievalModel>()?;
     m.add_class::<processor::PyImageProcessor>()?;
     m.add_class::<processor::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;

@@ -334,7 +334,8 @@ impl BatchSource for ImageCaptionSource {
         }
         if self.skip_bad {
             return Some(
-                "on_bad_sample=\"skip\" may drop rows from a batch, so its rows are not known by example".into(),
+                "on_bad_sample=\"skip\" may drop rows from a batch, so its rows are not known by example"
+                    .into(),
             );
         }
         None

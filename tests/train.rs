@@ -307,8 +307,16 @@ fn the_feature_cache_repeats_the_uncached_run_exactly() {
             bias: "none",
             config_json: "{}",
         };
-        let outcome = Trainer::run(&mut model, Box::new(data), None, &config, &format, &mut StopAt(None), None)
-            .unwrap();
+        let outcome = Trainer::run(
+            &mut model,
+            Box::new(data),
+            None,
+            &config,
+            &format,
+            &mut StopAt(None),
+            None,
+        )
+        .unwrap();
         let losses: Vec<f64> = outcome.history.iter().map(|l| l.loss).collect();
         (losses, outcome.feature_cache)
     };
@@ -320,5 +328,11 @@ fn the_feature_cache_repeats_the_uncached_run_exactly() {
     assert_eq!((report.misses, report.hits, report.cached_examples), (10, 20, 10));
     assert!(!off.enabled && off.reason.unwrap().contains("feature_cache=False"));
     let (_, vision) = run(true, &["query", "qkv"]);
-    assert!(!vision.enabled && vision.reason.unwrap().contains("vision tower has trainable parameters"));
+    assert!(
+        !vision.enabled
+            && vision
+                .reason
+                .unwrap()
+                .contains("vision tower has trainable parameters")
+    );
 }

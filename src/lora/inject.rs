@@ -453,7 +453,10 @@ fn for_each_slot(
 
 /// The first layer under `module` (paths from `prefix`) whose active adapters draw dropout in training
 /// (`lora_dropout` > 0, adapters not disabled), with that probability: what makes a tower random in training.
-pub fn first_adapter_dropout(module: &mut dyn crate::nn::Module, prefix: &str) -> Result<Option<(String, f64)>> {
+pub fn first_adapter_dropout(
+    module: &mut dyn crate::nn::Module,
+    prefix: &str,
+) -> Result<Option<(String, f64)>> {
     let mut found = None;
     crate::nn::visit_adaptable(module, prefix, &mut |path, mut layer| {
         if let (None, Some(slot)) = (&found, layer.slot()) {

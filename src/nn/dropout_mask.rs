@@ -144,7 +144,11 @@ mod tests {
         assert!((kept(&m) - 0.7).abs() < 2.3e-3, "{}", kept(&m));
         // Neighbours (the two halves of one hash, and consecutive hashes) are uncorrelated.
         for lag in [1, 2, 3, 1000] {
-            let both = m.iter().zip(&m[lag..]).filter(|(a, b)| **a != 0.0 && **b != 0.0).count() as f64
+            let both = m
+                .iter()
+                .zip(&m[lag..])
+                .filter(|(a, b)| **a != 0.0 && **b != 0.0)
+                .count() as f64
                 / (m.len() - lag) as f64;
             assert!((both - 0.49).abs() < 3e-3, "lag {lag}: {both}");
         }
@@ -183,12 +187,46 @@ mod tests {
         let g = x.grad();
         // d(sum y)/dx is the mask itself: 0 or 1/(1-p), and y = x · mask.
         assert!(y1.detach().allclose(&(x.detach() * &g), 0.0, 0.0, false));
-        assert!(values(&g).iter().all(|&v| v == 0.0 || v == (1.0 / 0.75f64) as f32));
+        assert!(values(&g)
+            .iter()
+            .all(|&v| v == 0.0 || v == (1.0 / 0.75f64) as f32));
         // Non-contiguous inputs and other devices/kinds are handled (torch's dropout for the latter).
         let t = Tensor::randn([8, 40], (Kind::Float, Device::Cpu)).transpose(0, 1);
         assert_eq!(dropout(&t, 0.5).unwrap().size(), [40, 8]);
         let d = Tensor::randn([8, 40], (Kind::Double, Device::Cpu));
         assert_eq!(dropout(&d, 0.5).unwrap().kind(), Kind::Double);
         assert!(dropout(&d, 0.0).unwrap().equal(&d));
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release --no-default-features --lib dropout_speed -- --ignored --nocapture`: torch's
+    /// dropout against this module's, forward and backward, at LoRA's inputs of a blip-base training step.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn dropout_speed() {
+        for shape in [[2i64, 577, 768], [2, 577, 3072], [8, 24, 768]] {
+            let x = Tensor::randn(shape, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            // The best of 15 interleaved runs each (the machine may be shared).
+            let once = |f: &dyn Fn() -> Tensor| {
+                let start = std::time::Instant::now();
+                f().sum(Kind::Float).backward();
+                start.elapsed().as_secs_f64() * 1e3
+            };
+            let (mut sum_only, mut torch, mut ours) = (f64::MAX, f64::MAX, f64::MAX);
+            for _ in 0..15 {
+                sum_only = sum_only.min(once(&|| x.shallow_clone()));
+                torch = torch.min(once(&|| x.dropout(0.05, true)));
+                ours = ours.min(once(&|| dropout(&x, 0.05).unwrap()));
+            }
+            eprintln!(
+                "{shape:?}: torch's dropout {:.2} ms, ours {:.2} ms (forward + backward, beyond a sum's {sum_only:.2} ms)",
+                torch - sum_only,
+                ours - sum_only
+            );
+        }
     }
 }

@@ -50,7 +50,7 @@ impl<'de> Deserialize<'de> for FeatureCacheSetting {
             serde_json::Value::Bool(true) | serde_json::Value::Null => Self::default(),
             serde_json::Value::Bool(false) => Self::Off,
             serde_json::Value::Number(n) => match n.as_f64() {
-                Some(mb) if mb == 0.0 => Self::Off,
+                Some(0.0) => Self::Off,
                 Some(mb) if mb > 0.0 && mb.is_finite() => Self::Budget {
                     bytes: (mb * (1u64 << 20) as f64) as u64,
                 },
@@ -101,7 +101,9 @@ pub fn refusal(
             "vision_config.attention_dropout is {p}: the vision tower draws dropout masks in training"
         )));
     }
-    if let Some((path, p)) = crate::lora::inject::first_adapter_dropout(&mut model.vision_model, "vision_model")? {
+    if let Some((path, p)) =
+        crate::lora::inject::first_adapter_dropout(&mut model.vision_model, "vision_model")?
+    {
         return Ok(Some(format!(
             "the adapter on {path} has lora_dropout {p}: the vision tower draws dropout masks in training"
         )));
@@ -192,9 +194,15 @@ impl FeatureCache {
                 self.store(example, &row)?;
                 rows.push(row);
             } else {
-                let held = self.entries.get(example).and_then(Option::as_ref).ok_or_else(|| {
-                    Error::invalid(format!("feature cache: example {example} was marked held but is not"))
-                })?;
+                let held = self
+                    .entries
+                    .get(example)
+                    .and_then(Option::as_ref)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "feature cache: example {example} was marked held but is not"
+                        ))
+                    })?;
                 self.hits += 1;
                 rows.push(held.f_to_device(device)?);
             }
@@ -250,14 +258,20 @@ mod tests {
     #[test]
     fn settings_read_true_false_and_budgets() {
         let read = |v| serde_json::from_value::<FeatureCacheSetting>(v);
-        assert_eq!(read(serde_json::json!(true)).unwrap(), FeatureCacheSetting::default());
+        assert_eq!(
+            read(serde_json::json!(true)).unwrap(),
+            FeatureCacheSetting::default()
+        );
         assert_eq!(read(serde_json::json!(false)).unwrap(), FeatureCacheSetting::Off);
         assert_eq!(read(serde_json::json!(0)).unwrap(), FeatureCacheSetting::Off);
         assert_eq!(
             read(serde_json::json!(1.5)).unwrap(),
             FeatureCacheSetting::Budget { bytes: 3 << 19 }
         );
-        assert!(read(serde_json::json!(-1)).unwrap_err().to_string().contains("feature_cache must be"));
+        assert!(read(serde_json::json!(-1))
+            .unwrap_err()
+            .to_string()
+            .contains("feature_cache must be"));
         assert!(read(serde_json::json!("big")).is_err());
     }
 }

@@ -789,21 +789,25 @@ impl Trainer {
             }
             state.total_steps = plan.total_steps;
         }
-        let (cache, mut cache_report) = match feature_cache::refusal(model, train.as_ref(), config.feature_cache)? {
-            None => {
-                let FeatureCacheSetting::Budget { bytes } = config.feature_cache else {
-                    unreachable!("an Off setting is refused")
-                };
-                (Some(FeatureCache::new(train.len(), bytes)), FeatureCacheReport::default())
-            }
-            Some(reason) => (
-                None,
-                FeatureCacheReport {
-                    reason: Some(reason),
-                    ..Default::default()
-                },
-            ),
-        };
+        let (cache, mut cache_report) =
+            match feature_cache::refusal(model, train.as_ref(), config.feature_cache)? {
+                None => {
+                    let FeatureCacheSetting::Budget { bytes } = config.feature_cache else {
+                        unreachable!("an Off setting is refused")
+                    };
+                    (
+                        Some(FeatureCache::new(train.len(), bytes)),
+                        FeatureCacheReport::default(),
+                    )
+                }
+                Some(reason) => (
+                    None,
+                    FeatureCacheReport {
+                        reason: Some(reason),
+                        ..Default::default()
+                    },
+                ),
+            };
         let guard = PrecisionGuard::lower(model, precision.kind())?;
         let towers = TrainedTowers::of(model);
         let flush = super::denormals::FlushDenormals::enable();
@@ -904,7 +908,13 @@ impl TrainingRun<'_> {
             check_ranks_agree(c, &self.optimizer, source.len(), self.plan.total_steps)?;
         }
         let held = self.cache.as_ref().map(FeatureCache::held);
-        let batches = Prefetcher::start(source, self.plan, self.config.clone(), self.state.global_step, held);
+        let batches = Prefetcher::start(
+            source,
+            self.plan,
+            self.config.clone(),
+            self.state.global_step,
+            held,
+        );
         self.window_start = Instant::now();
         self.window_samples = 0;
         while self.state.global_step < self.plan.total_steps {
@@ -929,7 +939,15 @@ impl TrainingRun<'_> {
         let group = micro.len() as f64;
         let mut step_loss = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut step_samples = 0;
-        for (m, Micro { indices, with_pixels, batch }) in micro.into_iter().enumerate() {
+        for (
+            m,
+            Micro {
+                indices,
+                with_pixels,
+                batch,
+            },
+        ) in micro.into_iter().enumerate()
+        {
             let batch = batch?;
             step_samples += batch.input_ids.size()[0] as usize;
             // Dropout draws depend only on (seed, step, micro-batch), so a resumed run repeats them.

@@ -571,8 +571,9 @@ def _epoch_captions(config: str, n: int, length: int) -> list[str]:
     import random
 
     rng = random.Random(0)
-    vocab = CONFIGS[config][0]["vocab_size"] - 140
-    return [" ".join(f"w{rng.randrange(vocab)}" for _ in range(length - 2)) for _ in range(n)]
+    made_up = CONFIGS[config][0]["vocab_size"] - 2 - 130  # the tokenizer's w0, w1, ... after its specials and letters
+    words = [f"w{i}" for i in range(made_up)] if made_up > 26 else [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    return [" ".join(rng.choice(words) for _ in range(length - 2)) for _ in range(n)]
 
 
 def job_text_lora_epochs(spec: dict[str, Any]) -> dict[str, Any]:

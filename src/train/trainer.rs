@@ -789,25 +789,20 @@ impl Trainer {
             }
             state.total_steps = plan.total_steps;
         }
-        let (cache, mut cache_report) =
-            match feature_cache::refusal(model, train.as_ref(), config.feature_cache)? {
-                None => {
-                    let FeatureCacheSetting::Budget { bytes } = config.feature_cache else {
-                        unreachable!("an Off setting is refused")
-                    };
-                    (
-                        Some(FeatureCache::new(train.len(), bytes)),
-                        FeatureCacheReport::default(),
-                    )
-                }
-                Some(reason) => (
-                    None,
-                    FeatureCacheReport {
-                        reason: Some(reason),
-                        ..Default::default()
-                    },
-                ),
-            };
+        let refused = feature_cache::refusal(model, train.as_ref(), config.feature_cache)?;
+        let (cache, mut cache_report) = match (config.feature_cache, refused) {
+            (FeatureCacheSetting::Budget { bytes }, None) => (
+                Some(FeatureCache::new(train.len(), bytes)),
+                FeatureCacheReport::default(),
+            ),
+            (_, reason) => (
+                None,
+                FeatureCacheReport {
+                    reason: Some(reason.unwrap_or_else(|| "turned off (feature_cache=False)".into())),
+                    ..Default::default()
+                },
+            ),
+        };
         let guard = PrecisionGuard::lower(model, precision.kind())?;
         let towers = TrainedTowers::of(model);
         let flush = super::denormals::FlushDenormals::enable();

@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="the 'what moved the numbers' line for --write-results")
     parser.add_argument(
         "--only",
-        help="comma-separated sections: train,generate,early,preprocess,scale (with --write-results, the others "
+        help="comma-separated sections: train,generate,early,preprocess,scale,text_lora_epochs (with --write-results, "
+        "the others "
         "keep their previous numbers)",
     )
     parser.add_argument("--json", help="also write the raw report to this JSON file")

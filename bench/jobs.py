@@ -21,6 +21,7 @@ from shapes import (
     LEARNING_RATE,
     LORA,
     MAX_GRAD_NORM,
+    TEXT_LORA,
     WEIGHT_DECAY,
 )
 
@@ -565,7 +566,99 @@ def job_scale(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _epoch_captions(config: str, n: int, length: int) -> list[str]:
+    """`n` captions of `length` tokens with the made-up tokenizer of runner.build_processor ([CLS] + words + [SEP])."""
+    import random
+
+    rng = random.Random(0)
+    made_up = CONFIGS[config][0]["vocab_size"] - 2 - 130  # the tokenizer's w0, w1, ... after its specials and letters
+    words = [f"w{i}" for i in range(made_up)] if made_up > 26 else [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    return [" ".join(rng.choice(words) for _ in range(length - 2)) for _ in range(n)]
+
+
+def job_text_lora_epochs(spec: dict[str, Any]) -> dict[str, Any]:
+    """The tutorial's setting, shortened: text-only LoRA (the decoder's attention and MLP) over `epochs` epochs of
+    the same JPEGs, the whole run timed from the images' paths to the last step: blip_peft's `train` with its
+    feature cache (lib "ours") or without it ("ours_nocache"), and transformers + peft's tutorial loop ("hf": a
+    Dataset whose __getitem__ runs the processor, a shuffled DataLoader, AdamW, clipping)."""
+    import torch
+
+    lib, paths = spec["lib"], spec["images"]
+    batch, epochs, length = spec["batch"], spec["epochs"], spec["length"]
+    captions = _epoch_captions(spec["config"], len(paths), length)
+    cache = None
+    if lib.startswith("ours"):
+        import blip_peft as bp
+
+        processor = bp.BlipProcessor.from_pretrained(spec["processor_dir"])
+        model = bp.BlipForConditionalGeneration.from_pretrained(spec["ckpt"], dtype=torch.float32)
+        model = bp.get_peft_model(model, bp.LoraConfig(**TEXT_LORA))
+        check_denormals("weights", denormal_share(p for _, p in model.named_parameters()))
+        data = [{"image": p, "text": c} for p, c in zip(paths, captions, strict=True)]
+        mem = Memory("cpu")
+        mem.reset()
+        start = time.perf_counter()
+        result = bp.train(
+            model, processor, data, epochs=epochs, batch_size=batch, learning_rate=LEARNING_RATE,
+            weight_decay=WEIGHT_DECAY, lr_scheduler="constant", max_grad_norm=MAX_GRAD_NORM, mixed_precision="no",
+            max_length=length, logging_steps=10**6, progress=False, feature_cache=lib == "ours",
+        )  # fmt: skip
+        total = time.perf_counter() - start
+        losses = result.losses
+        cache = result.feature_cache
+    else:
+        import peft
+        import transformers
+        from PIL import Image
+
+        transformers.logging.set_verbosity_error()
+        processor = transformers.BlipProcessor.from_pretrained(spec["processor_dir"])
+        model = transformers.BlipForConditionalGeneration.from_pretrained(spec["ckpt"], dtype=torch.float32)
+        model = peft.get_peft_model(model, peft.LoraConfig(**TEXT_LORA))
+        check_denormals("weights", denormal_share(p for _, p in model.named_parameters()))
+
+        class Captions(torch.utils.data.Dataset):  # the tutorial's ImageCaptioningDataset
+            def __len__(self) -> int:
+                return len(paths)
+
+            def __getitem__(self, i: int) -> dict[str, Any]:
+                enc = processor(
+                    images=Image.open(paths[i]), text=captions[i], padding="max_length", max_length=length,
+                    truncation=True, return_tensors="pt",
+                )  # fmt: skip
+                return {k: v.squeeze(0) for k, v in enc.items()}
+
+        loader = torch.utils.data.DataLoader(Captions(), shuffle=True, batch_size=batch)
+        mem = Memory("cpu")
+        mem.reset()
+        start = time.perf_counter()
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        losses = []
+        for _ in range(epochs):
+            for b in loader:
+                labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+                out = model(
+                    pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    labels=labels,
+                )  # fmt: skip
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(out.loss.item())
+        total = time.perf_counter() - start
+    if not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"a loss is not finite: {losses}")
+    return dict(
+        total_s=total, steps=len(losses), peak_mib=mem.peak(), memory_kind=mem.kind, feature_cache=cache,
+        images=len(paths), batch=batch, epochs=epochs,
+    )  # fmt: skip
+
+
 JOBS = {
+    "text_lora_epochs": job_text_lora_epochs,
     "info": job_info,
     "train": job_train,
     "generate": job_generate,

@@ -282,6 +282,40 @@ def render(report: dict[str, Any]) -> list[str]:
     if scale:
         out += ["", "**How cost grows** (seconds; a line fit gives the marginal cost and the fixed part):", ""]
         out += render_scaling(report)
+
+    epochs = report.get("text_lora_epochs")
+    if epochs:
+        n, batch, count = report["suite_settings"].get("epochs_plan", ("?", "?", "?"))
+        out += [
+            "",
+            f"**Text-only LoRA over {count} epochs of the same {n} JPEGs** (batch {batch}, the decoder's attention "
+            "and MLP; the whole run from the images' paths, float32): blip_peft's feature cache computes each "
+            "image's embeddings once; transformers + peft runs the tutorial's loop (processor in the Dataset).",
+            "",
+        ]
+        hf = next((r for r in epochs if r["lib"] == "hf" and "error" not in r), None)
+        rows = []
+        for r in epochs:
+            label = LIB_LABEL[r["lib"]]
+            if "error" in r:
+                rows.append([label, "failed: " + r["error"], "", "", "", ""])
+                continue
+            cache = r.get("feature_cache") or {}
+            hits = f"{cache['hits']} / {cache['misses']}" if cache.get("enabled") else "–"
+            rows.append(
+                [
+                    label,
+                    _fmt(r["total_s"]),
+                    _fmt(r["total_s"] / max(r["steps"], 1)),
+                    _fmt(r["peak_mib"], 4),
+                    hits,
+                    "1.00×" if r["lib"] == "hf" else (_ratio(hf["total_s"], r["total_s"]) if hf else "–"),
+                ]
+            )
+        out += _table(
+            ["implementation", "whole run (s)", "per step (s)", "peak (MiB)", "cache hits / misses", "speed vs HF"],
+            rows,
+        )
     return out
 
 

@@ -148,7 +148,7 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"cannot run the {suite.name} suite here: {info['error']}")
         report["info"] = info
         ckpt = os.path.join(tmp, "checkpoint")
-        if sections & {"train", "generate", "scale"}:
+        if sections & {"train", "generate", "scale", "text_lora_epochs"}:
             t0 = time.perf_counter()
             print(
                 f"     building the {suite.config} checkpoint (transformers, random init) ...", end="", file=sys.stderr
@@ -258,4 +258,19 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
                     iters=suite.scale_iters,
                 )
                 report["scale"][lib] = run(f"scaling curves {LIB_LABEL[lib]}", spec)
+
+        if "text_lora_epochs" in sections:
+            n, batch, epochs = suite.epochs_plan
+            proc_dir = os.path.join(tmp, "processor")
+            if not os.path.isdir(proc_dir):
+                build_processor(suite.config, proc_dir)
+            images = build_jpegs(n, os.path.join(tmp, "jpegs"))
+            report["text_lora_epochs"] = []
+            for lib in ("ours", "ours_nocache", "hf"):
+                spec = dict(
+                    common, job="text_lora_epochs", lib=lib, processor_dir=proc_dir, images=images, batch=batch,
+                    epochs=epochs, length=suite.caption_len,
+                )  # fmt: skip
+                res = run(f"text-only LoRA, {epochs} epochs of {n} JPEGs, {LIB_LABEL[lib]}", spec)
+                report["text_lora_epochs"].append(dict(res, lib=lib))
     return report

@@ -68,6 +68,42 @@ pub fn allows(path: Capability) -> bool {
     cap() >= path
 }
 
+/// The CPU's bfloat16 arithmetic, as torch's bf16 matmuls (oneDNN) can use it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bf16Support {
+    /// AVX-512 BF16 (`vdpbf16ps`: Intel Cooper Lake / Sapphire Rapids on, AMD Zen 4 on), usable by the OS.
+    pub avx512_bf16: bool,
+    /// AMX with bf16 tiles (Intel Sapphire Rapids on).
+    pub amx_bf16: bool,
+}
+
+impl Bf16Support {
+    /// What this CPU has (cpuid; AVX-512 BF16 only where the OS saves the AVX-512 state).
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // cpuid leaf 7, sub-leaf 0, EDX bit 22: AMX-BF16.
+            // (cpuid exists on every x86-64 CPU; leaf 7 is read only when the CPU reports it.)
+            let max = std::arch::x86_64::__cpuid(0).eax;
+            let amx = max >= 7 && std::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 22) != 0;
+            Self {
+                avx512_bf16: std::arch::is_x86_feature_detected!("avx512bf16"),
+                amx_bf16: amx && std::arch::is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Self::default()
+        }
+    }
+
+    /// Whether bf16 arithmetic runs natively here: the CPU has it and `BLIP_PEFT_CPU_CAPABILITY` does not
+    /// cap the libraries below AVX-512 (oneDNN capped at AVX2 reports no bf16, and torch converts instead).
+    pub fn usable(self) -> bool {
+        (self.avx512_bf16 || self.amx_bf16) && allows(Capability::Avx512)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,27 @@ pub trait BatchSource: Send {
     fn train_batch(&self, indices: &[usize], _epoch: i64, _seed: i64) -> Result<Batch> {
         self.batch(indices)
     }
+    /// Why the trainer's feature cache may not hold image embeddings of this source's examples: None when
+    /// every training batch's row `i` is example `indices[i]` with the same pixels in every epoch (no
+    /// augmentation, no rows dropped). Sources that do not say are never cached.
+    fn feature_cache_refusal(&self) -> Option<String> {
+        Some("the training data source does not key its batches' rows by example".into())
+    }
+    /// The training batch of `indices` with the pixels of only the rows `with_pixels` marks (in order;
+    /// `pixel_values` may have no rows): the trainer holds the other rows' image embeddings. Called only
+    /// when [`Self::feature_cache_refusal`] is None. By default the whole batch is built and its pixels
+    /// selected.
+    fn train_batch_with_pixels_of(&self, indices: &[usize], with_pixels: &[bool]) -> Result<Batch> {
+        let mut batch = self.batch(indices)?;
+        batch.pixel_values = batch.pixel_values.f_index_select(0, &marked_rows(with_pixels)?)?;
+        Ok(batch)
+    }
+}
+
+/// The positions `marks` sets, as an index tensor.
+fn marked_rows(marks: &[bool]) -> Result<Tensor> {
+    let rows: Vec<i64> = (0..marks.len() as i64).filter(|&i| marks[i as usize]).collect();
+    Ok(Tensor::f_from_slice(&rows)?)
 }
 
 /// The caption length limit as the caller gave it (an int, or None for no limit), checked: a caption keeps
@@ -182,6 +203,10 @@ impl BatchSource for TensorDataset {
         self.input_ids.size()[0] as usize
     }
 
+    fn feature_cache_refusal(&self) -> Option<String> {
+        None
+    }
+
     fn batch(&self, indices: &[usize]) -> Result<Batch> {
         let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
         let idx = Tensor::f_from_slice(&idx)?;
@@ -301,6 +326,47 @@ impl BatchSource for ImageCaptionSource {
 
     fn train_batch(&self, indices: &[usize], epoch: i64, seed: i64) -> Result<Batch> {
         self.build(indices, Some((seed, epoch)))
+    }
+
+    fn feature_cache_refusal(&self) -> Option<String> {
+        if self.augment.is_some() {
+            return Some("augment is on: every epoch draws other pixels for an image".into());
+        }
+        if self.skip_bad {
+            return Some(
+                "on_bad_sample=\"skip\" may drop rows from a batch, so its rows are not known by example"
+                    .into(),
+            );
+        }
+        None
+    }
+
+    fn train_batch_with_pixels_of(&self, indices: &[usize], with_pixels: &[bool]) -> Result<Batch> {
+        if with_pixels.iter().all(|&w| w) {
+            return self.batch(indices);
+        }
+        // Only the images whose embeddings the trainer lacks are decoded; every caption is collated.
+        let decode: Vec<usize> = indices
+            .iter()
+            .zip(with_pixels)
+            .filter(|(_, &w)| w)
+            .map(|(&i, _)| i)
+            .collect();
+        let (h, w) = (self.config.size.height as i64, self.config.size.width as i64);
+        let pixel_values = if decode.is_empty() {
+            Tensor::f_zeros([0, 3, h, w], (Kind::Float, Device::Cpu))?
+        } else {
+            self.build(&decode, None)?.pixel_values
+        };
+        let captions: Vec<Vec<i64>> = indices.iter().map(|&i| self.captions[i].clone()).collect();
+        let (input_ids, attention_mask, labels) =
+            collate_prompted_captions(&captions, self.bos, self.pad, self.max_length, self.prompt_tokens)?;
+        Ok(Batch {
+            pixel_values,
+            input_ids,
+            attention_mask,
+            labels,
+        })
     }
 }
 

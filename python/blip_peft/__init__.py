@@ -16,6 +16,7 @@ import torch  # noqa: F401, I001
 _cpu_capability.check()
 
 from blip_peft import _blip_peft, distributed, metrics  # noqa: I001
+from blip_peft._cpu_capability import cpu_has_bf16
 from blip_peft._blip_peft import BlipPeftError, BlipPeftInternalError
 from blip_peft.configuration import BlipConfig
 from blip_peft.captioning import generate
@@ -62,6 +63,7 @@ from blip_peft.retrieval import RankResult, RetrievalTrainResult, rank, train_re
 __version__: str = _blip_peft.__version__
 
 __all__ = [
+    "cpu_has_bf16",
     "evaluate",
     "flush_denormals",
     "AutoModelForImageTextToText",

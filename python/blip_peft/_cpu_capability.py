@@ -58,3 +58,13 @@ def check() -> None:
             f"{ENV}={name} came too late: torch already runs its {chosen} code in this process. Set the variable "
             "in the environment before Python starts (e.g. `BLIP_PEFT_CPU_CAPABILITY=avx2 python -m pytest`)."
         )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX-BF16, detected with cpuid) and
+    `BLIP_PEFT_CPU_CAPABILITY` leaves torch's libraries at AVX-512: where ``train(mixed_precision="bf16")`` and
+    ``torch.autocast("cpu", torch.bfloat16)`` run bf16 matmuls instead of converting to float32.
+    `blip_peft._blip_peft.cpu_bf16_support()` says which of the two the CPU has."""
+    from blip_peft import _blip_peft
+
+    return bool(_blip_peft.cpu_bf16_support()["usable"])

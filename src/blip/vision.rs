@@ -423,6 +423,26 @@ impl BlipVisionModel {
         Ok((out, tower))
     }
 
+    /// Leaves torch's global RNG as [`Self::forward`] under `cx` leaves it when the tower draws nothing (no
+    /// dropout anywhere in it): seeded for its last layer. The trainer's feature cache calls it in place of a
+    /// forward it skips, so what draws next (the decoder's embeddings' dropout, before its first layer
+    /// reseeds) draws what it draws after the forward.
+    pub fn seed_as_after_forward(&self, cx: &ForwardContext) {
+        if let (Some(seed), Some(last)) = (cx.layer_seed_base(), self.encoder.layers.len().checked_sub(1)) {
+            tch::manual_seed(layer_seed(seed, last));
+        }
+    }
+
+    /// The largest attention dropout probability of the tower's layers (what it draws in training besides
+    /// its adapters' dropout).
+    pub fn attention_dropout(&self) -> f64 {
+        self.encoder
+            .layers
+            .iter()
+            .map(|l| l.self_attn.dropout.p)
+            .fold(0.0, f64::max)
+    }
+
     /// Whether any of the tower's parameters (adapters included) trains.
     pub fn has_trainable(&self) -> bool {
         let mut any = false;

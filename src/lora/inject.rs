@@ -447,6 +447,32 @@ fn for_each_slot<M: LoraHost + ?Sized>(
     })
 }
 
+/// The first layer under `module` (paths from `prefix`) whose active adapters draw dropout in training
+/// (`lora_dropout` > 0, adapters not disabled), with that probability: what makes a tower random in training.
+pub fn first_adapter_dropout(
+    module: &mut dyn crate::nn::Module,
+    prefix: &str,
+) -> Result<Option<(String, f64)>> {
+    let mut found = None;
+    crate::nn::visit_adaptable(module, prefix, &mut |path, mut layer| {
+        if let (None, Some(slot)) = (&found, layer.slot()) {
+            if !slot.disabled {
+                let p = slot
+                    .active
+                    .iter()
+                    .filter_map(|name| slot.get(name))
+                    .map(|ad| ad.dropout)
+                    .fold(0.0, f64::max);
+                if p > 0.0 {
+                    found = Some((path.to_string(), p));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// Makes `name` the active adapter of every layer that has it (and no adapter active elsewhere).
 pub fn set_active<M: LoraHost + ?Sized>(model: &mut M, name: &str) -> Result<()> {
     for_each_slot(model, &mut |_, slot, weight| {

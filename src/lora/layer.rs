@@ -225,7 +225,7 @@ impl LoraSlot {
         let mut xa = x.f_to_kind(ad.a.kind())?;
         let dropped = train && ad.dropout > 0.0;
         if dropped {
-            xa = xa.f_dropout(ad.dropout, true)?;
+            xa = crate::nn::dropout_mask::dropout(&xa, ad.dropout)?; // torch's distribution, cheaper masks
         }
         let low = self.low_rank(&xa, ad)?;
         // A float32 adapter on a half-precision base accumulates in float32, then casts back.

@@ -5,6 +5,7 @@ mod activation;
 pub mod adapter;
 pub mod attention;
 mod context;
+pub mod dropout_mask;
 pub mod few_rows;
 mod layers;
 pub mod module;

@@ -25,6 +25,7 @@ fn _blip_peft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<processor::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_code_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_bf16_support, m)?)?;
     m.add_function(wrap_pyfunction!(generation_setting_names, m)?)?;
     m.add_function(wrap_pyfunction!(write_text_atomic, m)?)?;
     m.add_function(wrap_pyfunction!(model::normalize_lora_config, m)?)?;
@@ -58,6 +59,19 @@ fn kernel_code_paths() -> std::collections::BTreeMap<&'static str, &'static str>
         ("cap", crate::cpu::cap().name()),
         ("decoding", decoding),
         ("resize", resize),
+    ]
+    .into()
+}
+
+/// The CPU's bfloat16 arithmetic: `avx512_bf16`, `amx_bf16` (what the CPU has) and `usable` (it has one and
+/// `BLIP_PEFT_CPU_CAPABILITY` leaves the libraries at AVX-512).
+#[pyfunction]
+fn cpu_bf16_support() -> std::collections::BTreeMap<&'static str, bool> {
+    let s = crate::cpu::Bf16Support::detect();
+    [
+        ("avx512_bf16", s.avx512_bf16),
+        ("amx_bf16", s.amx_bf16),
+        ("usable", s.usable()),
     ]
     .into()
 }

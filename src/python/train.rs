@@ -456,6 +456,16 @@ pub fn train_native<'py>(
             "last_checkpoint",
             outcome.last_checkpoint.map(|p| p.to_string_lossy().into_owned()),
         )?;
+        let cache = &outcome.feature_cache;
+        let c = PyDict::new(py);
+        c.set_item("enabled", cache.enabled)?;
+        c.set_item("reason", cache.reason.clone())?;
+        c.set_item("budget_bytes", cache.budget_bytes)?;
+        c.set_item("hits", cache.hits)?;
+        c.set_item("misses", cache.misses)?;
+        c.set_item("cached_examples", cache.cached_examples)?;
+        c.set_item("cached_bytes", cache.cached_bytes)?;
+        d.set_item("feature_cache", c)?;
         Ok(d)
     })
 }

@@ -29,19 +29,23 @@ impl TrainedTowers {
 /// The training loss with gradient checkpointing, backward included: the gradients of
 /// `loss · multiplier` are accumulated into the parameters, while only each transformer layer's input
 /// is kept from the forward pass (the layers are recomputed one at a time during the backward).
-/// `cx` carries the step's dropout seed, so the recomputation repeats its draws. Returns the loss, detached.
+/// `cx` carries the step's dropout seed, so the recomputation repeats its draws. `cached`: the image
+/// embeddings the feature cache gave (the vision tower trains nothing then). Returns the loss, detached.
 #[allow(clippy::too_many_arguments)]
 pub fn loss_backward(
     model: &BlipForConditionalGeneration,
     towers: TrainedTowers,
     pixel_values: &Tensor,
+    cached: Option<Tensor>,
     ids: &Tensor,
     mask: &Tensor,
     labels: &Tensor,
     multiplier: &Tensor,
     cx: &ForwardContext,
 ) -> Result<Tensor> {
-    let (image, vision) = if towers.vision {
+    let (image, vision) = if let Some(image) = cached {
+        (image, None)
+    } else if towers.vision {
         let (image, tower) = model.vision_model.forward_checkpointed(pixel_values, cx)?;
         (image, Some(tower))
     } else {

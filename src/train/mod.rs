@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod checkpointed_step;
 pub mod denormals;
+pub mod feature_cache;
 pub mod optim;
 pub mod trainer;
 

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{self, TrainerState, WeightsFormat};
 use super::checkpointed_step::TrainedTowers;
+use super::feature_cache::{self, FeatureCache, FeatureCacheReport, FeatureCacheSetting};
 use super::optim::{clip_grad_norm, AdamW, LossScaler, Schedule};
 use crate::blip::BlipForConditionalGeneration;
 use crate::data::{Batch, BatchSource};
@@ -112,6 +113,9 @@ pub struct TrainConfig {
     pub max_length: Option<i64>,
     #[serde(rename = "resume_from_checkpoint", deserialize_with = "by_name::resume_from")]
     pub resume_from: Option<super::checkpoint::ResumeFrom>,
+    /// The frozen vision tower's feature cache ([`feature_cache`]): used when its conditions hold, within
+    /// this budget of host memory.
+    pub feature_cache: FeatureCacheSetting,
     /// This process's rank and the number of processes (data parallelism; 0 and 1 when alone).
     #[serde(skip)]
     pub rank: usize,
@@ -150,6 +154,7 @@ impl Default for TrainConfig {
             load_best_model_at_end: false,
             max_length: None,
             resume_from: None,
+            feature_cache: FeatureCacheSetting::default(),
             rank: 0,
             world_size: 1,
         }
@@ -440,6 +445,8 @@ pub struct TrainOutcome {
     /// Stopped by the observer (e.g. Ctrl-C) before the planned end.
     pub interrupted: bool,
     pub last_checkpoint: Option<PathBuf>,
+    /// What the frozen vision tower's feature cache did (or why it was not used).
+    pub feature_cache: FeatureCacheReport,
 }
 
 /// A deterministic permutation of `0..n` for (`seed`, `epoch`): splitmix64 driving Fisher-Yates.
@@ -566,8 +573,16 @@ impl Plan {
     }
 }
 
+/// One micro-batch as the prefetch thread prepared it: its examples, and with the feature cache, which rows
+/// have their pixels in the batch (the others' embeddings are cached).
+struct Micro {
+    indices: Vec<usize>,
+    with_pixels: Option<Vec<bool>>,
+    batch: Result<Batch>,
+}
+
 /// The micro-batches of one optimizer step, with the step and epoch they belong to.
-type PlannedStep = (i64, i64, Vec<Result<Batch>>);
+type PlannedStep = (i64, i64, Vec<Micro>);
 
 /// Prepares the planned micro-batches on a background thread, two steps ahead of the model. Dropping it
 /// stops the thread and waits for it, so no batch is being built while the process shuts down.
@@ -577,7 +592,14 @@ struct Prefetcher {
 }
 
 impl Prefetcher {
-    fn start(source: Box<dyn BatchSource>, plan: Plan, config: TrainConfig, first_step: i64) -> Self {
+    /// With `held` (the feature cache's flags), rows whose embeddings are cached come without pixels.
+    fn start(
+        source: Box<dyn BatchSource>,
+        plan: Plan,
+        config: TrainConfig,
+        first_step: i64,
+        held: Option<std::sync::Arc<Vec<std::sync::atomic::AtomicBool>>>,
+    ) -> Self {
         let (tx, rx) = sync_channel(2);
         let thread = std::thread::spawn(move || {
             let mut cache = None;
@@ -585,8 +607,22 @@ impl Prefetcher {
                 let (epoch, micro) = plan.micro_batches(step, &config, &mut cache);
                 // Augmented draws depend only on (seed, epoch, example), so a resumed run repeats them.
                 let batches = micro
-                    .iter()
-                    .map(|idx| source.train_batch(idx, epoch, config.seed))
+                    .into_iter()
+                    .map(|indices| match &held {
+                        Some(held) => {
+                            let with_pixels = feature_cache::rows_needing_pixels(held, &indices);
+                            Micro {
+                                batch: source.train_batch_with_pixels_of(&indices, &with_pixels),
+                                with_pixels: Some(with_pixels),
+                                indices,
+                            }
+                        }
+                        None => Micro {
+                            batch: source.train_batch(&indices, epoch, config.seed),
+                            with_pixels: None,
+                            indices,
+                        },
+                    })
                     .collect();
                 if tx.send((step, epoch, batches)).is_err() {
                     return; // the trainer stopped early
@@ -753,6 +789,20 @@ impl Trainer {
             }
             state.total_steps = plan.total_steps;
         }
+        let refused = feature_cache::refusal(model, train.as_ref(), config.feature_cache)?;
+        let (cache, mut cache_report) = match (config.feature_cache, refused) {
+            (FeatureCacheSetting::Budget { bytes }, None) => (
+                Some(FeatureCache::new(train.len(), bytes)),
+                FeatureCacheReport::default(),
+            ),
+            (_, reason) => (
+                None,
+                FeatureCacheReport {
+                    reason: Some(reason.unwrap_or_else(|| "turned off (feature_cache=False)".into())),
+                    ..Default::default()
+                },
+            ),
+        };
         let guard = PrecisionGuard::lower(model, precision.kind())?;
         let towers = TrainedTowers::of(model);
         let flush = super::denormals::FlushDenormals::enable();
@@ -776,6 +826,7 @@ impl Trainer {
             window_start: Instant::now(),
             window_samples: 0,
             best_weights: None,
+            cache,
         };
         let result = run.train(train);
         let TrainingRun {
@@ -783,8 +834,13 @@ impl Trainer {
             state,
             last_checkpoint,
             best_weights,
+            cache,
             ..
         } = run;
+        if let Some(c) = &cache {
+            cache_report = c.report();
+        }
+        drop(cache);
         drop(flush);
         guard.restore()?;
         let _ = optimizer.zero_grad();
@@ -803,6 +859,7 @@ impl Trainer {
             total_steps: plan.total_steps,
             interrupted,
             last_checkpoint,
+            feature_cache: cache_report,
         })
     }
 }
@@ -834,6 +891,8 @@ struct TrainingRun<'a> {
     /// `load_best_model_at_end`: host copies of the trained weights at the best evaluation of this run, in
     /// optimizer order (a best from before a resume is read back from its checkpoint instead).
     best_weights: Option<Vec<Tensor>>,
+    /// The frozen vision tower's feature cache, when the run may use it.
+    cache: Option<FeatureCache>,
 }
 
 impl TrainingRun<'_> {
@@ -843,7 +902,14 @@ impl TrainingRun<'_> {
         if let Some(c) = self.collective.as_deref_mut() {
             check_ranks_agree(c, &self.optimizer, source.len(), self.plan.total_steps)?;
         }
-        let batches = Prefetcher::start(source, self.plan, self.config.clone(), self.state.global_step);
+        let held = self.cache.as_ref().map(FeatureCache::held);
+        let batches = Prefetcher::start(
+            source,
+            self.plan,
+            self.config.clone(),
+            self.state.global_step,
+            held,
+        );
         self.window_start = Instant::now();
         self.window_samples = 0;
         while self.state.global_step < self.plan.total_steps {
@@ -863,12 +929,20 @@ impl TrainingRun<'_> {
 
     /// Forward and backward over the micro-batches of optimizer step `step`, the gradients accumulating.
     /// Returns the step's mean loss (on the device) and its number of samples.
-    fn forward_backward(&mut self, step: i64, micro: Vec<Result<Batch>>) -> Result<(Tensor, usize)> {
+    fn forward_backward(&mut self, step: i64, micro: Vec<Micro>) -> Result<(Tensor, usize)> {
         let (model, config, device) = (&*self.model, self.config, self.device);
         let group = micro.len() as f64;
         let mut step_loss = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut step_samples = 0;
-        for (m, batch) in micro.into_iter().enumerate() {
+        for (
+            m,
+            Micro {
+                indices,
+                with_pixels,
+                batch,
+            },
+        ) in micro.into_iter().enumerate()
+        {
             let batch = batch?;
             step_samples += batch.input_ids.size()[0] as usize;
             // Dropout draws depend only on (seed, step, micro-batch), so a resumed run repeats them.
@@ -881,7 +955,17 @@ impl TrainingRun<'_> {
                 label_smoothing: config.label_smoothing,
                 ..ForwardContext::training(dropout_seed, self.compute_kind)
             };
-            let pixel_values = model.check_pixel_values(&batch.pixel_values, &cx)?;
+            // With the feature cache, the image embeddings (cached, or computed and kept); else the pixels.
+            let cached = match (self.cache.as_mut(), &with_pixels) {
+                (Some(cache), Some(with_pixels)) => {
+                    Some(cache.images(model, &indices, with_pixels, &batch.pixel_values, &cx)?)
+                }
+                _ => None,
+            };
+            let pixel_values = match &cached {
+                Some(_) => batch.pixel_values.shallow_clone(),
+                None => model.check_pixel_values(&batch.pixel_values, &cx)?,
+            };
             let ids = batch.input_ids.f_to_device(device)?;
             let mask = batch.attention_mask.f_to_device(device)?;
             let labels = batch.labels.f_to_device(device)?;
@@ -895,6 +979,7 @@ impl TrainingRun<'_> {
                     model,
                     self.towers,
                     &pixel_values,
+                    cached,
                     &ids,
                     &mask,
                     &labels,
@@ -902,7 +987,10 @@ impl TrainingRun<'_> {
                     &cx,
                 )?
             } else {
-                let image = model.encode_images(&pixel_values, &cx)?;
+                let image = match cached {
+                    Some(image) => image,
+                    None => model.encode_images(&pixel_values, &cx)?,
+                };
                 let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels), &cx)?;
                 let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
                 loss.f_mul(&multiplier)?.f_backward()?;

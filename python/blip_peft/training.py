@@ -517,9 +517,7 @@ def train(
             if type(base).__name__ == "BlipForImageTextRetrieval"
             else "run a torch loop over model(...).loss instead"
         )
-        raise TypeError(
-            f"train() fine-tunes captioning models; {type(base).__name__} is another BLIP head ({hint})"
-        )
+        raise TypeError(f"train() fine-tunes captioning models; {type(base).__name__} is another BLIP head ({hint})")
     if isinstance(model, PeftModel):
         native = model._native
         config = model.peft_config[model.active_adapter]

@@ -532,11 +532,11 @@ impl PyBlipModel {
     }
 
     fn merge_adapters(&self) -> PyResult<()> {
-        guard("merge_adapters", || self.mutate(|m| lora::inject::merge(m)))
+        guard("merge_adapters", || self.mutate(lora::inject::merge))
     }
 
     fn unmerge_adapters(&self) -> PyResult<()> {
-        guard("unmerge_adapters", || self.mutate(|m| lora::inject::unmerge(m)))
+        guard("unmerge_adapters", || self.mutate(lora::inject::unmerge))
     }
 
     fn set_adapters_disabled(&self, disabled: bool) -> PyResult<()> {

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from shapes import (
+    BF16_LIBS,
     CONFIGS,
     EARLY_MODES,
     EARLY_NEW_TOKENS,
@@ -188,6 +189,10 @@ def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def train_precision(lib: str, suite_dtype: str) -> str:
+    return "bfloat16" if lib in BF16_LIBS else suite_dtype
+
+
 def _time_native_train(model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int) -> list[float]:
     """blip_peft.train for warmup + iters steps; per-step times from the step-end callbacks (logging_steps=1 reads
     each step's loss back, which also synchronises a GPU)."""
@@ -206,7 +211,9 @@ def _time_native_train(model, spec: dict[str, Any], batch: int, length: int, war
         weight_decay=WEIGHT_DECAY,
         lr_scheduler="constant",
         max_grad_norm=MAX_GRAD_NORM,
-        mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[spec["dtype"]],
+        mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[
+            train_precision(spec["lib"], spec["dtype"])
+        ],
         shuffle=False,
         logging_steps=1,
         progress=False,
@@ -219,7 +226,10 @@ def _time_native_train(model, spec: dict[str, Any], batch: int, length: int, war
 
 def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int) -> list[float]:
     """The transformers + peft tutorial loop: AdamW over the trainable parameters, labels = ids with pads -100,
-    loss.backward(), clipping, step, zero_grad, loss.item(); batches moved to the device each step."""
+    loss.backward(), clipping, step, zero_grad, loss.item(); batches moved to the device each step. The
+    "hf_autocast" row runs the forward under torch.autocast in bf16 (the float32 model, as a torch user does it)."""
+    import contextlib
+
     import torch
 
     device, dtype = spec["device"], _torch_dtype(spec["dtype"])
@@ -235,12 +245,18 @@ def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmu
         _sync(device)
         start = time.perf_counter()
         sl = slice((step % n_batches) * batch, (step % n_batches + 1) * batch)
-        out = model(
-            pixel_values=px[sl].to(device, dtype),
-            input_ids=ids[sl].to(device),
-            attention_mask=mask[sl].to(device),
-            labels=labels[sl].to(device),
+        autocast = (
+            torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+            if spec["lib"] == "hf_autocast"
+            else contextlib.nullcontext()
         )
+        with autocast:
+            out = model(
+                pixel_values=px[sl].to(device, dtype),
+                input_ids=ids[sl].to(device),
+                attention_mask=mask[sl].to(device),
+                labels=labels[sl].to(device),
+            )
         out.loss.backward()
         if step == 0:  # before the clock matters: the gradients a denormal-prone model would show first
             check_denormals("gradients", denormal_share(p.grad for p in params))
@@ -256,7 +272,7 @@ def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmu
 
 
 def _time_train(lib, model, spec, batch, length, warmup, iters) -> list[float]:
-    fn = _time_native_train if lib == "ours" else _time_loop_train
+    fn = _time_native_train if lib in ("ours", "ours_bf16") else _time_loop_train
     return fn(model, spec, batch, length, max(1, warmup), iters)
 
 
@@ -329,6 +345,18 @@ def job_info(spec: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
         best = min(best, time.perf_counter() - start)
     matmul = 2 * n**3 / best
+    # On a CPU suite in float32 the bf16 training rows are judged against the bf16 GEMM rate (AVX-512 BF16 / AMX
+    # run it ~2x faster; without them torch emulates it, slower than float32).
+    matmul_bf16 = None
+    if not on_gpu and spec["dtype"] == "float32":
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        a16 @ b16
+        best = math.inf
+        for _ in range(4):
+            start = time.perf_counter()
+            a16 @ b16
+            best = min(best, time.perf_counter() - start)
+        matmul_bf16 = 2 * n**3 / best
     nominal = None
     if on_gpu and spec["dtype"] in ("bfloat16", "float16"):
         nominal = next((peak for key, peak in GPU_PEAKS if key in name), None)
@@ -337,6 +365,8 @@ def job_info(spec: dict[str, Any]) -> dict[str, Any]:
         device_detail=detail,
         bandwidth=bandwidth,
         matmul_flops=matmul,
+        matmul_flops_bf16=matmul_bf16,
+        cpu_has_bf16=None if on_gpu else blip_peft.cpu_has_bf16(),
         matmul_n=n,
         nominal_peak=nominal,
         versions=dict(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shapes import (
+    BF16_LIBS,
     EARLY_MODES,
     EARLY_NEW_TOKENS,
     LEARNING_RATE,
@@ -129,28 +130,36 @@ def render(report: dict[str, Any]) -> list[str]:
         ]
         rows = []
         hf_by_batch = {r["batch"]: r for r in report["train"] if r["lib"] == "hf" and "error" not in r}
+        autocast_by_batch = {r["batch"]: r for r in report["train"] if r["lib"] == "hf_autocast" and "error" not in r}
+        bf16_rows = any(r["lib"] in BF16_LIBS for r in report["train"])
+        mm_bf16 = tinfo.get("matmul_flops_bf16")
         for r in report["train"]:
             label = LIB_LABEL[r["lib"]]
             if "error" in r:
-                rows.append([str(r["batch"]), label, "failed: " + r["error"], "", "", "", "", "", ""])
+                rows.append(
+                    [str(r["batch"]), label, "failed: " + r["error"], "", "", "", "", "", ""] + [""] * bf16_rows
+                )
                 continue
             step = r["step_s"]
             sps = r["batch"] / step
-            floor = r["batch"] * tflops / mm
+            rate = mm_bf16 if r["lib"] in BF16_LIBS and mm_bf16 else mm
+            floor = r["batch"] * tflops / rate
             hf = hf_by_batch.get(r["batch"])
             is_hf = r["lib"] == "hf"
-            rows.append(
-                [
-                    str(r["batch"]),
-                    label,
-                    _fmt(step * 1e3),
-                    _fmt(sps),
-                    _fmt(r["peak_mib"], 4),
-                    f"{100 * sps * tflops / peak:.1f}%",
-                    f"{_fmt(floor * 1e3)} ({step / floor:.1f}×)",
-                    *_vs_hf(r, hf, is_hf, "step_s", step),
-                ]
-            )
+            row = [
+                str(r["batch"]),
+                label,
+                _fmt(step * 1e3),
+                _fmt(sps),
+                _fmt(r["peak_mib"], 4),
+                f"{100 * sps * tflops / (peak if rate is mm else rate):.1f}%",
+                f"{_fmt(floor * 1e3)} ({step / floor:.1f}×)",
+                *_vs_hf(r, hf, is_hf, "step_s", step),
+            ]
+            if bf16_rows:
+                autocast = autocast_by_batch.get(r["batch"])
+                row.append(_ratio(autocast["step_s"], step) if autocast and r["lib"] in BF16_LIBS else "–")
+            rows.append(row)
         out += _table(
             [
                 "batch",
@@ -162,9 +171,20 @@ def render(report: dict[str, Any]) -> list[str]:
                 "floor ms (time/floor)",
                 "speed vs HF",
                 "memory vs HF",
-            ],
+            ]
+            + (["speed vs HF bf16 autocast"] if bf16_rows else []),
             rows,
         )
+        if bf16_rows:
+            has = tinfo.get("cpu_has_bf16")
+            out += [
+                "",
+                'bf16 rows: ours is `train(mixed_precision="bf16")` (the frozen base cast to bf16, adapters and '
+                'AdamW state float32); theirs the same loop with the forward under `torch.autocast("cpu", '
+                "torch.bfloat16)`. Their MFU and floor use the measured bf16 GEMM rate"
+                + (f" ({mm_bf16 / 1e9:,.1f} GFLOP/s, 2048² bf16)" if mm_bf16 else "")
+                + f'; `bp.cpu_has_bf16()` = {has}. "speed vs HF" is against transformers + peft in float32.',
+            ]
         kinds = {r.get("memory_kind") for r in report["train"] if "error" not in r}
         trainable = {LIB_LABEL[r["lib"]]: r.get("trainable") for r in report["train"] if "error" not in r}
         out += [

@@ -161,6 +161,8 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
         if "train" in sections:
             report["train"] = []
             libs = ["ours"] + (["ours_loop"] if suite.torch_loop_row else []) + ["hf"]
+            if suite.bf16_rows and suite.dtype == "float32" and suite.device == "cpu":
+                libs += ["ours_bf16", "hf_autocast"]
             for batch in suite.train_batches:
                 for lib in libs:
                     spec = dict(

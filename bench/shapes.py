@@ -48,10 +48,17 @@ LIB_LABEL = {
     "ours_nocache": "blip_peft `train(feature_cache=False)`",
     "ours_gen": "blip_peft",
     "ours_pre": "blip_peft",
+    "ours_bf16": 'blip_peft `train(mixed_precision="bf16")`',
     "hf": "transformers + peft",
+    "hf_autocast": "transformers + peft, bf16 autocast",
     "hf_gen": "transformers",
     "hf_pre": "transformers",
 }
+
+# The training rows that run at bf16 on a float32 CPU suite (the model loaded in float32 either way: ours casts its
+# frozen base to bf16 and keeps float32 adapters and optimizer state, transformers + peft runs the forward under
+# torch.autocast).
+BF16_LIBS = ("ours_bf16", "hf_autocast")
 
 # Decoding settings of the "early" section: the bundled model's captions end on their own (no minimum length).
 EARLY_NEW_TOKENS = 30
@@ -75,6 +82,7 @@ class Suite:
     train_warmup: int = 1
     train_iters: int = 3
     torch_loop_row: bool = True  # also time our model inside a plain torch loop
+    bf16_rows: bool = False  # a float32 CPU suite's extra rows: our bf16 mixed precision, theirs under autocast
     threads: int | None = None  # torch intra-op threads (None: torch's default, all cores)
     beams: list[int] = field(default_factory=lambda: [1, 3])
     gen_plan: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, warm-up calls, timed calls)
@@ -103,6 +111,7 @@ SUITES = {
         dtype="float32",
         threads=1,  # tiny ops: a second thread only adds barrier stalls, and those explode on a busy machine
         train_batches=[2],
+        bf16_rows=True,
         train_warmup=2,
         train_iters=4,
         gen_plan=[(1, 1, 2), (8, 1, 2)],
@@ -120,7 +129,8 @@ SUITES = {
         config="base",
         device="cpu",
         dtype="float32",
-        train_batches=[2],
+        train_batches=[2, 8],
+        bf16_rows=True,
         train_warmup=1,
         train_iters=3,
         gen_plan=[(1, 1, 2), (8, 1, 1)],

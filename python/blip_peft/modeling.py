@@ -452,6 +452,7 @@ class BlipPreTrainedModel(torch.nn.Module):
         if self._native.lm_head_tied:
             return (torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new],)
         head = self.get_submodule("text_decoder.cls.predictions.decoder")
+        head = getattr(head, "base_layer", head)  # a LoRA layer's: the core then refuses the resize by name
         return (
             _resized_bias(bias_param, new, mean_resizing),
             _resized_rows(_tensor(head, "weight"), new, mean_resizing, std),

@@ -110,6 +110,45 @@ def test_contrastive_scores_take_different_batch_sizes(tiny_itm: str) -> None:
         model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=True)
 
 
+def test_threads_take_turns_and_attributes_never_wait(tiny_itm: str) -> None:
+    """The retrieval handle keeps _BlipModel's rules: a second thread's scoring call waits its turn (no busy
+    error) and gets its own answer; the attributes come from a snapshot while another thread scores."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _ours(tiny_itm)
+    inputs = [batch(seed=i) for i in range(6)]
+    alone = [model(input_ids=i, pixel_values=p, attention_mask=m).itm_score for p, i, m in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(lambda b: model(input_ids=b[1], pixel_values=b[0], attention_mask=b[2]).itm_score, inputs)
+        )
+    for x, y in zip(alone, together, strict=True):
+        assert torch.equal(x, y)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def score() -> None:
+        try:
+            big = torch.randn(16, 3, 32, 32)
+            while not done.is_set():
+                model.get_image_features(big)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    try:
+        for _ in range(100):
+            assert str(model.device) == "cpu" and model.dtype == torch.float32 and model.training in (True, False)
+            assert next(iter(model.named_parameters()))[0].startswith("vision_model")
+            assert json.loads(model._native.config_json())["architectures"] == ["BlipForImageTextRetrieval"]
+    finally:
+        done.set()
+        worker.join()
+    assert not errors, errors
+
+
 def test_names_tree_and_printout_match_transformers(tiny_itm: str) -> None:
     ref = HFRetrieval.from_pretrained(tiny_itm)
     model = _ours(tiny_itm)

@@ -11,7 +11,7 @@ import json
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Self
 
@@ -435,20 +435,29 @@ class BlipPreTrainedModel(torch.nn.Module):
             new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
         std = self.config.text_config.initializer_range
         with torch.no_grad():
-            weight = _resized_rows(old, new, mean_resizing, std)
-            bias_param = _tensor(self.get_submodule("text_decoder.cls.predictions"), "bias")
-            if self._native.lm_head_tied:
-                bias = torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new]
-                self._native.resize_vocab(weight, bias)
-            else:
-                head = self.get_submodule("text_decoder.cls.predictions.decoder")
-                dec_w = _resized_rows(_tensor(head, "weight"), new, mean_resizing, std)
-                dec_b = _resized_bias(_tensor(head, "bias"), new, mean_resizing)
-                bias = _resized_bias(bias_param, new, mean_resizing)
-                self._native.resize_vocab(weight, bias, dec_w, dec_b)
+            # Every word-embedding table (the input embeddings first), drawn as transformers draws it.
+            tables = [
+                _resized_rows(_tensor(self.get_submodule(path), "weight"), new, mean_resizing, std)
+                for path in self._word_embeddings
+            ]
+            self._native.resize_vocab(*tables, *self._resized_lm_head(new, mean_resizing, std))
         self._tree_key = ()
         self._sync_tree()
         return self.get_input_embeddings()
+
+    def _resized_lm_head(self, new: int, mean_resizing: bool, std: float) -> tuple[torch.Tensor, ...]:
+        """The LM head's resized tensors for `new` tokens, after the tables (`resize_vocab`'s arguments):
+        its bias (padded with zeros when tied, as transformers does) and an untied decoder's weight and bias."""
+        bias_param = _tensor(self.get_submodule("text_decoder.cls.predictions"), "bias")
+        if self._native.lm_head_tied:
+            return (torch.nn.functional.pad(bias_param.detach(), (0, max(0, new - bias_param.shape[0])))[:new],)
+        head = self.get_submodule("text_decoder.cls.predictions.decoder")
+        head = getattr(head, "base_layer", head)  # a LoRA layer's: the core then refuses the resize by name
+        return (
+            _resized_bias(bias_param, new, mean_resizing),
+            _resized_rows(_tensor(head, "weight"), new, mean_resizing, std),
+            _resized_bias(_tensor(head, "bias"), new, mean_resizing),
+        )
 
     def enable_input_require_grads(self) -> None:
         """transformers' switch that makes the input embeddings' output require grad, so reentrant gradient
@@ -478,6 +487,20 @@ class BlipPreTrainedModel(torch.nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self._gradient_checkpointing
+
+    def _checkpointed(self, run: Callable[..., Any], *args: Any) -> Any:
+        """`run(*args)` (a native forward), under torch's checkpoint when gradient checkpointing is on in a
+        plain torch loop (training mode, grad enabled): the forward keeps no activations and the backward runs
+        it again (the same dropout and negative draws: torch restores its generator state) to take the
+        gradients. The head's every forward goes through here."""
+        if not (self._gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return run(*args)
+        from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop  # noqa: PLC0415
+
+        # No early stop: torch ends a recomputation early by raising inside its hooks, which the core cannot
+        # pass through; the forward is rerun whole.
+        with set_checkpoint_early_stop(False):
+            return checkpoint(run, *args, use_reentrant=False)
 
     # ------------------------------------------------------------------------------ device, dtype, mode
     def to(self, *args: Any, **kwargs: Any) -> Self:  # type: ignore[override]
@@ -655,25 +678,16 @@ class BlipForConditionalGeneration(BlipPreTrainedModel):
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
         native_args = (pixel_values, input_ids, attention_mask, labels)
-        if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # A plain torch loop with gradient checkpointing: the forward keeps no activations; the backward
-            # runs it again (same dropout draws: torch restores its generator state) to take the gradients.
-            from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop  # noqa: PLC0415
 
-            def run(*tensors: Any) -> Any:
-                loss, logits, embeds, hidden, attn = self._native.forward(*tensors, **call)
-                return loss, logits, embeds, tuple(hidden or ()), tuple(attn or ())
+        def run(*tensors: Any) -> Any:
+            loss, logits, embeds, hidden, attn = self._native.forward(*tensors, **call)
+            return loss, logits, embeds, tuple(hidden or ()), tuple(attn or ())
 
-            # No early stop: torch ends a recomputation early by raising inside its hooks, which the core cannot
-            # pass through; the forward is rerun whole.
-            with set_checkpoint_early_stop(False):
-                loss, logits, image_embeds, hidden, attn = checkpoint(run, *native_args, use_reentrant=False)
-            hidden, attn = (
-                (hidden or None) if output_hidden_states else None,
-                (attn or None) if output_attentions else None,
-            )
-        else:
-            loss, logits, image_embeds, hidden, attn = self._native.forward(*native_args, **call)
+        loss, logits, image_embeds, hidden, attn = self._checkpointed(run, *native_args)
+        hidden, attn = (
+            (hidden or None) if output_hidden_states else None,
+            (attn or None) if output_attentions else None,
+        )
         out = BlipForConditionalGenerationModelOutput(
             loss=loss,
             logits=logits,

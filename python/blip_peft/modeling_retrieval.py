@@ -18,7 +18,7 @@ import torch
 
 from blip_peft import _blip_peft
 from blip_peft._convert import fspath
-from blip_peft.modeling import BlipPreTrainedModel, ModelOutput
+from blip_peft.modeling import BlipPreTrainedModel, ModelOutput, _adapter_names
 
 __all__ = [
     "BlipForImageTextRetrieval",
@@ -88,7 +88,7 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
     _word_embeddings = ("text_encoder.embeddings.word_embeddings",)
     _tied_weights_keys: dict[str, str] = {}
     _no_split_modules = ["BlipEncoderLayer", "BlipTextEmbeddings"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     main_input_name = "input_ids"
 
     @classmethod
@@ -107,6 +107,7 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """transformers' forward. `use_itm_head=True` (the default): the text encoder reads each text over its
@@ -114,7 +115,10 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         `[CLS]` state; texts and images must pair up. `use_itm_head=False`: texts and images are encoded apart
         and `itm_score` is the `[images, texts]` cosine similarity of the normalised `vision_proj` / `text_proj`
         projections of their `[CLS]` states (the batches may differ). `attention_mask` marks the texts' padding.
-        `output_hidden_states` / `output_attentions` add the vision tower's; `return_dict=False` gives a tuple."""
+        `output_hidden_states` / `output_attentions` add the vision tower's; `return_dict=False` gives a tuple.
+        `adapter_names` (peft's mixed-adapter batch, inference only): one adapter per row, `"__base__"` for the
+        base model (with `use_itm_head=False`, as many texts as images). With gradient checkpointing on, a
+        training forward keeps no activations and the backward recomputes it."""
         if kwargs:
             raise TypeError(f"forward() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
         if input_ids is None:
@@ -126,16 +130,23 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         if not isinstance(use_itm_head, (bool, int)):
             raise TypeError(f"use_itm_head must be a bool, got {type(use_itm_head).__name__}")
         use_itm_head = bool(use_itm_head)
-        score, image_embeds, question_embeds, hidden, attn = self._native.forward(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            use_itm_head,
+        call = dict(
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
             eager=self._attn_implementation == "eager",
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
+            adapter_names=_adapter_names(adapter_names),
         )
+
+        def run(*tensors: Any) -> Any:
+            score, image_embeds, question_embeds, hidden, attn = self._native.forward(*tensors, use_itm_head, **call)
+            return score, image_embeds, question_embeds, tuple(hidden or ()), tuple(attn or ())
+
+        score, image_embeds, question_embeds, hidden, attn = self._checkpointed(
+            run, pixel_values, input_ids, attention_mask
+        )
+        hidden = (hidden or None) if output_hidden_states else None
+        attn = (attn or None) if output_attentions else None
         out = BlipImageTextMatchingModelOutput(
             itm_score=score,
             last_hidden_state=image_embeds,
@@ -147,23 +158,38 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
 
     # ------------------------------------------------------------------------------- scoring pieces
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        adapter_names: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(features, image_embeds)`: the normalised contrastive features `[B, image_text_hidden_size]` of the
         images and their vision-tower embeddings `[B, 1 + patches, D]` (what `itm_logits` reads)."""
-        feat, embeds = self._native.encode_images(pixel_values, bool(interpolate_pos_encoding))
+        feat, embeds = self._native.encode_images(
+            pixel_values, bool(interpolate_pos_encoding), _adapter_names(adapter_names)
+        )
         return feat, embeds
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalised contrastive features `[B, image_text_hidden_size]` of texts (no cross-attention)."""
-        return self._native.encode_texts(input_ids, attention_mask)
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
+    ) -> torch.Tensor:
+        """The normalised contrastive features `[B, image_text_hidden_size]` of texts (no cross-attention).
+        `adapter_names` here and in the other scoring pieces: one adapter per row (peft's mixed batch)."""
+        return self._native.encode_texts(input_ids, attention_mask, _adapter_names(adapter_names))
 
     def itm_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
     ) -> torch.Tensor:
         """The `[B, 2]` matching logits of text i over image embeddings i (`get_image_features`' second
         output), as `forward(use_itm_head=True)` computes them."""
-        return self._native.itm_logits(image_embeds, input_ids, attention_mask)
+        return self._native.itm_logits(image_embeds, input_ids, attention_mask, _adapter_names(adapter_names))
 
     def retrieval_losses(
         self,
@@ -191,7 +217,9 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
             raise TypeError(f"temp must be a 0-dim torch.Tensor (see new_temperature()), got {type(temp).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        out = self._native.losses(pixel_values, input_ids, attention_mask, temp, image_ids, seed)
+        out = self._checkpointed(
+            lambda *t: self._native.losses(*t, seed), pixel_values, input_ids, attention_mask, temp, image_ids
+        )
         return RetrievalLossOutput(loss=out["loss_itc"] + out["loss_itm"], **out)
 
     # ------------------------------------------------------------------------- what only captioners do
@@ -201,18 +229,14 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
             "BlipForConditionalGeneration for captions, or blip_peft.rank(model, processor, images, texts)"
         )
 
-    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        raise NotImplementedError(
-            "resize_token_embeddings is not supported on BlipForImageTextRetrieval yet (only the captioner's LM "
-            "head is resized); the retrieval checkpoints share BERT's vocabulary"
-        )
+    def _resized_lm_head(self, new: int, mean_resizing: bool, std: float) -> tuple[torch.Tensor, ...]:
+        """Nothing: the retrieval head has no LM head; `resize_token_embeddings` resizes the text encoder's
+        word embeddings only, as transformers does."""
+        return ()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         """The word embeddings (`text_encoder.embeddings.word_embeddings`)."""
         return self.get_submodule(self._word_embeddings[0])
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        raise NotImplementedError("gradient checkpointing is not implemented for BlipForImageTextRetrieval")
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Writes `config.json` and `model.safetensors`: a folder transformers' `BlipForImageTextRetrieval`

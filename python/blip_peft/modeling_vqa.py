@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from blip_peft import _blip_peft
-from blip_peft.modeling import BlipPreTrainedModel, ModelOutput, _generation_settings
+from blip_peft.modeling import BlipPreTrainedModel, ModelOutput, _adapter_names, _generation_settings
 
 
 @dataclass(eq=False)
@@ -57,6 +57,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """transformers' `BlipForQuestionAnswering.forward`: the image embedded, the question (`input_ids`,
@@ -68,6 +69,10 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         As in transformers 5.17, the answer decoder attends to every question position (the question's
         `attention_mask` does not reach its cross-attention) and the output carries no logits; the decoder's
         logits and the question encoding are `out.logits` / `out.question_embeds` attributes here (not fields).
+
+        `adapter_names` (peft's mixed-adapter batch, inference only): one adapter per row, `"__base__"` for the
+        base model, in the three towers. With gradient checkpointing on (`gradient_checkpointing_enable()`), a
+        training forward keeps no activations and the backward recomputes it (the same dropout draws).
         """
         unknown = set(kwargs) - {"use_cache", "output_attentions", "output_hidden_states"}
         if unknown:
@@ -78,14 +83,16 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
             raise ValueError("input_ids (the question) is required")
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
-        loss, image_embeds, question_embeds, logits = self._native.forward(
-            input_ids,
-            pixel_values,
-            decoder_input_ids,
-            decoder_attention_mask,
-            attention_mask,
-            labels,
-            interpolate_pos_encoding=bool(interpolate_pos_encoding),
+
+        def run(*tensors: Any) -> Any:
+            return self._native.forward(
+                *tensors,
+                interpolate_pos_encoding=bool(interpolate_pos_encoding),
+                adapter_names=_adapter_names(adapter_names),
+            )
+
+        loss, image_embeds, question_embeds, logits = self._checkpointed(
+            run, input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels
         )
         out = BlipTextVisionModelOutput(loss=loss, image_embeds=image_embeds, last_hidden_state=image_embeds)
         # Not fields (transformers returns neither), so keys(), to_tuple() and indexing stay transformers'.
@@ -100,6 +107,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        adapter_names: list[str] | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Answers the questions (`input_ids`, with their `attention_mask`) about the images, as transformers'
@@ -107,7 +115,8 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         from BOS (`text_config.bos_token_id`) over the whole question encoding until `[SEP]`, padded with
         `pad_token_id`. Returns `[batch * num_return_sequences, length]` token ids laid out as transformers'
         (`[BOS, answer..., SEP, pad...]`). The keywords are `BlipForConditionalGeneration.generate`'s
-        (`max_new_tokens`, `max_length`, `num_beams`, `length_penalty`, `do_sample`, `seed`, ...)."""
+        (`max_new_tokens`, `max_length`, `num_beams`, `length_penalty`, `do_sample`, `seed`, ...);
+        `adapter_names`, one adapter per image (peft's mixed-adapter batch; its beams inherit it)."""
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the question)")
         if pixel_values is None:
@@ -117,7 +126,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         settings = _generation_settings(generate_kwargs)
         if interpolate_pos_encoding:
             settings["interpolate_pos_encoding"] = True
-        return self._native.generate(pixel_values, input_ids, attention_mask, settings)
+        return self._native.generate(pixel_values, input_ids, attention_mask, settings, _adapter_names(adapter_names))
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -127,12 +136,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel):
         """None, as transformers' `BlipForQuestionAnswering` returns."""
         return None
 
-    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        """Not supported for the VQA head yet (two word-embedding tables and the LM head would all change)."""
-        raise NotImplementedError(
-            "resize_token_embeddings is not supported for BlipForQuestionAnswering yet; build the checkpoint with "
-            "the vocabulary it needs"
-        )
+    # resize_token_embeddings is the base's: both word-embedding tables (transformers resizes the question
+    # encoder's only, leaving the answer decoder and its tied head at the old size, so that its saved folder no
+    # longer loads) and the LM head.
 
 
 AutoModelForVisualQuestionAnswering = BlipForQuestionAnswering

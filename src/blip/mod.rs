@@ -2,6 +2,7 @@
 //! visual question answering (`BlipForQuestionAnswering`: with a question encoder between them) and image-text
 //! retrieval (`retrieval.rs`: the image encoder, a text encoder and the matching heads).
 
+pub(crate) mod head;
 pub mod kv_cache;
 mod model;
 pub mod recompute;

@@ -1,7 +1,6 @@
 //! `BlipForConditionalGeneration`: loading, the training/scoring forward pass with its loss, the
 //! parameter walk, device/dtype moves and saving.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Reduction, Tensor};
@@ -11,11 +10,8 @@ use super::vision::{BlipVisionModel, Record, Recorded};
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::attention::causal_padding_mask;
-use crate::nn::{
-    visit_adaptable, visit_params, visit_params_mut, ForwardContext, Module, ParamSource, RandomInit,
-};
-use crate::repr::ReprNode;
-use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
+use crate::nn::{ForwardContext, ParamSource};
+use crate::weights::SafetensorsFiles;
 
 /// Inputs of one forward pass, as the caller gave them (validated by [`BlipForConditionalGeneration::forward`]).
 pub struct ForwardInputs<'a> {
@@ -63,6 +59,8 @@ crate::module!(BlipForConditionalGeneration: "BlipForConditionalGeneration" {
     children: ["vision_model" => vision_model, "text_decoder" => text_decoder],
 });
 
+super::head::blip_head!(BlipForConditionalGeneration, kind: text_decoder);
+
 /// The decoder layers' dropout seeds start here (the vision layers' at the step's seed itself).
 const TEXT_SEED_OFFSET: i64 = 0x5bd1_e995;
 
@@ -91,14 +89,6 @@ impl BlipForConditionalGeneration {
         })
     }
 
-    /// A freshly initialised model (transformers' initialisation scheme), seeded.
-    pub fn random(config: BlipConfig, seed: i64, kind: Kind, device: Device) -> Result<Self> {
-        let mut src = RandomInit::new(seed, kind, device);
-        let model = Self::build(config, &mut src)?;
-        model.set_requires_grad(true)?;
-        Ok(model)
-    }
-
     /// Loads a transformers checkpoint folder (`config.json` + safetensors weights).
     pub fn from_pretrained(dir: &Path, kind: Option<Kind>, device: Device) -> Result<Self> {
         Self::from_pretrained_with(dir, None, kind, device)
@@ -112,94 +102,7 @@ impl BlipForConditionalGeneration {
         kind: Option<Kind>,
         device: Device,
     ) -> Result<Self> {
-        if !dir.exists() {
-            return Err(Error::not_found("model folder", dir));
-        }
-        if !dir.is_dir() {
-            return Err(Error::invalid(format!(
-                "{} is a file; from_pretrained expects a checkpoint folder holding config.json and \
-                 model.safetensors",
-                dir.display()
-            )));
-        }
-        let config = match config {
-            Some(c) => c,
-            None => BlipConfig::from_file(&dir.join("config.json"))?,
-        };
-        let files = SafetensorsFiles::open_folder(dir)?;
-        let kind = match kind {
-            Some(k) => k,
-            None => stored_kind(&files)?,
-        };
-        let mut src = CheckpointSource::new(&files, kind, device);
-        let mut model = Self::build(config, &mut src)?;
-        src.finish()?;
-        model.set_requires_grad(true)?;
-        model.name_or_path = dir.to_string_lossy().into_owned();
-        Ok(model)
-    }
-
-    /// Every parameter in transformers' `named_parameters()` order, tied ones once; the modules adapters
-    /// train in full appear as peft names them (`<path>.original_module.*`, `<path>.modules_to_save.*`).
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        crate::nn::saved::rename(&self.saved_modules, self.plain_named_parameters())
-    }
-
-    /// The parameters the layers hold now, under their module paths (no `modules_to_save` renaming).
-    pub fn plain_named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        visit_params(self, "", &mut |name, t| {
-            out.push((name.to_string(), t.shallow_clone()))
-        });
-        out
-    }
-
-    /// Lets `f` replace the parameters the layers hold (the same ones `plain_named_parameters` lists).
-    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        visit_params_mut(self, "", f);
-    }
-
-    /// Every Linear and Conv2d of both towers with its path (the layers LoRA can target).
-    pub fn for_each_layer(&mut self, f: &mut crate::nn::LayerVisitor) -> Result<()> {
-        visit_adaptable(self, "", f)
-    }
-
-    /// Sets `requires_grad` on every parameter.
-    pub fn set_requires_grad(&self, flag: bool) -> Result<()> {
-        for (_, t) in self.named_parameters() {
-            let _ = t.f_set_requires_grad(flag)?;
-        }
-        Ok(())
-    }
-
-    pub fn device(&self) -> Device {
-        self.vision_model.embeddings.patch_embedding.weight.device()
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.text_decoder.kind()
-    }
-
-    /// Moves every floating parameter to `device` and/or `kind` in place: the parameter objects stay
-    /// the same (as torch's `module.to`), so optimizers and Python references keep pointing at them.
-    pub fn to(&self, device: Option<Device>, kind: Option<Kind>) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        for (_, t) in self.named_parameters() {
-            let mut moved = t.shallow_clone();
-            if let Some(k) = kind {
-                if crate::nn::is_float_kind(moved.kind()) && moved.kind() != k {
-                    moved = moved.f_to_kind(k)?;
-                }
-            }
-            if let Some(d) = device {
-                if moved.device() != d {
-                    moved = moved.f_to_device(d)?;
-                }
-            }
-            let mut target = t.shallow_clone();
-            target.f_set_data(&moved)?;
-        }
-        Ok(())
+        Self::load_folder(dir, config, kind, device, |_| Ok(()))
     }
 
     /// Gives the vocabulary new sizes (transformers' `resize_token_embeddings`): the word embeddings take
@@ -212,66 +115,10 @@ impl BlipForConditionalGeneration {
         bias: &Tensor,
         decoder: Option<(&Tensor, &Tensor)>,
     ) -> Result<()> {
-        let tc = &self.config.text_config;
-        let (v, d) = weight.size2()?;
-        if d != tc.hidden_size || v < 1 {
-            return Err(Error::invalid(format!(
-                "the resized word embeddings must have shape [new_num_tokens >= 1, {}], got {:?}",
-                tc.hidden_size,
-                weight.size()
-            )));
-        }
-        if bias.size() != [v] {
-            return Err(Error::invalid(format!(
-                "the resized LM-head bias must have shape [{v}], got {:?}",
-                bias.size()
-            )));
-        }
-        let head = &self.text_decoder.cls.predictions;
-        if !self.saved_modules.is_empty() || head.decoder.lora.is_some() {
-            return Err(Error::invalid(
-                "resize_token_embeddings must be called before adapters are added (the LM head or a copy of a \
-                 module would keep the old vocabulary); resize the base model, then add the adapter",
-            ));
-        }
-        let tied = head.decoder.tied;
-        match (tied, decoder) {
-            (true, Some(_)) => return Err(Error::invalid("the LM head is tied: pass no decoder weights")),
-            (false, None) => return Err(Error::invalid("the LM head is untied: pass its resized weights")),
-            (false, Some((w, b))) if w.size() != [v, d] || b.size() != [v] => {
-                return Err(Error::invalid(format!(
-                    "the resized decoder must have weight [{v}, {d}] and bias [{v}], got {:?} and {:?}",
-                    w.size(),
-                    b.size()
-                )))
-            }
-            _ => {}
-        }
-        let _guard = tch::no_grad_guard();
-        let put = |target: &Tensor, value: &Tensor| -> Result<()> {
-            let value = value.f_to_device(target.device())?.f_to_kind(target.kind())?;
-            let mut target = target.shallow_clone();
-            target.f_set_data(&value)?;
-            Ok(())
-        };
-        let emb = &mut self.text_decoder.bert.embeddings.word_embeddings;
-        put(&emb.weight, weight)?;
-        emb.num_embeddings = v;
-        // transformers drops the padding index when it no longer fits the table.
-        if emb.padding_idx.is_some_and(|p| p > v - 1) {
-            emb.padding_idx = None;
-        }
-        let head = &mut self.text_decoder.cls.predictions;
-        put(&head.bias, bias)?;
-        if let Some((w, b)) = decoder {
-            put(&head.decoder.weight, w)?;
-            if let Some(own) = &head.decoder.bias {
-                put(own, b)?;
-            }
-        }
-        head.decoder.out_features = v;
+        let v = super::head::resized_rows(&self.config, weight, "word embeddings")?;
+        super::head::check_lm_head_resize(&self.text_decoder, &self.saved_modules, v, bias, decoder)?;
+        super::head::resize_lm_head(&mut self.text_decoder, weight, bias, decoder)?;
         self.config.text_config.vocab_size = v;
-        self.text_decoder.config.vocab_size = v;
         Ok(())
     }
 
@@ -550,30 +397,9 @@ impl BlipForConditionalGeneration {
         )?)
     }
 
-    /// The torch-style module tree, with peft's wrappers around the modules adapters train in full.
-    pub fn repr_node(&self) -> ReprNode {
-        let mut root = Module::repr(self);
-        crate::nn::saved::wrap_repr(&self.saved_modules, &mut root);
-        root
-    }
-
-    /// What `print(model)` shows.
-    pub fn repr(&self) -> String {
-        self.repr_node().render()
-    }
-
     /// Writes a checkpoint folder transformers loads: `config.json` and `model.safetensors`.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        let tensors = self.named_parameters();
-        let mut metadata = HashMap::new();
-        metadata.insert("format".to_string(), "pt".to_string());
-        save_safetensors(&tensors, Some(metadata), &dir.join(WEIGHTS_NAME))?;
-        let mut config = self.config.clone();
-        config.set_raw_field("dtype", serde_json::Value::from(kind_name(self.kind())));
-        let text = serde_json::to_string_pretty(&config.to_json())
-            .map_err(|e| Error::config(format!("cannot serialise config: {e}")))?;
-        crate::weights::write_atomic(&dir.join("config.json"), format!("{text}\n").as_bytes())
+        super::head::save_folder(dir, &self.named_parameters(), &self.config, self.kind(), None)
     }
 }
 

@@ -8,22 +8,17 @@
 //! training losses (image-text contrastive with a learned temperature, image-text matching on hard
 //! negatives mined from the contrastive similarities) are [`BlipForImageTextRetrieval::losses`].
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::model::{check_pixel_values, check_range, is_index_kind, stored_kind, text_context};
+use super::model::{check_pixel_values, check_range, is_index_kind, text_context};
 use super::text::{BlipTextModel, TextInput};
 use super::vision::{BlipVisionModel, Record, Recorded};
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::saved::SavedModule;
-use crate::nn::{
-    visit_adaptable, visit_params, visit_params_mut, ForwardContext, Linear, Module, ParamSource, RandomInit,
-};
-use crate::repr::ReprNode;
-use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
+use crate::nn::{ForwardContext, Linear, ParamSource};
 
 /// The retrieval model.
 #[derive(Debug)]
@@ -50,6 +45,8 @@ crate::module!(BlipForImageTextRetrieval: "BlipForImageTextRetrieval" {
         "itm_head" => itm_head,
     ],
 });
+
+super::head::blip_head!(BlipForImageTextRetrieval, kind: text_encoder);
 
 /// What [`BlipForImageTextRetrieval::forward`] returns, with transformers' fields.
 pub struct RetrievalOutput {
@@ -125,14 +122,6 @@ impl BlipForImageTextRetrieval {
         })
     }
 
-    /// A freshly initialised model (transformers' initialisation scheme), seeded.
-    pub fn random(config: BlipConfig, seed: i64, kind: Kind, device: Device) -> Result<Self> {
-        let mut src = RandomInit::new(seed, kind, device);
-        let model = Self::build(config, &mut src)?;
-        model.set_requires_grad(true)?;
-        Ok(model)
-    }
-
     /// Loads a transformers folder of `BlipForImageTextRetrieval` (`config.json` + safetensors), the
     /// folder's `config.json` replaced by `config` when given.
     pub fn from_pretrained_with(
@@ -141,103 +130,30 @@ impl BlipForImageTextRetrieval {
         kind: Option<Kind>,
         device: Device,
     ) -> Result<Self> {
-        if !dir.exists() {
-            return Err(Error::not_found("model folder", dir));
-        }
-        if !dir.is_dir() {
-            return Err(Error::invalid(format!(
-                "{} is a file; from_pretrained expects a checkpoint folder holding config.json and \
-                 model.safetensors",
-                dir.display()
-            )));
-        }
-        let config = match config {
-            Some(c) => c,
-            None => BlipConfig::from_file(&dir.join("config.json"))?,
-        };
-        let files = SafetensorsFiles::open_folder(dir)?;
-        if !files.names().any(|n| n.starts_with("text_encoder.")) {
-            let hint = if files.names().any(|n| n.starts_with("text_decoder.")) {
-                " (it holds a caption decoder: load it with BlipForConditionalGeneration)"
-            } else {
-                ""
-            };
-            return Err(Error::invalid(format!(
-                "{} holds no text_encoder weights, so it is not a BlipForImageTextRetrieval checkpoint{hint}",
-                dir.display()
-            )));
-        }
-        let kind = match kind {
-            Some(k) => k,
-            None => stored_kind(&files)?,
-        };
-        let mut src = CheckpointSource::new(&files, kind, device);
-        let mut model = Self::build(config, &mut src)?;
-        src.finish()?;
-        model.set_requires_grad(true)?;
-        model.name_or_path = dir.to_string_lossy().into_owned();
-        Ok(model)
-    }
-
-    /// Every parameter in transformers' `named_parameters()` order; the modules adapters train in full
-    /// appear as peft names them.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        crate::nn::saved::rename(&self.saved_modules, self.plain_named_parameters())
-    }
-
-    /// The parameters the layers hold now, under their module paths.
-    pub fn plain_named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        visit_params(self, "", &mut |name, t| {
-            out.push((name.to_string(), t.shallow_clone()))
-        });
-        out
-    }
-
-    /// Lets `f` replace the parameters the layers hold.
-    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        visit_params_mut(self, "", f);
-    }
-
-    /// Every Linear and Conv2d with its path (the layers LoRA can target).
-    pub fn for_each_layer(&mut self, f: &mut crate::nn::LayerVisitor) -> Result<()> {
-        visit_adaptable(self, "", f)
-    }
-
-    /// Sets `requires_grad` on every parameter.
-    pub fn set_requires_grad(&self, flag: bool) -> Result<()> {
-        for (_, t) in self.named_parameters() {
-            let _ = t.f_set_requires_grad(flag)?;
-        }
-        Ok(())
-    }
-
-    pub fn device(&self) -> Device {
-        self.vision_model.embeddings.patch_embedding.weight.device()
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.text_encoder.kind()
-    }
-
-    /// Moves every floating parameter to `device` and/or `kind` in place (the parameter objects stay).
-    pub fn to(&self, device: Option<Device>, kind: Option<Kind>) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        for (_, t) in self.named_parameters() {
-            let mut moved = t.shallow_clone();
-            if let Some(k) = kind {
-                if crate::nn::is_float_kind(moved.kind()) && moved.kind() != k {
-                    moved = moved.f_to_kind(k)?;
-                }
+        Self::load_folder(dir, config, kind, device, |files| {
+            if !files.names().any(|n| n.starts_with("text_encoder.")) {
+                let hint = if files.names().any(|n| n.starts_with("text_decoder.")) {
+                    " (it holds a caption decoder: load it with BlipForConditionalGeneration)"
+                } else {
+                    ""
+                };
+                return Err(Error::invalid(format!(
+                    "{} holds no text_encoder weights, so it is not a BlipForImageTextRetrieval checkpoint{hint}",
+                    dir.display()
+                )));
             }
-            if let Some(d) = device {
-                if moved.device() != d {
-                    moved = moved.f_to_device(d)?;
-                }
-            }
-            let mut target = t.shallow_clone();
-            target.f_set_data(&moved)?;
-        }
+            Ok(())
+        })
+    }
+
+    /// Gives the text encoder's word embeddings the rows `weight` (`[V', D]`: transformers'
+    /// `resize_token_embeddings`, which resizes the input embeddings only, this head having no LM head);
+    /// `text_config.vocab_size` becomes `V'`. Refused once adapters copy modules.
+    pub fn resize_vocab(&mut self, weight: &Tensor) -> Result<()> {
+        let v = super::head::resized_rows(&self.config, weight, "word embeddings")?;
+        super::head::check_no_adapters(&self.saved_modules, false)?;
+        super::head::resize_embedding(&mut self.text_encoder.embeddings.word_embeddings, weight)?;
+        self.config.text_config.vocab_size = v;
         Ok(())
     }
 
@@ -556,30 +472,9 @@ impl BlipForImageTextRetrieval {
 
     // ------------------------------------------------------------------------------------------ output
 
-    /// The torch-style module tree, with peft's wrappers around the modules adapters train in full.
-    pub fn repr_node(&self) -> ReprNode {
-        let mut root = Module::repr(self);
-        crate::nn::saved::wrap_repr(&self.saved_modules, &mut root);
-        root
-    }
-
-    /// What `print(model)` shows.
-    pub fn repr(&self) -> String {
-        self.repr_node().render()
-    }
-
     /// Writes a folder transformers' `BlipForImageTextRetrieval` loads: `config.json`, `model.safetensors`.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        let tensors = self.named_parameters();
-        let mut metadata = HashMap::new();
-        metadata.insert("format".to_string(), "pt".to_string());
-        save_safetensors(&tensors, Some(metadata), &dir.join(WEIGHTS_NAME))?;
-        let mut config = self.config.clone();
-        config.set_raw_field("dtype", serde_json::Value::from(super::kind_name(self.kind())));
-        config.set_raw_field("architectures", serde_json::json!(["BlipForImageTextRetrieval"]));
-        let text = serde_json::to_string_pretty(&config.to_json())
-            .map_err(|e| Error::config(format!("cannot serialise config: {e}")))?;
-        crate::weights::write_atomic(&dir.join("config.json"), format!("{text}\n").as_bytes())
+        let arch = Some("BlipForImageTextRetrieval");
+        super::head::save_folder(dir, &self.named_parameters(), &self.config, self.kind(), arch)
     }
 }

@@ -3,22 +3,17 @@
 //! question encoding); loading, the forward pass with its loss, the parameter walk, moves and saving. Names
 //! are transformers' state-dict keys.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::model::{check_pixel_values, check_range, is_index_kind, stored_kind, text_context};
+use super::model::{check_pixel_values, check_range, is_index_kind, text_context};
 use super::text::{BlipTextLmHeadModel, BlipTextModel, CrossStates, DecoderMasks, TextInput};
 use super::vision::BlipVisionModel;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::nn::attention::causal_padding_mask;
-use crate::nn::{
-    visit_adaptable, visit_params, visit_params_mut, ForwardContext, Module, ParamSource, RandomInit,
-};
-use crate::repr::ReprNode;
-use crate::weights::{save_safetensors, CheckpointSource, SafetensorsFiles, WEIGHTS_NAME};
+use crate::nn::{ForwardContext, ParamSource};
 
 /// Inputs of one forward pass, with transformers' names (validated by [`BlipForQuestionAnswering::forward`]).
 pub struct VqaInputs<'a> {
@@ -65,6 +60,8 @@ crate::module!(BlipForQuestionAnswering: "BlipForQuestionAnswering" {
     ],
 });
 
+super::head::blip_head!(BlipForQuestionAnswering, kind: text_decoder);
+
 /// The question encoder's layers' dropout seeds start here (the decoder's at `text_context`'s offset).
 const ENCODER_SEED_OFFSET: i64 = 0x2545_f491;
 
@@ -90,14 +87,6 @@ impl BlipForQuestionAnswering {
         })
     }
 
-    /// A freshly initialised model (transformers' initialisation scheme), seeded.
-    pub fn random(config: BlipConfig, seed: i64, kind: Kind, device: Device) -> Result<Self> {
-        let mut src = RandomInit::new(seed, kind, device);
-        let model = Self::build(config, &mut src)?;
-        model.set_requires_grad(true)?;
-        Ok(model)
-    }
-
     /// Loads a transformers `BlipForQuestionAnswering` folder (`config.json` + safetensors weights), under
     /// `config` instead of the folder's `config.json` when given.
     pub fn from_pretrained(
@@ -106,99 +95,38 @@ impl BlipForQuestionAnswering {
         kind: Option<Kind>,
         device: Device,
     ) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(if dir.exists() {
-                Error::invalid(format!(
-                    "{} is a file; from_pretrained expects a checkpoint folder holding config.json and \
-                     model.safetensors",
-                    dir.display()
-                ))
-            } else {
-                Error::not_found("model folder", dir)
-            });
+        Self::load_folder(dir, config, kind, device, |_| Ok(()))
+    }
+
+    /// Gives the vocabulary new sizes (see `BlipForConditionalGeneration::resize_vocab`): the question
+    /// encoder's word embeddings take `encoder_weight` (`[V', D]`, transformers' input embeddings), the answer
+    /// decoder's `weight`, its LM head's bias `bias` and an untied head `decoder`; `text_config.vocab_size`
+    /// becomes `V'`. Refused once adapters exist.
+    pub fn resize_vocab(
+        &mut self,
+        encoder_weight: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        decoder: Option<(&Tensor, &Tensor)>,
+    ) -> Result<()> {
+        let v =
+            super::head::resized_rows(&self.config, encoder_weight, "question encoder's word embeddings")?;
+        let dv = super::head::resized_rows(&self.config, weight, "answer decoder's word embeddings")?;
+        if dv != v {
+            return Err(Error::invalid(format!(
+                "the two resized word-embedding tables must have the same number of rows, got {v} and {dv}"
+            )));
         }
-        let config = match config {
-            Some(c) => c,
-            None => BlipConfig::from_file(&dir.join("config.json"))?,
-        };
-        let files = SafetensorsFiles::open_folder(dir)?;
-        let kind = match kind {
-            Some(k) => k,
-            None => stored_kind(&files)?,
-        };
-        let mut src = CheckpointSource::new(&files, kind, device);
-        let mut model = Self::build(config, &mut src)?;
-        src.finish()?;
-        model.set_requires_grad(true)?;
-        model.name_or_path = dir.to_string_lossy().into_owned();
-        Ok(model)
-    }
-
-    /// Every parameter in transformers' `named_parameters()` order, tied ones once (peft's names for the
-    /// modules adapters train in full).
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        crate::nn::saved::rename(&self.saved_modules, self.plain_named_parameters())
-    }
-
-    /// The parameters the layers hold now, under their module paths.
-    pub fn plain_named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        visit_params(self, "", &mut |name, t| {
-            out.push((name.to_string(), t.shallow_clone()))
-        });
-        out
-    }
-
-    /// Lets `f` replace the parameters the layers hold.
-    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        visit_params_mut(self, "", f);
-    }
-
-    /// Every Linear and Conv2d of the three towers with its path (the layers LoRA can target).
-    pub fn for_each_layer(&mut self, f: &mut crate::nn::LayerVisitor) -> Result<()> {
-        visit_adaptable(self, "", f)
-    }
-
-    /// Sets `requires_grad` on every parameter.
-    pub fn set_requires_grad(&self, flag: bool) -> Result<()> {
-        for (_, t) in self.named_parameters() {
-            let _ = t.f_set_requires_grad(flag)?;
-        }
+        super::head::check_lm_head_resize(&self.text_decoder, &self.saved_modules, v, bias, decoder)?;
+        super::head::resize_embedding(&mut self.text_encoder.embeddings.word_embeddings, encoder_weight)?;
+        super::head::resize_lm_head(&mut self.text_decoder, weight, bias, decoder)?;
+        self.config.text_config.vocab_size = v;
         Ok(())
-    }
-
-    pub fn device(&self) -> Device {
-        self.vision_model.embeddings.patch_embedding.weight.device()
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.text_decoder.kind()
     }
 
     /// Whether the answer decoder's LM head is the decoder's word embeddings.
     pub fn lm_head_tied(&self) -> bool {
         self.text_decoder.cls.predictions.decoder.tied
-    }
-
-    /// Moves every floating parameter to `device` and/or `kind` in place (parameter identity kept).
-    pub fn to(&self, device: Option<Device>, kind: Option<Kind>) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        for (_, t) in self.named_parameters() {
-            let mut moved = t.shallow_clone();
-            if let Some(k) = kind {
-                if crate::nn::is_float_kind(moved.kind()) && moved.kind() != k {
-                    moved = moved.f_to_kind(k)?;
-                }
-            }
-            if let Some(d) = device {
-                if moved.device() != d {
-                    moved = moved.f_to_device(d)?;
-                }
-            }
-            let mut target = t.shallow_clone();
-            target.f_set_data(&moved)?;
-        }
-        Ok(())
     }
 
     /// Image embeddings `[B, 1 + patches, D]`.
@@ -438,34 +366,10 @@ impl BlipForQuestionAnswering {
         )?)
     }
 
-    /// The torch-style module tree, with peft's wrappers around the modules adapters train in full.
-    pub fn repr_node(&self) -> ReprNode {
-        let mut root = Module::repr(self);
-        crate::nn::saved::wrap_repr(&self.saved_modules, &mut root);
-        root
-    }
-
-    /// What `print(model)` shows.
-    pub fn repr(&self) -> String {
-        self.repr_node().render()
-    }
-
     /// Writes a checkpoint folder transformers' `BlipForQuestionAnswering` loads: `config.json` and
     /// `model.safetensors` (atomically).
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        let tensors = self.named_parameters();
-        let mut metadata = HashMap::new();
-        metadata.insert("format".to_string(), "pt".to_string());
-        save_safetensors(&tensors, Some(metadata), &dir.join(WEIGHTS_NAME))?;
-        let mut config = self.config.clone();
-        config.set_raw_field("dtype", serde_json::Value::from(super::kind_name(self.kind())));
-        config.set_raw_field(
-            "architectures",
-            serde_json::Value::from(vec!["BlipForQuestionAnswering"]),
-        );
-        let text = serde_json::to_string_pretty(&config.to_json())
-            .map_err(|e| Error::config(format!("cannot serialise config: {e}")))?;
-        crate::weights::write_atomic(&dir.join("config.json"), format!("{text}\n").as_bytes())
+        let arch = Some("BlipForQuestionAnswering");
+        super::head::save_folder(dir, &self.named_parameters(), &self.config, self.kind(), arch)
     }
 }

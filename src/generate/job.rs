@@ -104,6 +104,7 @@ impl<'a> Job<'a> {
         pixel_values: &Tensor,
         question: &Tensor,
         question_mask: Option<&Tensor>,
+        adapter_names: Option<&[String]>,
         config: &'a GenerationConfig,
     ) -> Result<Self> {
         config.validate()?;
@@ -125,12 +126,17 @@ impl<'a> Job<'a> {
         let question = model.check_ids(question, "input_ids", batch)?;
         let question_mask =
             model.check_mask(question_mask, "attention_mask", "input_ids", &question.size())?;
+        let adapters = adapter_names
+            .map(|names| crate::lora::mixed::adapter_rows(model, names, batch, false))
+            .transpose()?;
         let prompts = prompts(model.device(), tc.vocab_size, batch, None, None, bos)?;
         let max_length = settle_length(tc, config, &prompts)?;
         check_memory(tc, model.kind(), model.device(), config, batch, max_length)?;
         if let Some(seed) = config.seed {
             tch::manual_seed(seed);
         }
+        // The vision tower and the question encoder run each image's adapter (one question per image).
+        let cx = cx.with_adapters(adapters.as_ref(), adapters.as_ref());
         let image = model.encode_images(&pixel_values, &cx)?;
         let question = model.encode_questions(&question, question_mask.as_ref(), &image, &cx)?;
         Ok(Self {
@@ -138,7 +144,7 @@ impl<'a> Job<'a> {
             device: model.device(),
             config,
             image: question,
-            adapters: None,
+            adapters,
             prompts,
             max_length,
             eos,

@@ -79,15 +79,25 @@ pub fn generate_with_adapters(
 /// transformers' `BlipForQuestionAnswering.generate`: answer token ids `[B * num_return_sequences, L]`
 /// (`[BOS, answer..., SEP, pad...]`) for the questions `question` (`[B, Tq]`, padding mask `attention_mask`)
 /// about the images, decoded by the same strategies over the question encoding.
+/// `adapter_names`: one adapter per image (a mixed-adapter batch, `"__base__"` for the base model) in the
+/// three towers; its rows and beams inherit it.
 pub fn generate_answers(
     model: &BlipForQuestionAnswering,
     pixel_values: &Tensor,
     question: &Tensor,
     attention_mask: Option<&Tensor>,
+    adapter_names: Option<&[String]>,
     config: &GenerationConfig,
 ) -> Result<(Tensor, GenerationStats)> {
     let _guard = tch::no_grad_guard();
-    let job = job::Job::prepare_answers(model, pixel_values, question, attention_mask, config)?;
+    let job = job::Job::prepare_answers(
+        model,
+        pixel_values,
+        question,
+        attention_mask,
+        adapter_names,
+        config,
+    )?;
     run(job, config)
 }
 

@@ -5,12 +5,13 @@
 
 use crate::blip::{BlipForConditionalGeneration, BlipOutput, ForwardInputs};
 use crate::error::{Error, Result};
+use crate::lora::LoraHost;
 use crate::nn::{AdapterRows, ForwardContext, BASE_ADAPTER};
 
 /// The adapters the model holds (in any layer), by the names its parameters carry (`lora_A.<name>.weight`).
-pub fn held_adapters(model: &BlipForConditionalGeneration) -> Vec<String> {
+pub fn held_adapters<M: LoraHost + ?Sized>(model: &M) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
-    crate::nn::visit_params(model, "", &mut |path, _| {
+    for (path, _) in model.plain_named_parameters() {
         if let Some(rest) = path.rsplit_once(".lora_A.").map(|(_, r)| r) {
             if let Some(name) = rest.strip_suffix(".weight") {
                 if !names.iter().any(|n| n == name) {
@@ -18,14 +19,14 @@ pub fn held_adapters(model: &BlipForConditionalGeneration) -> Vec<String> {
                 }
             }
         }
-    });
+    }
     names
 }
 
-/// Checks `adapter_names` for a batch of `batch` rows (images) and returns the selection: one name per row,
+/// Checks `adapter_names` for a batch of `batch` rows (images, or texts: any head's) and returns the selection: one name per row,
 /// each an adapter the model holds or `"__base__"`; inference only; not with `modules_to_save`.
-pub fn adapter_rows(
-    model: &BlipForConditionalGeneration,
+pub fn adapter_rows<M: LoraHost + ?Sized>(
+    model: &M,
     adapter_names: &[String],
     batch: i64,
     training: bool,
@@ -56,7 +57,7 @@ pub fn adapter_rows(
             unknown.join(", ")
         )));
     }
-    if !model.saved_modules.is_empty() {
+    if !model.saved_modules().is_empty() {
         return Err(Error::Unsupported(
             "adapter_names with modules_to_save adapters is not supported: their module copies are swapped \
              into the layers for one adapter at a time"

@@ -2,6 +2,7 @@
 //! arguments, releases the GIL around heavy work and maps errors; the behaviour lives in the core.
 
 mod errors;
+mod handle;
 mod json;
 mod metrics;
 mod model;

@@ -675,9 +675,9 @@ def train(
         config = model.peft_config[model.active_adapter]
         adapter = (model.active_adapter, config.bias, config.to_json())
     if not captioning:
-        for name, value, default in (("prompt", prompt, None), ("predict_with_generate", predict_with_generate, None),
-                                     ("eval_generate_kwargs", eval_generate_kwargs, None)):  # fmt: skip
-            if value is not default and value is not False:
+        for name, setting in (("prompt", prompt), ("predict_with_generate", predict_with_generate),
+                              ("eval_generate_kwargs", eval_generate_kwargs)):  # fmt: skip
+            if setting is not None and setting is not False:
                 raise ValueError(
                     f"{name} is for captioning (BlipForConditionalGeneration); {head} is evaluated by its loss"
                 )

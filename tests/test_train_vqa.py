@@ -280,6 +280,17 @@ def test_bad_datasets_name_the_missing_field_and_the_head(tiny_vqa: str, process
         bp.train(model, processor, rows(2), temp=0.1, progress=False)
 
 
+def test_world_questions_train_with_the_defaults(tiny_vqa: str, processor) -> None:
+    """What the demo does: `bp.train(vqa_model, processor, rows)` over the synthetic world's questions."""
+    from blip_peft import world
+
+    rows_ = world.vqa_dataset(2, seed=0, size=64)
+    torch.manual_seed(0)
+    model = bp.get_peft_model(bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa), bp.LoraConfig(**LORA))
+    result = bp.train(model, processor, rows_, epochs=3, learning_rate=1e-2, progress=False)
+    assert result.global_step == 3 * -(-len(rows_) // 8) and result.losses[-1] < result.losses[0]
+
+
 def test_fp16_trains_with_the_loss_scaler(tiny_vqa: str, processor) -> None:
     def run(precision: str):
         torch.manual_seed(0)  # the adapter's initial A

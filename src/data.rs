@@ -612,6 +612,62 @@ mod tests {
     }
 
     #[test]
+    fn vqa_and_retrieval_sources_collate_their_texts() {
+        use crate::processor::PixelMode;
+        let images: Vec<ImageSource> = (0..3)
+            .map(|i| ImageSource::Raw {
+                mode: PixelMode::RGB,
+                width: 8,
+                height: 8,
+                data: vec![i as u8 * 40; 8 * 8 * 3],
+            })
+            .collect();
+        let source = |texts: Texts| {
+            ImageCaptionSource::new(
+                ImageProcessorConfig::default(),
+                images.clone(),
+                vec![vec![101, 5, 102], vec![101, 6, 7, 102], vec![101, 8, 102]],
+                30522,
+                0,
+                None,
+                false,
+            )
+            .unwrap()
+            .with_texts(texts)
+            .unwrap()
+        };
+        let row = |t: &Tensor, i: i64| Vec::<i64>::try_from(t.get(i)).unwrap();
+        let vqa = source(Texts::Questions(vec![
+            vec![101, 9, 102],
+            vec![101, 9, 9, 9, 102],
+            vec![101, 1, 102],
+        ]));
+        let b = vqa.batch(&[1, 0]).unwrap();
+        assert_eq!(row(&b.input_ids, 1), vec![101, 9, 102, 0, 0]); // questions as tokenised, padded
+        assert_eq!(row(&b.attention_mask, 1), vec![1, 1, 1, 0, 0]);
+        let answers = b.decoder_input_ids.unwrap();
+        assert_eq!(row(&answers, 1), vec![30522, 5, 102, 0]); // answers: BOS first
+        assert_eq!(row(&b.labels, 1), vec![30522, 5, 102, -100]);
+        assert_eq!(row(&b.decoder_attention_mask.unwrap(), 1), vec![1, 1, 1, 0]);
+        let retrieval = source(Texts::ImageIds(vec![4, 4, 9]));
+        let b = retrieval.batch(&[2, 1]).unwrap();
+        assert_eq!(row(&b.input_ids, 0), vec![101, 8, 102, 0]); // texts keep their [CLS]
+        assert_eq!(Vec::<i64>::try_from(b.image_ids.unwrap()).unwrap(), vec![9, 4]);
+        assert!(ImageCaptionSource::new(
+            ImageProcessorConfig::default(),
+            images.clone(),
+            vec![vec![101, 102]; 3],
+            30522,
+            0,
+            None,
+            false
+        )
+        .unwrap()
+        .with_texts(Texts::ImageIds(vec![1]))
+        .is_err());
+    }
+
+    #[test]
     fn prompted_collation_masks_the_prompt() {
         let caps = [vec![101, 1, 2, 5, 6, 102], vec![101, 1, 2, 7, 102]];
         let (ids, mask, labels) = collate_prompted_captions(&caps, 30522, 0, None, 2).unwrap();

@@ -251,6 +251,19 @@ def test_eval_loss_equals_plain_torch_with_the_trained_adapter(tmp_path, tiny_it
     assert abs(result.eval_history[-1][1] - want) <= 1e-5 * abs(want)
 
 
+def test_feature_cache_serves_the_frozen_vision_tower_bit_for_bit(tiny_itm: str, processor) -> None:
+    def run(cache: bool):
+        torch.manual_seed(0)  # the adapter's initial A
+        text_only = dict(LORA, target_modules=r"text_encoder\..*\.(query|value)")
+        model = bp.get_peft_model(bp.BlipForImageTextRetrieval.from_pretrained(tiny_itm), bp.LoraConfig(**text_only))
+        return bp.train(model, processor, pairs(12), epochs=3, batch_size=6, feature_cache=cache,
+                        mixed_precision="no", logging_steps=1, progress=False)  # fmt: skip
+
+    cached, plain = run(True), run(False)
+    assert cached.feature_cache["enabled"] and cached.feature_cache["hits"] == 24
+    assert cached.losses == plain.losses and cached.temp == plain.temp
+
+
 def test_train_retrieval_is_a_wrapper_over_train(tmp_path, tiny_itm: str, processor) -> None:
     data = [{k: v for k, v in r.items() if k != "image_id"} for r in pairs(8)]
 

@@ -278,3 +278,73 @@ def test_bad_datasets_name_the_missing_field_and_the_head(tiny_vqa: str, process
         bp.train(model, processor, rows(2), eval_dataset=rows(2), metric_for_best_model="CIDEr", progress=False)
     with pytest.raises(TypeError, match="retrieval head"):
         bp.train(model, processor, rows(2), temp=0.1, progress=False)
+
+
+def test_world_questions_train_with_the_defaults(tiny_vqa: str, processor) -> None:
+    """What the demo does: `bp.train(vqa_model, processor, rows)` over the synthetic world's questions."""
+    from blip_peft import world
+
+    rows_ = world.vqa_dataset(2, seed=0, size=64)
+    torch.manual_seed(0)
+    model = bp.get_peft_model(bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa), bp.LoraConfig(**LORA))
+    result = bp.train(model, processor, rows_, epochs=3, learning_rate=1e-2, progress=False)
+    assert result.global_step == 3 * -(-len(rows_) // 8) and result.losses[-1] < result.losses[0]
+
+
+def test_fp16_trains_with_the_loss_scaler(tiny_vqa: str, processor) -> None:
+    def run(precision: str):
+        torch.manual_seed(0)  # the adapter's initial A
+        model = bp.get_peft_model(bp.BlipForQuestionAnswering.from_pretrained(tiny_vqa), bp.LoraConfig(**LORA))
+        return bp.train(model, processor, rows(8), max_steps=3, batch_size=4, shuffle=False, learning_rate=1e-2,
+                        mixed_precision=precision, logging_steps=1, progress=False)  # fmt: skip
+
+    fp32, fp16 = run("no"), run("fp16")
+    assert not any(h["skipped"] for h in fp16.history)
+    for a, b in zip(fp32.losses, fp16.losses, strict=True):
+        assert abs(a - b) <= 2e-2 * abs(a), (a, b)
+
+
+DDP_SCRIPT = """
+import sys, numpy as np, torch, blip_peft as bp
+checkpoint, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+answers = ["red", "blue", "green", "circle"]  # one token each, one question: every row scores as many tokens
+rows = [{"image": (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy().astype(np.uint8),
+         "question": "what colour is the circle?", "answer": answers[i % 4]} for i in range(8)]
+processor = bp.BlipProcessor.from_pretrained(bp.bundled_model_path())
+torch.manual_seed(0)
+lora = bp.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "qkv"], init_lora_weights=False)
+model = bp.get_peft_model(bp.BlipForQuestionAnswering.from_pretrained(checkpoint), lora)
+result = bp.train(model, processor, rows, max_steps=4, batch_size=batch, learning_rate=1e-2, seed=5,
+                  mixed_precision="no", output_dir=out, progress=False, logging_steps=1)
+print("losses", result.losses, flush=True)
+"""
+
+
+def test_torchrun_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_vqa: str) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun comes with torch")
+    script = tmp_path / "ddp_vqa.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(args: list[str]) -> None:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run([sys.executable, str(script), tiny_vqa, str(tmp_path / "single"), "4"])
+    run([torchrun, "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+         str(script), tiny_vqa, str(tmp_path / "ddp"), "2"])  # fmt: skip
+    one = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert rel_err(two[name], one[name]) <= 1e-5, name

@@ -586,6 +586,20 @@ def train(
 ) -> TrainResult:
     """Fine-tunes `model` (a `PeftModel`: only its adapters train; a plain model: every parameter trains).
 
+    Every BLIP head trains with this one loop, the task chosen by the model's class: captioning
+    (`BlipForConditionalGeneration`: rows ``{"image", "text"}``, or encoded tensors), visual question answering
+    (`BlipForQuestionAnswering`: rows ``{"image", "question", "answer"}``; transformers' loss on the answer, which
+    is collated as a caption: BOS first, pads -100) and image-text retrieval (`BlipForImageTextRetrieval`: rows
+    ``{"image", "text"}`` with an optional ``"image_id"``, pairs of one image being positives; BLIP's ITC + ITM on
+    hard negatives drawn from the contrastive similarities under each micro-batch's seed, with the temperature
+    `temp` (BLIP's 0.07) learned unless ``learn_temp=False``, returned as `TrainResult.temp` and saved as
+    ``retrieval_config.json`` in each checkpoint and beside the adapter; `batch_size` at least 2). Rows are a list
+    of dicts, a `datasets.Dataset` with those columns, or `ImageCaptionDataset.from_folder/from_jsonl/from_csv`
+    (``fields=("question", "answer")`` for VQA files); a row without a field its head needs is a ValueError
+    naming the field and the head. The VQA and retrieval heads need blip_peft's processor, are evaluated by
+    their loss (``eval_loss``; no `prompt` / `predict_with_generate`), and with `gradient_checkpointing`
+    recompute their vision tower's layers (their text towers keep their activations).
+
     The loop runs in Rust with the GIL released: batching, forward, backward, AdamW (torch's numerics,
     decoupled weight decay), the learning-rate schedule, gradient accumulation and clipping, and fp16 loss
     scaling. Captions start with the BOS token generation uses and padding is excluded from the loss.
@@ -675,9 +689,9 @@ def train(
         config = model.peft_config[model.active_adapter]
         adapter = (model.active_adapter, config.bias, config.to_json())
     if not captioning:
-        for name, value, default in (("prompt", prompt, None), ("predict_with_generate", predict_with_generate, None),
-                                     ("eval_generate_kwargs", eval_generate_kwargs, None)):  # fmt: skip
-            if value is not default and value is not False:
+        for name, setting in (("prompt", prompt), ("predict_with_generate", predict_with_generate),
+                              ("eval_generate_kwargs", eval_generate_kwargs)):  # fmt: skip
+            if setting is not None and setting is not False:
                 raise ValueError(
                     f"{name} is for captioning (BlipForConditionalGeneration); {head} is evaluated by its loss"
                 )

@@ -415,7 +415,7 @@ impl BlipForImageTextRetrieval {
         let temp_d = temp.f_to_device(device)?.f_to_kind(Kind::Float)?;
 
         let text_hidden = self.encode_text(&ids, mask.as_ref(), None, cx)?;
-        let image_feat = self.image_features(&image_embeds, cx)?.f_to_kind(Kind::Float)?;
+        let image_feat = self.image_features(image_embeds, cx)?.f_to_kind(Kind::Float)?;
         let text_feat = self.text_features(&text_hidden, cx)?.f_to_kind(Kind::Float)?;
 
         // Image-text contrastive.

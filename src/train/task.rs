@@ -91,7 +91,7 @@ pub trait TrainTask {
     }
 }
 
-/// A batch tensor on `device` (index tensors as int64).
+/// A batch tensor on `device`.
 fn on(t: &Tensor, device: Device) -> Result<Tensor> {
     Ok(t.f_to_device(device)?)
 }

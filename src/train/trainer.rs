@@ -988,8 +988,16 @@ impl<T: TrainTask> TrainingRun<'_, T> {
                 }
                 loss
             };
-            // A batch with nothing to learn from (retrieval: pairs of one image only) adds no gradient.
-            let Some(loss) = loss else { continue };
+            // A batch with nothing to learn from (retrieval: pairs of one image only) adds no gradient; every
+            // trained tensor still gets one (zeros), so data-parallel ranks all-reduce buckets of one size.
+            let Some(loss) = loss else {
+                for s in &self.optimizer.states {
+                    if !s.param.grad().defined() {
+                        s.param.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward()?;
+                    }
+                }
+                continue;
+            };
             step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
         }
         Ok((step_loss, step_samples))

@@ -16,8 +16,82 @@ pub struct Batch {
     pub pixel_values: Tensor,
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
-    /// `input_ids` with padding (and anything else not to be learned) set to -100.
+    /// `input_ids` with padding (and anything else not to be learned) set to -100. VQA: the answers' ids
+    /// with padding set to -100 (`input_ids` and `attention_mask` are the questions').
     pub labels: Tensor,
+    /// VQA: the answers fed to the decoder (BOS first) and their padding mask.
+    pub decoder_input_ids: Option<Tensor>,
+    pub decoder_attention_mask: Option<Tensor>,
+    /// Retrieval: the image each pair shows (pairs of one image are positives for each other).
+    pub image_ids: Option<Tensor>,
+}
+
+impl Batch {
+    /// A captioning batch: pixels and the collated captions.
+    pub fn captions(pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Self {
+        Self {
+            pixel_values,
+            input_ids,
+            attention_mask,
+            labels,
+            decoder_input_ids: None,
+            decoder_attention_mask: None,
+            image_ids: None,
+        }
+    }
+}
+
+/// What the texts of an [`ImageCaptionSource`] are, by the head being trained.
+#[derive(Debug, Clone, Default)]
+pub enum Texts {
+    /// Captions (`BlipForConditionalGeneration`): BOS first, pads -100, a prompt's tokens -100.
+    #[default]
+    Captions,
+    /// Visual question answering: the source's captions are the answers (collated as captions are: BOS
+    /// first, pads -100 in the labels); these are the tokenised questions, one per example, padded as the
+    /// tokenizer's output is (its `[CLS]` first, as transformers feeds them).
+    Questions(Vec<Vec<i64>>),
+    /// Image-text retrieval: the source's captions are the texts (padded, kept as tokenised: `[CLS]`
+    /// first); these are the examples' image ids.
+    ImageIds(Vec<i64>),
+}
+
+/// Pads tokenised texts as they are (no BOS), cut to `max_length` keeping the last token: `(ids, mask)`.
+pub fn pad_texts(texts: &[Vec<i64>], pad: i64, max_length: Option<usize>) -> Result<(Tensor, Tensor)> {
+    if texts.is_empty() {
+        return Err(Error::invalid("cannot collate an empty batch"));
+    }
+    let cut = |t: &Vec<i64>| -> Vec<i64> {
+        let mut t = t.clone();
+        if let Some(max) = max_length {
+            if t.len() > max {
+                let last = *t.last().unwrap_or(&pad);
+                t.truncate(max);
+                if let Some(end) = t.last_mut() {
+                    *end = last;
+                }
+            }
+        }
+        if t.is_empty() {
+            t.push(pad);
+        }
+        t
+    };
+    let rows: Vec<Vec<i64>> = texts.iter().map(cut).collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    let mut mask = Vec::with_capacity(rows.len() * width);
+    for r in &rows {
+        for i in 0..width {
+            ids.push(r.get(i).copied().unwrap_or(pad));
+            mask.push(i64::from(i < r.len()));
+        }
+    }
+    let shape = [rows.len() as i64, width as i64];
+    Ok((
+        Tensor::f_from_slice(&ids)?.f_view(shape)?,
+        Tensor::f_from_slice(&mask)?.f_view(shape)?,
+    ))
 }
 
 /// Something that can produce the batch of given sample indices (decoding and preprocessing as needed).
@@ -218,12 +292,12 @@ impl BatchSource for TensorDataset {
         )?
         .max(1);
         let trim = |t: &Tensor| -> Result<Tensor> { Ok(t.f_index_select(0, &idx)?.f_narrow(1, 0, width)?) };
-        Ok(Batch {
-            pixel_values: self.pixel_values.f_index_select(0, &idx)?,
-            input_ids: trim(&self.input_ids)?,
-            attention_mask: mask.f_narrow(1, 0, width)?,
-            labels: trim(&self.labels)?,
-        })
+        Ok(Batch::captions(
+            self.pixel_values.f_index_select(0, &idx)?,
+            trim(&self.input_ids)?,
+            mask.f_narrow(1, 0, width)?,
+            trim(&self.labels)?,
+        ))
     }
 }
 
@@ -247,6 +321,8 @@ pub struct ImageCaptionSource {
     pub augment: Option<AugmentConfig>,
     /// Per example: whether a horizontal flip is allowed (false where its caption names a side).
     pub flip_allowed: Vec<bool>,
+    /// What the captions are for (captions, VQA answers with their questions, retrieval texts).
+    pub texts: Texts,
 }
 
 impl ImageCaptionSource {
@@ -282,7 +358,63 @@ impl ImageCaptionSource {
             pool: None,
             augment: None,
             flip_allowed: Vec::new(),
+            texts: Texts::Captions,
         })
+    }
+
+    /// The source of another head: VQA answers with their questions, or retrieval texts with their image
+    /// ids (one per example).
+    pub fn with_texts(mut self, texts: Texts) -> Result<Self> {
+        let n = match &texts {
+            Texts::Captions => self.images.len(),
+            Texts::Questions(q) => q.len(),
+            Texts::ImageIds(ids) => ids.len(),
+        };
+        if n != self.images.len() {
+            return Err(Error::invalid(format!(
+                "{n} questions or image ids for {} images; every example needs one",
+                self.images.len()
+            )));
+        }
+        self.texts = texts;
+        Ok(self)
+    }
+
+    /// The texts of examples `rows` collated for the source's head, with `pixel_values` (their images).
+    fn collate(&self, rows: &[usize], pixel_values: Tensor) -> Result<Batch> {
+        let captions: Vec<Vec<i64>> = rows.iter().map(|&i| self.captions[i].clone()).collect();
+        match &self.texts {
+            Texts::Captions => {
+                let (input_ids, attention_mask, labels) = collate_prompted_captions(
+                    &captions,
+                    self.bos,
+                    self.pad,
+                    self.max_length,
+                    self.prompt_tokens,
+                )?;
+                Ok(Batch::captions(pixel_values, input_ids, attention_mask, labels))
+            }
+            Texts::Questions(questions) => {
+                let questions: Vec<Vec<i64>> = rows.iter().map(|&i| questions[i].clone()).collect();
+                let (input_ids, attention_mask) = pad_texts(&questions, self.pad, self.max_length)?;
+                let (answer, answer_mask, labels) =
+                    collate_captions(&captions, self.bos, self.pad, self.max_length)?;
+                Ok(Batch {
+                    decoder_input_ids: Some(answer),
+                    decoder_attention_mask: Some(answer_mask),
+                    ..Batch::captions(pixel_values, input_ids, attention_mask, labels)
+                })
+            }
+            Texts::ImageIds(ids) => {
+                let (input_ids, attention_mask) = pad_texts(&captions, self.pad, self.max_length)?;
+                let labels = input_ids.f_masked_fill(&attention_mask.f_eq(0)?, -100)?;
+                let image_ids: Vec<i64> = rows.iter().map(|&i| ids[i]).collect();
+                Ok(Batch {
+                    image_ids: Some(Tensor::f_from_slice(&image_ids)?),
+                    ..Batch::captions(pixel_values, input_ids, attention_mask, labels)
+                })
+            }
+        }
     }
 
     /// Augments training batches with `augment`; `texts` (the captions as text, one per image) mark the
@@ -358,15 +490,7 @@ impl BatchSource for ImageCaptionSource {
         } else {
             self.build(&decode, None)?.pixel_values
         };
-        let captions: Vec<Vec<i64>> = indices.iter().map(|&i| self.captions[i].clone()).collect();
-        let (input_ids, attention_mask, labels) =
-            collate_prompted_captions(&captions, self.bos, self.pad, self.max_length, self.prompt_tokens)?;
-        Ok(Batch {
-            pixel_values,
-            input_ids,
-            attention_mask,
-            labels,
-        })
+        self.collate(indices, pixel_values)
     }
 }
 
@@ -385,12 +509,12 @@ impl ImageCaptionSource {
         };
         let mut data =
             Vec::with_capacity(indices.len() * 3 * self.config.size.height * self.config.size.width);
-        let mut captions = Vec::with_capacity(indices.len());
+        let mut kept = Vec::with_capacity(indices.len());
         for (&i, result) in indices.iter().zip(pixels) {
             match result {
                 Ok(buffer) => {
                     data.extend_from_slice(&buffer);
-                    captions.push(self.captions[i].clone());
+                    kept.push(i);
                 }
                 Err(_) if self.skip_bad => {
                     if let Ok(mut skipped) = self.skipped.lock() {
@@ -400,22 +524,15 @@ impl ImageCaptionSource {
                 Err(e) => return Err(e),
             }
         }
-        if captions.is_empty() {
+        if kept.is_empty() {
             return Err(Error::invalid(format!(
                 "every image of a batch is unreadable (items {indices:?}); check the dataset"
             )));
         }
-        let n = captions.len() as i64;
+        let n = kept.len() as i64;
         let (h, w) = (self.config.size.height as i64, self.config.size.width as i64);
         let pixel_values = Tensor::f_from_slice(&data)?.f_view([n, 3, h, w])?;
-        let (input_ids, attention_mask, labels) =
-            collate_prompted_captions(&captions, self.bos, self.pad, self.max_length, self.prompt_tokens)?;
-        Ok(Batch {
-            pixel_values,
-            input_ids,
-            attention_mask,
-            labels,
-        })
+        self.collate(&kept, pixel_values)
     }
 }
 

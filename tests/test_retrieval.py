@@ -592,7 +592,7 @@ def test_train_retrieval_lowers_the_loss_and_trains_only_the_adapter(tmp_path) -
     assert rel_err(ours, theirs) <= 1e-5
 
 
-def test_captioning_train_refuses_the_retrieval_head(tiny_itm: str) -> None:
+def test_train_takes_the_retrieval_head_and_asks_for_a_processor(tiny_itm: str) -> None:
     model = _ours(tiny_itm)
-    with pytest.raises(TypeError, match="train_retrieval"):
-        bp.train(model, None, [{"image": None, "text": "a"}])
+    with pytest.raises(TypeError, match="pass the processor"):
+        bp.train(model, None, [{"image": None, "text": "a"}, {"image": None, "text": "b"}])

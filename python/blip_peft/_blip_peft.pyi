@@ -59,7 +59,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None: ...
 def normalize_lora_config(config: dict[str, Any] | str) -> str: ...
 def _panic_for_test(place: str) -> None: ...
 def train_native(
-    model: _BlipModel,
+    model: _BlipModel | _BlipVqaModel | _BlipRetrievalModel,
     train: Mapping[str, torch.Tensor] | _ImageCaptionData,
     eval: Mapping[str, torch.Tensor] | _ImageCaptionData | None,
     settings: dict[str, Any],
@@ -67,6 +67,7 @@ def train_native(
     callback: Callable[[str, dict[str, Any]], Any] | None = None,
     distributed: _CollectiveLike | None = None,
     scorer: Callable[[int], dict[str, float]] | None = None,
+    temp: torch.Tensor | None = None,
 ) -> dict[str, Any]: ...
 def collate_captions(
     captions: Sequence[Sequence[int]],
@@ -353,6 +354,8 @@ class _ImageCaptionData:
         prompt_tokens: int = 0,
         augment: dict[str, Any] | None = None,
         texts: Sequence[str] | None = None,
+        questions: Sequence[Sequence[int]] | None = None,
+        image_ids: Sequence[int] | None = None,
     ) -> _ImageCaptionData: ...
     def __len__(self) -> int: ...
     def batch(self, indices: Sequence[int], epoch: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]: ...

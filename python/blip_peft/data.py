@@ -33,8 +33,13 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
         return f"ImageCaptionDataset({len(self)} items)"
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike[str], text_column: str = "text") -> ImageCaptionDataset:
-        """An `imagefolder` dataset: `folder/metadata.jsonl` (or `.csv`) lists `file_name` and the caption."""
+    def from_folder(
+        cls, folder: str | os.PathLike[str], text_column: str = "text", fields: Sequence[str] | None = None
+    ) -> ImageCaptionDataset:
+        """An `imagefolder` dataset: `folder/metadata.jsonl` (or `.csv`) lists `file_name` and the caption.
+
+        `fields`: the fields each row holds besides its image, kept under their names, instead of the caption
+        alone (`text_column`, kept as "text"): ``("question", "answer")`` for VQA rows."""
         root = fspath(folder, "folder")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset folder not found: {root!r}")
@@ -42,7 +47,7 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
             path = os.path.join(root, name)
             if os.path.isfile(path):
                 reader = cls.from_jsonl if name.endswith(".jsonl") else cls.from_csv
-                return reader(path, text_column=text_column)
+                return reader(path, text_column=text_column, fields=fields)
         raise FileNotFoundError(
             f"{root!r} has no metadata.jsonl or metadata.csv; the imagefolder convention needs one, with a "
             "`file_name` and a `text` field per image"
@@ -50,9 +55,14 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
 
     @classmethod
     def from_jsonl(
-        cls, path: str | os.PathLike[str], text_column: str = "text", image_column: str = "file_name"
+        cls,
+        path: str | os.PathLike[str],
+        text_column: str = "text",
+        image_column: str = "file_name",
+        fields: Sequence[str] | None = None,
     ) -> ImageCaptionDataset:
-        """One JSON object per line with the image file (relative to the file's folder) and its caption."""
+        """One JSON object per line with the image file (relative to the file's folder) and its caption (or
+        the `fields` given, as in `from_folder`)."""
         file = _existing_file(path, "JSONL")
         rows = []
         with open(file, encoding="utf-8") as f:
@@ -63,33 +73,47 @@ class ImageCaptionDataset(Sequence[dict[str, Any]]):
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{file}, line {number}: not valid JSON ({e})") from None
-        return cls._from_rows(rows, os.path.dirname(file), file, text_column, image_column)
+        return cls._from_rows(rows, os.path.dirname(file), file, text_column, image_column, fields)
 
     @classmethod
     def from_csv(
-        cls, path: str | os.PathLike[str], text_column: str = "text", image_column: str = "file_name"
+        cls,
+        path: str | os.PathLike[str],
+        text_column: str = "text",
+        image_column: str = "file_name",
+        fields: Sequence[str] | None = None,
     ) -> ImageCaptionDataset:
-        """A CSV file with a header naming the image-file and caption columns."""
+        """A CSV file with a header naming the image-file and caption columns (or the `fields` given, as in
+        `from_folder`)."""
         file = _existing_file(path, "CSV")
         with open(file, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
-        return cls._from_rows(rows, os.path.dirname(file), file, text_column, image_column)
+        return cls._from_rows(rows, os.path.dirname(file), file, text_column, image_column, fields)
 
     @classmethod
     def _from_rows(
-        cls, rows: list[Any], base: str, file: str, text_column: str, image_column: str
+        cls,
+        rows: list[Any],
+        base: str,
+        file: str,
+        text_column: str,
+        image_column: str,
+        fields: Sequence[str] | None = None,
     ) -> ImageCaptionDataset:
+        if isinstance(fields, str):
+            raise TypeError(f"fields must be a list of field names, got the string {fields!r}")
+        kept = {text_column: "text"} if fields is None else {f: f for f in fields}
         items = []
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValueError(f"{file}: row {i} is not an object")
-            for column in (image_column, text_column):
+            for column in (image_column, *kept):
                 if column not in row:
                     raise ValueError(f"{file}: row {i} has no {column!r} field (fields: {sorted(row)})")
             image = row[image_column]
             if not isinstance(image, str):
                 raise ValueError(f"{file}: row {i}: {image_column!r} must be a file name")
-            items.append({"image": os.path.join(base, image), "text": row[text_column]})
+            items.append({"image": os.path.join(base, image), **{name: row[c] for c, name in kept.items()}})
         return cls(items)
 
 

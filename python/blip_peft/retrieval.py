@@ -160,28 +160,12 @@ RETRIEVAL_CONFIG_NAME = "retrieval_config.json"
 
 @dataclass
 class RetrievalTrainResult:
-    """What `train_retrieval` returns: the steps taken, the learned temperature, and each logged step's
-    `{"step", "epoch", "loss", "loss_itc", "loss_itm", "temp", "learning_rate"}`."""
+    """What `train_retrieval` returns: the steps taken, the learned temperature, and each logged step's record
+    (`blip_peft.train`'s: ``step``, ``epoch``, ``loss`` = ITC + ITM, ``learning_rate``, ``grad_norm``, ...)."""
 
     global_step: int
     temp: float
-    log_history: list[dict[str, float]]
-
-
-def _pairs(dataset: Any) -> list[dict[str, Any]]:
-    """The training pairs as dicts with "image" and "text" (and maybe "image_id")."""
-    if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__"):  # a datasets.Dataset
-        missing = {"image", "text"} - set(dataset.column_names)
-        if missing:
-            raise ValueError(f"the dataset needs columns 'image' and 'text'; it lacks {sorted(missing)}")
-        return [dict(dataset[i]) for i in range(len(dataset))]
-    rows = list(dataset)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "image" not in row or "text" not in row:
-            raise ValueError(f"dataset item {i} must be a dict with 'image' and 'text' (an image-text pair)")
-        if not isinstance(row["text"], str):
-            raise TypeError(f"dataset item {i}: 'text' must be a str, got {type(row['text']).__name__}")
-    return rows
+    log_history: list[dict[str, Any]]
 
 
 def train_retrieval(
@@ -204,132 +188,40 @@ def train_retrieval(
     output_dir: str | None = None,
     callback: Any = None,
 ) -> RetrievalTrainResult:
-    """Fine-tunes a retrieval model (a `PeftModel` on `BlipForImageTextRetrieval`: its adapters; or the model
-    itself: all its parameters) with BLIP's losses, ITC + ITM on hard negatives (see
-    `BlipForImageTextRetrieval.retrieval_losses`), and AdamW with a linear schedule after `warmup_steps`.
+    """Fine-tunes a retrieval model with BLIP's losses, ITC + ITM on hard negatives: a compatibility wrapper over
+    `blip_peft.train` (which trains every BLIP head, with mixed precision, accumulation, checkpoints, resume,
+    evaluation and data parallelism), under transformers' `TrainingArguments` names.
 
     `dataset`: image-text pairs (dicts or a `datasets.Dataset` with "image" and "text"; an optional "image_id"
-    marks pairs of one image, else pairs with the same text count as one image's). Each epoch shuffles the
-    pairs (seeded) into batches of `per_device_train_batch_size` (a last batch of one pair is dropped: it has no
-    negatives). `temp`: the starting temperature (BLIP's 0.07), learned unless `learn_temp=False`, clamped to
-    [0.001, 0.5]. Each step's negatives are drawn under the seed `seed * 1_000_003 + step` (libtorch's global
-    generator is reseeded: runs repeat). `callback(log)` is called with each logged step's values.
-    `output_dir`: the adapter (peft's files; or the full model) and `retrieval_config.json` (`{"temp": ...}`)
-    are written there at the end.
-
-    What the captioning trainer (`blip_peft.train`) has and this loop does not (yet): mixed precision, gradient
-    accumulation, checkpoints and resume, evaluation during training, distributed data parallel.
+    marks pairs of one image, else pairs with the same text count as one image's). `temp`: the starting
+    temperature (BLIP's 0.07), learned unless `learn_temp=False`, clamped to [0.001, 0.5]. `max_grad_norm=None`
+    does not clip. `output_dir`: the adapter (peft's files) and `retrieval_config.json` (`{"temp": ...}`) are
+    written there at the end. `callback(log)` is called with each logged step's record.
     """
-    from blip_peft.modeling_retrieval import TEMP_INIT, new_temperature  # noqa: PLC0415
+    from blip_peft.training import train  # noqa: PLC0415
 
-    base = _retrieval_model(model)
-    pairs = _pairs(dataset)
-    batch = _positive_int(per_device_train_batch_size, "per_device_train_batch_size")
-    if batch < 2:
-        raise ValueError("per_device_train_batch_size must be at least 2 (the other pairs are the negatives)")
-    epochs = _positive_int(num_train_epochs, "num_train_epochs")
-    logging_steps = _positive_int(logging_steps, "logging_steps")
-    if len(pairs) < 2:
-        raise ValueError("train_retrieval needs at least 2 image-text pairs")
+    _retrieval_model(model)
     if max_length is None:
-        max_length = int(base.config.text_config.max_position_embeddings)
-    if isinstance(temp, torch.Tensor):
-        temperature = temp
-    else:
-        temperature = new_temperature(TEMP_INIT if temp is None else temp, device=base.device)
-    temperature.requires_grad_(bool(learn_temp))
-
-    ids_of_text: dict[str, int] = {}
-    image_ids = [
-        int(row["image_id"]) if "image_id" in row else ids_of_text.setdefault(row["text"], len(ids_of_text))
-        for row in pairs
-    ]
-    steps_per_epoch = len(pairs) // batch + (1 if len(pairs) % batch > 1 else 0)
-    total = steps_per_epoch * epochs if max_steps is None else _positive_int(max_steps, "max_steps")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (a PeftModel loaded with is_trainable=False?)")
-    groups: list[dict[str, Any]] = [{"params": params, "weight_decay": weight_decay}]
-    if learn_temp:
-        groups.append({"params": [temperature], "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total - step) / max(1, total - warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    history: list[dict[str, float]] = []
-    step = 0
-    was_training = base.training
-    model.train()
-    try:
-        for epoch in range(epochs if max_steps is None else 1 << 30):
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-            before = step
-            for start in range(0, len(order), batch):
-                chunk = order[start : start + batch]
-                if len(chunk) < 2 or step >= total:
-                    continue
-                enc = processor(
-                    images=[pairs[i]["image"] for i in chunk],
-                    text=[pairs[i]["text"] for i in chunk],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                chunk_ids = torch.tensor([image_ids[i] for i in chunk])
-                if int(chunk_ids.unique().numel()) < 2:
-                    continue  # one image's pairs only: nothing to contrast
-                out = base.retrieval_losses(
-                    enc["pixel_values"],
-                    enc["input_ids"],
-                    enc["attention_mask"],
-                    temperature,
-                    image_ids=chunk_ids,
-                    seed=seed * 1_000_003 + step,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                if step % logging_steps == 0 or step == total:
-                    log = {
-                        "step": float(step),
-                        "epoch": epoch + start / len(order),
-                        "loss": float(out.loss.detach()),
-                        "loss_itc": float(out.loss_itc.detach()),
-                        "loss_itm": float(out.loss_itm.detach()),
-                        "temp": float(temperature.detach().clamp(0.001, 0.5)),
-                        "learning_rate": float(scheduler.get_last_lr()[0]),
-                    }
-                    history.append(log)
-                    if callback is not None:
-                        callback(log)
-            if step >= total:
-                break
-            if step == before:
-                raise ValueError(
-                    "no batch of this dataset holds pairs of 2 different images (every pair shows the same image?)"
-                )
-    finally:
-        model.train(was_training)
-    with torch.no_grad():
-        temperature.clamp_(0.001, 0.5)
-    final_temp = float(temperature.detach())
-    if output_dir is not None:
-        import json  # noqa: PLC0415
-        import os  # noqa: PLC0415
-
-        from blip_peft import _blip_peft  # noqa: PLC0415
-
-        model.save_pretrained(output_dir)
-        text = json.dumps({"temp": final_temp}, indent=2) + "\n"
-        _blip_peft.write_text_atomic(os.path.join(os.fspath(output_dir), RETRIEVAL_CONFIG_NAME), text)
-    return RetrievalTrainResult(global_step=step, temp=final_temp, log_history=history)
+        max_length = int(_retrieval_model(model).config.text_config.max_position_embeddings)
+    result = train(
+        model,
+        processor,
+        dataset,
+        epochs=_positive_int(num_train_epochs, "num_train_epochs"),
+        max_steps=max_steps,
+        batch_size=_positive_int(per_device_train_batch_size, "per_device_train_batch_size"),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        max_grad_norm=0.0 if max_grad_norm is None else max_grad_norm,  # 0: no clipping
+        temp=temp,
+        learn_temp=learn_temp,
+        max_length=max_length,
+        seed=seed,
+        logging_steps=_positive_int(logging_steps, "logging_steps"),
+        output_dir=output_dir,
+        callback=callback,
+        progress=False,
+    )
+    assert result.temp is not None
+    return RetrievalTrainResult(global_step=result.global_step, temp=result.temp, log_history=result.history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import numbers
 import os
@@ -17,7 +18,7 @@ from blip_peft import _blip_peft, distributed
 from blip_peft._convert import fspath
 from blip_peft.data import as_items
 from blip_peft.evaluation import METRIC_NAMES, RECIPE_DECODING, group_references, score_images
-from blip_peft.modeling import BlipForConditionalGeneration, BlipPreTrainedModel
+from blip_peft.modeling import BlipPreTrainedModel
 from blip_peft.peft_model import PeftModel
 from blip_peft.processing import BlipImageProcessor, _native_image
 
@@ -51,6 +52,8 @@ class TrainResult:
     adapter_path: str | None = None
     skipped_samples: list[int] = field(default_factory=list)
     feature_cache: dict[str, Any] = field(default_factory=dict)
+    #: The retrieval head's learned contrastive temperature at the end (None for the other heads).
+    temp: float | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -247,6 +250,152 @@ def _encode(
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask, "labels": labels}, skipped
 
 
+#: What each head's training rows hold, by the head's class name (the task is chosen by the model's class).
+TASK_FIELDS = {
+    "BlipForConditionalGeneration": ("image", "text"),
+    "BlipForQuestionAnswering": ("image", "question", "answer"),
+    "BlipForImageTextRetrieval": ("image", "text"),
+}
+
+
+def _head_rows(dataset: Any, head: str, what: str) -> list[dict[str, Any]]:
+    """The rows of a VQA (`{"image", "question", "answer"}`) or retrieval (`{"image", "text"}`, optional
+    `"image_id"`) dataset: a sequence of dicts, a `datasets.Dataset` with those columns, or an
+    `ImageCaptionDataset` read with those fields (folder / JSONL / CSV). A missing field is a ValueError naming
+    it and the head."""
+    fields = TASK_FIELDS[head]
+    if dataset is None:
+        raise TypeError(f"{what} is required")
+    if isinstance(dataset, Mapping):
+        raise ValueError(
+            f"{head} trains on rows of {fields} (a list of dicts, a datasets.Dataset, or a folder / JSONL / CSV "
+            f"read with ImageCaptionDataset); a mapping of tensors is for BlipForConditionalGeneration only"
+        )
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is not None:  # a datasets.Dataset
+        missing = [f for f in fields if f not in column_names]
+        if missing:
+            raise ValueError(
+                f"the {what} has no {missing[0]!r} column, which {head} training needs (its rows: {fields}; "
+                f"columns: {column_names})"
+            )
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"{what} must be a sequence of {fields} rows, got {type(dataset).__name__}")
+    rows = []
+    for i in range(len(dataset)):
+        row = dataset[i]
+        if not isinstance(row, Mapping):
+            raise TypeError(f"{what} item {i} must be a dict with {fields}, got {type(row).__name__}")
+        for f in fields:
+            if f not in row:
+                raise ValueError(
+                    f"{what} item {i} has no {f!r} field, which {head} training needs (its rows: {fields}; "
+                    f"fields: {sorted(row)})"
+                )
+        for f in fields[1:]:
+            if not isinstance(row[f], str):
+                raise TypeError(f"{what} item {i}: {f!r} must be a string, got {type(row[f]).__name__}")
+        rows.append(dict(row))
+    if not rows:
+        raise ValueError(f"the {what} is empty")
+    return rows
+
+
+def _encode_head(
+    dataset: Any,
+    processor: Any,
+    head: str,
+    max_length: int | None,
+    bos: int,
+    pad: int,
+    on_bad_sample: str,
+    what: str,
+    num_workers: int | None = None,
+    augment: dict[str, Any] | None = None,
+) -> Any:
+    """A VQA or retrieval dataset as the core's batch source: images decoded batch by batch on Rust threads;
+    VQA answers collated as captions (BOS first, pads -100 in the labels) with their questions as the
+    tokenizer writes them; retrieval texts as the tokenizer writes them, with each pair's image id (the row's
+    "image_id", else one id per distinct text, as `train_retrieval` did)."""
+    rows = _head_rows(dataset, head, what)
+    if processor is None:
+        raise TypeError(f"{what} holds images and texts: pass the processor (e.g. BlipProcessor.from_pretrained)")
+    image_processor = getattr(processor, "image_processor", None)
+    if not isinstance(image_processor, BlipImageProcessor):
+        raise TypeError(
+            f"training {head} needs blip_peft's processor (its images are decoded on the core's batch threads); "
+            f"got {type(processor).__name__}: use blip_peft.BlipProcessor"
+        )
+    convert = image_processor.do_convert_rgb
+    native_images = []
+    for i, row in enumerate(rows):
+        try:
+            native_images.append(_native_image(row["image"], i, convert))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{what} item {i}: {e}") from None
+    tokenize = processor.tokenizer
+    questions = image_ids = None
+    if head == "BlipForQuestionAnswering":
+        texts = [row["answer"] for row in rows]
+        questions = [list(ids) for ids in tokenize([row["question"] for row in rows])["input_ids"]]
+        side_texts = [row["question"] + " " + row["answer"] for row in rows]
+    else:
+        texts = [row["text"] for row in rows]
+        ids_of_text: dict[str, int] = {}
+        image_ids = []
+        for i, row in enumerate(rows):
+            if "image_id" in row and row["image_id"] is not None:
+                value = row["image_id"]
+                if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                    value = int(value)  # a CSV file's column
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise TypeError(f"{what} item {i}: 'image_id' must be an int, got {type(value).__name__}")
+                image_ids.append(int(value))
+            else:
+                image_ids.append(ids_of_text.setdefault(row["text"], -1 - len(ids_of_text)))
+        side_texts = texts
+    captions = [list(ids) for ids in tokenize(texts)["input_ids"]]
+    return _blip_peft._ImageCaptionData(
+        image_processor._native,
+        native_images,
+        captions,
+        bos,
+        pad,
+        max_length,
+        on_bad_sample == "skip",
+        num_workers,
+        0,
+        augment,
+        side_texts if augment is not None else None,
+        questions,
+        image_ids,
+    )
+
+
+def _temperature(temp: Any, learn_temp: Any, head: str, device: Any) -> torch.Tensor | None:
+    """The retrieval head's contrastive temperature for the run (BLIP's 0.07 unless given), trained unless
+    `learn_temp=False`; None for the other heads, which refuse the settings."""
+    if head != "BlipForImageTextRetrieval":
+        if temp is not None or learn_temp is not True:
+            raise TypeError(f"temp and learn_temp are the retrieval head's settings; {head} has no temperature")
+        return None
+    from blip_peft.modeling_retrieval import TEMP_INIT, new_temperature  # noqa: PLC0415
+
+    if not isinstance(learn_temp, bool):
+        raise TypeError(f"learn_temp must be True or False, got {learn_temp!r}")
+    if isinstance(temp, torch.Tensor):
+        if temp.dim() != 0 or temp.dtype != torch.float32:
+            raise ValueError(f"temp must be a 0-dim float32 tensor, got {temp.dtype} of shape {list(temp.shape)}")
+        if temp.device != torch.device(device):
+            raise ValueError(f"temp must be on the model's device ({device}), got {temp.device}")
+        temperature = temp
+    else:
+        temperature = new_temperature(TEMP_INIT if temp is None else temp, device=device)
+    with torch.no_grad():
+        temperature.requires_grad_(learn_temp)
+    return temperature
+
+
 def _augment_settings(augment: Any) -> dict[str, Any] | None:
     """`train(augment=...)` as the settings dict the core reads (it checks names and ranges): "blip" is the
     core's defaults (LAVIS's recipe), a mapping overrides some of them."""
@@ -388,7 +537,7 @@ def flush_denormals() -> Iterator[None]:
 
 
 def train(
-    model: BlipForConditionalGeneration | PeftModel,
+    model: BlipPreTrainedModel | PeftModel,
     processor: Any,
     train_dataset: Any,
     *,
@@ -432,6 +581,8 @@ def train(
     num_workers: int | None = None,
     augment: str | Mapping[str, Any] | None = None,
     feature_cache: bool | float = True,
+    temp: float | torch.Tensor | None = None,
+    learn_temp: bool = True,
 ) -> TrainResult:
     """Fine-tunes `model` (a `PeftModel`: only its adapters train; a plain model: every parameter trains).
 
@@ -511,28 +662,33 @@ def train(
     `PeftModel` the final adapter is saved into `output_dir` itself.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    if isinstance(base, BlipPreTrainedModel) and not isinstance(base, BlipForConditionalGeneration):
-        hint = (
-            "for image-text retrieval use blip_peft.train_retrieval"
-            if type(base).__name__ == "BlipForImageTextRetrieval"
-            else "run a torch loop over model(...).loss instead"
-        )
-        raise TypeError(f"train() fine-tunes captioning models; {type(base).__name__} is another BLIP head ({hint})")
-    if isinstance(model, PeftModel):
-        native = model._native
-        config = model.peft_config[model.active_adapter]
-        adapter: tuple[str, str, str] | None = (
-            model.active_adapter,
-            config.bias,
-            config.to_json(),
-        )
-    elif isinstance(model, BlipForConditionalGeneration):
-        native = model._native
-        adapter = None
-    else:
+    if not isinstance(base, BlipPreTrainedModel) or type(base).__name__ not in TASK_FIELDS:
         raise TypeError(
-            f"model must be a blip_peft BlipForConditionalGeneration or PeftModel, got {type(model).__name__}"
+            "model must be a blip_peft BLIP head (BlipForConditionalGeneration, BlipForQuestionAnswering, "
+            f"BlipForImageTextRetrieval) or a PeftModel on one, got {type(base).__name__}"
         )
+    head = type(base).__name__
+    captioning = head == "BlipForConditionalGeneration"
+    native = base._native
+    adapter: tuple[str, str, str] | None = None
+    if isinstance(model, PeftModel):
+        config = model.peft_config[model.active_adapter]
+        adapter = (model.active_adapter, config.bias, config.to_json())
+    if not captioning:
+        for name, value, default in (("prompt", prompt, None), ("predict_with_generate", predict_with_generate, None),
+                                     ("eval_generate_kwargs", eval_generate_kwargs, None)):  # fmt: skip
+            if value is not default and value is not False:
+                raise ValueError(
+                    f"{name} is for captioning (BlipForConditionalGeneration); {head} is evaluated by its loss"
+                )
+        if metric_for_best_model not in (None, "loss", "eval_loss"):
+            raise ValueError(
+                f"metric_for_best_model={metric_for_best_model!r}: {head} is evaluated by its loss, 'eval_loss'"
+            )
+    temperature = _temperature(temp, learn_temp, head, base.device)
+    if head == "BlipForImageTextRetrieval" and (isinstance(batch_size, int) and not isinstance(batch_size, bool)):
+        if batch_size < 2:
+            raise ValueError("batch_size must be at least 2 for retrieval (the other pairs are the negatives)")
     if on_bad_sample not in ("raise", "skip"):
         raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
     if prompt is not None and not isinstance(prompt, str):
@@ -570,10 +726,20 @@ def train(
         eval_dataset, metric_for_best_model, greater_is_better, load_best_model_at_end, predict_with_generate,
         eval_generate_kwargs,
     )  # fmt: skip
-    train_tensors, skipped = encode(train_dataset, "train_dataset", num_workers, augment_settings)
     eval_tensors = None
     scorer = None
-    if eval_dataset is not None:
+    if not captioning:
+        train_tensors: Any = _encode_head(
+            train_dataset, processor, head, max_length, bos, pad, on_bad_sample, "train_dataset", num_workers,
+            augment_settings,
+        )  # fmt: skip
+        skipped: list[int] = []
+        if eval_dataset is not None:
+            eval_tensors = _encode_head(eval_dataset, processor, head, max_length, bos, pad, on_bad_sample,
+                                        "eval_dataset")  # fmt: skip
+    else:
+        train_tensors, skipped = encode(train_dataset, "train_dataset", num_workers, augment_settings)
+    if captioning and eval_dataset is not None:
         eval_tensors, _ = _encode(
             eval_dataset, processor, image_column, text_column, max_length, bos, pad, on_bad_sample,
             "eval_dataset", None, prompt, several_captions=True,
@@ -625,7 +791,9 @@ def train(
     main_process = group is None or group.rank == 0
     reporter = _Progress(progress and main_process, callback)
     try:
-        result = _blip_peft.train_native(native, train_tensors, eval_tensors, args, adapter, reporter, group, scorer)
+        result = _blip_peft.train_native(
+            native, train_tensors, eval_tensors, args, adapter, reporter, group, scorer, temperature
+        )
     finally:
         reporter.close()
     train_result = TrainResult(
@@ -643,6 +811,7 @@ def train(
             set(skipped) | set(train_tensors.skipped() if hasattr(train_tensors, "skipped") else [])
         ),
         feature_cache=dict(result["feature_cache"]),
+        temp=None if temperature is None else float(temperature.detach().clamp(0.001, 0.5)),
     )
     cache = train_result.feature_cache
     if cache["enabled"]:
@@ -662,4 +831,11 @@ def train(
         if main_process:
             model.save_pretrained(out)
         train_result.adapter_path = out
+    if out is not None and temperature is not None and main_process:
+        # The learned temperature beside the adapter (or the full model's checkpoints), as BLIP keeps it.
+        from blip_peft.retrieval import RETRIEVAL_CONFIG_NAME  # noqa: PLC0415
+
+        os.makedirs(out, exist_ok=True)
+        text = json.dumps({"temp": train_result.temp}, indent=2) + "\n"
+        _blip_peft.write_text_atomic(os.path.join(out, RETRIEVAL_CONFIG_NAME), text)
     return train_result

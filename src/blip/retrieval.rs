@@ -422,11 +422,45 @@ impl BlipForImageTextRetrieval {
         cx: &ForwardContext,
     ) -> Result<RetrievalLosses> {
         let pixel_values = self.check_pixel_values(pixel_values, cx)?;
-        let (ids, mask) = self.check_text(input_ids, attention_mask)?;
         let b = pixel_values.size()[0];
+        let (ids, _) = self.check_text(input_ids, attention_mask)?;
         if ids.size()[0] != b {
             return Err(Error::invalid(format!(
                 "input_ids has batch size {} but pixel_values has {b}; the losses take pairs (text i \
+                 describes image i)",
+                ids.size()[0]
+            )));
+        }
+        let image_embeds = self.encode_images(&pixel_values, cx)?;
+        self.losses_over_images(
+            &image_embeds,
+            input_ids,
+            attention_mask,
+            image_ids,
+            temp,
+            seed,
+            cx,
+        )
+    }
+
+    /// [`Self::losses`] over image embeddings already computed (`[B, 1 + patches, D]`, from the vision tower
+    /// or the trainer's feature cache).
+    #[allow(clippy::too_many_arguments)]
+    pub fn losses_over_images(
+        &self,
+        image_embeds: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        image_ids: Option<&Tensor>,
+        temp: &Tensor,
+        seed: Option<i64>,
+        cx: &ForwardContext,
+    ) -> Result<RetrievalLosses> {
+        let (ids, mask) = self.check_text(input_ids, attention_mask)?;
+        let b = image_embeds.size()[0];
+        if ids.size()[0] != b {
+            return Err(Error::invalid(format!(
+                "input_ids has batch size {} but the images have {b}; the losses take pairs (text i \
                  describes image i)",
                 ids.size()[0]
             )));
@@ -464,7 +498,6 @@ impl BlipForImageTextRetrieval {
         }
         let temp_d = temp.f_to_device(device)?.f_to_kind(Kind::Float)?;
 
-        let image_embeds = self.encode_images(&pixel_values, cx)?;
         let text_hidden = self.encode_text(&ids, mask.as_ref(), None, cx)?;
         let image_feat = self.image_features(&image_embeds, cx)?.f_to_kind(Kind::Float)?;
         let text_feat = self.text_features(&text_hidden, cx)?.f_to_kind(Kind::Float)?;
@@ -527,7 +560,7 @@ impl BlipForImageTextRetrieval {
             }
             None => None,
         };
-        let images_all = Tensor::f_cat(&[&image_embeds, &image_neg, &image_embeds], 0)?;
+        let images_all = Tensor::f_cat(&[image_embeds, &image_neg, image_embeds], 0)?;
         let (logits, _) = self.itm_logits(&ids_all, mask_all.as_ref(), &images_all, cx)?;
         let labels = Tensor::f_cat(
             &[

@@ -7,17 +7,21 @@ use pyo3::types::{PyDict, PyList};
 
 use super::errors::{guard, IntoPyResult};
 use super::model::{locked, PyBlipModel};
+use super::retrieval::PyBlipRetrievalModel;
+use super::vqa::PyBlipVqaModel;
 use super::{json, tensor};
-use crate::data::{BatchSource, ImageCaptionSource, TensorDataset};
+use crate::blip::BlipForConditionalGeneration;
+use crate::data::{BatchSource, ImageCaptionSource, TensorDataset, Texts};
 use crate::processor::augment::AugmentConfig;
 use crate::train::checkpoint::WeightsFormat;
-use crate::train::trainer::{Collective, Control, EvalRecord, Metrics, Observer, TrainConfig};
-use crate::train::{StepLog, Trainer};
+use crate::train::trainer::{Collective, Control, EvalRecord, Metrics, Observer, TrainConfig, TrainOutcome};
+use crate::train::{RetrievalTask, StepLog, TrainTask, Trainer};
 
 /// Calls the Python callback at logging steps; Ctrl-C and a callback returning True stop training.
 struct PyObserver {
-    /// The handle of the model being trained: lent to the callback (see `model::Lend`).
-    inner: std::sync::Arc<std::sync::Mutex<crate::blip::BlipForConditionalGeneration>>,
+    /// The handle of the captioner being trained: lent to the callback (see `model::Lend`). The other heads
+    /// are not lent (a callback's call on them finds the model busy).
+    inner: Option<std::sync::Arc<std::sync::Mutex<BlipForConditionalGeneration>>>,
     callback: Option<Py<PyAny>>,
     /// `scorer(step) -> dict[str, float]`: the evaluation metrics besides the loss (caption scores).
     scorer: Option<Py<PyAny>>,
@@ -48,7 +52,7 @@ impl PyObserver {
 
     fn call(
         &mut self,
-        model: &crate::blip::BlipForConditionalGeneration,
+        model: Option<&BlipForConditionalGeneration>,
         event: &str,
         payload: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
     ) -> crate::Result<Control> {
@@ -60,7 +64,7 @@ impl PyObserver {
                 return Ok(Control::Continue);
             };
             // The callback may generate with the model being trained (sample captions during training).
-            let _lend = super::model::Lend::new(&self.inner, model);
+            let _lend = self.lend(model);
             let result = payload(py).and_then(|p| cb.call1(py, (event, p)));
             match result {
                 Ok(r) => Ok(if r.bind(py).is_truthy().unwrap_or(false) {
@@ -75,17 +79,25 @@ impl PyObserver {
 }
 
 impl PyObserver {
+    /// Lends the captioner being trained to this thread's calls while the guard lives.
+    fn lend(&self, model: Option<&BlipForConditionalGeneration>) -> Option<super::model::Lend> {
+        match (&self.inner, model) {
+            (Some(inner), Some(model)) => Some(super::model::Lend::new(inner, model)),
+            _ => None,
+        }
+    }
+
     /// The scorer's metrics for the model at `step`, the model lent to it as to the callback.
     fn scores(
         &mut self,
-        model: &crate::blip::BlipForConditionalGeneration,
+        model: Option<&BlipForConditionalGeneration>,
         step: i64,
     ) -> crate::Result<Option<Metrics>> {
         Python::attach(|py| {
             let Some(scorer) = &self.scorer else {
                 return Ok(Some(Metrics::default()));
             };
-            let _lend = super::model::Lend::new(&self.inner, model);
+            let _lend = self.lend(model);
             let result = scorer.call1(py, (step,)).and_then(|r| {
                 let d = r.bind(py).cast::<PyDict>().map_err(PyErr::from)?.clone();
                 d.iter()
@@ -116,14 +128,9 @@ fn log_dict<'py>(py: Python<'py>, log: &StepLog) -> PyResult<Bound<'py, PyDict>>
     Ok(d)
 }
 
-impl Observer for PyObserver {
-    fn on_log(
-        &mut self,
-        model: &crate::blip::BlipForConditionalGeneration,
-        logs: &[StepLog],
-        total_steps: i64,
-    ) -> crate::Result<Control> {
-        self.call(model, "log", |py| {
+impl<T: TrainTask> Observer<T> for PyObserver {
+    fn on_log(&mut self, model: &T, logs: &[StepLog], total_steps: i64) -> crate::Result<Control> {
+        self.call(model.as_captioner(), "log", |py| {
             let list = PyList::empty(py);
             for l in logs {
                 list.append(log_dict(py, l)?)?;
@@ -139,13 +146,8 @@ impl Observer for PyObserver {
         Python::attach(|py| self.check_signals(py))
     }
 
-    fn on_eval(
-        &mut self,
-        model: &crate::blip::BlipForConditionalGeneration,
-        step: i64,
-        metrics: &Metrics,
-    ) -> crate::Result<Control> {
-        self.call(model, "eval", |py| {
+    fn on_eval(&mut self, model: &T, step: i64, metrics: &Metrics) -> crate::Result<Control> {
+        self.call(model.as_captioner(), "eval", |py| {
             let d = PyDict::new(py);
             d.set_item("step", step)?;
             for (name, value) in &metrics.0 {
@@ -155,12 +157,8 @@ impl Observer for PyObserver {
         })
     }
 
-    fn score(
-        &mut self,
-        model: &crate::blip::BlipForConditionalGeneration,
-        step: i64,
-    ) -> crate::Result<Option<Metrics>> {
-        self.scores(model, step)
+    fn score(&mut self, model: &T, step: i64) -> crate::Result<Option<Metrics>> {
+        self.scores(model.as_captioner(), step)
     }
 }
 
@@ -213,7 +211,7 @@ impl PyImageCaptionData {
     #[new]
     #[pyo3(signature = (
         image_processor, images, captions, bos_token_id, pad_token_id, max_length=None, skip_bad=false,
-        num_workers=None, prompt_tokens=0, augment=None, texts=None
+        num_workers=None, prompt_tokens=0, augment=None, texts=None, questions=None, image_ids=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -228,6 +226,8 @@ impl PyImageCaptionData {
         prompt_tokens: usize,
         augment: Option<&Bound<'_, PyDict>>,
         texts: Option<Vec<String>>,
+        questions: Option<Vec<Vec<i64>>>,
+        image_ids: Option<Vec<i64>>,
     ) -> PyResult<Self> {
         guard("_ImageCaptionData()", || {
             let max_length = crate::data::check_max_length(json::int_arg(max_length, "max_length")?).py()?;
@@ -255,6 +255,16 @@ impl PyImageCaptionData {
             )
             .py()?;
             source.prompt_tokens = prompt_tokens;
+            source = match (questions, image_ids) {
+                (None, None) => source,
+                (Some(q), None) => source.with_texts(Texts::Questions(q)).py()?,
+                (None, Some(ids)) => source.with_texts(Texts::ImageIds(ids)).py()?,
+                (Some(_), Some(_)) => {
+                    return Err(PyValueError::new_err(
+                        "questions (VQA) and image_ids (retrieval) are for different heads; give one",
+                    ))
+                }
+            };
             if let Some(augment) = augment {
                 let config = AugmentConfig::from_keywords(json::from_dict(augment)?).py()?;
                 let texts = texts.ok_or_else(|| {
@@ -304,6 +314,15 @@ impl PyImageCaptionData {
             out.set_item("input_ids", tensor::to_py(py, &batch.input_ids)?)?;
             out.set_item("attention_mask", tensor::to_py(py, &batch.attention_mask)?)?;
             out.set_item("labels", tensor::to_py(py, &batch.labels)?)?;
+            for (name, t) in [
+                ("decoder_input_ids", &batch.decoder_input_ids),
+                ("decoder_attention_mask", &batch.decoder_attention_mask),
+                ("image_ids", &batch.image_ids),
+            ] {
+                if let Some(t) = t {
+                    out.set_item(name, tensor::to_py(py, t)?)?;
+                }
+            }
             Ok(out)
         })
     }
@@ -352,14 +371,56 @@ fn tensor_dataset(parts: &Bound<'_, PyAny>, what: &str, bos: i64) -> PyResult<Te
     .py()
 }
 
-/// Trains `model` on encoded tensors (a mapping with pixel_values, input_ids, attention_mask, labels).
-/// `adapter` is `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning.
+/// The model handle `train_native` was given: one of the three heads.
+enum Head<'a, 'py> {
+    Caption(PyRef<'py, PyBlipModel>),
+    Vqa(PyRef<'py, PyBlipVqaModel>),
+    Retrieval(PyRef<'py, PyBlipRetrievalModel>, &'a Bound<'py, PyAny>),
+}
+
+/// Runs the trainer on one head with the GIL released (the run's references gathered in one place).
+struct Run<'a> {
+    train: Box<dyn BatchSource>,
+    eval: Option<Box<dyn BatchSource>>,
+    config: &'a TrainConfig,
+    adapter: &'a Option<(String, String, String)>,
+    observer: &'a mut PyObserver,
+    collective: Option<&'a mut PyCollective>,
+}
+
+impl Run<'_> {
+    fn go<T: TrainTask>(self, model: &mut T) -> crate::Result<TrainOutcome> {
+        let format = match self.adapter {
+            Some((name, bias, config_json)) => WeightsFormat::Adapter {
+                name,
+                bias,
+                config_json,
+            },
+            None => WeightsFormat::Full,
+        };
+        let collective = self.collective.map(|c| c as &mut dyn Collective);
+        Trainer::run(
+            model,
+            self.train,
+            self.eval,
+            self.config,
+            &format,
+            self.observer,
+            collective,
+        )
+    }
+}
+
+/// Trains `model` (the native handle of any BLIP head) on a dataset source (`_ImageCaptionData`, or for the
+/// captioner a mapping of encoded tensors: pixel_values, input_ids, attention_mask, labels). `adapter` is
+/// `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning. `temp`: the retrieval
+/// head's temperature (a 0-dim float32 tensor, trained in place when it requires grad).
 #[pyfunction]
-#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None, scorer=None))]
+#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None, scorer=None, temp=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_native<'py>(
     py: Python<'py>,
-    model: &PyBlipModel,
+    model: &Bound<'py, PyAny>,
     train: &Bound<'py, PyAny>,
     eval: Option<&Bound<'py, PyAny>>,
     settings: &Bound<'py, PyDict>,
@@ -367,8 +428,24 @@ pub fn train_native<'py>(
     callback: Option<Py<PyAny>>,
     distributed: Option<Py<PyAny>>,
     scorer: Option<Py<PyAny>>,
+    temp: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     guard("train_native", || {
+        let head = if let Ok(m) = model.cast::<PyBlipModel>() {
+            Head::Caption(m.borrow())
+        } else if let Ok(m) = model.cast::<PyBlipVqaModel>() {
+            Head::Vqa(m.borrow())
+        } else if let Ok(m) = model.cast::<PyBlipRetrievalModel>() {
+            let temp = temp.ok_or_else(|| {
+                PyValueError::new_err("training the retrieval head needs its temperature (temp=)")
+            })?;
+            Head::Retrieval(m.borrow(), temp)
+        } else {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "train_native takes a BLIP head's native handle, got {}",
+                model.get_type().name()?
+            )));
+        };
         let (rank, world_size) = match &distributed {
             Some(d) => (
                 d.bind(py).getattr("rank")?.extract::<usize>()?,
@@ -380,43 +457,79 @@ pub fn train_native<'py>(
         let mut config = TrainConfig::from_settings(json::from_dict(settings)?).py()?;
         config.rank = rank;
         config.world_size = world_size;
-        let bos = model.lock()?.config.text_config.bos_token_id;
+        let bos = match &head {
+            Head::Caption(m) => m.lock()?.config.text_config.bos_token_id,
+            Head::Vqa(m) => locked(&m.inner).py()?.config.text_config.bos_token_id,
+            Head::Retrieval(m, _) => locked(&m.inner).py()?.config.text_config.bos_token_id,
+        };
         let train_source = batch_source(train, "train_dataset", bos)?;
         let eval_source = match eval {
             Some(e) if !e.is_none() => Some(batch_source(e, "eval_dataset", bos)?),
             _ => None,
         };
         let mut observer = PyObserver {
-            inner: model.inner.clone(),
+            inner: match &head {
+                Head::Caption(m) => Some(m.inner.clone()),
+                _ => None,
+            },
             callback,
             scorer,
             interrupted: false,
             error: None,
         };
-        let inner = model.inner.clone();
-        let outcome = py.detach(|| {
-            let mut m = locked(&inner)?;
-            let format = match &adapter {
-                Some((name, bias, config_json)) => WeightsFormat::Adapter {
-                    name,
-                    bias,
-                    config_json,
-                },
-                None => WeightsFormat::Full,
-            };
-            let collective = collective.as_mut().map(|c| c as &mut dyn Collective);
-            let outcome = Trainer::run(
-                &mut m,
-                train_source,
-                eval_source,
-                &config,
-                &format,
-                &mut observer,
-                collective,
-            );
-            model.refresh(&m);
-            outcome
-        });
+        let run = Run {
+            train: train_source,
+            eval: eval_source,
+            config: &config,
+            adapter: &adapter,
+            observer: &mut observer,
+            collective: collective.as_mut(),
+        };
+        let outcome = match &head {
+            Head::Caption(model) => {
+                let model: &PyBlipModel = model;
+                let inner = model.inner.clone();
+                py.detach(|| {
+                    let mut m = locked(&inner)?;
+                    let outcome = run.go(&mut *m);
+                    model.refresh(&m);
+                    outcome
+                })
+            }
+            Head::Vqa(model) => {
+                let model: &PyBlipVqaModel = model;
+                let inner = model.inner.clone();
+                py.detach(|| {
+                    let mut m = locked(&inner)?;
+                    let outcome = run.go(&mut *m);
+                    model.refresh(&m);
+                    outcome
+                })
+            }
+            Head::Retrieval(model, temp) => {
+                let temp = tensor::from_py(temp, "temp")?;
+                let inner = model.inner.clone();
+                py.detach(|| {
+                    let mut m = locked(&inner)?;
+                    let device = m.device();
+                    if temp.dim() != 0 || temp.kind() != tch::Kind::Float || temp.device() != device {
+                        return Err(crate::Error::invalid(format!(
+                            "temp must be a 0-dim float32 tensor on the model's device ({device:?}), got {:?} {:?} \
+                             on {:?}",
+                            temp.kind(),
+                            temp.size(),
+                            temp.device()
+                        )));
+                    }
+                    let mut task = RetrievalTask {
+                        model: &mut m,
+                        temp,
+                    };
+                    run.go(&mut task)
+                })
+            }
+        };
+        drop(head);
         if let Some(e) = observer.error.take() {
             return Err(e);
         }

@@ -25,7 +25,7 @@ type Model = BlipForQuestionAnswering;
 /// A BLIP visual-question-answering model held by the Rust core. Use `blip_peft.BlipForQuestionAnswering`.
 #[pyclass(module = "blip_peft._blip_peft", name = "_BlipVqaModel", frozen)]
 pub struct PyBlipVqaModel {
-    inner: Arc<Mutex<Model>>,
+    pub(crate) inner: Arc<Mutex<Model>>,
     /// Inference calls from different threads take turns on this, then the model.
     turn: Mutex<()>,
     snapshot: Mutex<Snapshot>,
@@ -80,7 +80,7 @@ impl PyBlipVqaModel {
         self.snapshot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn refresh(&self, m: &Model) {
+    pub(crate) fn refresh(&self, m: &Model) {
         *self.snapshot() = Snapshot::of(m);
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::optim::AdamW;
-use crate::blip::BlipForConditionalGeneration;
+use super::task::TrainTask;
 use crate::error::{Error, Result};
 use crate::weights::{save_safetensors, write_atomic, SafetensorsFiles};
 
@@ -102,9 +102,9 @@ pub fn checkpoint_dir(output_dir: &Path, step: i64) -> PathBuf {
 
 /// Writes a complete checkpoint for `state.global_step`, then enforces `save_total_limit`: the oldest
 /// checkpoints go first, except `state.best_model_checkpoint`, which is kept (as transformers keeps it).
-pub fn save(
+pub fn save<T: TrainTask + ?Sized>(
     output_dir: &Path,
-    model: &mut BlipForConditionalGeneration,
+    model: &mut T,
     optimizer: &AdamW,
     state: &TrainerState,
     format: &WeightsFormat,
@@ -133,9 +133,10 @@ pub fn save(
                 name,
                 bias,
                 config_json,
-            } => crate::lora::inject::save_adapter(model, &tmp, name, bias, config_json)?,
+            } => crate::lora::inject::save_adapter(model.lora_host(), &tmp, name, bias, config_json)?,
             WeightsFormat::Full => model.save_pretrained(&tmp)?,
         }
+        model.save_extra(&tmp)?;
         let mut moments = Vec::with_capacity(2 * optimizer.states.len());
         for s in &optimizer.states {
             moments.push((format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()));

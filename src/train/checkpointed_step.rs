@@ -19,9 +19,9 @@ pub struct TrainedTowers {
 
 impl TrainedTowers {
     /// Read once per run: which parameters train does not change between steps.
-    pub fn of(model: &BlipForConditionalGeneration) -> Self {
+    pub fn of<T: super::task::TrainTask + ?Sized>(model: &T) -> Self {
         Self {
-            vision: model.vision_model.has_trainable(),
+            vision: model.vision_model().has_trainable(),
         }
     }
 }

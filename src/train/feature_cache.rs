@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer};
 use tch::{Device, Tensor};
 
-use crate::blip::BlipForConditionalGeneration;
+use super::task::TrainTask;
 use crate::data::BatchSource;
 use crate::error::{Error, Result};
 use crate::nn::ForwardContext;
@@ -80,29 +80,29 @@ pub struct FeatureCacheReport {
 
 /// Why the cache cannot serve this run, or None when it can: the vision tower trains or draws random numbers,
 /// or the source's pixels are not the same for an example in every epoch.
-pub fn refusal(
-    model: &mut BlipForConditionalGeneration,
+pub fn refusal<T: TrainTask + ?Sized>(
+    model: &mut T,
     source: &dyn BatchSource,
     setting: FeatureCacheSetting,
 ) -> Result<Option<String>> {
     if setting == FeatureCacheSetting::Off {
         return Ok(Some("turned off (feature_cache=False)".into()));
     }
-    if model.vision_model.has_trainable() {
+    if model.vision_model().has_trainable() {
         return Ok(Some(
             "the vision tower has trainable parameters (LoRA target_modules or modules_to_save in vision_model): \
              its embeddings change every step"
                 .into(),
         ));
     }
-    let p = model.vision_model.attention_dropout();
+    let p = model.vision_model().attention_dropout();
     if p > 0.0 {
         return Ok(Some(format!(
             "vision_config.attention_dropout is {p}: the vision tower draws dropout masks in training"
         )));
     }
     if let Some((path, p)) =
-        crate::lora::inject::first_adapter_dropout(&mut model.vision_model, "vision_model")?
+        crate::lora::inject::first_adapter_dropout(model.vision_model_mut(), "vision_model")?
     {
         return Ok(Some(format!(
             "the adapter on {path} has lora_dropout {p}: the vision tower draws dropout masks in training"
@@ -146,9 +146,9 @@ impl FeatureCache {
     /// its example was stored is served from the cache too). Computed as the uncached step computes them
     /// (the tower holds no trained weight, so no graph is kept), and torch's RNG is left as that step leaves
     /// it.
-    pub fn images(
+    pub fn images<T: TrainTask + ?Sized>(
         &mut self,
-        model: &BlipForConditionalGeneration,
+        model: &T,
         indices: &[usize],
         with_pixels: &[bool],
         pixel_values: &Tensor,
@@ -169,7 +169,7 @@ impl FeatureCache {
             position += i64::from(has_pixels);
         }
         let computed = if pixel_rows.is_empty() {
-            model.vision_model.seed_as_after_forward(cx);
+            model.vision_model().seed_as_after_forward(cx);
             None
         } else {
             let pixels = if pixel_rows.len() as i64 == position {

@@ -6,7 +6,9 @@ pub mod checkpointed_step;
 pub mod denormals;
 pub mod feature_cache;
 pub mod optim;
+pub mod task;
 pub mod trainer;
 
 pub use optim::{AdamW, LossScaler, Schedule};
+pub use task::{RetrievalTask, TrainTask};
 pub use trainer::{StepLog, TrainConfig, TrainOutcome, Trainer};

@@ -50,6 +50,8 @@ pub struct AdamState {
     pub param: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
+    /// Whether weight decay applies (not to retrieval's temperature).
+    pub decay: bool,
 }
 
 /// `torch.optim.AdamW` (decoupled weight decay, no amsgrad), step for step.
@@ -77,6 +79,7 @@ impl AdamW {
                 Ok(AdamState {
                     exp_avg: param.f_zeros_like()?,
                     exp_avg_sq: param.f_zeros_like()?,
+                    decay: true,
                     name,
                     param,
                 })
@@ -90,6 +93,18 @@ impl AdamW {
             weight_decay,
             step: 0,
         })
+    }
+
+    /// Adds a trained tensor that takes no weight decay (as a torch parameter group with `weight_decay=0`).
+    pub fn push_without_decay(&mut self, name: String, param: Tensor) -> Result<()> {
+        self.states.push(AdamState {
+            exp_avg: param.f_zeros_like()?,
+            exp_avg_sq: param.f_zeros_like()?,
+            decay: false,
+            name,
+            param,
+        });
+        Ok(())
     }
 
     /// Applies one update with learning rate `lr` to every parameter that has a gradient.
@@ -110,7 +125,7 @@ impl AdamW {
                 grad
             };
             let mut p = s.param.shallow_clone();
-            if self.weight_decay != 0.0 {
+            if self.weight_decay != 0.0 && s.decay {
                 let _ = p.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
             }
             let _ = s.exp_avg.f_lerp_(&grad, 1.0 - self.beta1)?;

@@ -13,6 +13,7 @@ use super::checkpoint::{self, TrainerState, WeightsFormat};
 use super::checkpointed_step::TrainedTowers;
 use super::feature_cache::{self, FeatureCache, FeatureCacheReport, FeatureCacheSetting};
 use super::optim::{clip_grad_norm, AdamW, LossScaler, Schedule};
+use super::task::TrainTask;
 use crate::blip::BlipForConditionalGeneration;
 use crate::data::{Batch, BatchSource};
 use crate::error::{Error, Result};
@@ -379,25 +380,16 @@ pub enum Control {
 ///
 /// `model` is the model being trained, lent for the call (read-only: a callback may caption samples with it);
 /// the run does not touch it until the call returns.
-pub trait Observer {
-    fn on_log(
-        &mut self,
-        model: &BlipForConditionalGeneration,
-        logs: &[StepLog],
-        total_steps: i64,
-    ) -> Result<Control>;
+/// `M` is the model being trained (the captioner by default; any [`TrainTask`]).
+pub trait Observer<M: ?Sized = BlipForConditionalGeneration> {
+    fn on_log(&mut self, model: &M, logs: &[StepLog], total_steps: i64) -> Result<Control>;
     /// After an evaluation: its metrics (`eval_loss`, then what [`Self::score`] added).
-    fn on_eval(
-        &mut self,
-        model: &BlipForConditionalGeneration,
-        step: i64,
-        metrics: &Metrics,
-    ) -> Result<Control>;
+    fn on_eval(&mut self, model: &M, step: i64, metrics: &Metrics) -> Result<Control>;
     /// Metrics of the model at an evaluation step besides the evaluation loss (the bindings' caption scores of
     /// captions generated for the evaluation images), in the order to report them. Called on rank 0 only, with
     /// the model in no training state of its own: whatever it runs must choose its context (generation's has
     /// no dropout). Nothing by default; None: stop the run (e.g. Ctrl-C while scoring), this step unscored.
-    fn score(&mut self, _model: &BlipForConditionalGeneration, _step: i64) -> Result<Option<Metrics>> {
+    fn score(&mut self, _model: &M, _step: i64) -> Result<Option<Metrics>> {
         Ok(Some(Metrics::default()))
     }
     /// Called after every optimizer step (cheap: e.g. a check for Ctrl-C).
@@ -409,11 +401,11 @@ pub trait Observer {
 /// An observer that does nothing (Rust callers and tests).
 pub struct Silent;
 
-impl Observer for Silent {
-    fn on_log(&mut self, _: &BlipForConditionalGeneration, _: &[StepLog], _: i64) -> Result<Control> {
+impl<M: ?Sized> Observer<M> for Silent {
+    fn on_log(&mut self, _: &M, _: &[StepLog], _: i64) -> Result<Control> {
         Ok(Control::Continue)
     }
-    fn on_eval(&mut self, _: &BlipForConditionalGeneration, _: i64, _: &Metrics) -> Result<Control> {
+    fn on_eval(&mut self, _: &M, _: i64, _: &Metrics) -> Result<Control> {
         Ok(Control::Continue)
     }
 }
@@ -657,7 +649,7 @@ struct PrecisionGuard {
 impl PrecisionGuard {
     /// Lowers the frozen float weights to `kind` and makes both towers compute in it. Trained weights
     /// stay in float32 (the layers cast them on the way in, as autocast does), so they must be float32.
-    fn lower(model: &mut BlipForConditionalGeneration, kind: Option<Kind>) -> Result<Self> {
+    fn lower<T: TrainTask + ?Sized>(model: &mut T, kind: Option<Kind>) -> Result<Self> {
         let Some(kind) = kind else {
             return Ok(Self { originals: vec![] });
         };
@@ -702,13 +694,14 @@ impl PrecisionGuard {
 pub struct Trainer;
 
 impl Trainer {
-    pub fn run(
-        model: &mut BlipForConditionalGeneration,
+    /// Trains `model` (any BLIP head: [`TrainTask`]) on `train`, evaluating on `eval`.
+    pub fn run<T: TrainTask>(
+        model: &mut T,
         train: Box<dyn BatchSource>,
         eval: Option<Box<dyn BatchSource>>,
         config: &TrainConfig,
         format: &WeightsFormat,
-        observer: &mut dyn Observer,
+        observer: &mut dyn Observer<T>,
         collective: Option<&mut dyn Collective>,
     ) -> Result<TrainOutcome> {
         config.validate()?;
@@ -740,7 +733,8 @@ impl Trainer {
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect();
-        if trainable.is_empty() {
+        let extra = model.extra_trained();
+        if trainable.is_empty() && extra.is_empty() {
             return Err(Error::invalid(
                 "the model has no trainable parameters (an adapter loaded with is_trainable=False, or everything \
                  frozen); load the adapter with is_trainable=True or unfreeze parameters",
@@ -756,6 +750,9 @@ impl Trainer {
         }
         let device = model.device();
         let mut optimizer = AdamW::new(trainable, config.betas, config.eps, config.weight_decay)?;
+        for (name, t) in extra {
+            optimizer.push_without_decay(name, t)?;
+        }
         let precision = config.precision.on(device);
         let mut scaler = match precision {
             Precision::Float16 => Some(LossScaler::new(65536.0, device)?),
@@ -866,12 +863,12 @@ impl Trainer {
 
 /// One training run under way: the model, its optimizer and scaler, the run's state, and what the loop
 /// carries from step to step. Each phase of an optimizer step is one method.
-struct TrainingRun<'a> {
-    model: &'a mut BlipForConditionalGeneration,
+struct TrainingRun<'a, T: TrainTask> {
+    model: &'a mut T,
     device: Device,
     config: &'a TrainConfig,
     format: &'a WeightsFormat<'a>,
-    observer: &'a mut dyn Observer,
+    observer: &'a mut dyn Observer<T>,
     collective: Option<&'a mut dyn Collective>,
     eval: Option<Box<dyn BatchSource>>,
     plan: Plan,
@@ -895,7 +892,7 @@ struct TrainingRun<'a> {
     cache: Option<FeatureCache>,
 }
 
-impl TrainingRun<'_> {
+impl<T: TrainTask> TrainingRun<'_, T> {
     /// The planned steps from the state's `global_step` on, batches prepared on a background thread.
     /// Returns whether the run was stopped (by an observer, on any process) before the end.
     fn train(&mut self, source: Box<dyn BatchSource>) -> Result<bool> {
@@ -966,23 +963,17 @@ impl TrainingRun<'_> {
                 Some(_) => batch.pixel_values.shallow_clone(),
                 None => model.check_pixel_values(&batch.pixel_values, &cx)?,
             };
-            let ids = batch.input_ids.f_to_device(device)?;
-            let mask = batch.attention_mask.f_to_device(device)?;
-            let labels = batch.labels.f_to_device(device)?;
             // What the loss is scaled by before its backward: 1/accumulation, times the fp16 loss scale.
             let multiplier = match self.scaler.as_ref() {
                 Some(s) => s.scale.f_squeeze()?.f_div_scalar(group)?,
                 None => Tensor::f_full([], 1.0 / group, (Kind::Float, device))?,
             };
             let loss = if config.gradient_checkpointing {
-                super::checkpointed_step::loss_backward(
-                    model,
+                model.loss_backward_checkpointed(
                     self.towers,
                     &pixel_values,
                     cached,
-                    &ids,
-                    &mask,
-                    &labels,
+                    &batch,
                     &multiplier,
                     &cx,
                 )?
@@ -991,11 +982,14 @@ impl TrainingRun<'_> {
                     Some(image) => image,
                     None => model.encode_images(&pixel_values, &cx)?,
                 };
-                let (_, loss) = model.decode_with_loss(&ids, Some(&mask), &image, Some(&labels), &cx)?;
-                let loss = loss.ok_or_else(|| Error::invalid("no loss was computed"))?;
-                loss.f_mul(&multiplier)?.f_backward()?;
+                let loss = model.loss_over_images(&batch, &image, &cx)?;
+                if let Some(loss) = &loss {
+                    loss.f_mul(&multiplier)?.f_backward()?;
+                }
                 loss
             };
+            // A batch with nothing to learn from (retrieval: pairs of one image only) adds no gradient.
+            let Some(loss) = loss else { continue };
             step_loss = step_loss.f_add(&loss.f_detach()?.f_div_scalar(group)?)?;
         }
         Ok((step_loss, step_samples))
@@ -1352,8 +1346,8 @@ fn check_ranks_agree(
 }
 
 /// The evaluation loss, each process taking its share of the evaluation set and the means averaged.
-fn evaluate_sharded(
-    model: &mut BlipForConditionalGeneration,
+fn evaluate_sharded<T: TrainTask + ?Sized>(
+    model: &mut T,
     source: &dyn BatchSource,
     config: &TrainConfig,
     collective: Option<&mut (dyn Collective + '_)>,
@@ -1376,8 +1370,8 @@ fn evaluate_sharded(
 }
 
 /// Mean loss over an evaluation source, without gradients, under `cx` (no dropout: an inference context).
-pub fn evaluate(
-    model: &BlipForConditionalGeneration,
+pub fn evaluate<T: TrainTask + ?Sized>(
+    model: &T,
     source: &dyn BatchSource,
     batch_size: usize,
     cx: &ForwardContext,
@@ -1391,8 +1385,8 @@ pub fn evaluate(
 }
 
 /// The sum of per-batch mean losses over `indices`, and the number of batches.
-fn evaluate_indices(
-    model: &BlipForConditionalGeneration,
+fn evaluate_indices<T: TrainTask + ?Sized>(
+    model: &T,
     source: &dyn BatchSource,
     indices: &[usize],
     batch_size: usize,
@@ -1407,14 +1401,7 @@ fn evaluate_indices(
             let b = source.batch(idx)?;
             let pv = model.check_pixel_values(&b.pixel_values, cx)?;
             let image = model.encode_images(&pv, cx)?;
-            let (_, loss) = model.decode_with_loss(
-                &b.input_ids.f_to_device(device)?,
-                Some(&b.attention_mask.f_to_device(device)?),
-                &image,
-                Some(&b.labels.f_to_device(device)?),
-                cx,
-            )?;
-            if let Some(l) = loss {
+            if let Some(l) = model.loss_over_images(&b, &image, cx)? {
                 total = total.f_add(&l.f_to_kind(Kind::Double)?)?;
                 batches += 1;
             }
@@ -1426,9 +1413,9 @@ fn evaluate_indices(
 }
 
 /// Loads a checkpoint's weights and optimizer state into the run.
-fn resume(
+fn resume<T: TrainTask + ?Sized>(
     dir: &std::path::Path,
-    model: &mut BlipForConditionalGeneration,
+    model: &mut T,
     optimizer: &mut AdamW,
     format: &WeightsFormat,
 ) -> Result<TrainerState> {
@@ -1468,8 +1455,8 @@ fn best_checkpoint_after_resume(
 /// `load_best_model_at_end`: the trained weights of the best evaluation back into the model: from this run's
 /// host copies, or from the best checkpoint (a best from before a resume). Nothing when the last step is the
 /// best, or when no evaluation ran.
-fn load_best(
-    model: &mut BlipForConditionalGeneration,
+fn load_best<T: TrainTask + ?Sized>(
+    model: &mut T,
     optimizer: &AdamW,
     state: &TrainerState,
     best_weights: Option<Vec<Tensor>>,
@@ -1498,9 +1485,9 @@ fn load_best(
 }
 
 /// A checkpoint's trained weights into the model (an adapter's, or every parameter for full fine-tuning).
-fn load_weights(
+fn load_weights<T: TrainTask + ?Sized>(
     dir: &std::path::Path,
-    model: &mut BlipForConditionalGeneration,
+    model: &mut T,
     format: &WeightsFormat,
 ) -> Result<()> {
     match format {
@@ -1512,7 +1499,7 @@ fn load_weights(
                     tensors.insert(n.clone(), t);
                 }
             }
-            crate::lora::inject::load_adapter_state(model, name, bias, &tensors)?;
+            crate::lora::inject::load_adapter_state(model.lora_host(), name, bias, &tensors)?;
         }
         WeightsFormat::Full => {
             let files = crate::weights::SafetensorsFiles::open_folder(dir)?;
@@ -1533,7 +1520,7 @@ fn load_weights(
             }
         }
     }
-    Ok(())
+    model.load_extra(dir)
 }
 
 #[cfg(test)]

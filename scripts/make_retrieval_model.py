@@ -2,10 +2,11 @@
 
 transformers' `BlipForImageTextRetrieval` at the bundled captioner's shapes: the captioner's vision tower and
 BERT body (as the text encoder) and its tokenizer, 128-wide contrastive projections and the matching head
-(random at first), then trained in full on the synthetic world's *base* domain with BLIP's retrieval losses
-(image-text contrastive with a learned temperature + image-text matching on hard negatives). It ranks base-domain
-pairs well and leaves the target domain's new shapes and colours to fine-tuning (`blip-peft demo --task
-retrieval`). Written in transformers' folder layout, so `transformers.BlipForImageTextRetrieval` loads it.
+(random at first), then trained in full by `blip_peft.train` on the synthetic world's *base* domain with BLIP's
+retrieval losses (image-text contrastive with a learned temperature + image-text matching on hard negatives). It
+ranks base-domain pairs well and leaves the target domain's new shapes and colours to fine-tuning (`blip-peft
+demo --task retrieval`). Written in transformers' folder layout, so `transformers.BlipForImageTextRetrieval`
+loads it.
 
     python scripts/make_retrieval_model.py                          # the shipped model (~15 min on 2 cores)
     python scripts/make_retrieval_model.py --images 256 --epochs 1 --out /tmp/quick-retrieval   # a smoke run
@@ -57,22 +58,19 @@ def main() -> None:
     size = processor.image_processor.size["height"]
     data = world.make_dataset(args.images, seed=args.seed, domain="base", size=size)
     started = time.time()
-    result = bp.train_retrieval(
+    result = bp.train(
         model,
         processor,
         [{"image": d["image"], "text": d["text"]} for d in data],
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        warmup_steps=20,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
         weight_decay=0.01,
+        mixed_precision="no",
         seed=args.seed,
         logging_steps=25,
-        callback=lambda log: print(
-            f"step {int(log['step'])}: loss {log['loss']:.3f} (itc {log['loss_itc']:.3f}, itm {log['loss_itm']:.3f}), "
-            f"temp {log['temp']:.4f}",
-            flush=True,
-        ),
     )
     minutes = (time.time() - started) / 60
     model.eval()
@@ -89,7 +87,7 @@ def main() -> None:
         "epochs": args.epochs,
         "steps": result.global_step,
         "temperature": result.temp,
-        "final_loss": result.log_history[-1]["loss"] if result.log_history else None,
+        "final_loss": result.losses[-1] if result.losses else None,
         "recall_100_held_out_pairs": scores,
         "training_minutes_2_cpu_cores": round(minutes, 1),
     }

@@ -309,7 +309,7 @@ def _run_vqa(demo: _Demo, quick: bool, n_train: int | None, n_test: int | None, 
         lr_scheduler="cosine",
         warmup_ratio=0.05,
         output_dir=demo.adapter_dir,
-        logging_steps=10,
+        logging_steps=5,
         seed=seed,
         mixed_precision="no",
     )
@@ -420,21 +420,19 @@ def _run_retrieval(
         "on hard negatives)..."
     )
     model = demo.lora(base, RETRIEVAL_TARGETS)
-    result = bp.train_retrieval(
+    result = bp.train(
         model,
         processor,
         [{"image": d["image"], "text": d["text"]} for d in train_pairs],
-        num_train_epochs=epochs,
-        per_device_train_batch_size=32,
+        epochs=epochs,
+        batch_size=32,
         learning_rate=2e-3,
-        warmup_steps=5,
-        seed=seed,
-        logging_steps=10,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
         output_dir=demo.adapter_dir,
-        callback=lambda log: _log(
-            f"   step {int(log['step'])}: loss {log['loss']:.3f} (contrastive {log['loss_itc']:.3f}, matching "
-            f"{log['loss_itm']:.3f})"
-        ),
+        logging_steps=5,
+        seed=seed,
+        mixed_precision="no",
     )
     model.eval()
     after_scores, after_similarity = scores(model)
@@ -476,7 +474,7 @@ def _run_retrieval(
             "reloaded_matches": same,
             "train_steps": result.global_step,
             "temperature": result.temp,
-            "final_loss": result.log_history[-1]["loss"] if result.log_history else None,
+            "final_loss": result.losses[-1] if result.losses else None,
             "minutes": minutes,
             "adapter_dir": demo.adapter_dir,
         }

@@ -8,7 +8,7 @@ ranks base-domain pairs well and leaves the target domain's new shapes and colou
 demo --task retrieval`). Written in transformers' folder layout, so `transformers.BlipForImageTextRetrieval`
 loads it.
 
-    python scripts/make_retrieval_model.py                          # the shipped model (~15 min on 2 cores)
+    python scripts/make_retrieval_model.py                          # the shipped model (~7 min on 2 cores)
     python scripts/make_retrieval_model.py --images 256 --epochs 1 --out /tmp/quick-retrieval   # a smoke run
 """
 

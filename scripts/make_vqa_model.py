@@ -9,7 +9,7 @@ trained in full with `blip_peft.train` on the questions of the synthetic world's
 there and leaves the target domain's new shapes and colours to fine-tuning (`blip-peft demo --task vqa`).
 Written in transformers' folder layout, so `transformers.BlipForQuestionAnswering` loads it.
 
-    python scripts/make_vqa_model.py                          # the shipped model (~15 min on 2 cores)
+    python scripts/make_vqa_model.py                          # the shipped model (~7 min on 2 cores)
     python scripts/make_vqa_model.py --images 64 --epochs 1 --out /tmp/quick-vqa   # a smoke run
 """
 
@@ -73,8 +73,8 @@ def answer_accuracy(model: bp.BlipForQuestionAnswering, processor: bp.BlipProces
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(MODELS, "blip-shapes-vqa"))
-    parser.add_argument("--images", type=int, default=1200, help="base-domain scenes (each asks ~9 questions)")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--images", type=int, default=800, help="base-domain scenes (each asks ~9 questions)")
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)

@@ -121,8 +121,8 @@ def test_bundled_vqa_answers_its_base_domain_and_leaves_room_on_the_target(vqa_p
         items = world.vqa_dataset(8, seed=4321, domain=domain, size=size)
         answers = bp.answer(model, processor, [d["image"] for d in items], [d["question"] for d in items])
         accuracy[domain] = metrics.vqa_accuracy(answers, [d["answer"] for d in items])
-    assert accuracy["base"] >= 0.6, accuracy
-    assert accuracy["target"] <= accuracy["base"] - 0.1, accuracy
+    assert accuracy["base"] >= 0.55, accuracy  # 0.64 when made (yes/no 0.79, colour 0.83, count 0.63, shape 0.36)
+    assert accuracy["target"] <= accuracy["base"] - 0.05, accuracy  # 0.54: no pink, cyan, heart, cross, diamond
 
 
 def test_bundled_retrieval_ranks_its_base_domain_and_leaves_room_on_the_target(retrieval_path: str) -> None:
@@ -139,8 +139,8 @@ def test_bundled_retrieval_ranks_its_base_domain_and_leaves_room_on_the_target(r
 
 
 def test_short_vqa_demo_improves_accuracy(tmp_path) -> None:
-    summary = bp.demo.run(output_dir=str(tmp_path), quick=True, task="vqa", n_train=24, n_test=8, epochs=2)
-    assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] + 0.1, summary
+    summary = bp.demo.run(output_dir=str(tmp_path), quick=True, task="vqa")  # 45 steps
+    assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] + 0.05, summary
     assert summary["reloaded_matches"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     with open(tmp_path / "results.json") as f:
@@ -148,14 +148,15 @@ def test_short_vqa_demo_improves_accuracy(tmp_path) -> None:
 
 
 def test_short_retrieval_demo_improves_recall(tmp_path) -> None:
-    summary = bp.demo.run(output_dir=str(tmp_path), quick=True, task="retrieval", n_train=96, n_test=30, epochs=2)
+    summary = bp.demo.run(output_dir=str(tmp_path), quick=True, task="retrieval")  # 18 steps
     before, after = summary["before"], summary["after"]
-    gain = sum(
-        after[k] - before[k] for k in ("image_to_text_r1", "text_to_image_r1", "image_to_text_r5", "text_to_image_r5")
-    )
-    assert gain > 0.1, summary
+    keys = ("image_to_text_r1", "text_to_image_r1", "image_to_text_r5", "text_to_image_r5")
+    assert sum(after[k] - before[k] for k in keys) >= 0.1, summary
+    assert sum(after["itm_" + k] - before["itm_" + k] for k in keys) >= 0.1, summary
     assert summary["reloaded_matches"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    with open(tmp_path / "adapter" / "retrieval_config.json") as f:
+        assert json.load(f)["temp"] == pytest.approx(summary["temperature"])
 
 
 def test_demo_refuses_an_unknown_task(tmp_path) -> None:

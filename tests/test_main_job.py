@@ -168,6 +168,11 @@ def test_cli_train_with_the_recipe_keeps_the_best_evaluation(tmp_path, bundled: 
         ["train", "--model", "x", "--data", "/nonexistent", "--output-dir", "o"],
         ["caption", "--model", "x"],
         ["caption", "img.png", "--model", "x", "--num-beams", "0"],
+        ["vqa", "--image", "img.png", "--question", "what?", "--num-beams", "0"],
+        ["rank", "--texts", "a circle"],
+        ["rank", "--images", "img.png"],
+        ["rank", "--images", "img.png", "--texts", "a", "--top-k", "0"],
+        ["demo", "--task", "segmentation"],
         ["frobnicate"],
     ],
 )
@@ -238,3 +243,123 @@ def test_notebook_runs_headless(tmp_path) -> None:
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
     assert any("reloaded adapter gives the same captions" in o.get("text", "") for o in outputs)
+
+
+def _world_images(folder, n: int, seed: int, domain: str = "base") -> tuple[list[str], list]:
+    """`n` world scenes written as PNG files at the bundled models' size: their paths and the dataset items."""
+    size = bp.BlipProcessor.from_pretrained(bp.bundled_model_path("vqa")).image_processor.size["height"]
+    items = world.make_dataset(n, seed=seed, domain=domain, size=size)
+    paths = []
+    for i, item in enumerate(items):
+        path = os.path.join(folder, f"{i:03d}.png")
+        item["image"].save(path)
+        paths.append(path)
+    return paths, items
+
+
+def test_cli_vqa_answers_as_the_python_api(tmp_path) -> None:
+    paths, items = _world_images(tmp_path, 3, seed=41)
+    qa = world.scene_questions(items[0]["scene"])[:3]
+    model_path = bp.bundled_model_path("vqa")
+    model = bp.BlipForQuestionAnswering.from_pretrained(model_path)
+    processor = bp.BlipProcessor.from_pretrained(model_path)
+    # pairs: one question per image (the bundled VQA model is the default --model)
+    questions = [qa[0][0], qa[1][0], qa[2][0]]
+    args = [a for p, q in zip(paths, questions, strict=True) for a in ("--image", p, "--question", q)]
+    result = _cli("vqa", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = bp.answer(model, processor, paths, questions)
+    assert result.stdout.splitlines() == [f"{p}\t{q}\t{a}" for p, q, a in zip(paths, questions, expected, strict=True)]
+    # one question for every image, JSON lines, the model named
+    result = _cli("vqa", "--model", model_path, "--image", str(tmp_path), "--question", questions[0], "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["image"] for r in rows] == paths
+    assert [r["answer"] for r in rows] == bp.answer(model, processor, paths, questions[0])
+
+
+def test_cli_vqa_with_an_adapter_answers_as_the_peft_model(tmp_path) -> None:
+    model_path = bp.bundled_model_path("vqa")
+    base = bp.BlipForQuestionAnswering.from_pretrained(model_path)
+    peft_model = bp.get_peft_model(base, bp.LoraConfig(r=4, lora_alpha=8, target_modules=["self.query", "self.value"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    paths, items = _world_images(tmp_path, 2, seed=42)
+    question = "how many objects are there?"
+    result = _cli("vqa", "--adapter", str(tmp_path / "adapter"), "--image", paths[0], "--image", paths[1],
+                  "--question", question, "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    processor = bp.BlipProcessor.from_pretrained(model_path)
+    expected = bp.answer(peft_model, processor, paths, question)
+    assert [json.loads(line)["answer"] for line in result.stdout.splitlines()] == expected
+
+
+def test_cli_rank_ranks_as_the_python_api(tmp_path) -> None:
+    paths, items = _world_images(tmp_path, 4, seed=43)
+    texts = [item["text"] for item in items] + [world.distractor_caption(items[0]["scene"], 0)]
+    model_path = bp.bundled_model_path("retrieval")
+    model = bp.BlipForImageTextRetrieval.from_pretrained(model_path)
+    processor = bp.BlipProcessor.from_pretrained(model_path)
+    for itm in (False, True):
+        flags = ["--itm"] if itm else []
+        result = _cli("rank", "--images", *paths, "--texts", *texts, "--top-k", "3", "--json", *flags)
+        assert result.returncode == 0, result.stderr[-2000:]
+        got = json.loads(result.stdout)
+        expected = bp.rank(model, processor, paths, texts, top_k=3, rerank_itm=itm)
+        assert [[m["index"] for m in row] for row in got["image_to_text"]] == expected.image_to_text.tolist()
+        assert [[m["index"] for m in row] for row in got["text_to_image"]] == expected.text_to_image.tolist()
+        scores = torch.tensor([[m["score"] for m in row] for row in got["image_to_text"]])
+        assert torch.allclose(scores, expected.image_to_text_scores, atol=1e-5)
+        assert got["image_to_text"][0][0]["text"] == texts[got["image_to_text"][0][0]["index"]]
+    printed = _cli("rank", "--images", str(tmp_path), "--texts", *texts[:2], "--top-k", "2")
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    lines = printed.stdout.splitlines()
+    assert lines[0] == "image -> texts (top 2, by cosine similarity):" and lines[1] == paths[0]
+    assert "text -> images (top 2, by cosine similarity):" in lines
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["vqa", "--image", "{missing}", "--question", "is there a star?"], "no such image file"),
+        (["vqa", "--image", "{image}"], "no question given"),
+        (["vqa", "--question", "is there a star?"], "no image given"),
+        (["vqa", "--image", "{image}", "--question", " "], "--question is empty"),
+        (
+            [
+                "vqa",
+                "--image",
+                "{image}",
+                "--image",
+                "{image}",
+                "--question",
+                "a?",
+                "--question",
+                "b?",
+                "--question",
+                "c?",
+            ],
+            "2 images and 3 questions",
+        ),  # fmt: skip
+        (["vqa", "--model", "{tmp}/nope", "--image", "{image}", "--question", "a?"], "not found"),
+        (["rank", "--images", "{missing}", "--texts", "a star"], "no such image file"),
+        (["rank", "--images", "{image}", "--texts", ""], "empty text"),
+        (["rank", "--images", "{tmp}/empty", "--texts", "a star"], "no images given"),
+    ],
+)
+def test_cli_vqa_and_rank_bad_input_exit_1_with_the_reason(tmp_path, args: list[str], message: str) -> None:
+    paths, _ = _world_images(tmp_path, 1, seed=44)
+    (tmp_path / "empty").mkdir()
+    subs = {"{missing}": str(tmp_path / "missing.png"), "{image}": paths[0], "{tmp}": str(tmp_path)}
+    filled = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        filled.append(a)
+    result = _cli(*filled)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -19,6 +19,7 @@ from blip_peft import _blip_peft, distributed, metrics  # noqa: I001
 from blip_peft._cpu_capability import cpu_has_bf16
 from blip_peft._blip_peft import BlipPeftError, BlipPeftInternalError
 from blip_peft.configuration import BlipConfig
+from blip_peft.answering import answer
 from blip_peft.captioning import generate
 from blip_peft.evaluation import evaluate
 from blip_peft.data import ImageCaptionDataset
@@ -63,6 +64,7 @@ from blip_peft.retrieval import RankResult, RetrievalTrainResult, rank, train_re
 __version__: str = _blip_peft.__version__
 
 __all__ = [
+    "answer",
     "cpu_has_bf16",
     "evaluate",
     "flush_denormals",

@@ -1,4 +1,4 @@
-"""The `blip-peft` command (also `python -m blip_peft`): train, caption, eval, merge, demo."""
+"""The `blip-peft` command (also `python -m blip_peft`): train, caption, eval, merge, demo, vqa, rank, serve."""
 
 from __future__ import annotations
 
@@ -132,13 +132,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
-    """`--model` (with `--adapter` when given) on `--device`, and the model's processor."""
+def _model_and_processor(args: argparse.Namespace, head: Any = None) -> tuple[Any, Any]:
+    """`--model` (with `--adapter` when given) on `--device` as `head` (the captioner by default), and the
+    model's processor."""
     import blip_peft as bp
 
     model_path = resolve_model(args.model)
     processor = bp.AutoProcessor.from_pretrained(model_path)
-    model: Any = bp.BlipForConditionalGeneration.from_pretrained(model_path, device=args.device)
+    model: Any = (head or bp.BlipForConditionalGeneration).from_pretrained(model_path, device=args.device)
     if args.adapter:
         model = bp.PeftModel.from_pretrained(model, args.adapter)
     return model, processor
@@ -258,7 +259,98 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from blip_peft import demo
 
-    demo.run(output_dir=args.output_dir, quick=args.quick)
+    demo.run(output_dir=args.output_dir, quick=args.quick, task=args.task)
+    return 0
+
+
+def _existing_images(paths: Sequence[str], flag: str) -> list[str]:
+    """Image files (folders expanded to their images), each checked to exist before a model is loaded."""
+    images = _images(paths)
+    for path in images:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}: no such image file {path!r}")
+    return images
+
+
+def cmd_vqa(args: argparse.Namespace) -> int:
+    """Answers questions about images: one question per image (given in pairs), one question for every image, or
+    one image with every question; prints `image<TAB>question<TAB>answer` lines (or JSON lines with --json)."""
+    import blip_peft as bp
+
+    images = _existing_images(args.image or [], "--image")
+    questions = args.question or []
+    if not images:
+        raise ValueError("no image given: pass --image FILE (repeatable, or a folder of images)")
+    if not questions:
+        raise ValueError('no question given: pass --question "..." (repeatable, one per --image or one for all)')
+    if any(not q.strip() for q in questions):
+        raise ValueError("--question is empty; ask something, e.g. --question 'how many circles are there?'")
+    if len(images) != len(questions) and len(images) != 1 and len(questions) != 1:
+        raise ValueError(
+            f"got {len(images)} images and {len(questions)} questions: give one --question per --image, one "
+            "--question for every image, or one --image for every question"
+        )
+    if len(images) == 1:
+        images = images * len(questions)
+    if len(questions) == 1:
+        questions = questions * len(images)
+    model, processor = _model_and_processor(args, bp.BlipForQuestionAnswering)
+    answers = bp.answer(
+        model,
+        processor,
+        images,
+        questions,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+    )
+    for image, question, answer in zip(images, questions, answers, strict=True):
+        if args.json:
+            print(json.dumps({"image": image, "question": question, "answer": answer}))
+        else:
+            print(f"{image}\t{question}\t{answer}")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    """Ranks texts for each image and images for each text (`blip_peft.rank`), printing the top-k both ways."""
+    import blip_peft as bp
+
+    images = _existing_images(args.images, "--images")
+    texts = list(args.texts)
+    if not images:
+        raise ValueError("no images given: pass --images FILE ... (files or folders of images)")
+    if any(not t.strip() for t in texts):
+        raise ValueError("--texts holds an empty text; give each candidate text in quotes")
+    model, processor = _model_and_processor(args, bp.BlipForImageTextRetrieval)
+    result = bp.rank(
+        model, processor, images, texts, top_k=args.top_k, rerank_itm=args.itm, batch_size=args.batch_size
+    )
+    i2t = [
+        [{"text": texts[j], "index": j, "score": round(s, 6)} for j, s in zip(row.tolist(), sc.tolist(), strict=True)]
+        for row, sc in zip(result.image_to_text, result.image_to_text_scores, strict=True)
+    ]
+    t2i = [
+        [
+            {"image": images[j], "index": j, "score": round(s, 6)}
+            for j, s in zip(row.tolist(), sc.tolist(), strict=True)
+        ]
+        for row, sc in zip(result.text_to_image, result.text_to_image_scores, strict=True)
+    ]
+    if args.json:
+        print(json.dumps({"images": images, "texts": texts, "image_to_text": i2t, "text_to_image": t2i}))
+        return 0
+    score = "ITM logit + similarity" if args.itm else "cosine similarity"
+    print(f"image -> texts (top {len(i2t[0])}, by {score}):")
+    for image, matches in zip(images, i2t, strict=True):
+        print(image)
+        for n, m in enumerate(matches, 1):
+            print(f"  {n}. {m['score']:8.4f}  {m['text']}")
+    print(f"text -> images (top {len(t2i[0])}, by {score}):")
+    for text, matches in zip(texts, t2i, strict=True):
+        print(text)
+        for n, m in enumerate(matches, 1):
+            print(f"  {n}. {m['score']:8.4f}  {m['image']}")
     return 0
 
 
@@ -385,10 +477,53 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True)
     merge.set_defaults(func=cmd_merge)
 
-    demo = sub.add_parser("demo", help="the whole workflow on the bundled model and world, offline")
+    demo = sub.add_parser("demo", help="the whole workflow on a bundled model and the world, offline")
     demo.add_argument("--output-dir", default="./blip-peft-demo")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    demo.add_argument(
+        "--task",
+        choices=["caption", "vqa", "retrieval"],
+        default="caption",
+        help="which head: captioning (BLEU-4, CIDEr), question answering (VQA accuracy) or image-text retrieval "
+        "(recall@1/@5 both ways)",
+    )
     demo.set_defaults(func=cmd_demo)
+
+    vqa = sub.add_parser("vqa", help="answer questions about images (BlipForQuestionAnswering)")
+    vqa.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or a hub id in the local HF cache (default: the bundled VQA model)",
+    )
+    vqa.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    vqa.add_argument("--image", action="append", help="an image file or folder (repeatable)")
+    vqa.add_argument(
+        "--question", action="append", help="a question (repeatable: one per --image, or one for every image)"
+    )
+    vqa.add_argument("--max-new-tokens", type=int, default=10)
+    vqa.add_argument("--num-beams", type=int, default=1)
+    vqa.add_argument("--batch-size", type=int, default=32)
+    vqa.add_argument("--json", action="store_true", help="one JSON object per answer instead of tab-separated lines")
+    vqa.add_argument("--device", default="cpu")
+    vqa.set_defaults(func=cmd_vqa, default_model="vqa")
+
+    rank = sub.add_parser("rank", help="rank texts for images and images for texts (BlipForImageTextRetrieval)")
+    rank.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or a hub id in the local HF cache (default: the bundled retrieval model)",
+    )
+    rank.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    rank.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    rank.add_argument("--texts", nargs="+", required=True, help="the candidate texts (each in quotes)")
+    rank.add_argument("--top-k", type=int, default=5, help="matches printed per image and per text")
+    rank.add_argument(
+        "--itm", action="store_true", help="re-rank each query's top-k by the matching head (BLIP's evaluation)"
+    )
+    rank.add_argument("--batch-size", type=int, default=32)
+    rank.add_argument("--json", action="store_true", help="print one JSON object")
+    rank.add_argument("--device", default="cpu")
+    rank.set_defaults(func=cmd_rank, default_model="retrieval")
 
     serve = sub.add_parser("serve", help="caption images over HTTP, one base model with several adapters")
     serve.add_argument("--model", required=True)
@@ -407,7 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "epochs", "max_new_tokens", "num_beams", "lora_r"):
+    if getattr(args, "default_model", None) and args.model is None:
+        from blip_peft.demo import BUNDLED_MODELS  # noqa: PLC0415
+
+        args.model = BUNDLED_MODELS[args.default_model]
+    for name in ("batch_size", "epochs", "max_new_tokens", "num_beams", "lora_r", "top_k"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -152,10 +152,12 @@ def test_steps_equal_a_torch_loop_over_transformers_and_peft(tmp_path, tiny_vqa,
     assert [h["step"] for h in result.history] == list(range(1, steps + 1))
     for got, want in zip(result.losses, expected, strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+    # Adam's normalised updates carry float32 rounding of the gradients into the weights, by an amount that
+    # depends on the CPU's kernels (1.9e-5 under AVX2): 1e-4, as the captioner's trainer tests judge them.
     mine = dict(ours.named_parameters())
     for name, p in ref.named_parameters():
         if "lora_" in name:
-            assert rel_err(mine[name], p) <= 1e-5, name
+            assert rel_err(mine[name], p) <= 1e-4, name
 
 
 def test_bf16_is_judged_against_float32(tiny_vqa: str, processor) -> None:

@@ -207,7 +207,8 @@ def job_itc_matrix(spec: dict[str, Any]) -> dict[str, Any]:
 
 def job_itm_rerank(spec: dict[str, Any]) -> dict[str, Any]:
     """ITM logits of each image's top-k texts (k x M pairs) over image embeddings computed once, as BLIP's
-    evaluation re-ranks: ours `get_image_features` + `itm_logits`; transformers' submodules (vision_model,
+    evaluation re-ranks: ours `get_image_features` + `itm_logits(image_index=...)` (as `bp.rank` calls it: each
+    image's cross-attention keys/values computed once for its k texts); transformers' submodules (vision_model,
     text_encoder over the pairs' image embeddings, itm_head) as its forward computes them."""
     import torch
 
@@ -223,7 +224,7 @@ def job_itm_rerank(spec: dict[str, Any]) -> dict[str, Any]:
 
     def ours() -> None:
         _, embeds = model.get_image_features(px)
-        model.itm_logits(embeds[image_of], ids[text_of], mask[text_of])
+        model.itm_logits(embeds, ids[text_of], mask[text_of], image_index=image_of)
 
     def theirs() -> None:
         embeds = model.vision_model(pixel_values=px).last_hidden_state
@@ -242,9 +243,11 @@ def job_itm_rerank(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # The worker runs these through jobs.py's entry (the machine's floors, `info`, are its own job).
-JOBS.update(
+HEAD_JOBS = dict(
     vqa_train=job_vqa_train, vqa_generate=job_vqa_generate, itc_matrix=job_itc_matrix, itm_rerank=job_itm_rerank
 )
+JOB_NAMES = tuple(HEAD_JOBS)
+JOBS.update(HEAD_JOBS)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -375,6 +378,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per process (default: the mode's, else all)")
     parser.add_argument("--rounds", type=int, help="alternating rounds of both sides (default: the mode's)")
     parser.add_argument("--json", help="also write the raw report to this JSON file")
+    parser.add_argument("--only", help=f"comma-separated jobs to run: {','.join(JOB_NAMES)} (default: all)")
     parser.add_argument("--job-timeout", type=float, default=1800)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -382,6 +386,9 @@ def main() -> None:
         worker_main(args.worker)
         return
     m = dict(MODES[args.mode])
+    only = set(args.only.split(",")) if args.only else set(JOB_NAMES)
+    if only - set(JOB_NAMES):
+        parser.error(f"--only takes {','.join(JOB_NAMES)}, got {','.join(sorted(only - set(JOB_NAMES)))}")
     threads = args.threads or m["threads"]
     rounds = args.rounds or m["rounds"]
     base = dict(config=m["config"], device=args.device, dtype=args.dtype, threads=threads, stat="min")
@@ -394,7 +401,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="blip_heads_bench_") as tmp:
         print(f"  building the {m['config']} checkpoints (transformers, random init) ...", file=sys.stderr)
         ckpts = build_checkpoints(m["config"], tmp)
-        for name, job, extra in plan(m):
+        for name, job, extra in (row for row in plan(m) if row[1] in only):
             head = "vqa" if job.startswith("vqa") else "itm"
             spec = dict(base, **{k: v for k, v in m.items() if k not in base and not k.endswith("batches")})
             spec.update(extra, job=job, ckpt=ckpts[head], warmup=m["warmup"], iters=m["iters"])

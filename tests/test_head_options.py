@@ -265,6 +265,10 @@ def test_retrieval_mixed_batch_scoring(tmp_path, tiny_itm: str) -> None:
         lg = _alone(ours, name, lambda i=i, e=e: model.itm_logits(e, ids[i : i + 1], mask[i : i + 1]))
         assert rel_err(feats[i : i + 1], f) <= 1e-5 and rel_err(embeds[i : i + 1], e) <= 1e-5, name
         assert rel_err(text[i : i + 1], t) <= 1e-5 and rel_err(logits[i : i + 1], lg) <= 1e-5, name
+    # Adapters chosen row by row take each text's image as its own row (an image's keys/values then differ by row).
+    reverse = list(range(len(ROWS)))[::-1]
+    by_index = model.itm_logits(embeds.flip(0), ids, mask, adapter_names=ROWS, image_index=reverse)
+    assert rel_err(by_index, logits) <= 1e-5
     with pytest.raises(ValueError, match="as many texts as images"):
         ours(input_ids=ids[:3], pixel_values=px, attention_mask=mask[:3], use_itm_head=False, adapter_names=ROWS)
 

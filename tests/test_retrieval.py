@@ -97,6 +97,34 @@ def test_padding_mask_matters_and_padded_text_scores_as_alone(tiny_itm: str) -> 
         assert rel_err(unmasked, padded) > 1e-4
 
 
+def test_itm_over_shared_images_equals_transformers_pair_by_pair(tiny_itm: str) -> None:
+    """Texts matched with images by index (each image's keys/values computed once for its texts): rows out of
+    image order, an image with three texts, one unused, a padded row; the logits are transformers' for each
+    pair, and bf16 is judged against that float32 truth."""
+    ref = HFRetrieval.from_pretrained(tiny_itm).eval()
+    model = _ours(tiny_itm)
+    px, ids, mask = batch(images=4, texts=6)
+    _, embeds = model.get_image_features(px)
+    for index in ([2, 0, 2, 3, 0, 2], [0, 0, 1, 1, 2, 2]):  # uneven groups (padded layout), even groups
+        with torch.no_grad():
+            want = ref(input_ids=ids, pixel_values=px[index], attention_mask=mask, use_itm_head=True).itm_score
+        got = model.itm_logits(embeds, ids, mask, image_index=index)
+        assert got.shape == (6, 2)
+        assert rel_err(got, want) <= 1e-5, index
+        assert rel_err(model.itm_logits(embeds, ids, mask, image_index=torch.tensor(index)), want) <= 1e-5
+        half = _ours(tiny_itm, dtype=torch.bfloat16)
+        _, half_embeds = half.get_image_features(px.to(torch.bfloat16))
+        assert rel_err(half.itm_logits(half_embeds, ids, mask, image_index=index).float(), want) <= 2e-2
+    with pytest.raises(ValueError, match="image_index has 4 entries but there are 5 texts"):
+        model.itm_logits(embeds, ids[:5], mask[:5], image_index=[0] * 4)
+    with pytest.raises(ValueError, match="outside the 4 images"):
+        model.itm_logits(embeds, ids, mask, image_index=[0, 0, 0, 0, 0, 4])
+    with pytest.raises(TypeError, match="image_index"):
+        model.itm_logits(embeds, ids, mask, image_index=torch.zeros(6))
+    with pytest.raises(TypeError, match="image_index"):
+        model.itm_logits(embeds, ids, mask, image_index="012345")
+
+
 def test_contrastive_scores_take_different_batch_sizes(tiny_itm: str) -> None:
     ref = HFRetrieval.from_pretrained(tiny_itm).eval()
     model = _ours(tiny_itm)

@@ -254,6 +254,7 @@ class _BlipRetrievalModel(_BlipHandle):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         adapter_names: list[str] | None = None,
+        image_index: list[int] | None = None,
     ) -> torch.Tensor: ...
     def losses(
         self,

@@ -11,6 +11,7 @@ it); what only a captioner does (`generate`, resizing the vocabulary of an LM he
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,23 @@ def new_temperature(value: float = TEMP_INIT, device: Any = "cpu") -> torch.Tens
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0):
         raise ValueError(f"the temperature must be a positive number, got {value!r}")
     return torch.tensor(float(value), dtype=torch.float32, device=device, requires_grad=True)
+
+
+def _image_index(index: Any) -> list[int] | None:
+    """`image_index` as the core takes it: a list of int (one image per text row), or None."""
+    if index is None:
+        return None
+    if isinstance(index, torch.Tensor):
+        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            shape = tuple(index.shape)
+            raise TypeError(f"image_index must be a 1-D integer tensor, got {index.dtype} of shape {shape}")
+        return [int(i) for i in index.tolist()]
+    if isinstance(index, (str, bytes)) or not isinstance(index, Sequence):
+        raise TypeError(f"image_index must be a sequence of ints (one image per text), got {type(index).__name__}")
+    bad = [type(i).__name__ for i in index if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise TypeError(f"image_index must hold ints, got {bad[0]}")
+    return list(index)
 
 
 class BlipForImageTextRetrieval(BlipPreTrainedModel):
@@ -186,10 +204,18 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         adapter_names: list[str] | None = None,
+        image_index: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """The `[B, 2]` matching logits of text i over image embeddings i (`get_image_features`' second
-        output), as `forward(use_itm_head=True)` computes them."""
-        return self._native.itm_logits(image_embeds, input_ids, attention_mask, _adapter_names(adapter_names))
+        output), as `forward(use_itm_head=True)` computes them.
+
+        With `image_index` (`[B]` ints), `image_embeds` holds each image once (`[images, N, D]`) and text i is
+        matched with image `image_index[i]`: each image's cross-attention keys/values are then computed once
+        for all its texts, not once per text (re-ranking an image's k candidate texts), with the same logits.
+        """
+        return self._native.itm_logits(
+            image_embeds, input_ids, attention_mask, _adapter_names(adapter_names), _image_index(image_index)
+        )
 
     def retrieval_losses(
         self,

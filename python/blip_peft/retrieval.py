@@ -128,16 +128,22 @@ def rank(
         embeds_all = torch.cat(image_embeds)  # type: ignore[arg-type]
 
         def itm(pairs: list[tuple[int, int]]) -> torch.Tensor:
-            """The match logit of each (image, text) pair, in batches."""
-            out = []
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
-                width = max(int(text_masks[t].sum()) for _, t in chunk)
-                ids = torch.stack([text_ids[t][:width] for _, t in chunk])
-                mask = torch.stack([text_masks[t][:width] for _, t in chunk])
-                embeds = embeds_all[torch.tensor([i for i, _ in chunk])]
-                out.append(base.itm_logits(embeds, ids, mask)[:, 1].float())
-            return torch.cat(out)
+            """The match logit of each (image, text) pair, `batch_size` pairs at a time. The pairs go in image
+            order, so a batch's texts of one image share that image's cross-attention keys/values."""
+            order = sorted(range(len(pairs)), key=lambda p: pairs[p][0])
+            out = torch.empty(len(pairs))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                width = max(int(text_masks[pairs[p][1]].sum()) for p in chunk)
+                ids = torch.stack([text_ids[pairs[p][1]][:width] for p in chunk])
+                mask = torch.stack([text_masks[pairs[p][1]][:width] for p in chunk])
+                used = sorted({pairs[p][0] for p in chunk})
+                slot = {image: n for n, image in enumerate(used)}
+                logits = base.itm_logits(
+                    embeds_all[torch.tensor(used)], ids, mask, image_index=[slot[pairs[p][0]] for p in chunk]
+                )
+                out[torch.tensor(chunk)] = logits[:, 1].float()
+            return out
 
         def reranked(sim: torch.Tensor, k: int, as_pair: Any) -> tuple[torch.Tensor, torch.Tensor]:
             cand_sim, cand = sim.topk(min(rerank, sim.shape[1]), dim=1)

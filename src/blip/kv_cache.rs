@@ -76,7 +76,7 @@ impl ImageKeysValues {
             .f_view([images, group, h, t, d])?
             .f_permute([0, 2, 1, 3, 4])?
             .f_reshape([images, h, group * t, d])?;
-        // No attention dropout: the cache only serves generation.
+        // No attention dropout: shared keys/values serve only inference (decoding, ITM scoring).
         let ctx = self.attend(&q)?; // [images, H, group*T, D]
         let ctx = ctx
             .f_view([images, h, group, t, d])?
@@ -108,8 +108,9 @@ impl ImageKeysValues {
     }
 }
 
-/// How the rows of a decoding batch share the image keys/values in cross-attention. Rows are sorted by image;
-/// an image's rows are stacked as extra query positions of that image, so its keys/values are never copied.
+/// How text rows share the image keys/values in cross-attention (a decoding batch's beams, the candidate
+/// texts ITM re-ranks for an image). Rows are sorted by image; an image's rows are stacked as extra query
+/// positions of that image, so its keys/values are computed once and never copied.
 #[derive(Debug)]
 pub enum CrossLayout {
     /// Every `n` consecutive rows belong to one image (beams, or samples of an image): the stacking is a view.
@@ -117,6 +118,35 @@ pub enum CrossLayout {
     /// Images with different numbers of rows (some rows finished): row `r`'s query goes to slot `slots[r]` of a
     /// zero-padded `[images * group]` buffer, `group` being the largest number of rows of an image.
     Padded { slots: Tensor, group: i64 },
+}
+
+impl CrossLayout {
+    /// The cross-attention layout of rows whose images are `row_image` (ascending, numbered from 0).
+    pub fn of_rows(row_image: &[i64], device: tch::Device) -> Result<CrossLayout> {
+        // Each row's rank among its image's rows.
+        let mut ranks = Vec::with_capacity(row_image.len());
+        for (r, &i) in row_image.iter().enumerate() {
+            let rank = match ranks.last() {
+                Some(&prev) if row_image[r - 1] == i => prev + 1,
+                _ => 0,
+            };
+            ranks.push(rank);
+        }
+        let group = ranks.iter().max().map_or(1, |&m| m + 1);
+        let images = row_image.last().map_or(0, |&i| i + 1);
+        if ranks.len() as i64 == images * group {
+            return Ok(CrossLayout::Uniform(group));
+        }
+        let slots: Vec<i64> = row_image
+            .iter()
+            .zip(&ranks)
+            .map(|(&i, &rank)| i * group + rank)
+            .collect();
+        Ok(CrossLayout::Padded {
+            slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
+            group,
+        })
+    }
 }
 
 /// The decoder's cache for one `generate` call. Rows are grouped by image (beams or samples of the same image
@@ -193,7 +223,7 @@ impl DecoderCache {
             renumbered.push(next);
         }
         self.row_image = renumbered;
-        self.layout = Self::layout_of(&self.row_image, rows.device())?;
+        self.layout = CrossLayout::of_rows(&self.row_image, rows.device())?;
         Ok(kept)
     }
 
@@ -204,32 +234,5 @@ impl DecoderCache {
             layer.v = layer.v.f_index_select(0, index)?;
         }
         Ok(())
-    }
-
-    /// The cross-attention layout of rows whose images are `row_image` (ascending, numbered from 0).
-    fn layout_of(row_image: &[i64], device: tch::Device) -> Result<CrossLayout> {
-        // Each row's rank among its image's rows.
-        let mut ranks = Vec::with_capacity(row_image.len());
-        for (r, &i) in row_image.iter().enumerate() {
-            let rank = match ranks.last() {
-                Some(&prev) if row_image[r - 1] == i => prev + 1,
-                _ => 0,
-            };
-            ranks.push(rank);
-        }
-        let group = ranks.iter().max().map_or(1, |&m| m + 1);
-        let images = row_image.last().map_or(0, |&i| i + 1);
-        if ranks.len() as i64 == images * group {
-            return Ok(CrossLayout::Uniform(group));
-        }
-        let slots: Vec<i64> = row_image
-            .iter()
-            .zip(&ranks)
-            .map(|(&i, &rank)| i * group + rank)
-            .collect();
-        Ok(CrossLayout::Padded {
-            slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
-            group,
-        })
     }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Reduction, Tensor};
 
+use super::kv_cache::CrossLayout;
 use super::model::{check_pixel_values, check_range, is_index_kind, text_context};
 use super::text::{BlipTextModel, TextInput};
 use super::vision::{BlipVisionModel, Record, Recorded};
@@ -267,6 +268,77 @@ impl BlipForImageTextRetrieval {
         let hidden = self.encode_text(ids, mask, Some(image_embeds), cx)?;
         let logits = self.itm_head.forward_t(&hidden.f_select(1, 0)?, cx)?;
         Ok((logits, hidden))
+    }
+
+    /// [`Self::itm_logits`] of text rows over fewer images: row `r` is matched with image `row_image[r]` of
+    /// `images` (`[images, N, Dv]`), each image's cross-attention keys/values computed once for all its rows
+    /// rather than once per row (ITM re-ranking scores each image's k candidate texts: k times fewer key and
+    /// value projections over the image tokens). Training, or adapters chosen row by row, expand the images
+    /// to one per row instead (the shared path has no attention dropout and one adapter per image). Returns
+    /// the logits `[B, 2]` in the rows' order.
+    pub fn itm_logits_over_images(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        images: &Tensor,
+        row_image: &[i64],
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let rows = ids.size()[0];
+        let count = images.size()[0];
+        if row_image.len() as i64 != rows {
+            return Err(Error::invalid(format!(
+                "image_index has {} entries but there are {rows} texts; give one image index per text",
+                row_image.len()
+            )));
+        }
+        if let Some(&bad) = row_image.iter().find(|&&i| i < 0 || i >= count) {
+            return Err(Error::invalid(format!(
+                "image_index holds {bad}, outside the {count} images of image_embeds (0..{count})"
+            )));
+        }
+        let device = ids.device();
+        let index =
+            |v: &[i64], on: Device| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_to_device(on)?) };
+        if cx.train || cx.adapters.is_some() || cx.image_adapters.is_some() {
+            let per_row = images.f_index_select(0, &index(row_image, images.device())?)?;
+            return Ok(self.itm_logits(ids, mask, &per_row, cx)?.0);
+        }
+        // Rows sorted by image (stable), the images they use numbered 0.. in that order.
+        let mut order: Vec<i64> = (0..rows).collect();
+        order.sort_by_key(|&r| row_image[r as usize]);
+        let mut used: Vec<i64> = Vec::new();
+        let mut sorted_image = Vec::with_capacity(order.len());
+        for &r in &order {
+            let i = row_image[r as usize];
+            if used.last() != Some(&i) {
+                used.push(i);
+            }
+            sorted_image.push(used.len() as i64 - 1);
+        }
+        let order_t = index(&order, device)?;
+        let ids = ids.f_index_select(0, &order_t)?;
+        let mask = mask.map(|m| m.f_index_select(0, &order_t)).transpose()?;
+        let images = if used.len() as i64 == count {
+            images.shallow_clone()
+        } else {
+            images.f_index_select(0, &index(&used, images.device())?)?
+        };
+        let layout = CrossLayout::of_rows(&sorted_image, device)?;
+        let hidden = self.text_encoder.encode_over_shared_images(
+            TextInput::Ids(&ids),
+            mask.as_ref(),
+            &images,
+            &layout,
+            &text_context(cx),
+        )?;
+        let logits = self.itm_head.forward_t(&hidden.f_select(1, 0)?, cx)?;
+        // Back to the rows' order.
+        let mut inverse = vec![0i64; order.len()];
+        for (at, &r) in order.iter().enumerate() {
+            inverse[r as usize] = at as i64;
+        }
+        Ok(logits.f_index_select(0, &index(&inverse, device)?)?)
     }
 
     /// transformers' `BlipForImageTextRetrieval.forward`: with `use_itm_head` the `[B, 2]` matching logits of

@@ -130,6 +130,10 @@ impl TextInput<'_> {
 pub struct CrossStates<'a> {
     pub states: &'a Tensor,
     pub mask: Option<&'a Tensor>,
+    /// When given, `states` holds one row per image (`[images, S, C]`, every position attended) and the
+    /// text rows, sorted by image, share them as the layout says: each layer computes an image's keys and
+    /// values once for all its rows (ITM re-ranking's candidate texts). Inference only (no attention dropout).
+    pub shared: Option<&'a CrossLayout>,
 }
 
 /// Query/key/value projections of one attention block (`attention.self` or `crossattention.self`).
@@ -410,10 +414,16 @@ impl BlipTextLayer {
                     cache.cross_kv = Some(kv);
                     h
                 }
-                None => {
-                    let kv = ca.self_.key_value(cross.states, &cx.over_images())?;
-                    ca.self_.attend(&x, &kv, cross.mask, false, cx)?
-                }
+                None => match cross.shared {
+                    Some(layout) => {
+                        let kv = ca.self_.image_keys_values(cross.states, &cx.over_images())?;
+                        ca.self_.attend_shared(&x, &kv, layout, cx)?
+                    }
+                    None => {
+                        let kv = ca.self_.key_value(cross.states, &cx.over_images())?;
+                        ca.self_.attend(&x, &kv, cross.mask, false, cx)?
+                    }
+                },
             };
             x = ca.output.forward(&h, &x, cx)?;
         }
@@ -476,21 +486,8 @@ impl BlipTextModel {
         encoder: Option<(&Tensor, Option<&Tensor>)>,
         cx: &ForwardContext,
     ) -> Result<Tensor> {
-        let (b, t) = input.batch_and_len()?;
         let kind = self.compute_kind(cx);
-        let self_mask = match attention_mask {
-            Some(m) => {
-                if m.size() != [b, t] {
-                    return Err(Error::invalid(format!(
-                        "attention_mask has shape {:?} but the text has {:?}; they must match",
-                        m.size(),
-                        [b, t]
-                    )));
-                }
-                Some(padding_mask(m, kind)?)
-            }
-            None => None,
-        };
+        let self_mask = self_attention_mask(&input, attention_mask, kind)?;
         let cross_mask = match encoder {
             Some((states, Some(m))) => {
                 let (sb, s, _) = states.size3()?;
@@ -509,9 +506,48 @@ impl BlipTextModel {
         let cross = encoder.map(|(states, _)| CrossStates {
             states,
             mask: cross_mask.as_ref(),
+            shared: None,
         });
+        self.encode_over(input, self_mask.as_ref(), cross, cx)
+    }
+
+    /// [`Self::encode`] with each image's cross-attention keys/values computed once for the text rows that
+    /// share it: `images` `[images, N, C]` (every position attended), the rows sorted by image as `layout`
+    /// says. Inference only: training or per-row adapters need [`Self::encode`] over one image per row.
+    pub fn encode_over_shared_images(
+        &self,
+        input: TextInput,
+        attention_mask: Option<&Tensor>,
+        images: &Tensor,
+        layout: &CrossLayout,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        if cx.train || cx.adapters.is_some() {
+            return Err(Error::invalid(
+                "shared image keys/values serve inference without per-row adapters; encode one image per row",
+            ));
+        }
+        let self_mask = self_attention_mask(&input, attention_mask, self.compute_kind(cx))?;
+        let cross = CrossStates {
+            states: images,
+            mask: None,
+            shared: Some(layout),
+        };
+        self.encode_over(input, self_mask.as_ref(), Some(cross), cx)
+    }
+
+    /// The layers over `input` with an additive self-attention mask and what the cross-attention reads.
+    fn encode_over(
+        &self,
+        input: TextInput,
+        self_mask: Option<&Tensor>,
+        cross: Option<CrossStates>,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let t = input.batch_and_len()?.1;
+        let kind = self.compute_kind(cx);
         let masks = DecoderMasks {
-            self_mask: self_mask.as_ref(),
+            self_mask,
             causal: false,
         };
         let positions = Tensor::f_arange(t, (Kind::Int64, input.device()))?;
@@ -763,11 +799,32 @@ impl BlipTextLmHeadModel {
     }
 }
 
+/// The additive self-attention mask of `attention_mask` (`[B, T]` of `input`, 1 = attend), checked.
+fn self_attention_mask(
+    input: &TextInput,
+    attention_mask: Option<&Tensor>,
+    kind: Kind,
+) -> Result<Option<Tensor>> {
+    let Some(m) = attention_mask else {
+        return Ok(None);
+    };
+    let (b, t) = input.batch_and_len()?;
+    if m.size() != [b, t] {
+        return Err(Error::invalid(format!(
+            "attention_mask has shape {:?} but the text has {:?}; they must match",
+            m.size(),
+            [b, t]
+        )));
+    }
+    Ok(Some(padding_mask(m, kind)?))
+}
+
 /// The image embeddings as cross-attention states: every patch attended (BLIP's `image_attention_mask` is
 /// all ones).
 fn image_states(image: &Tensor) -> CrossStates<'_> {
     CrossStates {
         states: image,
         mask: None,
+        shared: None,
     }
 }

@@ -336,6 +336,7 @@ impl BlipForQuestionAnswering {
         let cross = CrossStates {
             states: question_embeds,
             mask: None,
+            shared: None,
         };
         let hidden = self
             .text_decoder

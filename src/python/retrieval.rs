@@ -162,9 +162,10 @@ head_handle!(PyBlipRetrievalModel, Model, {
         })
     }
 
-    /// The matching logits `[B, 2]` of texts over image embeddings (`encode_images`' second output), row i
-    /// with row i.
-    #[pyo3(signature = (image_embeds, input_ids, attention_mask=None, adapter_names=None))]
+    /// The matching logits `[B, 2]` of texts over image embeddings (`encode_images`' second output): row i
+    /// with image i, or with image `image_index[i]` when given (each image's keys/values then computed once
+    /// for all its texts).
+    #[pyo3(signature = (image_embeds, input_ids, attention_mask=None, adapter_names=None, image_index=None))]
     fn itm_logits<'py>(
         &self,
         py: Python<'py>,
@@ -172,6 +173,7 @@ head_handle!(PyBlipRetrievalModel, Model, {
         input_ids: &Bound<'py, PyAny>,
         attention_mask: Option<&Bound<'py, PyAny>>,
         adapter_names: Option<Vec<String>>,
+        image_index: Option<Vec<i64>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guard("itm_logits", || {
             let image_embeds = tensor::from_py(image_embeds, "image_embeds")?;
@@ -184,16 +186,26 @@ head_handle!(PyBlipRetrievalModel, Model, {
                 let (ids, mask) = model.check_text(&input_ids, attention_mask.as_ref())?;
                 let d = model.config.vision_config.hidden_size;
                 let size = image_embeds.size();
-                if size.len() != 3 || size[0] != ids.size()[0] || size[2] != d {
+                let images_ok = match &image_index {
+                    Some(_) => size.len() == 3 && size[2] == d,
+                    None => size.len() == 3 && size[0] == ids.size()[0] && size[2] == d,
+                };
+                if !images_ok {
+                    let expected = match &image_index {
+                        Some(_) => format!("[images, image tokens, {d}]"),
+                        None => format!("[{}, image tokens, {d}] (one image per text)", ids.size()[0]),
+                    };
                     return Err(crate::Error::invalid(format!(
-                        "image_embeds must have shape [{}, image tokens, {d}] (one image per text), got {size:?}",
-                        ids.size()[0]
+                        "image_embeds must have shape {expected}, got {size:?}"
                     )));
                 }
                 let embeds = image_embeds
                     .f_to_device(model.device())?
                     .f_to_kind(model.kind())?;
-                Ok(model.itm_logits(&ids, mask.as_ref(), &embeds, &cx)?.0)
+                match &image_index {
+                    Some(index) => model.itm_logits_over_images(&ids, mask.as_ref(), &embeds, index, &cx),
+                    None => Ok(model.itm_logits(&ids, mask.as_ref(), &embeds, &cx)?.0),
+                }
             })?;
             tensor::to_py(py, &logits)
         })

@@ -149,6 +149,20 @@ impl CrossLayout {
     }
 }
 
+/// The images of rows sorted by image (`row_image`, ascending), each once in order, and each row's image
+/// renumbered 0.. in that order (what [`CrossLayout::of_rows`] reads).
+pub fn number_images(row_image: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    let mut images: Vec<i64> = Vec::new();
+    let mut renumbered = Vec::with_capacity(row_image.len());
+    for &i in row_image {
+        if images.last() != Some(&i) {
+            images.push(i);
+        }
+        renumbered.push(images.len() as i64 - 1);
+    }
+    (images, renumbered)
+}
+
 /// The decoder's cache for one `generate` call. Rows are grouped by image (beams or samples of the same image
 /// next to each other); the image keys/values are shared by the rows of an image, never copied.
 #[derive(Debug)]
@@ -197,8 +211,7 @@ impl DecoderCache {
     /// indices of the images kept when some were dropped.
     pub fn select_rows(&mut self, rows: &Tensor, row_image: &[i64]) -> Result<Option<Tensor>> {
         self.reorder(rows)?;
-        let mut images: Vec<i64> = row_image.to_vec();
-        images.dedup();
+        let (images, renumbered) = number_images(row_image);
         let before = self.row_image.last().map_or(0, |&i| i + 1);
         let kept = if (images.len() as i64) < before {
             let index = Tensor::f_from_slice(&images)?.f_to_device(rows.device())?;
@@ -211,17 +224,6 @@ impl DecoderCache {
         } else {
             None
         };
-        // Renumber the images 0.. in the order kept.
-        let mut renumbered = Vec::with_capacity(row_image.len());
-        let mut next = -1;
-        let mut last = None;
-        for &i in row_image {
-            if last != Some(i) {
-                next += 1;
-                last = Some(i);
-            }
-            renumbered.push(next);
-        }
         self.row_image = renumbered;
         self.layout = CrossLayout::of_rows(&self.row_image, rows.device())?;
         Ok(kept)

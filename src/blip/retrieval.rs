@@ -12,7 +12,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::kv_cache::CrossLayout;
+use super::kv_cache::{number_images, CrossLayout};
 use super::model::{check_pixel_values, check_range, is_index_kind, text_context};
 use super::text::{BlipTextModel, TextInput};
 use super::vision::{BlipVisionModel, Record, Recorded};
@@ -307,15 +307,8 @@ impl BlipForImageTextRetrieval {
         // Rows sorted by image (stable), the images they use numbered 0.. in that order.
         let mut order: Vec<i64> = (0..rows).collect();
         order.sort_by_key(|&r| row_image[r as usize]);
-        let mut used: Vec<i64> = Vec::new();
-        let mut sorted_image = Vec::with_capacity(order.len());
-        for &r in &order {
-            let i = row_image[r as usize];
-            if used.last() != Some(&i) {
-                used.push(i);
-            }
-            sorted_image.push(used.len() as i64 - 1);
-        }
+        let sorted: Vec<i64> = order.iter().map(|&r| row_image[r as usize]).collect();
+        let (used, sorted_image) = number_images(&sorted);
         let order_t = index(&order, device)?;
         let ids = ids.f_index_select(0, &order_t)?;
         let mask = mask.map(|m| m.f_index_select(0, &order_t)).transpose()?;

@@ -186,14 +186,12 @@ head_handle!(PyBlipRetrievalModel, Model, {
                 let (ids, mask) = model.check_text(&input_ids, attention_mask.as_ref())?;
                 let d = model.config.vision_config.hidden_size;
                 let size = image_embeds.size();
-                let images_ok = match &image_index {
-                    Some(_) => size.len() == 3 && size[2] == d,
-                    None => size.len() == 3 && size[0] == ids.size()[0] && size[2] == d,
-                };
-                if !images_ok {
-                    let expected = match &image_index {
-                        Some(_) => format!("[images, image tokens, {d}]"),
-                        None => format!("[{}, image tokens, {d}] (one image per text)", ids.size()[0]),
+                // Without image_index, one image per text; with it, any number of images.
+                let per_text = image_index.is_none().then(|| ids.size()[0]);
+                if size.len() != 3 || size[2] != d || per_text.is_some_and(|b| size[0] != b) {
+                    let expected = match per_text {
+                        Some(b) => format!("[{b}, image tokens, {d}] (one image per text)"),
+                        None => format!("[images, image tokens, {d}]"),
                     };
                     return Err(crate::Error::invalid(format!(
                         "image_embeds must have shape {expected}, got {size:?}"

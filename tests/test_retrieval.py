@@ -123,6 +123,8 @@ def test_itm_over_shared_images_equals_transformers_pair_by_pair(tiny_itm: str) 
         model.itm_logits(embeds, ids, mask, image_index=torch.zeros(6))
     with pytest.raises(TypeError, match="image_index"):
         model.itm_logits(embeds, ids, mask, image_index="012345")
+    with pytest.raises(ValueError, match=r"image_embeds must have shape \[images, image tokens"):
+        model.itm_logits(embeds[..., :-1], ids, mask, image_index=[0] * 6)
 
 
 def test_contrastive_scores_take_different_batch_sizes(tiny_itm: str) -> None:

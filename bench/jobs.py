@@ -19,6 +19,7 @@ from shapes import (
     CONFIGS,
     EARLY_MODES,
     EARLY_NEW_TOKENS,
+    HEAP_LIBS,
     LEARNING_RATE,
     LORA,
     MAX_GRAD_NORM,
@@ -227,7 +228,8 @@ def _time_native_train(model, spec: dict[str, Any], batch: int, length: int, war
 def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int) -> list[float]:
     """The transformers + peft tutorial loop: AdamW over the trainable parameters, labels = ids with pads -100,
     loss.backward(), clipping, step, zero_grad, loss.item(); batches moved to the device each step. The
-    "hf_autocast" row runs the forward under torch.autocast in bf16 (the float32 model, as a torch user does it)."""
+    "hf_autocast" row runs the forward under torch.autocast in bf16 (the float32 model, as a torch user does it); the
+    "_heap" rows are the same loops in a process whose malloc keeps freed memory (the runner sets GLIBC_TUNABLES)."""
     import contextlib
 
     import torch
@@ -247,7 +249,7 @@ def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmu
         sl = slice((step % n_batches) * batch, (step % n_batches + 1) * batch)
         autocast = (
             torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
-            if spec["lib"] == "hf_autocast"
+            if HEAP_LIBS.get(spec["lib"], spec["lib"]) == "hf_autocast"
             else contextlib.nullcontext()
         )
         with autocast:

@@ -14,6 +14,8 @@ from shapes import (
     BF16_LIBS,
     EARLY_MODES,
     EARLY_NEW_TOKENS,
+    HEAP_LIBS,
+    KEPT_MEMORY_TUNABLES,
     LEARNING_RATE,
     LIB_LABEL,
     MAX_GRAD_NORM,
@@ -184,6 +186,15 @@ def render(report: dict[str, Any]) -> list[str]:
                 "torch.bfloat16)`. Their MFU and floor use the measured bf16 GEMM rate"
                 + (f" ({mm_bf16 / 1e9:,.1f} GFLOP/s, 2048² bf16)" if mm_bf16 else "")
                 + f'; `bp.cpu_has_bf16()` = {has}. "speed vs HF" is against transformers + peft in float32.',
+            ]
+        if any(r["lib"] in HEAP_LIBS for r in report["train"]):
+            out += [
+                "",
+                '"freed memory kept" rows: transformers + peft\'s loop in a process started with '
+                f"`GLIBC_TUNABLES={KEPT_MEMORY_TUNABLES}`, what our `train()` sets for itself while it runs "
+                "(src/freed_memory.rs): glibc then reuses freed blocks instead of handing each step fresh zeroed "
+                "pages. A transformers user gets these numbers only by setting that (or preloading jemalloc / "
+                "tcmalloc); the plain rows are what the tutorial's loop gets.",
             ]
         kinds = {r.get("memory_kind") for r in report["train"] if "error" not in r}
         trainable = {LIB_LABEL[r["lib"]]: r.get("trainable") for r in report["train"] if "error" not in r}

@@ -8,6 +8,7 @@ import datetime
 import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import RESULT_TAG
-from shapes import CONFIGS, LIB_LABEL, SECTIONS, Suite
+from shapes import CONFIGS, HEAP_LIBS, KEPT_MEMORY_TUNABLES, LIB_LABEL, SECTIONS, Suite
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -102,6 +103,7 @@ class Runner:
         env["PYTHONWARNINGS"] = "ignore"
         if self.threads:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        env.update(spec.get("env", {}))
         start = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -160,9 +162,10 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
 
         if "train" in sections:
             report["train"] = []
-            libs = ["ours"] + (["ours_loop"] if suite.torch_loop_row else []) + ["hf"]
+            heap = suite.heap_rows and suite.device == "cpu" and platform.libc_ver()[0] == "glibc"
+            libs = ["ours"] + (["ours_loop"] if suite.torch_loop_row else []) + ["hf"] + (["hf_heap"] if heap else [])
             if suite.bf16_rows and suite.dtype == "float32" and suite.device == "cpu":
-                libs += ["ours_bf16", "hf_autocast"]
+                libs += ["ours_bf16", "hf_autocast"] + (["hf_autocast_heap"] if heap else [])
             for batch in suite.train_batches:
                 for lib in libs:
                     spec = dict(
@@ -174,6 +177,8 @@ def run_suite(suite: Suite, args: argparse.Namespace) -> dict[str, Any]:
                         warmup=suite.train_warmup,
                         iters=suite.train_iters,
                     )
+                    if lib in HEAP_LIBS:
+                        spec["env"] = {"GLIBC_TUNABLES": KEPT_MEMORY_TUNABLES}
                     res = run(f"train {LIB_LABEL[lib]}, batch {batch}", spec)
                     report["train"].append(dict(res, lib=lib, batch=batch))
 

@@ -51,6 +51,8 @@ LIB_LABEL = {
     "ours_bf16": 'blip_peft `train(mixed_precision="bf16")`',
     "hf": "transformers + peft",
     "hf_autocast": "transformers + peft, bf16 autocast",
+    "hf_heap": "transformers + peft, freed memory kept",
+    "hf_autocast_heap": "transformers + peft, bf16 autocast, freed memory kept",
     "hf_gen": "transformers",
     "hf_pre": "transformers",
 }
@@ -58,7 +60,13 @@ LIB_LABEL = {
 # The training rows that run at bf16 on a float32 CPU suite (the model loaded in float32 either way: ours casts its
 # frozen base to bf16 and keeps float32 adapters and optimizer state, transformers + peft runs the forward under
 # torch.autocast).
-BF16_LIBS = ("ours_bf16", "hf_autocast")
+BF16_LIBS = ("ours_bf16", "hf_autocast", "hf_autocast_heap")
+
+# glibc's malloc told to keep freed blocks (no mmap, no trimming), as our train() does for its duration
+# (src/freed_memory.rs): the "freed memory kept" rows run transformers + peft's loop in a process started with this
+# GLIBC_TUNABLES, so the page faults of fresh blocks are measured apart from the rest of the step.
+KEPT_MEMORY_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + str(1 << 62)
+HEAP_LIBS = {"hf_heap": "hf", "hf_autocast_heap": "hf_autocast"}
 
 # Decoding settings of the "early" section: the bundled model's captions end on their own (no minimum length).
 EARLY_NEW_TOKENS = 30
@@ -83,6 +91,7 @@ class Suite:
     train_iters: int = 3
     torch_loop_row: bool = True  # also time our model inside a plain torch loop
     bf16_rows: bool = False  # a float32 CPU suite's extra rows: our bf16 mixed precision, theirs under autocast
+    heap_rows: bool = False  # transformers + peft again with glibc keeping freed memory (KEPT_MEMORY_TUNABLES)
     threads: int | None = None  # torch intra-op threads (None: torch's default, all cores)
     beams: list[int] = field(default_factory=lambda: [1, 3])
     gen_plan: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, warm-up calls, timed calls)
@@ -131,6 +140,7 @@ SUITES = {
         dtype="float32",
         train_batches=[2, 8],
         bf16_rows=True,
+        heap_rows=True,
         train_warmup=1,
         train_iters=3,
         gen_plan=[(1, 1, 2), (8, 1, 1)],

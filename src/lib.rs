@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod freed_memory;
 pub mod fuzzing;
 pub mod generate;
 pub mod lora;

@@ -197,14 +197,3 @@ pub struct GenerationStats {
     /// caption ended (images whose beams are settled) leave the batch, so the numbers fall as captions end.
     pub rows_per_step: Vec<i64>,
 }
-
-/// Hands the heap memory this call freed back to the OS. glibc keeps freed blocks under its mmap threshold
-/// (which grows to 32 MB) in the process, so the call's image keys/values and activations (~330 MB at
-/// batch 8 on real shapes) would otherwise stay resident after it returns. Costs ~1 ms.
-pub(super) fn release_freed_host_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}

@@ -112,6 +112,6 @@ fn run(job: job::Job, config: &GenerationConfig) -> Result<(Tensor, GenerationSt
     } else {
         sample::greedy_or_sample(job, &mut stats)?
     };
-    driver::release_freed_host_memory();
+    crate::freed_memory::give_back();
     Ok((ids, stats))
 }

@@ -1,5 +1,6 @@
 //! Fine-tuning: the optimizer (AdamW with torch's numerics), learning-rate schedules, gradient clipping and
-//! fp16 loss scaling, checkpoints, and the training loop itself.
+//! fp16 loss scaling, checkpoints, and the training loop itself, with the process settings it runs under
+//! (flush-to-zero, freed memory kept).
 
 pub mod checkpoint;
 pub mod checkpointed_step;

@@ -803,6 +803,7 @@ impl Trainer {
         let guard = PrecisionGuard::lower(model, precision.kind())?;
         let towers = TrainedTowers::of(model);
         let flush = super::denormals::FlushDenormals::enable();
+        let keep_freed = crate::freed_memory::KeepFreedMemory::enable();
         let mut run = TrainingRun {
             model,
             device,
@@ -839,6 +840,7 @@ impl Trainer {
         }
         drop(cache);
         drop(flush);
+        drop(keep_freed);
         guard.restore()?;
         let _ = optimizer.zero_grad();
         let interrupted = result?;

@@ -186,6 +186,15 @@ def check_denormals(what: str, share: float) -> float:
     return share
 
 
+def faulted_mib() -> float:
+    """The memory this process has page-faulted in so far (minor faults x page size), in MiB: fresh pages the
+    kernel zeroed. A step that faults gigabytes spends its time in the kernel, not in the model (glibc hands large
+    freed blocks back to the system: src/freed_memory.rs)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize() / 2**20
+
+
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -194,14 +203,16 @@ def train_precision(lib: str, suite_dtype: str) -> str:
     return "bfloat16" if lib in BF16_LIBS else suite_dtype
 
 
-def _time_native_train(model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int) -> list[float]:
-    """blip_peft.train for warmup + iters steps; per-step times from the step-end callbacks (logging_steps=1 reads
-    each step's loss back, which also synchronises a GPU)."""
+def _time_native_train(
+    model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int
+) -> tuple[list[float], list[float]]:
+    """blip_peft.train for warmup + iters steps; per-step times (and memory page-faulted in) from the step-end
+    callbacks (logging_steps=1 reads each step's loss back, which also synchronises a GPU)."""
     import blip_peft as bp
 
     steps = warmup + iters
     px, ids, mask = _caption_batch(spec["config"], batch * min(steps, 2), length)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     bp.train(
         model,
         None,
@@ -218,14 +229,17 @@ def _time_native_train(model, spec: dict[str, Any], batch: int, length: int, war
         shuffle=False,
         logging_steps=1,
         progress=False,
-        callback=lambda log: stamps.append(time.perf_counter()),
+        callback=lambda log: stamps.append((time.perf_counter(), faulted_mib())),
     )
     if len(stamps) != steps:
         raise RuntimeError(f"expected {steps} step callbacks, got {len(stamps)}")
-    return [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True)]
+    pairs = list(zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True))
+    return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
 
 
-def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int) -> list[float]:
+def _time_loop_train(
+    model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int
+) -> tuple[list[float], list[float]]:
     """The transformers + peft tutorial loop: AdamW over the trainable parameters, labels = ids with pads -100,
     loss.backward(), clipping, step, zero_grad, loss.item(); batches moved to the device each step. The
     "hf_autocast" row runs the forward under torch.autocast in bf16 (the float32 model, as a torch user does it); the
@@ -242,10 +256,10 @@ def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmu
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    times = []
+    times, faults = [], []
     for step in range(steps):
         _sync(device)
-        start = time.perf_counter()
+        start, faulted = time.perf_counter(), faulted_mib()
         sl = slice((step % n_batches) * batch, (step % n_batches + 1) * batch)
         autocast = (
             torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
@@ -270,10 +284,11 @@ def _time_loop_train(model, spec: dict[str, Any], batch: int, length: int, warmu
             raise RuntimeError(f"loss is {loss} at step {step}")
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times[warmup:]
+        faults.append(faulted_mib() - faulted)
+    return times[warmup:], faults[warmup:]
 
 
-def _time_train(lib, model, spec, batch, length, warmup, iters) -> list[float]:
+def _time_train(lib, model, spec, batch, length, warmup, iters) -> tuple[list[float], list[float]]:
     fn = _time_native_train if lib in ("ours", "ours_bf16") else _time_loop_train
     return fn(model, spec, batch, length, max(1, warmup), iters)
 
@@ -402,10 +417,14 @@ def job_train(spec: dict[str, Any]) -> dict[str, Any]:
     mem = Memory(spec["device"])
     before = mem.current()
     mem.reset()
-    times = _time_train(lib, model, spec, spec["batch"], spec["length"], spec["warmup"], spec["iters"])
+    times, faults = _time_train(lib, model, spec, spec["batch"], spec["length"], spec["warmup"], spec["iters"])
     return dict(
         step_s=_stat(spec, times),
         step_times=times,
+        # What the reported step page-faulted in (the best step's, or the median of them all with --stat median).
+        step_faulted_mib=faults[times.index(min(times))]
+        if spec.get("stat", "min") == "min"
+        else statistics.median(faults),
         peak_mib=mem.peak(),
         before_mib=before,
         memory_kind=mem.kind,
@@ -578,10 +597,10 @@ def job_scale(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.empty_cache()
 
     for b in spec["train_batches"]:
-        point("train_batch", b, lambda b=b: _time_train(lib, model, spec, b, spec["length"], warmup, iters))
+        point("train_batch", b, lambda b=b: _time_train(lib, model, spec, b, spec["length"], warmup, iters)[0])
     for n in spec["caption_lens"]:
         b = spec["caption_batch"]
-        point("train_len", n, lambda n=n, b=b: _time_train(lib, model, spec, b, n, warmup, iters))
+        point("train_len", n, lambda n=n, b=b: _time_train(lib, model, spec, b, n, warmup, iters)[0])
     # Generation with the adapters merged away: the plain model, as for the generation table.
     model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     model.eval()

@@ -139,7 +139,7 @@ def render(report: dict[str, Any]) -> list[str]:
             label = LIB_LABEL[r["lib"]]
             if "error" in r:
                 rows.append(
-                    [str(r["batch"]), label, "failed: " + r["error"], "", "", "", "", "", ""] + [""] * bf16_rows
+                    [str(r["batch"]), label, "failed: " + r["error"], "", "", "", "", "", "", ""] + [""] * bf16_rows
                 )
                 continue
             step = r["step_s"]
@@ -154,6 +154,7 @@ def render(report: dict[str, Any]) -> list[str]:
                 _fmt(step * 1e3),
                 _fmt(sps),
                 _fmt(r["peak_mib"], 4),
+                _fmt(r["step_faulted_mib"], 3) if "step_faulted_mib" in r else "–",
                 f"{100 * sps * tflops / (peak if rate is mm else rate):.1f}%",
                 f"{_fmt(floor * 1e3)} ({step / floor:.1f}×)",
                 *_vs_hf(r, hf, is_hf, "step_s", step),
@@ -169,6 +170,7 @@ def render(report: dict[str, Any]) -> list[str]:
                 "step (ms)",
                 "samples/s",
                 "peak mem (MiB)",
+                "page-faulted / step (MiB)",
                 "MFU",
                 "floor ms (time/floor)",
                 "speed vs HF",
@@ -201,6 +203,8 @@ def render(report: dict[str, Any]) -> list[str]:
         out += [
             "",
             f"Peak memory: {', '.join(sorted(k for k in kinds if k))} of the training phase (weights included). "
+            "Page-faulted: fresh pages the kernel zeroed during the reported step (getrusage's minor faults × the "
+            "page size; `jobs.faulted_mib`): time spent in the kernel, not in the model. "
             f"Trainable parameters: {', '.join(f'{k}: {v:,}' for k, v in trainable.items() if v)}.",
         ]
 

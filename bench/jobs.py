@@ -332,7 +332,10 @@ def job_info(spec: dict[str, Any]) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         detail = f"{props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
     else:
-        name = cpu_name()
+        # The code path and bf16 arithmetic are in the name: one CPU model is sold (and virtualised) with and
+        # without AVX-512, and its results go in different RESULTS.md sections.
+        bf16 = ", bf16" if blip_peft.cpu_has_bf16() else ""
+        name = f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}{bf16})"
         detail = f"{torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs"
     on_gpu = device.startswith("cuda")
     # Memory bandwidth: y.copy_(x) moves 2 x nbytes (read + write); best of several.
@@ -363,9 +366,9 @@ def job_info(spec: dict[str, Any]) -> dict[str, Any]:
         best = min(best, time.perf_counter() - start)
     matmul = 2 * n**3 / best
     # On a CPU suite in float32 the bf16 training rows are judged against the bf16 GEMM rate (AVX-512 BF16 / AMX
-    # run it ~2x faster; without them torch emulates it, slower than float32).
+    # run it ~2x faster; without them torch emulates it, far slower than float32, and the suite runs no bf16 rows).
     matmul_bf16 = None
-    if not on_gpu and spec["dtype"] == "float32":
+    if not on_gpu and spec["dtype"] == "float32" and blip_peft.cpu_has_bf16():
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
         a16 @ b16
         best = math.inf

@@ -154,7 +154,7 @@ def render(report: dict[str, Any]) -> list[str]:
                 _fmt(step * 1e3),
                 _fmt(sps),
                 _fmt(r["peak_mib"], 4),
-                _fmt(r["step_faulted_mib"], 3) if "step_faulted_mib" in r else "–",
+                f"{r['step_faulted_mib']:,.0f}" if "step_faulted_mib" in r else "–",
                 f"{100 * sps * tflops / (peak if rate is mm else rate):.1f}%",
                 f"{_fmt(floor * 1e3)} ({step / floor:.1f}×)",
                 *_vs_hf(r, hf, is_hf, "step_s", step),
@@ -188,6 +188,12 @@ def render(report: dict[str, Any]) -> list[str]:
                 "torch.bfloat16)`. Their MFU and floor use the measured bf16 GEMM rate"
                 + (f" ({mm_bf16 / 1e9:,.1f} GFLOP/s, 2048² bf16)" if mm_bf16 else "")
                 + f'; `bp.cpu_has_bf16()` = {has}. "speed vs HF" is against transformers + peft in float32.',
+            ]
+        elif report.get("suite_settings", {}).get("bf16_rows") and tinfo.get("cpu_has_bf16") is False:
+            out += [
+                "",
+                "No bf16 rows: this CPU has no bf16 arithmetic (`bp.cpu_has_bf16()` = False; neither AVX-512 BF16 "
+                'nor AMX), so bf16 would run emulated in float32 units and `mixed_precision="auto"` stays float32.',
             ]
         if any(r["lib"] in HEAP_LIBS for r in report["train"]):
             out += [

@@ -237,6 +237,31 @@ def _time_native_train(
     return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
 
 
+def tutorial_loop(model, bf16: bool = False):
+    """transformers + peft's tutorial loop over one fixed CPU batch, as the standalone scripts time it: returns
+    `step(px, ids, mask)`, which runs the forward (under bf16 autocast if asked), loss.backward(), clipping,
+    AdamW's step, zero_grad and loss.item() (labels = ids with pads -100)."""
+    import contextlib
+
+    import torch
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def step(px, ids, mask) -> float:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    return step
+
+
 def _time_loop_train(
     model, spec: dict[str, Any], batch: int, length: int, warmup: int, iters: int
 ) -> tuple[list[float], list[float]]:

@@ -21,10 +21,7 @@ sys.path.insert(0, BENCH_DIR)
 
 
 def run_side(side: str, batch: int, precision: str, steps: int, ckpt: str) -> None:
-    import contextlib
-
-    import torch
-    from jobs import _caption_batch, _load, faulted_mib
+    from jobs import _caption_batch, _load, faulted_mib, tutorial_loop
     from shapes import LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY
 
     model = _load(side, ckpt, "cpu", "float32", lora=True)
@@ -49,20 +46,10 @@ def run_side(side: str, batch: int, precision: str, steps: int, ckpt: str) -> No
             max_grad_norm=MAX_GRAD_NORM, shuffle=False, callback=lambda log: (report(len(done)), done.append(1)),
         )  # fmt: skip
         return
-    labels = ids.masked_fill(mask == 0, -100)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    for step in range(steps):
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with autocast:
-            out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.loss.item()
-        report(step)
+    step = tutorial_loop(model, bf16=precision == "bf16")
+    for i in range(steps):
+        step(px, ids, mask)
+        report(i)
 
 
 def main() -> None:

@@ -20,8 +20,7 @@ sys.path.insert(0, BENCH_DIR)
 
 
 def run_side(side: str, batch: int, ckpt: str, profiled: bool) -> None:
-    import torch
-    from jobs import _caption_batch, _load
+    from jobs import _caption_batch, _load, tutorial_loop
     from shapes import LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY
     from torch.profiler import ProfilerActivity, profile
 
@@ -39,19 +38,10 @@ def run_side(side: str, batch: int, ckpt: str, profiled: bool) -> None:
         def step() -> None:
             bp.train(model, None, data, max_steps=1, **run)
     else:
-        labels = ids.masked_fill(mask == 0, -100)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        bf16_step = tutorial_loop(model, bf16=True)
 
         def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            out.loss.item()
+            bf16_step(px, ids, mask)
 
     step()  # warm-up
     times = []

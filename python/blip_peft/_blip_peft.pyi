@@ -1,6 +1,7 @@
 """Type stubs of the native module `blip_peft._blip_peft` (checked by mypy.stubtest in the test suite)."""
 
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, final, type_check_only
 
@@ -68,6 +69,7 @@ def train_native(
     distributed: _CollectiveLike | None = None,
     scorer: Callable[[int], dict[str, float]] | None = None,
     temp: torch.Tensor | None = None,
+    ctrl_c: threading.Event | None = None,
 ) -> dict[str, Any]: ...
 def collate_captions(
     captions: Sequence[Sequence[int]],

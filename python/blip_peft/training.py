@@ -7,7 +7,9 @@ import json
 import logging
 import numbers
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +97,34 @@ class TrainResult:
             fig.savefig(fspath(path, "path"), dpi=100)
             plt.close(fig)
         return fig
+
+
+@contextlib.contextmanager
+def _ctrl_c_noted() -> Iterator[threading.Event | None]:
+    """Ctrl-C stops training after the step even when its KeyboardInterrupt is lost. Python runs the SIGINT
+    handler in whatever Python code the main thread runs next, and an exception raised there inside a finalizer
+    (`__del__`, a weakref or gc callback) is printed as "Exception ignored" and dropped, as it is by code that
+    catches BaseException. While training runs, the handler also sets the event the trainer checks after every
+    step. A handler the user installed is left as it is, as is a training run off the main thread (Python
+    delivers signals to the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield None
+        return
+    noted = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        noted.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield noted
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _Progress:
@@ -805,9 +835,10 @@ def train(
     main_process = group is None or group.rank == 0
     reporter = _Progress(progress and main_process, callback)
     try:
-        result = _blip_peft.train_native(
-            native, train_tensors, eval_tensors, args, adapter, reporter, group, scorer, temperature
-        )
+        with _ctrl_c_noted() as ctrl_c:
+            result = _blip_peft.train_native(
+                native, train_tensors, eval_tensors, args, adapter, reporter, group, scorer, temperature, ctrl_c
+            )
     finally:
         reporter.close()
     train_result = TrainResult(

@@ -25,6 +25,9 @@ struct PyObserver {
     callback: Option<Py<PyAny>>,
     /// `scorer(step) -> dict[str, float]`: the evaluation metrics besides the loss (caption scores).
     scorer: Option<Py<PyAny>>,
+    /// Set by `blip_peft.training._ctrl_c_noted`'s SIGINT handler: a Ctrl-C whose KeyboardInterrupt Python
+    /// code may have swallowed.
+    ctrl_c: Option<Py<PyAny>>,
     interrupted: bool,
     error: Option<PyErr>,
 }
@@ -33,9 +36,22 @@ impl PyObserver {
     /// The one interrupt check: Ctrl-C stops training after the step (`Stop`); another exception raised by a
     /// signal handler is kept to be re-raised once `train` returns.
     fn check_signals(&mut self, py: Python<'_>) -> crate::Result<Control> {
-        match py.check_signals() {
-            Ok(()) => Ok(Control::Continue),
-            Err(e) => self.stop_for(py, e, "a Python signal handler raised an exception"),
+        if let Err(e) = py.check_signals() {
+            return self.stop_for(py, e, "a Python signal handler raised an exception");
+        }
+        let noted = match &self.ctrl_c {
+            Some(event) => event
+                .call_method0(py, "is_set")
+                .and_then(|r| r.bind(py).is_truthy()),
+            None => Ok(false),
+        };
+        match noted {
+            Ok(true) => {
+                self.interrupted = true;
+                Ok(Control::Stop)
+            }
+            Ok(false) => Ok(Control::Continue),
+            Err(e) => self.stop_for(py, e, "checking for Ctrl-C raised an exception"),
         }
     }
 
@@ -414,9 +430,10 @@ impl Run<'_> {
 /// Trains `model` (the native handle of any BLIP head) on a dataset source (`_ImageCaptionData`, or for the
 /// captioner a mapping of encoded tensors: pixel_values, input_ids, attention_mask, labels). `adapter` is
 /// `(name, bias, adapter_config_json)` for a PeftModel, None for full fine-tuning. `temp`: the retrieval
-/// head's temperature (a 0-dim float32 tensor, trained in place when it requires grad).
+/// head's temperature (a 0-dim float32 tensor, trained in place when it requires grad). `ctrl_c`: an event
+/// (`is_set()`) that stops training after the step once set.
 #[pyfunction]
-#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None, scorer=None, temp=None))]
+#[pyo3(signature = (model, train, eval, settings, adapter=None, callback=None, distributed=None, scorer=None, temp=None, ctrl_c=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_native<'py>(
     py: Python<'py>,
@@ -429,6 +446,7 @@ pub fn train_native<'py>(
     distributed: Option<Py<PyAny>>,
     scorer: Option<Py<PyAny>>,
     temp: Option<&Bound<'py, PyAny>>,
+    ctrl_c: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     guard("train_native", || {
         let head = if let Ok(m) = model.cast::<PyBlipModel>() {
@@ -474,6 +492,7 @@ pub fn train_native<'py>(
             },
             callback,
             scorer,
+            ctrl_c,
             interrupted: false,
             error: None,
         };

@@ -1,6 +1,7 @@
 """The frozen vision tower's feature cache (`train(feature_cache=...)`): the losses of a cached run are the
-uncached run's bit for bit, over epochs that reuse the embeddings, from tensors and from images, within a
-budget smaller than the data; the cache stands aside (saying why) when the vision tower trains or is random."""
+uncached run's bit for bit, over epochs that reuse the embeddings (and the decoder's cross-attention projections
+of them), from tensors and from images, within a budget smaller than the data; the cache stands aside (saying
+why) when the vision tower trains or is random."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ pytestmark = pytest.mark.cpu_isa
 
 TEXT_ONLY = ["self.query", "self.value"]
 CROSS_ATTENTION = ["crossattention.self.query", "crossattention.self.key", "crossattention.self.value"]
+# An image's cached bytes in the tiny model (float32): its embeddings, (1 + 16 patches) x 32 values, and each of
+# the decoder's 2 layers' cross-attention key and value projections of them, as many again each.
+EMBEDDING_BYTES = 17 * 32 * 4
+WITH_PROJECTIONS_BYTES = EMBEDDING_BYTES * (1 + 2 * 2)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,9 @@ def test_cached_losses_equal_the_uncached_run_from_tensors(dropout_checkpoint, t
     cache = cached[0].feature_cache
     assert cache["enabled"] and cache["reason"] is None
     assert (cache["misses"], cache["hits"], cache["cached_examples"]) == (10, 20, 10)
-    assert cache["cached_bytes"] == 10 * 17 * 32 * 4  # (1 + 16 patches) x 32 float32 values an image
+    # Gradient checkpointing recomputes the decoder's layers, so it reads the embeddings only.
+    assert cache["cross_projections"] is not checkpointing
+    assert cache["cached_bytes"] == 10 * (EMBEDDING_BYTES if checkpointing else WITH_PROJECTIONS_BYTES)
     assert plain[0].feature_cache["enabled"] is False and "feature_cache=False" in plain[0].feature_cache["reason"]
 
 
@@ -105,13 +112,37 @@ def test_cached_losses_equal_the_uncached_run_from_images(caplog) -> None:
 
 def test_a_budget_smaller_than_the_data_recomputes_the_rest(dropout_checkpoint) -> None:
     data = _tensors(10)
-    per_image = 17 * 32 * 4
-    cached = _train(dropout_checkpoint, TEXT_ONLY, data, feature_cache=3.5 * per_image / 2**20)
+    cached = _train(dropout_checkpoint, TEXT_ONLY, data, feature_cache=3.5 * EMBEDDING_BYTES / 2**20)
     plain = _train(dropout_checkpoint, TEXT_ONLY, data, feature_cache=False)
     _assert_same_run(cached, plain)
     cache = cached[0].feature_cache
-    assert cache["cached_examples"] == 3 and cache["cached_bytes"] == 3 * per_image
-    assert (cache["hits"], cache["misses"]) == (6, 24)
+    assert cache["cached_examples"] == 3 and cache["cached_bytes"] == 3 * EMBEDDING_BYTES
+    assert (cache["hits"], cache["misses"]) == (6, 24) and cache["cross_projections"] is False
+
+
+@pytest.mark.parametrize("targets", [TEXT_ONLY, CROSS_ATTENTION], ids=["text-only", "cross-attention"])
+def test_projections_are_kept_only_when_every_example_fits_with_them(dropout_checkpoint, targets) -> None:
+    data = _tensors(10)
+    plain = _train(dropout_checkpoint, targets, data, feature_cache=False)
+    # Room for every example's projections: all kept; one byte less: the embeddings only, of every example.
+    for budget, kept in ((10 * WITH_PROJECTIONS_BYTES, True), (10 * WITH_PROJECTIONS_BYTES - 1, False)):
+        cached = _train(dropout_checkpoint, targets, data, feature_cache=budget / 2**20)
+        _assert_same_run(cached, plain)
+        cache = cached[0].feature_cache
+        assert cache["cross_projections"] is kept and cache["cached_examples"] == 10
+        assert cache["cached_bytes"] == 10 * (WITH_PROJECTIONS_BYTES if kept else EMBEDDING_BYTES)
+
+
+def test_trained_cross_attention_weights_are_not_cached(dropout_checkpoint) -> None:
+    # modules_to_save trains the cross-attention keys' base weights: their projections change every step.
+    model = bp.get_peft_model(
+        bp.BlipForConditionalGeneration.from_pretrained(dropout_checkpoint, dtype="float32"),
+        bp.LoraConfig(r=4, target_modules=TEXT_ONLY, modules_to_save=["crossattention.self.key"]),
+    )
+    result = bp.train(model, None, _tensors(6), epochs=2, batch_size=4, progress=False)
+    cache = result.feature_cache
+    assert cache["enabled"] and cache["cross_projections"] is False
+    assert cache["cached_bytes"] == 6 * EMBEDDING_BYTES
 
 
 def test_bf16_caches_the_embeddings_the_step_computes(dropout_checkpoint) -> None:
@@ -119,7 +150,7 @@ def test_bf16_caches_the_embeddings_the_step_computes(dropout_checkpoint) -> Non
     cached = _train(dropout_checkpoint, TEXT_ONLY, data, mixed_precision="bf16")
     plain = _train(dropout_checkpoint, TEXT_ONLY, data, mixed_precision="bf16", feature_cache=False)
     _assert_same_run(cached, plain)
-    assert cached[0].feature_cache["cached_bytes"] == 8 * 17 * 32 * 2  # kept in bf16, as produced
+    assert cached[0].feature_cache["cached_bytes"] == 8 * WITH_PROJECTIONS_BYTES // 2  # kept in bf16, as produced
 
 
 def test_the_cache_stands_aside_saying_why(tmp_path, tiny_checkpoint, caplog) -> None:

@@ -39,7 +39,8 @@ class TrainResult:
 
     `feature_cache` says what the frozen vision tower's feature cache did: ``enabled``, ``reason`` (why it was
     not used), ``hits`` / ``misses`` (image rows served from the cache / computed by the vision tower),
-    ``cached_examples``, ``cached_bytes`` and ``budget_bytes``."""
+    ``cached_examples``, ``cached_bytes``, ``budget_bytes`` and ``cross_projections`` (whether the decoder's
+    cross-attention key/value projections of the images were kept with them)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_history: list[tuple[int, float]] = field(default_factory=list)
@@ -678,7 +679,12 @@ def train(
     `mixed_precision`), and cached images are not decoded again. They are held in host memory within a budget:
     True is 2048 MiB (about 1,200 images at blip-image-captioning-base's 384 px in float32), a number is the
     budget in MiB, False turns the cache off; past the budget the remaining images are recomputed every
-    epoch. When a condition does not hold the run goes on uncached and the reason is logged (logger
+    epoch. With the captioner it also keeps each image's cross-attention projections (every decoder layer's
+    frozen ``crossattention.self.key``/``value`` base output over the image, 25 times the embeddings' bytes at
+    base shapes), so later epochs skip the GEMMs that are most of a text-only step (the adapters on those layers
+    still add their part): when those base weights are frozen, without `gradient_checkpointing`, and when every
+    example fits in the budget with them (about 48 images in 2048 MiB in float32; else only the embeddings are
+    kept). When a condition does not hold the run goes on uncached and the reason is logged (logger
     ``"blip_peft"``, INFO) and kept in `TrainResult.feature_cache`, with the cache's hits and misses.
 
     `eval_dataset` is evaluated every `eval_steps` steps and at the end: its loss (``eval_loss``), and with
@@ -861,9 +867,10 @@ def train(
     cache = train_result.feature_cache
     if cache["enabled"]:
         logger.info(
-            "feature cache: %d image rows from the cache, %d computed; %d examples held (%.1f MiB of %.0f MiB)",
-            cache["hits"], cache["misses"], cache["cached_examples"], cache["cached_bytes"] / 2**20,
-            cache["budget_bytes"] / 2**20,
+            "feature cache: %d image rows from the cache, %d computed; %d examples held%s (%.1f MiB of %.0f MiB)",
+            cache["hits"], cache["misses"], cache["cached_examples"],
+            " with their cross-attention projections" if cache["cross_projections"] else "",
+            cache["cached_bytes"] / 2**20, cache["budget_bytes"] / 2**20,
         )  # fmt: skip
     else:
         logger.info("feature cache not used: %s", cache["reason"])

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::text::{BlipTextLmHeadModel, DecoderMasks};
+use super::text::{BlipTextLmHeadModel, CrossProjections, DecoderMasks};
 use super::vision::{BlipVisionModel, Record, Recorded};
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
@@ -235,7 +235,7 @@ impl BlipForConditionalGeneration {
         let (pixel_values, ids, mask, labels) = self.prepare(inputs, cx)?;
         let image_embeds = self.encode_images(&pixel_values, cx)?;
         let (logits, loss) =
-            self.decode_with_loss(&ids, mask.as_ref(), &image_embeds, labels.as_ref(), cx)?;
+            self.decode_with_loss(&ids, mask.as_ref(), &image_embeds, None, labels.as_ref(), cx)?;
         Ok(BlipOutput {
             loss,
             logits,
@@ -267,7 +267,7 @@ impl BlipForConditionalGeneration {
                 .forward_recording(&pixel_values, cx, options.record)?;
         let t = ids.size()[1];
         let text_cx = text_context(cx);
-        let hidden = self.decoder_hidden(&ids, mask.as_ref(), &image_embeds, cx)?;
+        let hidden = self.decoder_hidden(&ids, mask.as_ref(), &image_embeds, None, cx)?;
         let keep = match options.logits_to_keep {
             0 => t,
             k => k.min(t),
@@ -344,11 +344,12 @@ impl BlipForConditionalGeneration {
         ids: &Tensor,
         mask: Option<&Tensor>,
         image_embeds: &Tensor,
+        projected: Option<&CrossProjections>,
         labels: Option<&Tensor>,
         cx: &ForwardContext,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let text_cx = text_context(cx);
-        let hidden = self.decoder_hidden(ids, mask, image_embeds, cx)?;
+        let hidden = self.decoder_hidden(ids, mask, image_embeds, projected, cx)?;
         let logits = self.text_decoder.logits(&hidden, &text_cx)?;
         let loss = match labels {
             Some(labels) => Some(self.caption_loss(&logits, labels, cx)?),
@@ -357,12 +358,26 @@ impl BlipForConditionalGeneration {
         Ok((logits, loss))
     }
 
-    /// The decoder's hidden states for `ids` (causal, with `mask`'s padding) over `image_embeds`, under `cx`.
+    /// The decoder's cross-attention base projections of `image_embeds` under `cx`
+    /// ([`BlipTextLmHeadModel::cross_projections`]): what [`Self::decode_with_loss`] can be given instead of
+    /// computing them; None when they train.
+    pub fn cross_projections(
+        &self,
+        image_embeds: &Tensor,
+        cx: &ForwardContext,
+    ) -> Result<Option<CrossProjections>> {
+        self.text_decoder
+            .cross_projections(image_embeds, &text_context(cx))
+    }
+
+    /// The decoder's hidden states for `ids` (causal, with `mask`'s padding) over `image_embeds` (with their
+    /// cross-attention projections when given), under `cx`.
     fn decoder_hidden(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
         image_embeds: &Tensor,
+        projected: Option<&CrossProjections>,
         cx: &ForwardContext,
     ) -> Result<Tensor> {
         let t = ids.size()[1];
@@ -375,7 +390,7 @@ impl BlipForConditionalGeneration {
             causal: additive.is_none(),
         };
         self.text_decoder
-            .hidden_states(ids, image_embeds, &masks, &text_context(cx))
+            .hidden_states(ids, image_embeds, projected, &masks, &text_context(cx))
     }
 
     /// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` (ignoring -100), in float32, with

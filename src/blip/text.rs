@@ -134,6 +134,18 @@ pub struct CrossStates<'a> {
     /// text rows, sorted by image, share them as the layout says: each layer computes an image's keys and
     /// values once for all its rows (ITM re-ranking's candidate texts). Inference only (no attention dropout).
     pub shared: Option<&'a CrossLayout>,
+    /// This layer's cross-attention `key` and `value` base projections of `states`, computed earlier
+    /// ([`CrossProjections`]); None: computed here. Read by the plain path only (training and scoring).
+    pub projected: Option<&'a (Tensor, Tensor)>,
+}
+
+/// Every decoder layer's cross-attention `key` and `value` base projections of a batch's image embeddings
+/// (`x Wᵀ + b`, `[B, N, C]` each; their adapters, if any, still add their part in the forward): the frozen part
+/// of the keys and values, which the training feature cache keeps per image so later epochs skip those
+/// GEMMs over the image positions, the larger part of a text-only step.
+#[derive(Debug)]
+pub struct CrossProjections {
+    pub layers: Vec<(Tensor, Tensor)>,
 }
 
 /// Query/key/value projections of one attention block (`attention.self` or `crossattention.self`).
@@ -170,6 +182,29 @@ impl BlipTextSelfAttention {
         Ok((
             split_heads(&self.key.forward_t(states, cx)?, self.num_heads)?,
             split_heads(&self.value.forward_t(states, cx)?, self.num_heads)?,
+        ))
+    }
+
+    /// [`Self::key_value`] over the base projections `projected` of `states` when given (their adapters add
+    /// to them), else computed here.
+    fn key_value_over(
+        &self,
+        states: &Tensor,
+        projected: Option<&(Tensor, Tensor)>,
+        cx: &ForwardContext,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some((keys, values)) = projected else {
+            return self.key_value(states, cx);
+        };
+        Ok((
+            split_heads(
+                &self.key.forward_over_base(states, keys.shallow_clone(), cx)?,
+                self.num_heads,
+            )?,
+            split_heads(
+                &self.value.forward_over_base(states, values.shallow_clone(), cx)?,
+                self.num_heads,
+            )?,
         ))
     }
 
@@ -420,7 +455,9 @@ impl BlipTextLayer {
                         ca.self_.attend_shared(&x, &kv, layout, cx)?
                     }
                     None => {
-                        let kv = ca.self_.key_value(cross.states, &cx.over_images())?;
+                        let kv = ca
+                            .self_
+                            .key_value_over(cross.states, cross.projected, &cx.over_images())?;
                         ca.self_.attend(&x, &kv, cross.mask, false, cx)?
                     }
                 },
@@ -507,6 +544,7 @@ impl BlipTextModel {
             states,
             mask: cross_mask.as_ref(),
             shared: None,
+            projected: None,
         });
         self.encode_over(input, self_mask.as_ref(), cross, cx)
     }
@@ -532,6 +570,7 @@ impl BlipTextModel {
             states: images,
             mask: None,
             shared: Some(layout),
+            projected: None,
         };
         self.encode_over(input, self_mask.as_ref(), Some(cross), cx)
     }
@@ -683,14 +722,47 @@ impl BlipTextLmHeadModel {
     /// Decoder hidden states `[B, T, D]` for `input_ids` `[B, T]` attending to `image` `[B, N, Dv]`
     /// (training and scoring: positions 0..T, no cache). Training with a dropout seed, layer `i` runs under
     /// `layer_seed(seed, i)` (the same dropout draws as `hidden_states_checkpointed`).
+    /// With `projected` (from [`Self::cross_projections`] of the same `image`), the cross-attention reads the
+    /// keys' and values' base projections from there instead of computing them.
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         image: &Tensor,
+        projected: Option<&CrossProjections>,
         masks: &DecoderMasks,
         cx: &ForwardContext,
     ) -> Result<Tensor> {
-        self.hidden_states_over(input_ids, image_states(image), masks, cx)
+        let layers = self.bert.encoder.layer.len();
+        if let Some(p) = projected.filter(|p| p.layers.len() != layers) {
+            return Err(Error::invalid(format!(
+                "cross-attention projections of {} layers given to a decoder of {layers}",
+                p.layers.len()
+            )));
+        }
+        self.layers_over(input_ids, masks, cx, |i| CrossStates {
+            projected: projected.map(|p| &p.layers[i]),
+            ..image_states(image)
+        })
+    }
+
+    /// Each layer's cross-attention `key` and `value` base projections of `image` (`[B, N, Dv]`), without a
+    /// graph, as [`Self::hidden_states`] computes them; None when one of those layers' base weights trains
+    /// (then they change every step) or the decoder has no cross-attention.
+    pub fn cross_projections(&self, image: &Tensor, cx: &ForwardContext) -> Result<Option<CrossProjections>> {
+        let cx = cx.over_images();
+        let mut layers = Vec::with_capacity(self.bert.encoder.layer.len());
+        for layer in &self.bert.encoder.layer {
+            let Some(ca) = &layer.crossattention else {
+                return Ok(None);
+            };
+            let (key, value) = (&ca.self_.key, &ca.self_.value);
+            if key.base_trains() || value.base_trains() {
+                return Ok(None);
+            }
+            let _guard = tch::no_grad_guard();
+            layers.push((key.base_forward(image, &cx)?, value.base_forward(image, &cx)?));
+        }
+        Ok(Some(CrossProjections { layers }))
     }
 
     /// [`Self::hidden_states`] cross-attending to any encoder states (VQA's answer decoder reads the
@@ -701,6 +773,17 @@ impl BlipTextLmHeadModel {
         cross: CrossStates,
         masks: &DecoderMasks,
         cx: &ForwardContext,
+    ) -> Result<Tensor> {
+        self.layers_over(input_ids, masks, cx, |_| cross)
+    }
+
+    /// The embeddings of `input_ids` through every layer, layer `i` cross-attending to `cross(i)`.
+    fn layers_over<'c>(
+        &self,
+        input_ids: &Tensor,
+        masks: &DecoderMasks,
+        cx: &ForwardContext,
+        cross: impl Fn(usize) -> CrossStates<'c>,
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let positions = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?;
@@ -713,7 +796,7 @@ impl BlipTextLmHeadModel {
             if let Some(seed) = seed {
                 tch::manual_seed(layer_seed(seed, i));
             }
-            x = layer.forward(&x, Some(cross), masks, None, cx)?;
+            x = layer.forward(&x, Some(cross(i)), masks, None, cx)?;
         }
         Ok(x)
     }
@@ -826,5 +909,6 @@ fn image_states(image: &Tensor) -> CrossStates<'_> {
         states: image,
         mask: None,
         shared: None,
+        projected: None,
     }
 }

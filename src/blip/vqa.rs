@@ -337,6 +337,7 @@ impl BlipForQuestionAnswering {
             states: question_embeds,
             mask: None,
             shared: None,
+            projected: None,
         };
         let hidden = self
             .text_decoder

@@ -92,22 +92,38 @@ impl Linear {
 
     /// Forward under `cx`: the adapter's dropout when training, the decoding kernel when asked for.
     pub fn forward_t(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        let y = self.base_forward(x, cx)?;
+        self.forward_over_base(x, y, cx)
+    }
+
+    /// The base layer alone, `x Wᵀ + b` in `x`'s kind: what the adapter adds to.
+    pub fn base_forward(&self, x: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let kind = x.kind();
         let kernel = match cx.decoding_kernel {
             true => few_rows::linear(x, &self.weight, self.bias.as_ref())?,
             false => None,
         };
-        let y = match kernel {
+        Ok(match kernel {
             Some(y) => y,
             None => x.f_linear(
                 &in_kind(&self.weight, kind)?,
                 in_kind_opt(self.bias.as_ref(), kind)?.as_ref(),
             )?,
-        };
+        })
+    }
+
+    /// The layer's output for `x` given `base`, [`Self::base_forward`]'s output for it (computed earlier, as
+    /// the training feature cache keeps a frozen layer's): the adapter, if any, adds to it.
+    pub fn forward_over_base(&self, x: &Tensor, base: Tensor, cx: &ForwardContext) -> Result<Tensor> {
         match &self.lora {
-            Some(slot) => slot.apply(x, y, &self.weight, self.bias.as_ref(), cx),
-            None => Ok(y),
+            Some(slot) => slot.apply(x, base, &self.weight, self.bias.as_ref(), cx),
+            None => Ok(base),
         }
+    }
+
+    /// Whether the base layer's weight or bias takes gradients (full fine-tuning, modules_to_save).
+    pub fn base_trains(&self) -> bool {
+        self.weight.requires_grad() || self.bias.as_ref().is_some_and(Tensor::requires_grad)
     }
 
     /// Inference into a reused buffer: `x Wᵀ + b` written over `out` (which must not need a graph) when the

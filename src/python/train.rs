@@ -597,6 +597,7 @@ pub fn train_native<'py>(
         c.set_item("misses", cache.misses)?;
         c.set_item("cached_examples", cache.cached_examples)?;
         c.set_item("cached_bytes", cache.cached_bytes)?;
+        c.set_item("cross_projections", cache.cross_projections)?;
         d.set_item("feature_cache", c)?;
         Ok(d)
     })

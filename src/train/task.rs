@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpointed_step::TrainedTowers;
 use crate::blip::retrieval::{BlipForImageTextRetrieval, TEMP_MAX, TEMP_MIN};
+use crate::blip::text::CrossProjections;
 use crate::blip::vision::BlipVisionModel;
 use crate::blip::{BlipForConditionalGeneration, BlipForQuestionAnswering};
 use crate::data::Batch;
@@ -44,6 +45,22 @@ pub trait TrainTask {
     /// The training loss of `batch` (on the host or the device) over its image embeddings `image`, with its
     /// graph; None when the batch has nothing to learn from (a retrieval batch of one image).
     fn loss_over_images(&self, batch: &Batch, image: &Tensor, cx: &ForwardContext) -> Result<Option<Tensor>>;
+    /// The frozen cross-attention projections of `image` (`[B, N, C]` embeddings) the head's loss can be given
+    /// ([`CrossProjections`]), without a graph; None (the default) when its loss reads none or they train.
+    fn cross_projections(&self, _image: &Tensor, _cx: &ForwardContext) -> Result<Option<CrossProjections>> {
+        Ok(None)
+    }
+    /// [`Self::loss_over_images`] given `projected`, [`Self::cross_projections`] of the same `image`; the
+    /// same loss, without recomputing them.
+    fn loss_over_projected_images(
+        &self,
+        batch: &Batch,
+        image: &Tensor,
+        _projected: &CrossProjections,
+        cx: &ForwardContext,
+    ) -> Result<Option<Tensor>> {
+        self.loss_over_images(batch, image, cx)
+    }
     /// The loss with gradient checkpointing, its backward included (gradients of `loss · multiplier`); the
     /// loss comes back detached. By default the vision tower's layers are recomputed in the backward and the
     /// text towers keep their activations.
@@ -128,12 +145,19 @@ impl TrainTask for BlipForConditionalGeneration {
         BlipForConditionalGeneration::encode_images(self, pixel_values, cx)
     }
     fn loss_over_images(&self, batch: &Batch, image: &Tensor, cx: &ForwardContext) -> Result<Option<Tensor>> {
-        let device = BlipForConditionalGeneration::device(self);
-        let ids = on(&batch.input_ids, device)?;
-        let mask = on(&batch.attention_mask, device)?;
-        let labels = on(&batch.labels, device)?;
-        let (_, loss) = self.decode_with_loss(&ids, Some(&mask), image, Some(&labels), cx)?;
-        Ok(loss)
+        caption_loss(self, batch, image, None, cx)
+    }
+    fn cross_projections(&self, image: &Tensor, cx: &ForwardContext) -> Result<Option<CrossProjections>> {
+        BlipForConditionalGeneration::cross_projections(self, image, cx)
+    }
+    fn loss_over_projected_images(
+        &self,
+        batch: &Batch,
+        image: &Tensor,
+        projected: &CrossProjections,
+        cx: &ForwardContext,
+    ) -> Result<Option<Tensor>> {
+        caption_loss(self, batch, image, Some(projected), cx)
     }
     fn loss_backward_checkpointed(
         &self,
@@ -167,6 +191,22 @@ impl TrainTask for BlipForConditionalGeneration {
     fn as_captioner(&self) -> Option<&BlipForConditionalGeneration> {
         Some(self)
     }
+}
+
+/// The captioner's loss of `batch` over `image` (and its cross-attention projections when given).
+fn caption_loss(
+    model: &BlipForConditionalGeneration,
+    batch: &Batch,
+    image: &Tensor,
+    projected: Option<&CrossProjections>,
+    cx: &ForwardContext,
+) -> Result<Option<Tensor>> {
+    let device = model.device();
+    let ids = on(&batch.input_ids, device)?;
+    let mask = on(&batch.attention_mask, device)?;
+    let labels = on(&batch.labels, device)?;
+    let (_, loss) = model.decode_with_loss(&ids, Some(&mask), image, projected, Some(&labels), cx)?;
+    Ok(loss)
 }
 
 /// transformers' `BlipForQuestionAnswering` loss: the question (`input_ids`, `attention_mask`) encoded over

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{self, TrainerState, WeightsFormat};
 use super::checkpointed_step::TrainedTowers;
-use super::feature_cache::{self, FeatureCache, FeatureCacheReport, FeatureCacheSetting};
+use super::feature_cache::{self, CachedImages, FeatureCache, FeatureCacheReport, FeatureCacheSetting};
 use super::optim::{clip_grad_norm, AdamW, LossScaler, Schedule};
 use super::task::TrainTask;
 use crate::blip::BlipForConditionalGeneration;
@@ -789,7 +789,11 @@ impl Trainer {
         let refused = feature_cache::refusal(model, train.as_ref(), config.feature_cache)?;
         let (cache, mut cache_report) = match (config.feature_cache, refused) {
             (FeatureCacheSetting::Budget { bytes }, None) => (
-                Some(FeatureCache::new(train.len(), bytes)),
+                Some(FeatureCache::new(
+                    train.len(),
+                    bytes,
+                    !config.gradient_checkpointing,
+                )),
                 FeatureCacheReport::default(),
             ),
             (_, reason) => (
@@ -974,17 +978,25 @@ impl<T: TrainTask> TrainingRun<'_, T> {
                 model.loss_backward_checkpointed(
                     self.towers,
                     &pixel_values,
-                    cached,
+                    cached.map(|c| c.embeddings),
                     &batch,
                     &multiplier,
                     &cx,
                 )?
             } else {
-                let image = match cached {
-                    Some(image) => image,
-                    None => model.encode_images(&pixel_values, &cx)?,
+                let loss = match cached {
+                    Some(CachedImages {
+                        embeddings,
+                        projected: Some(projected),
+                    }) => model.loss_over_projected_images(&batch, &embeddings, &projected, &cx)?,
+                    Some(CachedImages { embeddings, .. }) => {
+                        model.loss_over_images(&batch, &embeddings, &cx)?
+                    }
+                    None => {
+                        let image = model.encode_images(&pixel_values, &cx)?;
+                        model.loss_over_images(&batch, &image, &cx)?
+                    }
                 };
-                let loss = model.loss_over_images(&batch, &image, &cx)?;
                 if let Some(loss) = &loss {
                     loss.f_mul(&multiplier)?.f_backward()?;
                 }

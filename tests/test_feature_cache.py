@@ -14,8 +14,9 @@ from conftest import make_hf_model, tiny_hf_config
 import blip_peft as bp
 from blip_peft import world
 
-# Bit equality rests on the CPU's kernels giving each image the same embeddings whatever its batch: `make test`
-# runs these twice (capped at AVX2 too).
+# Bit equality rests on each image's features not depending on its batch mates (the trainer computes a frozen
+# tower's image by image, cached or not: MKL's AVX2 path on Intel rounds a GEMM row differently at other row
+# counts): `make test` runs these twice (capped at AVX2 too).
 pytestmark = pytest.mark.cpu_isa
 
 TEXT_ONLY = ["self.query", "self.value"]

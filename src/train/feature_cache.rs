@@ -6,7 +6,9 @@
 //! training context, in the kind it is produced in (float32, or bf16/fp16 under mixed precision), copied to
 //! host memory. Entries are keyed by the dataset's example index and held until the run ends, within a budget
 //! of host memory (`train(feature_cache=...)`, [`DEFAULT_BUDGET_MB`] by default); past it, the remaining
-//! examples are recomputed every epoch. The batch source skips decoding the images of cached rows.
+//! examples are recomputed every epoch. The batch source skips decoding the images of cached rows. Cached or
+//! not, a frozen tower's features are computed one image at a time ([`frozen_images`]), so an image's do not
+//! depend on its batch mates on any CPU.
 //!
 //! For the captioner it also keeps each image's cross-attention projections ([`CrossProjections`]: every
 //! decoder layer's `key` and `value` base outputs over the image positions, 25 times the embeddings' bytes at
@@ -89,8 +91,7 @@ pub struct FeatureCacheReport {
     pub cross_projections: bool,
 }
 
-/// Why the cache cannot serve this run, or None when it can: the vision tower trains or draws random numbers,
-/// or the source's pixels are not the same for an example in every epoch.
+/// Why the cache cannot serve this run, or None when it can: turned off, or [`frozen_refusal`]'s reason.
 pub fn refusal<T: TrainTask + ?Sized>(
     model: &mut T,
     source: &dyn BatchSource,
@@ -99,6 +100,16 @@ pub fn refusal<T: TrainTask + ?Sized>(
     if setting == FeatureCacheSetting::Off {
         return Ok(Some("turned off (feature_cache=False)".into()));
     }
+    frozen_refusal(model, source)
+}
+
+/// Why an example's image features may differ between epochs, or None when they cannot: the vision tower
+/// trains or draws random numbers, or the source's pixels are not the same for an example in every epoch.
+/// When None the step computes them image by image ([`frozen_images`]), cached or not.
+pub fn frozen_refusal<T: TrainTask + ?Sized>(
+    model: &mut T,
+    source: &dyn BatchSource,
+) -> Result<Option<String>> {
     if model.vision_model().has_trainable() {
         return Ok(Some(
             "the vision tower has trainable parameters (LoRA target_modules or modules_to_save in vision_model): \
@@ -122,11 +133,33 @@ pub fn refusal<T: TrainTask + ?Sized>(
     Ok(source.feature_cache_refusal())
 }
 
-/// One example's cached tensors, on the host: the image embeddings `[N, C]`, and with them each decoder
-/// layer's cross-attention key/value base projections `[N, C']` when the cache keeps those.
-struct Entry {
+/// One image's features, on the host in the cache: its embeddings `[N, C]`, and each decoder layer's
+/// cross-attention key/value base projections of them `[N, C']` when computed or kept.
+struct ImageFeatures {
     embeddings: Tensor,
     projections: Option<Vec<(Tensor, Tensor)>>,
+}
+
+impl ImageFeatures {
+    /// The same tensors (no copy).
+    fn shallow_clone(&self) -> Self {
+        Self {
+            embeddings: self.embeddings.shallow_clone(),
+            projections: self.projections.as_ref().map(|p| {
+                p.iter()
+                    .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                    .collect()
+            }),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        bytes_of(&self.embeddings)
+            + self
+                .projections
+                .as_ref()
+                .map_or(0, |p| p.iter().map(|(k, v)| bytes_of(k) + bytes_of(v)).sum())
+    }
 }
 
 /// Whether the cross-attention projections are kept: not decided before the first computed image.
@@ -137,16 +170,109 @@ enum Projections {
     Off,
 }
 
-/// A micro-batch's image embeddings `[B, N, C]`, with their cross-attention projections when the cache keeps
+/// A micro-batch's image embeddings `[B, N, C]`, with their cross-attention projections when the step reads
 /// them.
 pub struct CachedImages {
     pub embeddings: Tensor,
     pub projected: Option<CrossProjections>,
 }
 
-/// The embeddings held, by example index.
+/// The frozen vision tower's output for checked pixels `[1, 3, H, W]` (one image), without a graph, and with
+/// `projections` its cross-attention projections. One image at a time, so that an image's features do not
+/// depend on its batch mates: some CPUs' GEMM kernels (MKL's AVX2 path on Intel, at small row counts) round a
+/// row differently in a call over more rows, and cached features must be what the uncached step computes.
+fn image_features<T: TrainTask + ?Sized>(
+    model: &T,
+    pixels: &Tensor,
+    projections: bool,
+    cx: &ForwardContext,
+) -> Result<ImageFeatures> {
+    let _guard = tch::no_grad_guard();
+    let image = model.encode_images(pixels, cx)?;
+    Ok(ImageFeatures {
+        projections: match projections {
+            true => row_projections(model, &image, cx)?,
+            false => None,
+        },
+        embeddings: image.f_squeeze_dim(0)?,
+    })
+}
+
+/// The cross-attention projections of one image's embeddings `[1, N, C]`, as rows `[N, C']`.
+fn row_projections<T: TrainTask + ?Sized>(
+    model: &T,
+    image: &Tensor,
+    cx: &ForwardContext,
+) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+    let _guard = tch::no_grad_guard();
+    let Some(p) = model.cross_projections(image, cx)? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        p.layers
+            .into_iter()
+            .map(|(k, v)| Ok((k.f_squeeze_dim(0)?, v.f_squeeze_dim(0)?)))
+            .collect::<Result<Vec<_>>>()?,
+    ))
+}
+
+/// The image features of an uncached micro-batch whose vision tower is frozen ([`frozen_refusal`] is None),
+/// computed image by image as the cache computes them; with `projections`, the cross-attention projections
+/// too (when the head has frozen ones).
+pub fn frozen_images<T: TrainTask + ?Sized>(
+    model: &T,
+    pixel_values: &Tensor,
+    projections: bool,
+    cx: &ForwardContext,
+) -> Result<CachedImages> {
+    let pixels = model.check_pixel_values(pixel_values, cx)?;
+    let rows = (0..pixels.size()[0])
+        .map(|i| image_features(model, &pixels.f_narrow(0, i, 1)?, projections, cx))
+        .collect::<Result<Vec<_>>>()?;
+    if rows.is_empty() {
+        model.vision_model().seed_as_after_forward(cx);
+    }
+    assemble(rows, model.device())
+}
+
+/// The rows' features stacked into the batch's, on `device`: the projections when every row has them.
+fn assemble(rows: Vec<ImageFeatures>, device: Device) -> Result<CachedImages> {
+    let embeddings: Vec<Tensor> = rows
+        .iter()
+        .map(|r| r.embeddings.f_to_device(device))
+        .collect::<std::result::Result<_, _>>()?;
+    let embeddings = Tensor::f_stack(&embeddings, 0)?;
+    let projections = rows
+        .iter()
+        .map(|r| r.projections.as_ref())
+        .collect::<Option<Vec<_>>>();
+    let projected = match projections {
+        Some(rows) if !rows.is_empty() => {
+            let layers = (0..rows[0].len())
+                .map(|l| {
+                    let stack = |pick: &dyn Fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
+                        let parts = rows
+                            .iter()
+                            .map(|r| pick(&r[l]).f_to_device(device))
+                            .collect::<std::result::Result<Vec<_>, _>>()?;
+                        Ok(Tensor::f_stack(&parts, 0)?)
+                    };
+                    Ok((stack(&|kv| &kv.0)?, stack(&|kv| &kv.1)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(CrossProjections { layers })
+        }
+        _ => None,
+    };
+    Ok(CachedImages {
+        embeddings,
+        projected,
+    })
+}
+
+/// The features held, by example index.
 pub struct FeatureCache {
-    entries: Vec<Option<Entry>>,
+    entries: Vec<Option<ImageFeatures>>,
     /// Which examples are held, shared with the batch source's thread (which then skips their pixels).
     /// An entry is never dropped during a run, so a row the thread saw held is still held when it is used.
     held: Arc<Vec<AtomicBool>>,
@@ -154,13 +280,15 @@ pub struct FeatureCache {
     used: u64,
     hits: u64,
     misses: u64,
-    projections: Projections,
+    /// Whether the step reads the cross-attention projections (no gradient checkpointing).
+    read_projections: bool,
+    keep_projections: Projections,
 }
 
 impl FeatureCache {
-    /// A cache for `examples` examples within `budget` bytes; `projections`: whether it may keep the
-    /// cross-attention projections too (the step reads them: no gradient checkpointing).
-    pub fn new(examples: usize, budget: u64, projections: bool) -> Self {
+    /// A cache for `examples` examples within `budget` bytes; `read_projections`: whether the step reads the
+    /// cross-attention projections (then computed for every row, and kept when all examples fit with them).
+    pub fn new(examples: usize, budget: u64, read_projections: bool) -> Self {
         Self {
             entries: (0..examples).map(|_| None).collect(),
             held: Arc::new((0..examples).map(|_| AtomicBool::new(false)).collect()),
@@ -168,7 +296,8 @@ impl FeatureCache {
             used: 0,
             hits: 0,
             misses: 0,
-            projections: match projections {
+            read_projections,
+            keep_projections: match read_projections {
                 true => Projections::Undecided,
                 false => Projections::Off,
             },
@@ -180,12 +309,12 @@ impl FeatureCache {
         self.held.clone()
     }
 
-    /// The image embeddings of a training micro-batch (`indices`, in order) on `device`, with their
-    /// cross-attention projections when kept. `pixel_values` holds the rows `with_pixels` marks (in order);
-    /// those whose example is not held yet are computed and stored while the budget lasts, every other row
-    /// comes from the cache (a row the batch thread prepared before its example was stored is served from the
-    /// cache too). Computed as the uncached step computes them (the tower holds no trained weight, so no
-    /// graph is kept), and torch's RNG is left as that step leaves it.
+    /// The image features of a training micro-batch (`indices`, in order) on `device`. `pixel_values` holds
+    /// the rows `with_pixels` marks (in order); those whose example is not held yet are computed (image by
+    /// image, as [`frozen_images`]) and stored while the budget lasts, every other row comes from the cache
+    /// (a row the batch thread prepared before its example was stored is served from the cache too), its
+    /// projections computed from its embeddings when they are read but not kept. No graph is kept (the tower
+    /// holds no trained weight), and torch's RNG is left as the uncached step leaves it.
     pub fn images<T: TrainTask + ?Sized>(
         &mut self,
         model: &T,
@@ -194,160 +323,93 @@ impl FeatureCache {
         pixel_values: &Tensor,
         cx: &ForwardContext,
     ) -> Result<CachedImages> {
-        let device = model.device();
-        let held = |e: usize| self.entries.get(e).is_some_and(Option::is_some);
-        // Per row: computed here (its position among the computed rows), or from the cache.
-        let mut compute = Vec::with_capacity(indices.len());
-        let mut pixel_rows = Vec::new(); // the computed rows' positions in `pixel_values`
-        let mut position = 0i64;
-        for (&example, &has_pixels) in indices.iter().zip(with_pixels) {
-            let computed_here = has_pixels && !held(example);
-            if computed_here {
-                pixel_rows.push(position);
-            }
-            compute.push(computed_here);
-            position += i64::from(has_pixels);
-        }
-        let computed = if pixel_rows.is_empty() {
-            model.vision_model().seed_as_after_forward(cx);
-            None
-        } else {
-            let pixels = if pixel_rows.len() as i64 == position {
-                pixel_values.shallow_clone()
-            } else {
-                pixel_values.f_index_select(0, &Tensor::f_from_slice(&pixel_rows)?)?
-            };
-            let pv = model.check_pixel_values(&pixels, cx)?;
-            let _guard = tch::no_grad_guard();
-            Some(model.encode_images(&pv, cx)?)
-        };
-        let computed_projections = match (&computed, self.projections) {
-            (Some(images), Projections::Undecided | Projections::Kept) => {
-                self.projections_of(model, images, cx)?
-            }
-            _ => None,
+        let pixels = match with_pixels.iter().any(|&p| p) {
+            true => Some(model.check_pixel_values(pixel_values, cx)?),
+            false => None,
         };
         let mut rows = Vec::with_capacity(indices.len());
-        let mut row_projections = Vec::with_capacity(indices.len());
-        let mut next = 0i64;
-        for (&example, &computed_here) in indices.iter().zip(&compute) {
-            if computed_here {
-                let row = computed
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("feature cache: a row's embeddings are missing"))?
-                    .f_get(next)?;
-                let projections = match &computed_projections {
-                    Some(p) => Some(
-                        p.layers
-                            .iter()
-                            .map(|(k, v)| Ok((k.f_get(next)?, v.f_get(next)?)))
-                            .collect::<Result<Vec<_>>>()?,
-                    ),
-                    None => None,
-                };
-                next += 1;
-                self.misses += 1;
-                self.store(example, &row, projections.as_deref())?;
-                rows.push(row);
-                row_projections.push(projections);
-            } else {
-                let held = self
-                    .entries
-                    .get(example)
-                    .and_then(Option::as_ref)
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "feature cache: example {example} was marked held but is not"
-                        ))
-                    })?;
-                self.hits += 1;
-                rows.push(held.embeddings.f_to_device(device)?);
-                row_projections.push(match &held.projections {
-                    Some(p) => Some(
-                        p.iter()
-                            .map(|(k, v)| Ok((k.f_to_device(device)?, v.f_to_device(device)?)))
-                            .collect::<Result<Vec<_>>>()?,
-                    ),
-                    None => None,
-                });
-            }
-        }
-        let all_computed_here = next == indices.len() as i64;
-        let projected = match (self.projections, computed_projections) {
-            (Projections::Kept, Some(p)) if all_computed_here => Some(p),
-            (Projections::Kept, _) => Some(stack_projections(row_projections)?),
-            _ => None,
-        };
-        let embeddings = match computed {
-            // Every row computed here: the tower's own output, untouched.
-            Some(all) if all_computed_here => all,
-            _ => Tensor::f_stack(&rows, 0)?,
-        };
-        Ok(CachedImages {
-            embeddings,
-            projected,
-        })
-    }
-
-    /// The cross-attention projections of freshly computed `images`; at the first images, decides whether
-    /// they are kept: when the head has them (frozen) and every example's embeddings and projections fit in
-    /// the budget.
-    fn projections_of<T: TrainTask + ?Sized>(
-        &mut self,
-        model: &T,
-        images: &Tensor,
-        cx: &ForwardContext,
-    ) -> Result<Option<CrossProjections>> {
-        let projected = model.cross_projections(images, cx)?;
-        if self.projections == Projections::Undecided {
-            let fits = projected.as_ref().is_some_and(|p| {
-                let rows = images.size()[0].max(1) as u64;
-                let per_example = (bytes_of(images)
-                    + p.layers
-                        .iter()
-                        .map(|(k, v)| bytes_of(k) + bytes_of(v))
-                        .sum::<u64>())
-                    / rows;
-                (self.entries.len() as u64).saturating_mul(per_example) <= self.budget
-            });
-            self.projections = match fits {
-                true => Projections::Kept,
-                false => Projections::Off,
+        let mut position = 0i64; // the next row of `pixel_values`
+        let mut computed_any = false;
+        for (&example, &has_pixels) in indices.iter().zip(with_pixels) {
+            let held = self
+                .entries
+                .get(example)
+                .and_then(Option::as_ref)
+                .map(ImageFeatures::shallow_clone);
+            let row = match (held, &pixels) {
+                (Some(mut held), _) => {
+                    self.hits += 1;
+                    if held.projections.is_none() && self.read_projections {
+                        held.projections = row_projections(model, &held.embeddings.f_unsqueeze(0)?, cx)?;
+                    }
+                    held
+                }
+                (None, Some(pixels)) if has_pixels => {
+                    self.misses += 1;
+                    computed_any = true;
+                    let row = image_features(
+                        model,
+                        &pixels.f_narrow(0, position, 1)?,
+                        self.read_projections,
+                        cx,
+                    )?;
+                    self.decide(&row);
+                    self.store(example, &row)?;
+                    row
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "feature cache: example {example} has neither pixels nor cached features"
+                    )))
+                }
             };
+            position += i64::from(has_pixels);
+            rows.push(row);
         }
-        Ok(projected.filter(|_| self.projections == Projections::Kept))
+        if !computed_any {
+            model.vision_model().seed_as_after_forward(cx);
+        }
+        assemble(rows, model.device())
     }
 
-    /// Keeps a host copy of `row` (one example's embeddings, with its projections when kept) when it fits in
-    /// the budget.
-    fn store(
-        &mut self,
-        example: usize,
-        row: &Tensor,
-        projections: Option<&[(Tensor, Tensor)]>,
-    ) -> Result<()> {
-        if self.entries.get(example).is_none_or(Option::is_some) {
-            return Ok(());
+    /// At the first computed image: whether the projections are kept, when the head has them and every
+    /// example's embeddings and projections fit in the budget.
+    fn decide(&mut self, first: &ImageFeatures) {
+        if self.keep_projections != Projections::Undecided {
+            return;
         }
-        let bytes =
-            bytes_of(row) + projections.map_or(0, |p| p.iter().map(|(k, v)| bytes_of(k) + bytes_of(v)).sum());
-        if self.used + bytes > self.budget {
+        let fits = first.projections.is_some()
+            && (self.entries.len() as u64).saturating_mul(first.bytes()) <= self.budget;
+        self.keep_projections = match fits {
+            true => Projections::Kept,
+            false => Projections::Off,
+        };
+    }
+
+    /// Keeps a host copy of `row` (one example's embeddings, with its projections when they are kept) when
+    /// it fits in the budget.
+    fn store(&mut self, example: usize, row: &ImageFeatures) -> Result<()> {
+        if self.entries.get(example).is_none_or(Option::is_some) {
             return Ok(());
         }
         let host =
             |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_device(Device::Cpu)?.f_detach_copy()?) };
-        let projections = match projections {
-            Some(p) => Some(
-                p.iter()
-                    .map(|(k, v)| Ok((host(k)?, host(v)?)))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            None => None,
+        let copy = ImageFeatures {
+            embeddings: host(&row.embeddings)?,
+            projections: match (&row.projections, self.keep_projections) {
+                (Some(p), Projections::Kept) => Some(
+                    p.iter()
+                        .map(|(k, v)| Ok((host(k)?, host(v)?)))
+                        .collect::<Result<Vec<_>>>()?,
+                ),
+                _ => None,
+            },
         };
-        self.entries[example] = Some(Entry {
-            embeddings: host(row)?,
-            projections,
-        });
+        let bytes = copy.bytes();
+        if self.used + bytes > self.budget {
+            return Ok(());
+        }
+        self.entries[example] = Some(copy);
         self.used += bytes;
         self.held[example].store(true, Ordering::Release);
         Ok(())
@@ -362,31 +424,13 @@ impl FeatureCache {
             misses: self.misses,
             cached_examples: self.entries.iter().filter(|e| e.is_some()).count(),
             cached_bytes: self.used,
-            cross_projections: self.projections == Projections::Kept,
+            cross_projections: self.keep_projections == Projections::Kept,
         }
     }
 }
 
 fn bytes_of(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64
-}
-
-/// Per layer, the rows' key and value projections stacked into the batch's (every row has them: the cache
-/// keeps projections for all of its examples or for none).
-fn stack_projections(rows: Vec<Option<Vec<(Tensor, Tensor)>>>) -> Result<CrossProjections> {
-    let rows = rows
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| Error::invalid("feature cache: a row's cross-attention projections are missing"))?;
-    let layers = rows.first().map_or(0, Vec::len);
-    let layers = (0..layers)
-        .map(|l| {
-            let keys: Vec<&Tensor> = rows.iter().map(|r| &r[l].0).collect();
-            let values: Vec<&Tensor> = rows.iter().map(|r| &r[l].1).collect();
-            Ok((Tensor::f_stack(&keys, 0)?, Tensor::f_stack(&values, 0)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(CrossProjections { layers })
 }
 
 /// Which rows of a micro-batch need their pixels: those whose example the cache does not hold yet.

@@ -787,6 +787,7 @@ impl Trainer {
             state.total_steps = plan.total_steps;
         }
         let refused = feature_cache::refusal(model, train.as_ref(), config.feature_cache)?;
+        let frozen_images = feature_cache::frozen_refusal(model, train.as_ref())?.is_none();
         let (cache, mut cache_report) = match (config.feature_cache, refused) {
             (FeatureCacheSetting::Budget { bytes }, None) => (
                 Some(FeatureCache::new(
@@ -829,6 +830,7 @@ impl Trainer {
             window_samples: 0,
             best_weights: None,
             cache,
+            frozen_images,
         };
         let result = run.train(train);
         let TrainingRun {
@@ -896,6 +898,9 @@ struct TrainingRun<'a, T: TrainTask> {
     best_weights: Option<Vec<Tensor>>,
     /// The frozen vision tower's feature cache, when the run may use it.
     cache: Option<FeatureCache>,
+    /// Whether the vision tower is frozen and deterministic ([`feature_cache::frozen_refusal`]): then the step
+    /// computes image features image by image, cached or not ([`feature_cache::frozen_images`]).
+    frozen_images: bool,
 }
 
 impl<T: TrainTask> TrainingRun<'_, T> {
@@ -958,11 +963,18 @@ impl<T: TrainTask> TrainingRun<'_, T> {
                 label_smoothing: config.label_smoothing,
                 ..ForwardContext::training(dropout_seed, self.compute_kind)
             };
-            // With the feature cache, the image embeddings (cached, or computed and kept); else the pixels.
+            // With the feature cache, the image features (cached, or computed and kept); with a frozen vision
+            // tower, the same computed here; else the pixels, for the tower inside the loss.
             let cached = match (self.cache.as_mut(), &with_pixels) {
                 (Some(cache), Some(with_pixels)) => {
                     Some(cache.images(model, &indices, with_pixels, &batch.pixel_values, &cx)?)
                 }
+                _ if self.frozen_images => Some(feature_cache::frozen_images(
+                    model,
+                    &batch.pixel_values,
+                    !config.gradient_checkpointing,
+                    &cx,
+                )?),
                 _ => None,
             };
             let pixel_values = match &cached {

@@ -227,6 +227,19 @@ impl LoraSlot {
         if dropped {
             xa = crate::nn::dropout_mask::dropout(&xa, ad.dropout)?; // torch's distribution, cheaper masks
         }
+        if ad.magnitude.is_none() && matches!(self.base, BaseKind::Linear) && result.kind() == xa.kind() {
+            // result + s·(x Aᵀ) Bᵀ as one GEMM accumulating into the base output, the scaling applied to the
+            // rank-r intermediate: no passes over the [rows, out] output to scale and add (on the
+            // cross-attention's image positions those passes cost more than the adapter's GEMMs).
+            let h = xa.f_linear::<Tensor>(&ad.a, None)?.f_mul_scalar(ad.scaling)?;
+            let rank = h.size().last().copied().unwrap_or(0);
+            let shape = result.size();
+            let out = shape.last().copied().unwrap_or(0);
+            return Ok(result
+                .f_reshape([-1, out])?
+                .f_addmm(&h.f_reshape([-1, rank])?, &ad.b.f_tr()?)?
+                .f_reshape(shape)?);
+        }
         let low = self.low_rank(&xa, ad)?;
         // A float32 adapter on a half-precision base accumulates in float32, then casts back.
         Ok(match &ad.magnitude {

@@ -91,21 +91,10 @@ pub struct FeatureCacheReport {
     pub cross_projections: bool,
 }
 
-/// Why the cache cannot serve this run, or None when it can: turned off, or [`frozen_refusal`]'s reason.
-pub fn refusal<T: TrainTask + ?Sized>(
-    model: &mut T,
-    source: &dyn BatchSource,
-    setting: FeatureCacheSetting,
-) -> Result<Option<String>> {
-    if setting == FeatureCacheSetting::Off {
-        return Ok(Some("turned off (feature_cache=False)".into()));
-    }
-    frozen_refusal(model, source)
-}
-
 /// Why an example's image features may differ between epochs, or None when they cannot: the vision tower
 /// trains or draws random numbers, or the source's pixels are not the same for an example in every epoch.
-/// When None the step computes them image by image ([`frozen_images`]), cached or not.
+/// When None the cache may serve the run (unless turned off) and the step computes the features image by
+/// image ([`frozen_images`]), cached or not.
 pub fn frozen_refusal<T: TrainTask + ?Sized>(
     model: &mut T,
     source: &dyn BatchSource,

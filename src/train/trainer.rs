@@ -786,8 +786,8 @@ impl Trainer {
             }
             state.total_steps = plan.total_steps;
         }
-        let refused = feature_cache::refusal(model, train.as_ref(), config.feature_cache)?;
-        let frozen_images = feature_cache::frozen_refusal(model, train.as_ref())?.is_none();
+        let refused = feature_cache::frozen_refusal(model, train.as_ref())?;
+        let frozen_images = refused.is_none();
         let (cache, mut cache_report) = match (config.feature_cache, refused) {
             (FeatureCacheSetting::Budget { bytes }, None) => (
                 Some(FeatureCache::new(
@@ -797,10 +797,13 @@ impl Trainer {
                 )),
                 FeatureCacheReport::default(),
             ),
-            (_, reason) => (
+            (setting, reason) => (
                 None,
                 FeatureCacheReport {
-                    reason: Some(reason.unwrap_or_else(|| "turned off (feature_cache=False)".into())),
+                    reason: match (setting, reason) {
+                        (FeatureCacheSetting::Budget { .. }, Some(reason)) => Some(reason),
+                        _ => Some("turned off (feature_cache=False)".into()),
+                    },
                     ..Default::default()
                 },
             ),

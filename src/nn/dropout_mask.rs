@@ -118,14 +118,13 @@ unsafe fn fill(job: &Job, start: usize, end: usize) {
     let pick = |u: u64| if u < t { s } else { 0.0 };
     if !job.input.is_null() {
         let input = std::slice::from_raw_parts(job.input.add(start), end - start);
-        let mut k = (start / 2) as u64;
-        for (o, x) in out.chunks_mut(2).zip(input.chunks(2)) {
+        let pairs = out.chunks_mut(2).zip(input.chunks(2));
+        for (k, (o, x)) in ((start / 2) as u64..).zip(pairs) {
             let (a, b) = pair(job.seed, k);
             o[0] = x[0] * pick(a);
             if let (Some(o1), Some(x1)) = (o.get_mut(1), x.get(1)) {
                 *o1 = *x1 * pick(b);
             }
-            k += 1;
         }
         return;
     }

@@ -212,7 +212,8 @@ pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
 
 impl LoraSlot {
     /// `result` (the base output for `x`) plus one adapter's contribution, in the adapter's kind (the caller
-    /// casts back): `B(A(dropout(x))) · s`, or DoRA's rescaled form.
+    /// casts back): `B(A(dropout(x))) · s`, or DoRA's rescaled form. `writable`: as [`Adapter::apply`]'s.
+    #[allow(clippy::too_many_arguments)]
     fn add_one(
         &self,
         x: &Tensor,
@@ -221,6 +222,7 @@ impl LoraSlot {
         weight: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
+        writable: bool,
     ) -> Result<Tensor> {
         let mut xa = x.f_to_kind(ad.a.kind())?;
         let dropped = train && ad.dropout > 0.0;
@@ -234,6 +236,13 @@ impl LoraSlot {
             let h = xa.f_linear::<Tensor>(&ad.a, None)?.f_mul_scalar(ad.scaling)?;
             let rank = h.size().last().copied().unwrap_or(0);
             let shape = result.size();
+            if writable && shape.len() == 2 {
+                // Into the base output itself (a reshape, even to its own shape, would make a view, and an
+                // in-place update of a view costs autograd a copy in the backward).
+                let mut result = result;
+                let _ = result.f_addmm_(&h.f_reshape([-1, rank])?, &ad.b.f_tr()?)?;
+                return Ok(result);
+            }
             let out = shape.last().copied().unwrap_or(0);
             return Ok(result
                 .f_reshape([-1, out])?
@@ -305,7 +314,7 @@ impl LoraSlot {
         let uniform = with.len() as i64 == n && row_group.iter().all(|&g| g == first);
         let mixed = if uniform {
             let ad = here[first.expect("a row with an adapter")].expect("held here");
-            self.add_one(x, result, ad, weight, bias, false)?
+            self.add_one(x, result, ad, weight, bias, false, false)?
         } else {
             match self.base {
                 BaseKind::Linear => {
@@ -463,6 +472,7 @@ impl LoraSlot {
                 weight,
                 bias,
                 false,
+                false,
             )?;
             out = out.f_index_copy(0, &idx, &rows.f_to_kind(out.kind())?)?;
         }
@@ -480,6 +490,7 @@ impl crate::nn::Adapter for LoraSlot {
         weight: &Tensor,
         bias: Option<&Tensor>,
         cx: &ForwardContext,
+        writable: bool,
     ) -> Result<Tensor> {
         if self.disabled {
             return Ok(result);
@@ -495,7 +506,8 @@ impl crate::nn::Adapter for LoraSlot {
                 continue;
             }
             let Some(ad) = self.get(name) else { continue };
-            result = self.add_one(x, result, ad, weight, bias, cx.train)?;
+            // Each step returns a fresh tensor or `result` itself, so `writable` holds for the next adapter too.
+            result = self.add_one(x, result, ad, weight, bias, cx.train, writable)?;
             touched = true;
         }
         if touched && result.kind() != out_kind {

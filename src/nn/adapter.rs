@@ -89,7 +89,9 @@ impl AdapterRows {
 pub trait Adapter: std::fmt::Debug + Send + Any {
     /// The layer's output for `x` given `result`, the base layer's own output (its weights are `weight` and
     /// `bias`), under `cx`: its `train` turns on the adapter's dropout, its `adapters` (a mixed-adapter batch)
-    /// picks each row's adapter (the rows being `x`'s first dimension).
+    /// picks each row's adapter (the rows being `x`'s first dimension). `writable`: `result` is the layer's
+    /// fresh output, no view and held nowhere else, so the adapter may accumulate into it in place; false for
+    /// a base output kept elsewhere (the training feature cache's).
     fn apply(
         &self,
         x: &Tensor,
@@ -97,6 +99,7 @@ pub trait Adapter: std::fmt::Debug + Send + Any {
         weight: &Tensor,
         bias: Option<&Tensor>,
         cx: &ForwardContext,
+        writable: bool,
     ) -> Result<Tensor>;
 
     /// The adapter's parameters, by name relative to the layer.

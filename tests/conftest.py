@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -10,6 +11,12 @@ from transformers import BlipConfig
 from transformers import BlipForConditionalGeneration as HFBlip
 
 from blip_peft.presets import BASE_TEXT, BASE_VISION, TINY_TEXT, TINY_VISION
+
+# A run started in the background by a shell without job control (`make test &` in a script, nohup) inherits
+# SIGINT ignored, as POSIX says, and so would every process a test starts: the Ctrl-C tests would send a signal
+# nothing sees and fail on a hang that a terminal's Ctrl-C never causes. They test Ctrl-C, so give it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The model shapes (TINY_* for most tests, BASE_* for the real-shape ones) live in blip_peft.presets, shared with
 # bench/ and scripts/.

@@ -121,6 +121,38 @@ def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str,
         assert rel_err(mine[name], p) <= 1e-4, name
 
 
+@pytest.mark.parametrize("feature_cache", [True, False], ids=["cached", "uncached"])
+def test_text_only_lora_over_the_frozen_tower_equals_peft(tmp_path, tiny_checkpoint: str, feature_cache) -> None:
+    """LoRA on the decoder only: the trainer computes the frozen tower's features (and the cross-attention's
+    base key/value projections, which the adapters then add into) apart from the decoder's forward."""
+    ours, ref = _peft_pair(tiny_checkpoint, tmp_path, r=4, lora_alpha=8, target_modules=["query", "value"])
+    data = _data()
+    steps = 6
+    result = bp.train(
+        ours,
+        None,
+        data,
+        max_steps=steps,
+        batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.01,
+        shuffle=False,
+        mixed_precision="no",
+        feature_cache=feature_cache,
+        logging_steps=3,
+        progress=False,
+    )
+    assert result.feature_cache["enabled"] is feature_cache
+    assert result.feature_cache["cross_projections"] is feature_cache
+    expected = _reference_run(ref, data, steps, 4, 1e-2, 0.01)
+    for got, want in zip(result.losses, expected, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    mine = dict(ours.named_parameters())
+    for name, p in ref.named_parameters():
+        if "lora_" in name:
+            assert rel_err(mine[name], p) <= 1e-4, name
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_full_fine_tuning_equals_adamw(tiny_checkpoint: str, checkpointing: bool) -> None:
     ours = bp.BlipForConditionalGeneration.from_pretrained(tiny_checkpoint)

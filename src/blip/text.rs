@@ -135,17 +135,22 @@ pub struct CrossStates<'a> {
     /// values once for all its rows (ITM re-ranking's candidate texts). Inference only (no attention dropout).
     pub shared: Option<&'a CrossLayout>,
     /// This layer's cross-attention `key` and `value` base projections of `states`, computed earlier
-    /// ([`CrossProjections`]); None: computed here. Read by the plain path only (training and scoring).
-    pub projected: Option<&'a (Tensor, Tensor)>,
+    /// ([`CrossProjections`]), with whether they may be written; None: computed here. Read by the plain path
+    /// only (training and scoring).
+    pub projected: Option<(&'a (Tensor, Tensor), bool)>,
 }
 
 /// Every decoder layer's cross-attention `key` and `value` base projections of a batch's image embeddings
-/// (`x Wᵀ + b`, `[B, N, C]` each; their adapters, if any, still add their part in the forward): the frozen part
-/// of the keys and values, which the training feature cache keeps per image so later epochs skip those
+/// (`x Wᵀ + b`, as rows `[B·N, C]`; their adapters, if any, still add their part in the forward): the frozen
+/// part of the keys and values, which the training feature cache keeps per image so later epochs skip those
 /// GEMMs over the image positions, the larger part of a text-only step.
 #[derive(Debug)]
 pub struct CrossProjections {
     pub layers: Vec<(Tensor, Tensor)>,
+    /// Whether the forward may add the adapters' parts into these tensors in place: they are fresh, held
+    /// nowhere else and read by that one forward (a training step's, stacked from the cache's rows). Spares a
+    /// copy of every layer's keys and values a step.
+    pub writable: bool,
 }
 
 /// Query/key/value projections of one attention block (`attention.self` or `crossattention.self`).
@@ -185,27 +190,30 @@ impl BlipTextSelfAttention {
         ))
     }
 
-    /// [`Self::key_value`] over the base projections `projected` of `states` when given (their adapters add
-    /// to them), else computed here.
+    /// [`Self::key_value`] over `projected`, the base projections of `states` as rows (their adapters add
+    /// to them, in place when [`CrossProjections::writable`]), else computed here.
     fn key_value_over(
         &self,
         states: &Tensor,
-        projected: Option<&(Tensor, Tensor)>,
+        projected: Option<(&(Tensor, Tensor), bool)>,
         cx: &ForwardContext,
     ) -> Result<(Tensor, Tensor)> {
-        let Some((keys, values)) = projected else {
+        let Some(((keys, values), writable)) = projected else {
             return self.key_value(states, cx);
         };
-        Ok((
-            split_heads(
-                &self.key.forward_over_base(states, keys.shallow_clone(), cx)?,
-                self.num_heads,
-            )?,
-            split_heads(
-                &self.value.forward_over_base(states, values.shallow_clone(), cx)?,
-                self.num_heads,
-            )?,
-        ))
+        if cx.adapters.is_some() {
+            // A mixed-adapter batch picks adapters by batch row; projections are read by training only.
+            return Err(Error::invalid(
+                "cross-attention projections cannot be read in a mixed-adapter batch",
+            ));
+        }
+        let (b, n, width) = states.size3()?;
+        let rows = states.f_reshape([b * n, width])?; // the projections' rows
+        let over = |layer: &Linear, base: &Tensor| -> Result<Tensor> {
+            let out = layer.forward_over_base(&rows, base.shallow_clone(), writable, cx)?;
+            split_heads(&out.f_reshape([b, n, -1])?, self.num_heads)
+        };
+        Ok((over(&self.key, keys)?, over(&self.value, values)?))
     }
 
     /// Attention of `hidden` over `kv`, with an additive `mask` or a plain causal one.
@@ -740,7 +748,7 @@ impl BlipTextLmHeadModel {
             )));
         }
         self.layers_over(input_ids, masks, cx, |i| CrossStates {
-            projected: projected.map(|p| &p.layers[i]),
+            projected: projected.map(|p| (&p.layers[i], p.writable)),
             ..image_states(image)
         })
     }
@@ -760,9 +768,16 @@ impl BlipTextLmHeadModel {
                 return Ok(None);
             }
             let _guard = tch::no_grad_guard();
-            layers.push((key.base_forward(image, &cx)?, value.base_forward(image, &cx)?));
+            let rows = |p: Tensor| p.f_flatten(0, 1);
+            layers.push((
+                rows(key.base_forward(image, &cx)?)?,
+                rows(value.base_forward(image, &cx)?)?,
+            ));
         }
-        Ok(Some(CrossProjections { layers }))
+        Ok(Some(CrossProjections {
+            layers,
+            writable: false,
+        }))
     }
 
     /// [`Self::hidden_states`] cross-attending to any encoder states (VQA's answer decoder reads the

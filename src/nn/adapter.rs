@@ -91,7 +91,7 @@ pub trait Adapter: std::fmt::Debug + Send + Any {
     /// `bias`), under `cx`: its `train` turns on the adapter's dropout, its `adapters` (a mixed-adapter batch)
     /// picks each row's adapter (the rows being `x`'s first dimension). `writable`: `result` is the layer's
     /// fresh output, no view and held nowhere else, so the adapter may accumulate into it in place; false for
-    /// a base output kept elsewhere (the training feature cache's).
+    /// a base output kept elsewhere (the training feature cache's entries).
     fn apply(
         &self,
         x: &Tensor,

@@ -134,10 +134,17 @@ impl Linear {
     }
 
     /// The layer's output for `x` given `base`, [`Self::base_forward`]'s output for it (computed earlier, as
-    /// the training feature cache keeps a frozen layer's): the adapter, if any, adds to it.
-    pub fn forward_over_base(&self, x: &Tensor, base: Tensor, cx: &ForwardContext) -> Result<Tensor> {
+    /// the training feature cache keeps a frozen layer's): the adapter, if any, adds to it, in place when
+    /// `writable` ([`crate::nn::Adapter::apply`]'s: `base` is a fresh tensor nothing else reads).
+    pub fn forward_over_base(
+        &self,
+        x: &Tensor,
+        base: Tensor,
+        writable: bool,
+        cx: &ForwardContext,
+    ) -> Result<Tensor> {
         match &self.lora {
-            Some(slot) => slot.apply(x, base, &self.weight, self.bias.as_ref(), cx, false),
+            Some(slot) => slot.apply(x, base, &self.weight, self.bias.as_ref(), cx, writable),
             None => Ok(base),
         }
     }

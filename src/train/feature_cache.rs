@@ -194,15 +194,7 @@ fn row_projections<T: TrainTask + ?Sized>(
     cx: &ForwardContext,
 ) -> Result<Option<Vec<(Tensor, Tensor)>>> {
     let _guard = tch::no_grad_guard();
-    let Some(p) = model.cross_projections(image, cx)? else {
-        return Ok(None);
-    };
-    Ok(Some(
-        p.layers
-            .into_iter()
-            .map(|(k, v)| Ok((k.f_squeeze_dim(0)?, v.f_squeeze_dim(0)?)))
-            .collect::<Result<Vec<_>>>()?,
-    ))
+    Ok(model.cross_projections(image, cx)?.map(|p| p.layers))
 }
 
 /// The image features of an uncached micro-batch whose vision tower is frozen ([`frozen_refusal`] is None),
@@ -244,12 +236,16 @@ fn assemble(rows: Vec<ImageFeatures>, device: Device) -> Result<CachedImages> {
                             .iter()
                             .map(|r| pick(&r[l]).f_to_device(device))
                             .collect::<std::result::Result<Vec<_>, _>>()?;
-                        Ok(Tensor::f_stack(&parts, 0)?)
+                        Ok(Tensor::f_cat(&parts, 0)?) // the batch's rows, `[B·N, C']`
                     };
                     Ok((stack(&|kv| &kv.0)?, stack(&|kv| &kv.1)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Some(CrossProjections { layers })
+            // Fresh tensors, read by this step's forward alone: its adapters may add into them.
+            Some(CrossProjections {
+                layers,
+                writable: true,
+            })
         }
         _ => None,
     };

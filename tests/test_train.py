@@ -91,34 +91,33 @@ def _reference_run(ref, data, steps, batch, lr, wd, accum=1, bos=97, autocast=No
     return losses
 
 
+def _train_as_reference(ours, data, steps: int, **kw):
+    """`bp.train` with `_reference_run`'s recipe (batch 4, lr 1e-2, weight decay 0.01, data in order)."""
+    kw = dict(batch_size=4, learning_rate=1e-2, weight_decay=0.01, shuffle=False, mixed_precision="no") | kw
+    return bp.train(ours, None, data, max_steps=steps, logging_steps=3, progress=False, **kw)
+
+
+def _assert_run_equals_reference(result, ours, ref, expected) -> None:
+    """Our losses and adapter against the reference run's within float32 rounding."""
+    for got, want in zip(result.losses, expected, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    mine = dict(ours.named_parameters())
+    for name, p in ref.named_parameters():
+        if "lora_" in name:
+            assert rel_err(mine[name], p) <= 1e-4, name
+
+
 @pytest.mark.parametrize(("accum", "checkpointing"), [(1, False), (2, False), (2, True)])
 def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str, accum: int, checkpointing) -> None:
     ours, ref = _peft_pair(tiny_checkpoint, tmp_path, **LORA)
     data = _data()
     steps = 10
-    result = bp.train(
-        ours,
-        None,
-        data,
-        max_steps=steps,
-        batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.01,
-        shuffle=False,
-        mixed_precision="no",
-        logging_steps=3,
-        progress=False,
-        gradient_accumulation_steps=accum,
-        gradient_checkpointing=checkpointing,
+    result = _train_as_reference(
+        ours, data, steps, gradient_accumulation_steps=accum, gradient_checkpointing=checkpointing
     )
     expected = _reference_run(ref, data, steps, 4, 1e-2, 0.01, accum=accum)
     assert [h["step"] for h in result.history] == list(range(1, steps + 1))
-    for got, want in zip(result.losses, expected, strict=True):
-        assert abs(got - want) <= 1e-4 * abs(want)
-    theirs = {n: p for n, p in ref.named_parameters() if "lora_" in n}
-    mine = dict(ours.named_parameters())
-    for name, p in theirs.items():
-        assert rel_err(mine[name], p) <= 1e-4, name
+    _assert_run_equals_reference(result, ours, ref, expected)
 
 
 @pytest.mark.parametrize("feature_cache", [True, False], ids=["cached", "uncached"])
@@ -128,29 +127,10 @@ def test_text_only_lora_over_the_frozen_tower_equals_peft(tmp_path, tiny_checkpo
     ours, ref = _peft_pair(tiny_checkpoint, tmp_path, r=4, lora_alpha=8, target_modules=["query", "value"])
     data = _data()
     steps = 6
-    result = bp.train(
-        ours,
-        None,
-        data,
-        max_steps=steps,
-        batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.01,
-        shuffle=False,
-        mixed_precision="no",
-        feature_cache=feature_cache,
-        logging_steps=3,
-        progress=False,
-    )
+    result = _train_as_reference(ours, data, steps, feature_cache=feature_cache)
     assert result.feature_cache["enabled"] is feature_cache
     assert result.feature_cache["cross_projections"] is feature_cache
-    expected = _reference_run(ref, data, steps, 4, 1e-2, 0.01)
-    for got, want in zip(result.losses, expected, strict=True):
-        assert abs(got - want) <= 1e-4 * abs(want)
-    mine = dict(ours.named_parameters())
-    for name, p in ref.named_parameters():
-        if "lora_" in name:
-            assert rel_err(mine[name], p) <= 1e-4, name
+    _assert_run_equals_reference(result, ours, ref, _reference_run(ref, data, steps, 4, 1e-2, 0.01))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

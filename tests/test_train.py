@@ -120,6 +120,24 @@ def test_losses_and_adapter_equal_peft_and_adamw(tmp_path, tiny_checkpoint: str,
     _assert_run_equals_reference(result, ours, ref, expected)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_loss_over_masked_positions_equals_transformers(tmp_path, tiny_checkpoint: str, checkpointing) -> None:
+    """Labels -100 inside the captions (a prompt's positions) and over their padding: `train`'s loss, whose LM
+    head runs over the scored positions alone, equals transformers + peft's, computed over every position."""
+    ours, ref = _peft_pair(tiny_checkpoint, tmp_path, **LORA)
+    data = _data(4)
+    ids = data["input_ids"].clone()
+    ids[:, 0] = 97
+    labels = ids.masked_fill(data["attention_mask"] == 0, -100)
+    labels[:, 1:3] = -100
+    labels[0, 5] = -100
+    batch = dict(data, input_ids=ids, labels=labels)
+    result = _train_as_reference(ours, batch, 1, gradient_checkpointing=checkpointing)
+    with torch.no_grad():
+        want = ref.eval()(**batch).loss.item()
+    assert abs(result.losses[0] - want) <= 1e-5 * abs(want)
+
+
 @pytest.mark.parametrize("feature_cache", [True, False], ids=["cached", "uncached"])
 def test_text_only_lora_over_the_frozen_tower_equals_peft(tmp_path, tiny_checkpoint: str, feature_cache) -> None:
     """LoRA on the decoder only: the trainer computes the frozen tower's features (and the cross-attention's

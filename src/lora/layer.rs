@@ -213,6 +213,8 @@ pub fn kaiming_uniform(shape: &[i64], device: tch::Device) -> Result<Tensor> {
 impl LoraSlot {
     /// `result` (the base output for `x`) plus one adapter's contribution, in the adapter's kind (the caller
     /// casts back): `B(A(dropout(x))) · s`, or DoRA's rescaled form. `writable`: as [`Adapter::apply`]'s.
+    /// `mixed_precision`: a training step computing in `result`'s (half) kind with float32 adapters, where
+    /// the update joins `result`'s kind as under peft's `torch.autocast`.
     #[allow(clippy::too_many_arguments)]
     fn add_one(
         &self,
@@ -222,6 +224,7 @@ impl LoraSlot {
         weight: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
+        mixed_precision: bool,
         writable: bool,
     ) -> Result<Tensor> {
         let mut xa = x.f_to_kind(ad.a.kind())?;
@@ -229,24 +232,34 @@ impl LoraSlot {
         if dropped {
             xa = crate::nn::dropout_mask::dropout(&xa, ad.dropout)?; // torch's distribution, cheaper masks
         }
-        if ad.magnitude.is_none() && matches!(self.base, BaseKind::Linear) && result.kind() == xa.kind() {
+        let same_kind = result.kind() == xa.kind();
+        if ad.magnitude.is_none() && matches!(self.base, BaseKind::Linear) && (same_kind || mixed_precision) {
             // result + s·(x Aᵀ) Bᵀ as one GEMM accumulating into the base output, the scaling applied to the
             // rank-r intermediate: no passes over the [rows, out] output to scale and add (on the
-            // cross-attention's image positions those passes cost more than the adapter's GEMMs).
-            let h = xa.f_linear::<Tensor>(&ad.a, None)?.f_mul_scalar(ad.scaling)?;
+            // cross-attention's image positions those passes cost more than the adapter's GEMMs). Under mixed
+            // precision the rank-r intermediate and B are cast to the output's kind for that GEMM (autocast
+            // runs peft's lora_B in bf16 too): a float32 update of the [rows, out] output costs four passes
+            // over it forward and as many backward (a bf16 LoRA step at batch 8, 2-core AMD EPYC: 11.4 s with
+            // them, 9.6 s without; bench/RESULTS.md).
+            let mut h = xa.f_linear::<Tensor>(&ad.a, None)?.f_mul_scalar(ad.scaling)?;
+            let mut b = ad.b.shallow_clone();
+            if !same_kind {
+                h = h.f_to_kind(result.kind())?;
+                b = b.f_to_kind(result.kind())?;
+            }
             let rank = h.size().last().copied().unwrap_or(0);
             let shape = result.size();
             if writable && shape.len() == 2 {
                 // Into the base output itself (a reshape, even to its own shape, would make a view, and an
                 // in-place update of a view costs autograd a copy in the backward).
                 let mut result = result;
-                let _ = result.f_addmm_(&h.f_reshape([-1, rank])?, &ad.b.f_tr()?)?;
+                let _ = result.f_addmm_(&h.f_reshape([-1, rank])?, &b.f_tr()?)?;
                 return Ok(result);
             }
             let out = shape.last().copied().unwrap_or(0);
             return Ok(result
                 .f_reshape([-1, out])?
-                .f_addmm(&h.f_reshape([-1, rank])?, &ad.b.f_tr()?)?
+                .f_addmm(&h.f_reshape([-1, rank])?, &b.f_tr()?)?
                 .f_reshape(shape)?);
         }
         let low = self.low_rank(&xa, ad)?;
@@ -314,7 +327,7 @@ impl LoraSlot {
         let uniform = with.len() as i64 == n && row_group.iter().all(|&g| g == first);
         let mixed = if uniform {
             let ad = here[first.expect("a row with an adapter")].expect("held here");
-            self.add_one(x, result, ad, weight, bias, false, false)?
+            self.add_one(x, result, ad, weight, bias, false, false, false)?
         } else {
             match self.base {
                 BaseKind::Linear => {
@@ -473,6 +486,7 @@ impl LoraSlot {
                 bias,
                 false,
                 false,
+                false,
             )?;
             out = out.f_index_copy(0, &idx, &rows.f_to_kind(out.kind())?)?;
         }
@@ -499,6 +513,7 @@ impl crate::nn::Adapter for LoraSlot {
             return self.apply_mixed(x, result, weight, bias, rows);
         }
         let out_kind = result.kind();
+        let mixed_precision = cx.train && cx.compute_kind == Some(out_kind);
         let mut result = result;
         let mut touched = false;
         for name in &self.active {
@@ -507,7 +522,7 @@ impl crate::nn::Adapter for LoraSlot {
             }
             let Some(ad) = self.get(name) else { continue };
             // Each step returns a fresh tensor or `result` itself, so `writable` holds for the next adapter too.
-            result = self.add_one(x, result, ad, weight, bias, cx.train, writable)?;
+            result = self.add_one(x, result, ad, weight, bias, cx.train, mixed_precision, writable)?;
             touched = true;
         }
         if touched && result.kind() != out_kind {

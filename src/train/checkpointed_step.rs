@@ -63,8 +63,7 @@ pub fn loss_backward(
     let (hidden, text) = model
         .text_decoder
         .hidden_states_checkpointed(ids, &image_leaf, &masks, &text_cx)?;
-    let logits = model.text_decoder.logits(&hidden, &text_cx)?;
-    let loss = model.caption_loss(&logits, labels, cx)?;
+    let loss = model.scored_caption_loss(&hidden, labels, cx)?;
     loss.f_mul(multiplier)?.f_backward()?;
     text.backward()?;
     if let Some(tower) = vision {

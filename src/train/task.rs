@@ -205,8 +205,14 @@ fn caption_loss(
     let ids = on(&batch.input_ids, device)?;
     let mask = on(&batch.attention_mask, device)?;
     let labels = on(&batch.labels, device)?;
-    let (_, loss) = model.decode_with_loss(&ids, Some(&mask), image, projected, Some(&labels), cx)?;
-    Ok(loss)
+    Ok(Some(model.decode_loss(
+        &ids,
+        Some(&mask),
+        image,
+        projected,
+        &labels,
+        cx,
+    )?))
 }
 
 /// transformers' `BlipForQuestionAnswering` loss: the question (`input_ids`, `attention_mask`) encoded over

@@ -405,14 +405,7 @@ impl BlipForConditionalGeneration {
             }
         }
         let logits = self.text_decoder.logits(&rows, &text_context(cx))?;
-        Ok(logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
-            &targets,
-            None,
-            Reduction::Mean,
-            -100,
-            cx.label_smoothing
-                .unwrap_or(self.config.text_config.label_smoothing),
-        )?)
+        self.token_loss(&logits, &targets, cx)
     }
 
     /// The decoder's cross-attention base projections of `image_embeds` under `cx`
@@ -454,13 +447,16 @@ impl BlipForConditionalGeneration {
     /// `cx`'s label smoothing, else the configured one.
     pub fn caption_loss(&self, logits: &Tensor, labels: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
         let (b, t, v) = logits.size3()?;
-        let shifted = logits
-            .f_narrow(1, 0, t - 1)?
-            .f_reshape([b * (t - 1), v])?
-            .f_to_kind(Kind::Float)?;
+        let shifted = logits.f_narrow(1, 0, t - 1)?.f_reshape([b * (t - 1), v])?;
         let targets = labels.f_narrow(1, 1, t - 1)?.f_reshape([b * (t - 1)])?;
-        Ok(shifted.f_cross_entropy_loss::<Tensor>(
-            &targets,
+        self.token_loss(&shifted, &targets, cx)
+    }
+
+    /// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (ignoring -100), in float32, with `cx`'s
+    /// label smoothing, else the configured one.
+    fn token_loss(&self, logits: &Tensor, targets: &Tensor, cx: &ForwardContext) -> Result<Tensor> {
+        Ok(logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
+            targets,
             None,
             Reduction::Mean,
             -100,

@@ -68,6 +68,12 @@ pub fn allows(path: Capability) -> bool {
     cap() >= path
 }
 
+/// This CPU's bfloat16 arithmetic ([`Bf16Support::detect`]), read once.
+pub fn bf16_support() -> Bf16Support {
+    static SUPPORT: std::sync::OnceLock<Bf16Support> = std::sync::OnceLock::new();
+    *SUPPORT.get_or_init(Bf16Support::detect)
+}
+
 /// The CPU's bfloat16 arithmetic, as torch's bf16 matmuls (oneDNN) can use it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bf16Support {

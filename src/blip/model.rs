@@ -395,11 +395,11 @@ impl BlipForConditionalGeneration {
         let mut rows = hidden.f_narrow(1, 0, t - 1)?.f_reshape([b * (t - 1), c])?;
         let mut targets = labels.f_narrow(1, 1, t - 1)?.f_reshape([b * (t - 1)])?;
         if hidden.device() == Device::Cpu {
-            let scored = targets.f_ne(-100)?;
-            let n = i64::try_from(scored.f_sum(Kind::Int64)?)?;
+            let index = targets.f_ne(-100)?.f_nonzero()?;
+            let n = index.size()[0];
             // None scored: the mean over no rows stays the full path's NaN.
             if n > 0 && n < b * (t - 1) {
-                let index = scored.f_nonzero()?.f_reshape([n])?;
+                let index = index.f_reshape([n])?;
                 rows = rows.f_index_select(0, &index)?;
                 targets = targets.f_index_select(0, &index)?;
             }

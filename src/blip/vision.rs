@@ -193,11 +193,10 @@ impl BlipAttention {
 /// The eager path rounds the probabilities to bf16 before the product with `v`, as autocast's does. With
 /// AMX the fused kernel computes on the tile unit, and stays.
 fn eager_trains_faster(q: &Tensor, cx: &ForwardContext) -> bool {
-    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cx.train
         && q.kind() == Kind::BFloat16
         && q.device() == tch::Device::Cpu
-        && !*AMX.get_or_init(|| crate::cpu::Bf16Support::detect().amx_bf16)
+        && !crate::cpu::bf16_support().amx_bf16
 }
 
 /// The transformer block's two-layer MLP.

@@ -68,7 +68,7 @@ fn kernel_code_paths() -> std::collections::BTreeMap<&'static str, &'static str>
 /// `BLIP_PEFT_CPU_CAPABILITY` leaves the libraries at AVX-512).
 #[pyfunction]
 fn cpu_bf16_support() -> std::collections::BTreeMap<&'static str, bool> {
-    let s = crate::cpu::Bf16Support::detect();
+    let s = crate::cpu::bf16_support();
     [
         ("avx512_bf16", s.avx512_bf16),
         ("amx_bf16", s.amx_bf16),
